@@ -1,0 +1,101 @@
+"""Fisher estimators: one file per estimator, the shared data pass in ``base``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from ..fisher_diagonal import FisherDiagonal
+from ..outputs import ClassSelector, OutputFn
+from .base import Estimator, FisherOptions, run_pass
+from .batched import BatchedEstimator
+from .empirical import EmpiricalEstimator
+from .exact import ExactEstimator
+from .hutchinson import HutchinsonEstimator, HutchinsonLowerEstimator, HutchinsonUpperEstimator
+from .sample import SampleEstimator
+from .squisher import fisher_from_optimizer
+
+ESTIMATORS: dict[str, type[Estimator]] = {
+    cls.name: cls
+    for cls in (
+        ExactEstimator, SampleEstimator, EmpiricalEstimator, BatchedEstimator,
+        HutchinsonEstimator, HutchinsonUpperEstimator, HutchinsonLowerEstimator,
+    )
+}
+METHODS = tuple(ESTIMATORS)
+
+
+def estimate_fisher(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    method: str = "exact",
+    max_samples: int | None = None,
+    mc_samples: int = 1,
+    probes: int = 1,
+    output_fn: OutputFn | None = None,
+    *,
+    rank: int = 1,
+    probe_distribution: str = "rademacher",
+    eigen_method: str = "auto",
+    classes: ClassSelector | None = None,
+    shift_labels: bool = False,
+    param_filter: Callable[[str], bool] | None = None,
+    max_memory_mib: float = 1024.0,
+    max_batches: int | None = None,
+    seed: int = 0,
+    progress: bool | None = None,
+    sync_distributed: bool = True,
+    exact_max_classes: int | None = None,
+) -> FisherDiagonal:
+    """Estimate the diagonal of the Fisher information of ``model`` on ``dataloader``.
+
+    The scale is averaged over inputs (DESIGN §2): F = (1/N) sum_x J^T I(p) J.
+
+    Args:
+        model: a classifier (any ``nn.Module``); the pass runs in eval mode and restores each
+            submodule's mode; BatchNorm statistics are left untouched.
+        dataloader: any iterable of batches: ``(x, y)`` tuples, dicts (Hugging Face style) or tensors.
+        method: ``exact``, ``sample``, ``empirical``, ``batched``, ``hutchinson`` (unbiased F),
+            ``hutchinson_dg`` (upper bound) or ``hutchinson_lr`` (lower bound).
+        max_samples: use ``n`` random inputs only (EXACT(n)); all data if ``None``.
+        mc_samples: label draws per input for ``sample``.
+        probes: probe vectors per batch for the ``hutchinson*`` methods.
+        output_fn: ``output_fn(model, batch) -> output`` when calling ``model`` on the batch is not
+            how the logits are obtained.
+        rank: number k of eigenpairs of I(p) in ``hutchinson_lr``.
+        probe_distribution: ``rademacher`` (CV <= sqrt 2) or ``gaussian``.
+        eigen_method: ``auto``, ``eigh`` or ``power`` for ``hutchinson_lr``.
+        classes: restrict the classes that count (the active head of a task-incremental model).
+        shift_labels: causal LMs: logits at position t predict the token at t + 1.
+        param_filter: keep only parameters whose name passes this predicate.
+        max_memory_mib: cap on the memory of materialised per-input gradients (chunks are sized
+            to fit).
+        max_batches: stop after this many batches.
+        seed: seeds label draws, probes and the EXACT(n) subset.
+        progress: show a progress bar (``None``: on interactive terminals for multi-batch passes).
+        sync_distributed: under ``torch.distributed``, sum over ranks so that every rank gets the
+            Fisher of the union of the shards.
+        exact_max_classes: raise ``exact``'s refusal threshold for large class counts.
+
+    Returns:
+        A ``FisherDiagonal`` with one float32 tensor per trainable parameter.
+    """
+    if method not in ESTIMATORS:
+        raise ValueError(
+            f"Unknown Fisher method {method!r}. Choose one of {', '.join(METHODS)}, or use "
+            "`fisher_from_optimizer` for the Squisher."
+        )
+    extra = {"exact_max_classes": exact_max_classes} if exact_max_classes is not None else {}
+    options = FisherOptions(
+        max_samples=max_samples, mc_samples=mc_samples, probes=probes, rank=rank,
+        probe_distribution=probe_distribution, eigen_method=eigen_method, output_fn=output_fn,
+        classes=classes, shift_labels=shift_labels, param_filter=param_filter,
+        max_memory_mib=max_memory_mib, max_batches=max_batches, seed=seed, progress=progress,
+        sync_distributed=sync_distributed, extra=extra,
+    )
+    return run_pass(model, dataloader, ESTIMATORS[method](options))
+
+
+__all__ = ["ESTIMATORS", "METHODS", "estimate_fisher", "fisher_from_optimizer"]

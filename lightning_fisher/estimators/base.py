@@ -1,0 +1,261 @@
+"""The data pass shared by every estimator: eval mode, batches, masks, scaling and DDP sums.
+
+Two kinds of estimator plug into it:
+
+* per-input estimators (``exact``, ``sample``, ``empirical``) give K output cotangent columns per
+  input; the pass sums the squared per-input gradients J_x^T u over inputs and columns with
+  ``PerInputEngine`` and divides by the number of inputs N;
+* batch-gradient estimators (``batched``, ``hutchinson*``) give one cotangent u for the whole
+  batch; the pass adds (J^T u)^2 = (grad_theta sum_x u_x . z_x)^2 and divides by N x probes
+  (``batched``: by the number of batches).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from ..fisher_diagonal import FisherDiagonal
+from ..outputs import ClassSelector, FisherInputError, ModelOutputs, OutputFn, batch_size_of, model_outputs, move_batch, slice_batch
+from .per_input import PerInputEngine
+
+
+@dataclass
+class FisherOptions:
+    """Options every estimator understands (see ``estimate_fisher`` for their meaning)."""
+
+    max_samples: int | None = None
+    mc_samples: int = 1
+    probes: int = 1
+    rank: int = 1
+    probe_distribution: str = "rademacher"
+    eigen_method: str = "auto"
+    output_fn: OutputFn | None = None
+    classes: ClassSelector | None = None
+    shift_labels: bool = False
+    param_filter: Callable[[str], bool] | None = None
+    max_memory_mib: float = 1024.0
+    max_batches: int | None = None
+    seed: int = 0
+    progress: bool | None = None
+    sync_distributed: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def public(self, keys: Iterable[str]) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in keys}
+
+
+class Estimator:
+    """Base class: subclasses set ``name`` and implement ``columns`` or ``batch_cotangents``."""
+
+    name: ClassVar[str]
+    per_input: ClassVar[bool]
+    #: options recorded on the returned ``FisherDiagonal``
+    option_names: ClassVar[tuple[str, ...]] = ("max_samples",)
+
+    def __init__(self, options: FisherOptions) -> None:
+        self.options = options
+
+    def validate(self, n_classes: int) -> None:
+        """Raise if the estimator cannot run on outputs with ``n_classes`` classes."""
+
+    def columns(self, out: ModelOutputs, p: Tensor, generator: torch.Generator) -> tuple[Tensor, float]:
+        """Per-input cotangents ``(K, *logits.shape)`` and the weight of each column."""
+        raise NotImplementedError
+
+    def batch_cotangents(
+        self, out: ModelOutputs, p: Tensor, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, float]]:
+        """Cotangents for the whole batch, one per probe, with their weights."""
+        raise NotImplementedError
+
+    def normaliser(self, n_inputs: int, n_batches: int) -> float:
+        return float(n_inputs)
+
+
+def trainable_parameters(model: nn.Module, param_filter: Callable[[str], bool] | None = None) -> dict[str, nn.Parameter]:
+    """Named parameters that require grad (and pass ``param_filter``)."""
+    params = {
+        n: p for n, p in model.named_parameters()
+        if p.requires_grad and (param_filter is None or param_filter(n))
+    }
+    if not params:
+        raise FisherInputError(
+            "The model has no trainable parameters to estimate a Fisher for (all have "
+            "requires_grad=False, or `param_filter` excluded them all)."
+        )
+    return params
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the pass (no dropout, BatchNorm uses and keeps its running statistics);
+    every submodule's own mode is restored afterwards, also on error."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def limit_loader(loader: Iterable[Any], max_samples: int | None, seed: int) -> tuple[Iterable[Any], int | None]:
+    """EXACT(n): a loader over ``max_samples`` random inputs of a map-style data set, or the
+    first ``max_samples`` inputs when the data set cannot be indexed."""
+    if max_samples is None:
+        return loader, None
+    if max_samples < 1:
+        raise ValueError(f"max_samples must be positive; got {max_samples}.")
+    if isinstance(loader, DataLoader):
+        dataset = loader.dataset
+        try:
+            n = len(dataset)  # type: ignore[arg-type]
+        except TypeError:
+            n = None
+        if n is not None and not isinstance(dataset, torch.utils.data.IterableDataset):
+            if max_samples >= n:
+                return loader, max_samples
+            gen = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(n, generator=gen)[:max_samples].tolist()
+            return DataLoader(
+                Subset(dataset, idx), batch_size=loader.batch_size or 1, shuffle=False,
+                collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+            ), max_samples
+    return loader, max_samples
+
+
+def _all_reduce(values: list[Tensor]) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for v in values:
+            dist.all_reduce(v, op=dist.ReduceOp.SUM)
+
+
+def _progress(loader: Iterable[Any], show: bool | None, desc: str) -> Iterable[Any]:
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if show is False or (total is not None and total <= 1):
+        return loader
+    from tqdm.auto import tqdm
+
+    # show=None: a bar on interactive terminals only, so logs stay clean.
+    return tqdm(loader, total=total, desc=desc, leave=False, disable=None if show is None else False)
+
+
+def _per_position(cot: Tensor, max_bytes: float) -> Iterator[Tensor]:
+    """Split (K, B, T, C) cotangents so that every column touches one position of each input:
+    per-token gradients of a sequence model must not mix positions of the same input."""
+    K, B, *S, C = cot.shape
+    if not S:
+        yield cot
+        return
+    flat = cot.reshape(K, B, -1, C)
+    T = flat.shape[2]
+    per_t = max(1, int(max_bytes // max(1, K * flat[0].numel() * flat.element_size())))
+    for t0 in range(0, T, per_t):
+        ts = torch.arange(t0, min(T, t0 + per_t), device=cot.device)
+        sel = torch.zeros(len(ts), 1, T, 1, dtype=cot.dtype, device=cot.device)
+        sel[torch.arange(len(ts)), 0, ts, 0] = 1
+        cols = flat.unsqueeze(1) * sel  # (K, nt, B, T, C)
+        yield cols.reshape(K * len(ts), B, *S, C)
+
+
+def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> FisherDiagonal:
+    """Run ``estimator`` over ``loader`` and return the Fisher diagonal (DESIGN §2 scale)."""
+    opts = estimator.options
+    params = trainable_parameters(model, opts.param_filter)
+    device = next(iter(params.values())).device
+    acc_dtype = {n: torch.promote_types(p.dtype, torch.float32) for n, p in params.items()}
+    acc = {n: torch.zeros(p.shape, dtype=acc_dtype[n], device=device) for n, p in params.items()}
+    loader, limit = limit_loader(loader, opts.max_samples, opts.seed)
+    generator = torch.Generator(device=device).manual_seed(opts.seed)
+    engine = PerInputEngine(model, params, opts.max_memory_mib) if estimator.per_input else None
+    n_inputs = n_batches = rows = 0
+
+    def forward(batch: Any) -> ModelOutputs:
+        return model_outputs(model, batch, opts.output_fn, opts.classes, opts.shift_labels)
+
+    with eval_mode(model):
+        for batch in _progress(loader, opts.progress, f"Fisher ({estimator.name})"):
+            if opts.max_batches is not None and n_batches >= opts.max_batches:
+                break
+            if limit is not None:
+                if rows >= limit:
+                    break
+                b = batch_size_of(batch)
+                if rows + b > limit:
+                    batch = slice_batch(batch, limit - rows)
+            batch = move_batch(batch, device)
+            rows += batch_size_of(batch)
+            if engine is not None:
+                if engine.handlers is None:
+                    engine.plan(lambda batch=batch: forward(batch))
+                engine.reset()
+                with engine.recording():
+                    out = forward(batch)
+            else:
+                out = forward(batch)
+            estimator.validate(out.n_classes)
+            n = out.n_inputs
+            n_batches += 1
+            if n == 0:
+                continue
+            n_inputs += n
+            p = torch.softmax(out.logits.detach().to(torch.promote_types(out.logits.dtype, torch.float32)), -1)
+            if engine is not None:
+                cot, weight = estimator.columns(out, p, generator)
+                cot = (cot * out.mask.unsqueeze(-1)).to(out.logits.dtype)
+                for part in _per_position(cot, engine.max_bytes):
+                    engine.accumulate(out.logits, part, acc, weight)
+                engine.reset()
+            else:
+                names = list(params)
+                for cot, weight in estimator.batch_cotangents(out, p, generator):
+                    cot = (cot * out.mask.unsqueeze(-1)).to(out.logits.dtype)
+                    grads = torch.autograd.grad(
+                        out.logits, [params[k] for k in names], grad_outputs=cot,
+                        retain_graph=True, allow_unused=True,
+                    )
+                    for k, g in zip(names, grads):
+                        if g is not None:
+                            acc[k] += weight * g.to(acc[k].dtype).pow(2)
+            del out
+    if n_batches == 0:
+        raise FisherInputError(
+            "The dataloader yielded no batches, so there is no data to estimate a Fisher from. "
+            "Check the dataset is not empty (and, under DDP, that every rank gets a shard)."
+        )
+    counts = torch.tensor([float(n_inputs), float(n_batches)], dtype=torch.float64, device=device)
+    _all_reduce([*acc.values(), counts] if opts.sync_distributed else [])
+    n_inputs, n_batches = int(counts[0].item()), int(counts[1].item())
+    if n_inputs == 0:
+        raise FisherInputError(
+            "Every input was masked out (attention mask 0 or label -100), so the Fisher is undefined."
+        )
+    scale = 1.0 / estimator.normaliser(n_inputs, n_batches)
+    for name, t in acc.items():
+        if not torch.isfinite(t).all():
+            raise FisherInputError(
+                f"The Fisher of {name!r} has NaN/Inf entries (gradient overflow?). For fp16 models "
+                "estimate in float32 or bfloat16."
+            )
+        acc[name] = t * scale
+    if limit is not None and rows < limit:
+        import warnings
+
+        warnings.warn(
+            f"max_samples={limit} is larger than the data ({rows} inputs); the Fisher uses all of it.",
+            stacklevel=3,
+        )
+    options = opts.public(estimator.option_names)
+    options["seed"] = opts.seed
+    return FisherDiagonal(acc, n_samples=n_inputs, method=estimator.name, options=options)

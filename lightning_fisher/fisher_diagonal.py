@@ -1,0 +1,176 @@
+"""``FisherDiagonal``: the diagonal of a Fisher estimate, one float32 tensor per parameter."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class FisherDiagonal(Mapping[str, Tensor]):
+    """A Fisher diagonal keyed by parameter name, with how it was computed.
+
+    ``fd[name]`` is a float32 tensor shaped like the parameter. The estimate is averaged over
+    inputs (DESIGN §2): F_i = (1/N) sum_x E_y[g_y(x)_i^2], except ``batched`` (mean over mini-batches)
+    and ``squisher`` (B times Adam's second moment).
+
+    Args:
+        tensors: parameter name -> diagonal.
+        n_samples: number of inputs N the estimate averaged over.
+        method: the estimator's name (``exact``, ``sample``, ``hutchinson``, ...).
+        options: the estimator's options (``max_samples``, ``mc_samples``, ``probes``, ...).
+    """
+
+    def __init__(
+        self,
+        tensors: Mapping[str, Tensor],
+        n_samples: int = 0,
+        method: str = "unknown",
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._tensors: dict[str, Tensor] = {k: v.detach().float() for k, v in tensors.items()}
+        self.n_samples = int(n_samples)
+        self.method = method
+        self.options: dict[str, Any] = dict(options or {})
+
+    # Mapping protocol -------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return (
+            f"FisherDiagonal(method={self.method!r}, n_samples={self.n_samples}, "
+            f"params={len(self)}, trace={self.trace():.6g})"
+        )
+
+    # Summaries --------------------------------------------------------------------------------
+    def trace(self) -> float:
+        """tr(F) = sum of every diagonal entry."""
+        return float(sum(t.double().sum() for t in self._tensors.values()))
+
+    def traces(self) -> dict[str, float]:
+        """Per-parameter traces."""
+        return {k: float(v.double().sum()) for k, v in self._tensors.items()}
+
+    def layer_traces(self) -> dict[str, float]:
+        """Traces grouped by module (a parameter's name without its last component)."""
+        out: dict[str, float] = {}
+        for name, value in self.traces().items():
+            layer = name.rsplit(".", 1)[0] if "." in name else name
+            out[layer] = out.get(layer, 0.0) + value
+        return out
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self._tensors.values())
+
+    def flatten(self) -> Tensor:
+        """All entries in one float32 vector, in key order."""
+        return torch.cat([t.reshape(-1) for t in self._tensors.values()]) if self else torch.zeros(0)
+
+    # Arithmetic (online EWC: F <- gamma F + F_new) ------------------------------------------------
+    def scale(self, factor: float) -> FisherDiagonal:
+        """A copy with every entry multiplied by ``factor``."""
+        return FisherDiagonal(
+            {k: v * factor for k, v in self._tensors.items()}, self.n_samples, self.method, self.options
+        )
+
+    def __mul__(self, factor: float) -> FisherDiagonal:
+        return self.scale(float(factor))
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: FisherDiagonal) -> FisherDiagonal:
+        """Entry-wise sum; a parameter missing on one side counts as zero there."""
+        if not isinstance(other, FisherDiagonal):
+            return NotImplemented
+        keys = list(self._tensors) + [k for k in other if k not in self._tensors]
+        tensors = {}
+        for k in keys:
+            a, b = self._tensors.get(k), other._tensors.get(k)
+            if a is not None and b is not None and a.shape != b.shape:
+                raise ValueError(f"Cannot add Fisher diagonals: {k!r} has shapes {a.shape} and {b.shape}.")
+            tensors[k] = a + b.to(a.device) if a is not None and b is not None else (a if a is not None else b)
+        method = self.method if self.method == other.method else f"{self.method}+{other.method}"
+        return FisherDiagonal(tensors, self.n_samples + other.n_samples, method, self.options)
+
+    def to(self, *args: Any, **kwargs: Any) -> FisherDiagonal:
+        """Move (or cast) every tensor, like ``Tensor.to``."""
+        return FisherDiagonal(
+            {k: v.to(*args, **kwargs) for k, v in self._tensors.items()},
+            self.n_samples, self.method, self.options,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain-data form for checkpoints (``load_state_dict`` / ``from_state_dict``)."""
+        return {
+            "tensors": {k: v.clone() for k, v in self._tensors.items()},
+            "n_samples": self.n_samples,
+            "method": self.method,
+            "options": dict(self.options),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> FisherDiagonal:
+        return cls(state["tensors"], state["n_samples"], state["method"], state.get("options"))
+
+    @classmethod
+    def zeros_like(cls, model: nn.Module, method: str = "zeros") -> FisherDiagonal:
+        """Zeros for every trainable parameter of ``model``."""
+        return cls(
+            {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters() if p.requires_grad},
+            0, method,
+        )
+
+    def check_matches(self, model: nn.Module) -> None:
+        """Raise a clear error if names or shapes differ from ``model``'s parameters."""
+        params = dict(model.named_parameters())
+        missing = [k for k in self if k not in params]
+        wrong = [k for k in self if k in params and params[k].shape != self[k].shape]
+        if missing or wrong:
+            msg = []
+            if missing:
+                msg.append(f"not parameters of the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            if wrong:
+                msg.append(
+                    "shapes differ: "
+                    + ", ".join(f"{k} {tuple(self[k].shape)} vs {tuple(params[k].shape)}" for k in wrong[:5])
+                )
+            raise ValueError("This Fisher diagonal does not match the model; " + "; ".join(msg) + ".")
+
+    # Files ------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a safetensors file; method, n_samples and options go in its metadata."""
+        from safetensors.torch import save_file
+
+        meta = {
+            "format": "lightning-fisher/1",
+            "method": self.method,
+            "n_samples": str(self.n_samples),
+            "options": json.dumps(self.options, default=str),
+        }
+        save_file({k: v.contiguous().cpu() for k, v in self._tensors.items()}, os.fspath(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> FisherDiagonal:
+        """Read a file written by ``save``."""
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        return cls(
+            tensors,
+            n_samples=int(meta.get("n_samples", 0)),
+            method=meta.get("method", "unknown"),
+            options=json.loads(meta.get("options", "{}")),
+        )

@@ -1,0 +1,235 @@
+"""Turn whatever a model returns into logits, a mask of the inputs that count, and labels.
+
+A model may return a tensor of logits, a tuple whose first item is the logits, a Hugging Face
+``ModelOutput`` (or any mapping / object) with ``logits``; a user-supplied
+``output_fn(module, batch) -> logits`` covers everything else.
+
+Logits of shape ``(B, C)`` give one input per row. Logits of shape ``(B, T, C)`` give one input per
+position ``t`` whose attention mask is 1 and whose label is not ``-100`` (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+#: Batch keys that hold targets and must not be passed to the model's forward.
+LABEL_KEYS = ("labels", "label", "targets", "target", "y")
+#: Label value that marks an ignored position (PyTorch's and Hugging Face's convention).
+IGNORE_INDEX = -100
+
+OutputFn = Callable[[nn.Module, Any], Any]
+ClassSelector = Sequence[int] | Tensor | Callable[[Any], Sequence[int] | Tensor]
+
+
+class FisherInputError(ValueError):
+    """Raised when a model's outputs or a batch cannot give a valid Fisher estimate."""
+
+
+@dataclass
+class ModelOutputs:
+    """Logits of one batch with the inputs that count.
+
+    Attributes:
+        logits: ``(B, *S, C)`` float logits (``S`` empty for one input per row).
+        mask: ``(B, *S)`` bool, True where the position is an input that counts.
+        labels: ``(B, *S)`` long labels (``-100`` where ignored), or ``None`` if the batch has none.
+    """
+
+    logits: Tensor
+    mask: Tensor
+    labels: Tensor | None
+
+    @property
+    def batch_size(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def n_classes(self) -> int:
+        return self.logits.shape[-1]
+
+    @property
+    def n_inputs(self) -> int:
+        return int(self.mask.sum().item())
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    """Run ``model`` on ``batch`` the way most training loops do.
+
+    A mapping is passed as keyword arguments (without its label keys), a tuple or list passes its
+    first item, anything else is passed as it is.
+    """
+    if isinstance(batch, Mapping):
+        return model(**{k: v for k, v in batch.items() if k not in LABEL_KEYS})
+    if isinstance(batch, (tuple, list)):
+        return model(batch[0])
+    return model(batch)
+
+
+def extract_logits(output: Any) -> Tensor:
+    """Return the logits held by a model output (tensor, tuple, ``ModelOutput`` or mapping)."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, Mapping):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, Tensor):
+        raise FisherInputError(
+            f"Could not find logits in a model output of type {type(output).__name__}. The model "
+            "must return a tensor of logits, a tuple whose first item is the logits, or an object "
+            "with a `.logits` attribute; otherwise pass `output_fn=lambda module, batch: ...` "
+            "returning the logits."
+        )
+    return logits
+
+
+def batch_labels(batch: Any) -> Tensor | None:
+    """Labels of a batch: ``batch[1]`` of a tuple, or the ``labels``/``label`` entry of a mapping."""
+    if isinstance(batch, Mapping):
+        for key in LABEL_KEYS:
+            if key in batch and isinstance(batch[key], Tensor):
+                return batch[key]
+        return None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        return batch[1]
+    return None
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of rows of a batch (the first dimension of its first tensor)."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    if isinstance(batch, Mapping):
+        items: Sequence[Any] = list(batch.values())
+    elif isinstance(batch, (tuple, list)):
+        items = batch
+    else:
+        raise FisherInputError(f"Cannot find the batch size of a batch of type {type(batch)}.")
+    for item in items:
+        if isinstance(item, Tensor) and item.ndim > 0:
+            return item.shape[0]
+    raise FisherInputError("The batch holds no tensor with a batch dimension.")
+
+
+def slice_batch(batch: Any, n: int) -> Any:
+    """The first ``n`` rows of a batch (tensor, tuple/list or mapping of tensors)."""
+    if isinstance(batch, Tensor):
+        return batch[:n]
+    if isinstance(batch, Mapping):
+        return type(batch)({k: slice_batch(v, n) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(slice_batch(v, n) for v in batch)
+    return batch
+
+
+def move_batch(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: move_batch(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_batch(v, device) for v in batch)
+    return batch
+
+
+def _resolve_classes(classes: ClassSelector | None, batch: Any, device: torch.device) -> Tensor | None:
+    if classes is None:
+        return None
+    chosen = classes(batch) if callable(classes) else classes
+    return torch.as_tensor(chosen, dtype=torch.long, device=device)
+
+
+def check_logits(logits: Tensor) -> None:
+    """Raise a clear error for outputs that cannot be logits or that hold NaN/Inf."""
+    if not logits.is_floating_point():
+        raise FisherInputError(
+            f"The model output has dtype {logits.dtype}; logits must be floating point. Pass "
+            "`output_fn` if the logits are elsewhere in the output."
+        )
+    if logits.ndim < 2:
+        raise FisherInputError(
+            f"Logits must have shape (B, C) or (B, T, C); got shape {tuple(logits.shape)}."
+        )
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).sum().item())
+        raise FisherInputError(
+            f"The model produced {bad} NaN/Inf logits; the Fisher would be meaningless. Check the "
+            "inputs and weights for NaN/Inf (and, for fp16 models, overflow)."
+        )
+    if logits.shape[-1] > 1:
+        flat = logits.detach().reshape(-1, logits.shape[-1])
+        looks_like_probs = (flat >= 0).all() and torch.allclose(
+            flat.double().sum(-1), torch.ones(flat.shape[0], dtype=torch.float64, device=flat.device),
+            atol=1e-4,
+        )
+        if looks_like_probs and flat.shape[0] > 1:
+            raise FisherInputError(
+                "The model output looks like probabilities (non-negative rows summing to 1), not "
+                "logits. Return the pre-softmax logits (or log-probabilities) instead."
+            )
+
+
+def model_outputs(
+    model: nn.Module,
+    batch: Any,
+    output_fn: OutputFn | None = None,
+    classes: ClassSelector | None = None,
+    shift_labels: bool = False,
+) -> ModelOutputs:
+    """Run the model on a batch and return its logits, the mask of counted inputs and labels.
+
+    Args:
+        model: the network.
+        batch: one batch as the dataloader yields it (already on the model's device).
+        output_fn: ``output_fn(model, batch) -> output``; the default calls the model on the batch.
+        classes: restrict the classes that count (the active head of a task-incremental model):
+            a sequence of class indices, or a callable of the batch returning one. Labels are
+            re-indexed into the restricted set.
+        shift_labels: causal language models: logits at position ``t`` predict the token at
+            ``t + 1`` (Hugging Face's convention with ``labels = input_ids``).
+    """
+    raw = output_fn(model, batch) if output_fn is not None else call_model(model, batch)
+    logits = extract_logits(raw)
+    check_logits(logits)
+    labels = batch_labels(batch)
+    if labels is not None and tuple(labels.shape) != tuple(logits.shape[:-1]):
+        labels = None  # e.g. regression targets or a label per sequence with token logits
+    mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+    if logits.ndim >= 3 and isinstance(batch, Mapping):
+        attn = batch.get("attention_mask")
+        if isinstance(attn, Tensor) and attn.shape == logits.shape[:-1]:
+            mask &= attn.to(torch.bool)
+    if shift_labels:
+        if logits.ndim < 3:
+            raise FisherInputError("`shift_labels=True` needs logits of shape (B, T, C).")
+        logits = logits[:, :-1]
+        mask = mask[:, 1:]
+        labels = labels[:, 1:] if labels is not None else None
+    if labels is not None:
+        labels = labels.to(logits.device).long()
+        mask &= labels != IGNORE_INDEX
+    active = _resolve_classes(classes, batch, logits.device)
+    if active is not None:
+        logits = logits.index_select(-1, active)
+        if labels is not None:
+            top = max(int(active.max()), int(labels.max())) if labels.numel() else int(active.max())
+            remap = torch.full((top + 1,), IGNORE_INDEX, dtype=torch.long, device=labels.device)
+            remap[active] = torch.arange(active.numel(), device=labels.device)
+            valid = labels >= 0
+            new = torch.full_like(labels, IGNORE_INDEX)
+            new[valid] = remap[labels[valid]]
+            outside = valid & mask & (new == IGNORE_INDEX)
+            if outside.any():
+                raise FisherInputError(
+                    f"{int(outside.sum())} labels lie outside the active classes {active.tolist()}; "
+                    "the Fisher of a task must use that task's data only."
+                )
+            labels = new
+    return ModelOutputs(logits=logits, mask=mask, labels=labels)
