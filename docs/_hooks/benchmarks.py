@@ -1,0 +1,38 @@
+"""MkDocs hook: put benchmark tables from ``benchmarks/results/`` into the pages that present them.
+
+A page line ``<!-- benchmark-table: NAME -->`` becomes ``benchmarks/results/NAME.md`` followed by
+the command that produced it (from ``NAME.json``, DESIGN §6), or a clearly marked notice when the
+benchmark has not been run yet, so the docs never hold a stale copy of a result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+MARKER = re.compile(r"^<!-- benchmark-table: ([\w.-]+) -->$", re.MULTILINE)
+
+
+def benchmark_table(name: str, results: Path = RESULTS) -> str:
+    """Markdown for the benchmark ``name``: its table and the command that re-runs it."""
+    table = results / f"{name}.md"
+    if not table.is_file():
+        return (
+            f'!!! warning "Not reproduced yet"\n'
+            f"    `benchmarks/results/{name}.md` does not exist yet; this section shows the table "
+            f"once the reproduction has been run.\n"
+        )
+    text = table.read_text(encoding="utf-8").strip() + "\n"
+    meta = results / f"{name}.json"
+    if meta.is_file():
+        command = json.loads(meta.read_text(encoding="utf-8")).get("command")
+        if command:
+            text += f"\nProduced by `{command}` (`benchmarks/results/{name}.json` has every row).\n"
+    return text
+
+
+def on_page_markdown(markdown: str, **_: Any) -> str:
+    return MARKER.sub(lambda m: benchmark_table(m.group(1)), markdown)
