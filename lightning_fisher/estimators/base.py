@@ -200,7 +200,7 @@ def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> F
                 if engine.handlers is None:
                     engine.plan(lambda batch=batch: forward(batch))
                 engine.reset()
-                with engine.recording():
+                with engine.recording(batch_size_of(batch)):
                     out = forward(batch)
             else:
                 out = forward(batch)

@@ -48,6 +48,8 @@ class _Call:
     versions: list[int]
     outputs: list[Tensor]
     out_idx: list[int]
+    #: per output: 0 = batch-first, 1 = a leading dim of 1 broadcast over the batch, 2 = no batch dim
+    broadcast: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -159,9 +161,16 @@ class PerInputEngine:
 
     # Recording ----------------------------------------------------------------------------------
     @contextmanager
-    def recording(self) -> Iterator[None]:
-        """Record the inputs and outputs of every handled module during a forward."""
+    def recording(self, batch_size: int) -> Iterator[None]:
+        """Record the inputs and outputs of every handled module during a forward of
+        ``batch_size`` rows.
+
+        An output without the batch dimension, or with a leading dimension of 1 broadcast over
+        the batch (position embeddings of Hugging Face's ``position_ids`` of shape (1, T), a
+        learned query), is expanded to the batch, so its gradient is per input.
+        """
         assert self.handlers is not None, "call plan() first"
+        self._batch_size = batch_size
         hooks = []
         for h in self.handlers:
 
@@ -172,11 +181,23 @@ class PerInputEngine:
                 versions = [x._version if isinstance(x, Tensor) else -1 for x in leaves]
                 # Clone outputs so that an in-place op downstream (ReLU(inplace=True), x += ...)
                 # cannot rewrite the tensor whose gradient we ask for.
-                out = tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.requires_grad else t, out)
-                flat = tree_flatten(out)[0]
+                # We keep the original and hand a clone downstream. An output without the batch
+                # dimension (position embeddings, a learned query) is shared by all inputs: expand
+                # it to the batch so that its gradient stays separable per input.
+                flat, out_spec = tree_flatten(out)
                 idx = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
-                h.calls.append(_Call(leaves, spec, versions, [flat[i] for i in idx], idx))
-                return out
+                B = self._batch_size
+                modes, kept = [], []
+                for i in idx:
+                    t = flat[i]
+                    mode = 0 if t.ndim and t.shape[0] == B else (1 if t.ndim and t.shape[0] == 1 else 2)
+                    if mode:
+                        t = (t if mode == 1 else t.unsqueeze(0)).expand(B, *t.shape[mode == 1 :])
+                    modes.append(mode)
+                    kept.append(t)
+                    flat[i] = t.clone()
+                h.calls.append(_Call(leaves, spec, versions, kept, idx, modes))
+                return tree_unflatten(flat, out_spec)
 
             hooks.append(h.module.register_forward_hook(hook, with_kwargs=True))
         self._active = True
@@ -284,6 +305,9 @@ class PerInputEngine:
     def _input(self, h: _Handler, c: _Call) -> Tensor:
         args, kwargs = tree_unflatten(c.leaves, c.spec)
         x = args[0] if args else next(iter(kwargs.values()))
+        if any(c.broadcast):  # shared input (e.g. position ids): the same for every row
+            x = (x if x.ndim and x.shape[0] == 1 and c.broadcast[0] == 1 else x.unsqueeze(0))
+            x = x.expand(self._batch_size, *x.shape[1:])
         if x.shape[0] != self._batch_size:
             raise RuntimeError(
                 f"Module {h.path!r} received an input of shape {tuple(x.shape)} whose first dimension "
@@ -370,7 +394,11 @@ class PerInputEngine:
 
         B = self._batch_size
         leaves = [x.detach() if isinstance(x, Tensor) else x for x in c.leaves]
-        batched = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == B]
+        shared = any(c.broadcast)
+        batched = [
+            i for i, x in enumerate(leaves)
+            if not shared and isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == B
+        ]
         modules = dict(h.module.named_modules())
         primals = {}
         for loc in names:
@@ -388,8 +416,13 @@ class PerInputEngine:
                 return tuple(flat[i] for i in c.out_idx)
 
             _, pullback = vjp(f, primals)
-            return vmap(lambda *cs: pullback(tuple(x.unsqueeze(0) for x in cs))[0])(*cots)
+            # A batch-first output of one row takes a (1, ...) cotangent; a shared one without
+            # batch dimension takes the row's slice as it is.
+            return vmap(
+                lambda *cs: pullback(tuple(x if m == 2 else x.unsqueeze(0) for x, m in zip(cs, modes)))[0]
+            )(*cots)
 
+        modes = c.broadcast or [0] * len(c.outputs)
         vals = [leaves[i][lo:hi] for i in batched]
         cots = [g[:, lo:hi] for g in gs]
         per = vmap(one, in_dims=(0, 1))(vals, cots)
