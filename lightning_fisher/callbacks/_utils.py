@@ -1,0 +1,78 @@
+"""Small helpers shared by the callbacks: the Fisher data, gradient scale, logging, DDP means."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..outputs import FisherInputError
+
+
+def fisher_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, who: str) -> Iterable[Any]:
+    """The data of a Fisher pass: the user's ``dataloader``, else the trainer's training loader.
+
+    Under DDP the training loader carries the ``DistributedSampler`` Lightning injected, so every
+    rank estimates on its own shard and the estimator's all-reduce gives the Fisher of the union.
+    """
+    if dataloader is not None:
+        return dataloader
+    loader = trainer.train_dataloader
+    if loader is None:
+        raise FisherInputError(
+            f"{who} has no data for its Fisher pass: the trainer has no training dataloader loaded. "
+            f"Pass `dataloader=` to {who}."
+        )
+    if isinstance(loader, (Mapping, list, tuple)):
+        raise FisherInputError(
+            f"{who} cannot estimate a Fisher on several training dataloaders "
+            f"({type(loader).__name__}); pass the one to use with `dataloader=`."
+        )
+    if getattr(loader, "persistent_workers", False) and trainer.training:
+        # A second iter() on a loader with persistent workers resets the training iterator.
+        raise FisherInputError(
+            f"{who} would re-iterate the training dataloader while training, which resets a "
+            "loader with `persistent_workers=True`. Pass a separate `dataloader=` for the Fisher."
+        )
+    return loader
+
+
+def grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
+    """Factor by which gradients seen in ``on_before_optimizer_step`` are still scaled.
+
+    Lightning unscales fp16 (``16-mixed``) gradients before that hook, except for optimizers that
+    unscale inside their own ``step`` (fused Adam): those still hold ``scale * grad``, so anything a
+    callback adds must be scaled the same way.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return 1.0
+    return float(scaler.get_scale())
+
+
+def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+    """Send metrics straight to every logger (works in hooks where ``self.log`` is not allowed)."""
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=trainer.global_step)
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_mean_(tensors: list[Tensor]) -> None:
+    """In-place mean over DDP ranks, with one collective for all tensors (no-op without DDP)."""
+    n = world_size()
+    if n == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= n
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
