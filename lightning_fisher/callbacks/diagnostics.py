@@ -1,0 +1,317 @@
+"""``FisherDiagnostics``: spectral and bound diagnostics of the Fisher, logged during training.
+
+The callback decides when to look and where to write; ``lightning_fisher.diagnostics`` computes
+the numbers and draws the figures.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.figure import Figure
+
+from ..diagnostics import (
+    DEFAULT_METHODS,
+    DiagnosticsResult,
+    compute_diagnostics,
+    figure_to_rgb,
+    log10_layer_values,
+    plot_bounds_history,
+    plot_layer_density,
+    save_png,
+)
+from ..diagnostics.statistics import check_methods
+from ..outputs import ClassSelector, OutputFn
+
+#: Sub-folder of a ``CSVLogger``'s log directory that receives the PNG figures.
+CSV_FIGURE_DIR = "fisher_diagnostics"
+
+
+class FisherDiagnostics(Callback):
+    r"""Log spectral and bound diagnostics of the Fisher while training.
+
+    Every ``every_n_epochs`` epochs (at ``on_train_epoch_end``) and/or every ``every_n_steps``
+    optimizer steps, estimates the Fisher diagonal with each of ``methods`` on ``max_batches``
+    batches of ``dataloader`` (``lightning_fisher.diagnostics.compute_diagnostics``) and logs:
+
+    * ``<prefix>/<method>/trace`` and ``<prefix>/<method>/trace/<layer>``: tr(F) per method;
+    * ``<prefix>/bounds/lower_over_f`` = tr(lower) / tr(F) and ``<prefix>/bounds/f_over_upper`` =
+      tr(F) / tr(upper), lower = ``hutchinson_lr``, upper = ``hutchinson_dg``;
+    * ``<prefix>/kernel/...``: means over inputs of the largest eigenvalue of I(p), of 1 - ||p||^2,
+      of 1 - max p, and how close the largest eigenvalue sits to its bounds;
+    * ``<prefix>/frac_below/<layer>``: fraction of diagonal entries below ``threshold``;
+    * ``<prefix>/<method>/cv``: coefficient of variation over probes; ``<prefix>/empirical/rel_gap``
+      = sum |E - F| / sum F;
+    * histograms of log10 of the diagonal per layer, a figure of the per-layer density of log10 F
+      and a figure of the bounds over training.
+
+    Where they go depends on the logger: ``WandbLogger`` gets scalars, histograms, images and a
+    per-layer table; ``TensorBoardLogger`` scalars, ``add_histogram`` and ``add_figure``;
+    ``CSVLogger`` scalars in ``metrics.csv`` and PNG files in ``<log_dir>/fisher_diagnostics/``; any
+    other logger the scalars. Without a logger, results stay on the callback (``history``,
+    ``last``) and one warning says so. Figures cost far more than the numbers, so they are drawn at
+    the first evaluation, every ``figure_every_n`` evaluations after it, and at the end of training.
+
+    Probes are drawn with the same seeds at every evaluation, so changes over training come from the
+    model, not from new probe noise; the ``hutchinson`` trace logged equals the mean over
+    ``i < probes`` of ``lf.estimate_fisher(model, loader, "hutchinson", probes=1, seed=seed + i,
+    max_batches=max_batches).trace()``.
+
+    Args:
+        every_n_epochs: evaluate at the end of every n-th training epoch (``None``: never).
+        every_n_steps: evaluate every n optimizer steps (``None``: never).
+        dataloader: ``"val"`` (the first validation loader; the training loader if there is none,
+            with a warning), ``"train"``, or any iterable of batches.
+        max_batches: batches of that loader per evaluation and method (``None``: all).
+        probes: one-probe estimates per ``hutchinson*`` method; their mean is logged and, with 2
+            or more, their coefficient of variation.
+        methods: estimators to run (any of ``lf.METHODS``); F is ``exact`` when listed, else
+            ``hutchinson``.
+        threshold: entries below it count as negligible in ``frac_below``.
+        seed: seed of the probes (and of ``sample``'s label draws).
+        output_fn: ``output_fn(module, batch) -> logits`` when calling the module on a batch is not
+            how the logits are obtained.
+        classes: restrict the classes that count (the active head of a task-incremental model).
+        histograms: log per-layer histograms of log10 of the diagonal (W&B, TensorBoard).
+        figure_every_n: draw figures every n evaluations (``None``: only at the end of training).
+        prefix: first component of every logged name.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        dataloader: str | Iterable[Any] = "val",
+        max_batches: int | None = 1,
+        probes: int = 2,
+        methods: Sequence[str] = DEFAULT_METHODS,
+        threshold: float = 1e-5,
+        seed: int = 0,
+        output_fn: OutputFn | None = None,
+        classes: ClassSelector | None = None,
+        histograms: bool = True,
+        figure_every_n: int | None = 10,
+        prefix: str = "fisher",
+    ) -> None:
+        for name, value in (
+            ("every_n_epochs", every_n_epochs),
+            ("every_n_steps", every_n_steps),
+            ("max_batches", max_batches),
+            ("figure_every_n", figure_every_n),
+        ):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None; got {value!r}.")
+        if every_n_epochs is None and every_n_steps is None:
+            raise ValueError(
+                "Set every_n_epochs or every_n_steps; with neither nothing is ever logged."
+            )
+        if isinstance(dataloader, str) and dataloader not in ("val", "train"):
+            raise ValueError(
+                f"dataloader must be 'val', 'train' or an iterable of batches; got {dataloader!r}."
+            )
+        if not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes must be a positive integer; got {probes!r}.")
+        if not threshold > 0:
+            raise ValueError(f"threshold must be positive; got {threshold!r}.")
+        self.every_n_epochs = every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.dataloader = dataloader
+        self.max_batches = max_batches
+        self.probes = probes
+        self.methods = check_methods(methods)
+        self.threshold = threshold
+        self.seed = seed
+        self.output_fn = output_fn
+        self.classes = classes
+        self.histograms = histograms
+        self.figure_every_n = figure_every_n
+        self.prefix = prefix
+        #: one entry per evaluation: ``step``, ``epoch`` and the global statistics (no prefix).
+        self.history: list[dict[str, float]] = []
+        #: the latest result, with its Fisher diagonals (not saved in checkpoints).
+        self.last: DiagnosticsResult | None = None
+        self._last_step = -1
+        self._figures_step = -1
+        self._warned: set[str] = set()
+
+    # Hooks --------------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.last is not None and self._figures_step != self._last_step:
+            self._log_figures(trainer, self.last)
+
+    # State --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(h) for h in self.history], "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._last_step = int(state_dict.get("last_step", -1))
+
+    # Work ---------------------------------------------------------------------------------------
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # epoch end and a step trigger at the same step
+            return
+        loader = self._resolve_loader(trainer)
+        # Lightning may call hooks after validation ran under inference mode; the estimators need
+        # autograd.
+        with torch.inference_mode(False), torch.enable_grad():
+            result = compute_diagnostics(
+                pl_module,
+                loader,
+                self.methods,
+                self.probes,
+                self.max_batches,
+                self.threshold,
+                self.seed,
+                self.output_fn,
+                self.classes,
+            )
+        self.last, self._last_step = result, step
+        self.history.append(
+            {"step": float(step), "epoch": float(trainer.current_epoch), **result.values}
+        )
+        self._log(trainer, result)
+
+    def _resolve_loader(self, trainer: Trainer) -> Iterable[Any]:
+        if not isinstance(self.dataloader, str):
+            return self.dataloader
+        if self.dataloader == "val":
+            loader = _first(trainer.val_dataloaders)
+            if loader is None:
+                try:  # validation has not run yet (num_sanity_val_steps=0, first epoch)
+                    trainer.fit_loop.epoch_loop.val_loop.setup_data()
+                    loader = _first(trainer.val_dataloaders)
+                except Exception:
+                    loader = None
+            if loader is not None:
+                return loader
+            self._warn_once(
+                "no_val",
+                "FisherDiagnostics(dataloader='val'): the Trainer has no validation dataloader, so "
+                "the diagnostics use the training dataloader.",
+            )
+        loader = _first(trainer.train_dataloader)
+        if loader is None:
+            raise RuntimeError("FisherDiagnostics found no dataloader; pass one as `dataloader=`.")
+        return loader
+
+    def _log(self, trainer: Trainer, result: DiagnosticsResult) -> None:
+        if not trainer.loggers:
+            self._warn_once(
+                "no_logger",
+                "FisherDiagnostics: the Trainer has no logger; the results are kept on the callback "
+                "(`.history`, `.last`).",
+            )
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs with
+        scalars = result.scalars(self.prefix)
+        for logger in trainer.loggers:
+            logger.log_metrics(scalars, step=step)
+        if self.histograms and trainer.is_global_zero:
+            self._log_histograms(trainer.loggers, result, step)
+        n = len(self.history)
+        if self.figure_every_n is not None and (n - 1) % self.figure_every_n == 0:
+            self._log_figures(trainer, result)
+
+    def _log_histograms(
+        self, loggers: Sequence[Logger], result: DiagnosticsResult, step: int
+    ) -> None:
+        targets = [lg for lg in loggers if isinstance(lg, (TensorBoardLogger, WandbLogger))]
+        if not targets:
+            return
+        logs = log10_layer_values(result.density_fisher)
+        for logger in targets:
+            if isinstance(logger, TensorBoardLogger):
+                for layer, values in logs.items():
+                    if values.numel():
+                        logger.experiment.add_histogram(
+                            f"{self.prefix}/log10_diag/{layer}", values, step
+                        )
+            else:
+                import wandb
+
+                hists = {
+                    f"{self.prefix}/log10_diag/{layer}": wandb.Histogram(
+                        values.numpy(), num_bins=64
+                    )
+                    for layer, values in logs.items()
+                    if values.numel()
+                }
+                logger.experiment.log({**hists, "trainer/global_step": step})
+
+    def figures(self, result: DiagnosticsResult | None = None) -> dict[str, Figure]:
+        """The figures of ``result`` (default: the latest): ``layer_density`` and ``bounds``."""
+        result = result or self.last
+        if result is None:
+            raise RuntimeError("FisherDiagnostics has not evaluated yet; there is nothing to draw.")
+        return {
+            "layer_density": plot_layer_density(result.density_fisher, self.threshold),
+            "bounds": plot_bounds_history(self.history),
+        }
+
+    def _log_figures(self, trainer: Trainer, result: DiagnosticsResult) -> None:
+        self._figures_step = self._last_step
+        if not trainer.is_global_zero:
+            return
+        targets = [
+            lg
+            for lg in trainer.loggers
+            if isinstance(lg, (TensorBoardLogger, WandbLogger, CSVLogger))
+        ]
+        if not targets:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        figures = self.figures(result)
+        for logger in targets:
+            if isinstance(logger, TensorBoardLogger):
+                for name, fig in figures.items():
+                    logger.experiment.add_figure(f"{self.prefix}/{name}", fig, step, close=False)
+            elif isinstance(logger, WandbLogger):
+                for name, fig in figures.items():
+                    logger.log_image(f"{self.prefix}/{name}", [figure_to_rgb(fig)], step=step)
+                columns = list(result.layers[0])
+                logger.log_table(
+                    f"{self.prefix}/layers",
+                    columns,
+                    [[row[c] for c in columns] for row in result.layers],
+                    step=step,
+                )
+            else:
+                folder = os.path.join(logger.log_dir, CSV_FIGURE_DIR)
+                save_png(
+                    figures["layer_density"],
+                    os.path.join(folder, f"layer_density_step{step:06d}.png"),
+                )
+                save_png(figures["bounds"], os.path.join(folder, "bounds.png"))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+
+def _first(loaders: Any) -> Any:
+    """The first loader of what Lightning holds (one loader, a list or a dict of them), or None."""
+    if isinstance(loaders, dict):
+        loaders = next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        loaders = loaders[0] if loaders else None
+    return loaders

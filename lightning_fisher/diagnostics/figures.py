@@ -1,0 +1,193 @@
+"""Figures of the Fisher diagonal and of its bounds, drawn with matplotlib's object API.
+
+No ``pyplot``: figures are plain ``matplotlib.figure.Figure`` objects, so drawing them changes no
+global state and needs no display. ``save_png`` and ``figure_to_rgb`` turn them into files and
+arrays for loggers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from .statistics import LOWER, UPPER, layer_values
+
+#: How each method is drawn in the bounds figure: label, colour, line style.
+_STYLES: dict[str, tuple[str, str, str]] = {
+    UPPER: ("upper bound  tr J'diag(p)J  (hutchinson_dg)", "tab:red", "-"),
+    "exact": ("F  (exact)", "black", "-"),
+    "hutchinson": ("F  (hutchinson)", "black", "-"),
+    LOWER: ("lower bound  tr J'λvv'J  (hutchinson_lr)", "tab:blue", "-"),
+    "empirical": ("empirical Fisher", "tab:green", "--"),
+}
+
+
+def _smoothed_density(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Density of ``x`` on the bins ``edges``: a histogram smoothed by a Gaussian kernel of
+    Silverman's bandwidth (a binned kernel density estimate, linear in the number of bins)."""
+    counts, _ = np.histogram(x, edges)
+    width = edges[1] - edges[0]
+    std = float(x.std()) if x.size > 1 else 0.0
+    h = 1.06 * std * x.size ** (-1 / 5) if std > 0 else width
+    sigma = max(h / width, 1.0)
+    # Cut the kernel at 4 sigma, and at the bin count so that mode='same' keeps the length.
+    half = min(math.ceil(4 * sigma), (counts.size - 1) // 2)
+    kernel = np.exp(-0.5 * (np.arange(-half, half + 1) / sigma) ** 2)
+    smooth = np.convolve(counts.astype(np.float64), kernel / kernel.sum(), mode="same")
+    return smooth / (x.size * width)
+
+
+def plot_layer_density(
+    fisher: Mapping[str, Tensor],
+    threshold: float | None = 1e-5,
+    title: str | None = None,
+    bins: int = 200,
+) -> Figure:
+    """Per-layer density of log10 F_i over the diagonal entries of each layer (one curve a layer).
+
+    Each curve integrates to the fraction of the layer's entries that are positive (exact zeros have
+    no logarithm; their share is given in the legend). ``threshold`` draws a vertical line and puts
+    each layer's fraction of entries below it in the legend.
+    """
+    values = layer_values(fisher)
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.add_subplot()
+    logs = {layer: np.log10(v[v > 0].double().numpy()) for layer, v in values.items()}
+    positive = [x for x in logs.values() if x.size]
+    if not positive:
+        ax.text(
+            0.5,
+            0.5,
+            "every diagonal entry is zero",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+    else:
+        lo = min(float(x.min()) for x in positive)
+        hi = max(float(x.max()) for x in positive)
+        if threshold is not None and threshold > 0:
+            lo, hi = min(lo, math.log10(threshold)), max(hi, math.log10(threshold))
+        lo, hi = math.floor(lo) - 0.5, math.ceil(hi) + 0.5
+        edges = np.linspace(lo, hi, bins + 1)
+        centers = (edges[:-1] + edges[1:]) / 2
+        colors = _layer_colors(len(logs))
+        for color, (layer, x) in zip(colors, logs.items()):
+            n = values[layer].numel()
+            label = f"{layer}  ({n:,} entries"
+            if threshold is not None:
+                label += (
+                    f", {float((values[layer] < threshold).double().mean()):.0%} < {threshold:g}"
+                )
+            if x.size < n:
+                label += f", {1 - x.size / n:.0%} zero"
+            label += ")"
+            if not x.size:
+                ax.plot([], [], color=color, label=label)
+                continue
+            ax.plot(
+                centers, _smoothed_density(x, edges) * x.size / n, color=color, lw=1.6, label=label
+            )
+        if threshold is not None and threshold > 0:
+            ax.axvline(
+                math.log10(threshold), color="0.4", ls=":", lw=1.2, label=f"threshold {threshold:g}"
+            )
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(bottom=0)
+        ax.legend(
+            fontsize=8 if len(logs) <= 12 else 6, loc="upper left", ncol=1 if len(logs) <= 12 else 2
+        )
+    ax.set_xlabel("log10 of Fisher diagonal entry")
+    ax.set_ylabel("density (per unit of log10)")
+    ax.grid(alpha=0.3)
+    method = getattr(fisher, "method", None)
+    n_samples = getattr(fisher, "n_samples", None)
+    default = "Fisher diagonal per layer"
+    if method is not None:
+        default += f": {method}" + (f", N = {n_samples:,} inputs" if n_samples else "")
+    ax.set_title(title or default)
+    return fig
+
+
+def _layer_colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis" if n > 10 else "tab10"]
+    if n > 10:
+        return [cmap(i / max(1, n - 1) * 0.9) for i in range(n)]
+    return [cmap(i) for i in range(n)]
+
+
+def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step") -> Figure:
+    """Traces of the upper bound, F, the lower bound and the empirical Fisher over training (left,
+    log scale), and the ratios tr(lower)/tr(F) and tr(F)/tr(upper) (right; 1 means tight).
+
+    ``history`` holds one mapping per evaluation with ``x`` (``step`` or ``epoch``) and the
+    un-prefixed names of ``DiagnosticsResult.values`` (``<method>/trace``, ``bounds/...``).
+    """
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    xs = np.array([h.get(x, i) for i, h in enumerate(history)], dtype=float)
+
+    def series(key: str) -> np.ndarray:
+        return np.array([h.get(key, np.nan) for h in history], dtype=float)
+
+    marker = "o" if len(history) <= 30 else None
+    upper, lower = series(f"{UPPER}/trace"), series(f"{LOWER}/trace")
+    if np.isfinite(upper).any() and np.isfinite(lower).any():
+        left.fill_between(xs, lower, upper, color="0.85", label="between the bounds")
+    for method, (label, color, ls) in _STYLES.items():
+        ys = series(f"{method}/trace")
+        if np.isfinite(ys).any():
+            left.plot(xs, ys, color=color, ls=ls, marker=marker, ms=3, label=label)
+    left.set_yscale("log")
+    left.set_xlabel(x)
+    left.set_ylabel("trace of the Fisher diagonal")
+    left.set_title("Fisher trace and its bounds")
+    left.grid(alpha=0.3, which="both")
+    left.legend(fontsize=8)
+
+    for key, label, color in (
+        ("bounds/lower_over_f", "tr(lower) / tr(F)", "tab:blue"),
+        ("bounds/f_over_upper", "tr(F) / tr(upper)", "tab:red"),
+        ("empirical/trace_ratio", "tr(empirical) / tr(F)", "tab:green"),
+    ):
+        ys = series(key)
+        if np.isfinite(ys).any():
+            right.plot(xs, ys, color=color, marker=marker, ms=3, label=label)
+    right.axhline(1.0, color="0.4", ls=":", lw=1)
+    right.set_ylim(bottom=0)
+    right.set_xlabel(x)
+    right.set_ylabel("ratio")
+    right.set_title("Tightness of the bounds (1 = tight)")
+    right.grid(alpha=0.3)
+    if right.get_legend_handles_labels()[0]:
+        right.legend(fontsize=8)
+    if len(history) == 1:
+        for ax in (left, right):
+            ax.set_xlim(xs[0] - 1, xs[0] + 1)
+    return fig
+
+
+def figure_to_rgb(fig: Figure, dpi: int = 100) -> np.ndarray:
+    """The figure rendered to an ``(H, W, 3)`` uint8 array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(dpi)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_png(fig: Figure, path: str | os.PathLike[str], dpi: int = 110) -> str:
+    """Write the figure as a PNG file (creating its folder); returns the path."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path

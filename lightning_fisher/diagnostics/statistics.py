@@ -1,0 +1,277 @@
+"""Spectral and bound diagnostics of the Fisher, computed from a model and a loader (plain torch).
+
+``compute_diagnostics`` runs the estimators named in ``methods`` through ``lf.estimate_fisher``
+and summarises them:
+
+* traces, global and per layer (a layer is a parameter's name without its last component), for
+  every method;
+* the bound ratios tr(lower) / tr(F) and tr(F) / tr(upper), with lower = ``hutchinson_lr``
+  (J^T lambda_1 v_1 v_1^T J), upper = ``hutchinson_dg`` (J^T diag(p) J) and F = ``exact`` if asked
+  for, else ``hutchinson``; both ratios lie in [0, 1] in expectation (Sun 2026);
+* kernel-space statistics over the inputs (``kernel_summary``);
+* per layer, the fraction of diagonal entries of F below a threshold (``fraction_below``);
+* the coefficient of variation over probes (``probe_cv``) of the Hutchinson estimators, measured
+  from ``probes`` one-probe estimates with seeds ``seed, seed + 1, ...``, whose mean is the logged
+  estimate;
+* the relative gap between the empirical Fisher E and F, sum_i |E_i - F_i| / sum_i F_i
+  (``empirical_gap``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..estimators import METHODS, estimate_fisher
+from ..estimators.base import _all_reduce, eval_mode
+from ..fisher_diagonal import FisherDiagonal
+from ..kernel import kernel_statistics
+from ..outputs import ClassSelector, OutputFn, model_outputs, move_batch
+
+#: Methods ``compute_diagnostics`` runs unless told otherwise: F, its upper and lower bound, and E.
+DEFAULT_METHODS: tuple[str, ...] = ("hutchinson", "hutchinson_dg", "hutchinson_lr", "empirical")
+#: Estimators whose randomness is a probe vector, so that a CV over probes is meaningful.
+PROBE_METHODS = frozenset({"hutchinson", "hutchinson_dg", "hutchinson_lr"})
+UPPER, LOWER = "hutchinson_dg", "hutchinson_lr"
+
+
+def layer_of(name: str) -> str:
+    """The layer a parameter belongs to: its name without the last component (as
+    ``FisherDiagonal.layer_traces`` groups them)."""
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def layer_values(fd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Every layer's diagonal entries as one flat float32 CPU vector, layers in parameter order."""
+    parts: dict[str, list[Tensor]] = {}
+    for name, t in fd.items():
+        parts.setdefault(layer_of(name), []).append(t.detach().reshape(-1).float().cpu())
+    return {layer: torch.cat(ts) for layer, ts in parts.items()}
+
+
+def fraction_below(fd: Mapping[str, Tensor], threshold: float = 1e-5) -> dict[str, float]:
+    """Per layer, the fraction of diagonal entries F_i < ``threshold``."""
+    return {layer: float((v < threshold).double().mean()) for layer, v in layer_values(fd).items()}
+
+
+def log10_layer_values(fd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Per layer, log10 F_i of the strictly positive entries (exact zeros have no logarithm)."""
+    return {layer: v[v > 0].double().log10() for layer, v in layer_values(fd).items()}
+
+
+def mean_fisher(fds: Sequence[FisherDiagonal]) -> FisherDiagonal:
+    """The entry-wise mean (1/P) sum_p F^(p) of one-probe estimates, recording ``probes=P``."""
+    if not fds:
+        raise ValueError("mean_fisher needs at least one Fisher diagonal.")
+    first = fds[0]
+    tensors = {k: torch.stack([fd[k] for fd in fds]).mean(0) for k in first}
+    options = {**first.options, "probes": len(fds), "seeds": [fd.options.get("seed") for fd in fds]}
+    return FisherDiagonal(tensors, first.n_samples, first.method, options)
+
+
+def probe_cv(fds: Sequence[FisherDiagonal]) -> dict[str, float]:
+    """Coefficient of variation over independent one-probe estimates F^(1..P).
+
+    Returns ``cv`` = mean over entries i (with a positive mean) of std_p(F_i^(p)) / mean_p(F_i^(p)),
+    ``cv_max`` = the largest of those, and ``cv_trace`` = std_p(tr F^(p)) / mean_p(tr F^(p));
+    standard deviations are the unbiased ones. With Rademacher probes an entry's CV is at most
+    sqrt(2) (Sun 2026), less once it averages over several batches.
+    """
+    if len(fds) < 2:
+        raise ValueError(f"A coefficient of variation needs at least 2 probes; got {len(fds)}.")
+    stack = torch.stack([fd.flatten().cpu() for fd in fds])  # (P, n) float32
+    mean = stack.mean(0)
+    # (x - mean)^2 summed by hand: Tensor.std over dim 0 is several times slower on CPU.
+    std = ((stack - mean).square().sum(0) / (len(fds) - 1)).sqrt()
+    keep = mean > 0
+    n_keep = int(keep.sum())
+    cv = torch.where(keep, std / mean.clamp_min(torch.finfo(mean.dtype).tiny), 0.0)
+    traces = stack.double().sum(1)
+    return {
+        "cv": float(cv.double().sum()) / n_keep if n_keep else float("nan"),
+        "cv_max": float(cv.max()) if n_keep else float("nan"),
+        "cv_trace": float(traces.std() / traces.mean()) if traces.mean() > 0 else float("nan"),
+    }
+
+
+def empirical_gap(empirical: FisherDiagonal, fisher: FisherDiagonal) -> dict[str, float]:
+    """``rel_gap`` = sum_i |E_i - F_i| / sum_i F_i and ``trace_ratio`` = tr(E) / tr(F)."""
+    e, f = empirical.flatten().double().cpu(), fisher.flatten().double().cpu()
+    if e.shape != f.shape:
+        raise ValueError("The empirical Fisher and the Fisher cover different parameters.")
+    total = float(f.sum())
+    if total <= 0:
+        return {"rel_gap": float("nan"), "trace_ratio": float("nan")}
+    return {"rel_gap": float((e - f).abs().sum()) / total, "trace_ratio": float(e.sum()) / total}
+
+
+def kernel_summary(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    max_batches: int | None = None,
+    output_fn: OutputFn | None = None,
+    classes: ClassSelector | None = None,
+    shift_labels: bool = False,
+) -> dict[str, float]:
+    """Means over the inputs of the spectrum of I(p) = diag(p) - p p^T (forward passes only).
+
+    Returns ``lambda_max`` (mean largest eigenvalue), ``trace`` (mean 1 - ||p||^2),
+    ``one_minus_pmax`` (mean 1 - max_y p_y), ``lambda_max_lower`` / ``lambda_max_upper`` (means of
+    its bounds max(max_i p_i (1 - p_i), p_(2)) and p_(1)), how close it sits to them as
+    ``lower_over_lambda_max`` = mean(lower) / mean(lambda_max) and ``lambda_max_over_upper`` =
+    mean(lambda_max) / mean(upper) (1 means tight), and ``n_inputs``. Under ``torch.distributed``
+    the sums cover every rank's shard.
+    """
+    keys = ("lambda_max", "trace", "one_minus_pmax", "lambda_max_lower", "lambda_max_upper")
+    device = next(model.parameters()).device
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
+    with eval_mode(model), torch.no_grad():
+        for i, batch in enumerate(dataloader):
+            if max_batches is not None and i >= max_batches:
+                break
+            out = model_outputs(model, move_batch(batch, device), output_fn, classes, shift_labels)
+            p = torch.softmax(out.logits.double(), -1)[out.mask]
+            stats = kernel_statistics(p)
+            sums += torch.stack([stats[k].sum() for k in keys] + [sums.new_tensor(p.shape[0])])
+    _all_reduce([sums])
+    n = float(sums[-1])
+    if n == 0:
+        raise ValueError("The dataloader gave no inputs to compute kernel statistics on.")
+    means = {k: float(s) / n for k, s in zip(keys, sums[:-1])}
+    lam = means["lambda_max"]
+    means["lower_over_lambda_max"] = means["lambda_max_lower"] / lam if lam > 0 else 1.0
+    means["lambda_max_over_upper"] = lam / means["lambda_max_upper"]
+    means["n_inputs"] = n
+    return means
+
+
+@dataclass
+class DiagnosticsResult:
+    """What one diagnostics pass found.
+
+    Attributes:
+        fishers: method -> Fisher diagonal (for probe methods, the mean of the one-probe estimates).
+        values: global statistics, ``name -> value`` without prefix (``hutchinson/trace``, ...).
+        reference: the method taken as F (``exact`` or ``hutchinson``), or ``None``.
+        layers: one row per layer: ``layer``, ``numel``, ``frac_below`` and ``trace/<method>``.
+    """
+
+    fishers: dict[str, FisherDiagonal]
+    values: dict[str, float]
+    reference: str | None
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def scalars(self, prefix: str = "fisher") -> dict[str, float]:
+        """Global and per-layer scalars (``<method>/trace/<layer>``, ``frac_below/<layer>``), each
+        name behind ``prefix/``: ready for ``logger.log_metrics``."""
+        out = dict(self.values)
+        for row in self.layers:
+            out[f"frac_below/{row['layer']}"] = row["frac_below"]
+            for method in self.fishers:
+                out[f"{method}/trace/{row['layer']}"] = row[f"trace/{method}"]
+        return {f"{prefix}/{k}" if prefix else k: v for k, v in out.items()}
+
+    @property
+    def density_fisher(self) -> FisherDiagonal:
+        """The diagonal shown in densities and histograms: F, else the first method's."""
+        return self.fishers[self.reference or next(iter(self.fishers))]
+
+
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """Validate a list of estimator names; return it as a tuple without repeats."""
+    if isinstance(methods, str):
+        methods = (methods,)
+    methods = tuple(dict.fromkeys(methods))
+    if not methods:
+        raise ValueError("methods is empty; name at least one Fisher estimator.")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown Fisher method(s) {unknown}; choose from {', '.join(METHODS)}.")
+    return methods
+
+
+def compute_diagnostics(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    methods: Sequence[str] = DEFAULT_METHODS,
+    probes: int = 2,
+    max_batches: int | None = 1,
+    threshold: float = 1e-5,
+    seed: int = 0,
+    output_fn: OutputFn | None = None,
+    classes: ClassSelector | None = None,
+    kernel: bool = True,
+) -> DiagnosticsResult:
+    """Estimate the Fisher with every method in ``methods`` and summarise it (see module doc).
+
+    Probe methods (``hutchinson*``) run ``probes`` times with ``probes=1`` and seeds
+    ``seed + i``; their logged estimate is the mean, so ``probes`` trades cost for noise and a
+    CV needs ``probes >= 2``. Other methods run once with ``seed``. Every pass stops after
+    ``max_batches`` batches. The names in ``DiagnosticsResult.values`` are ``<method>/trace``,
+    ``<method>/cv``, ``<method>/cv_max``, ``<method>/cv_trace``, ``bounds/lower_over_f``,
+    ``bounds/f_over_upper``, ``kernel/<statistic>`` (see ``kernel_summary``),
+    ``frac_below/min_layer``, ``frac_below/max_layer``, ``empirical/rel_gap`` and
+    ``empirical/trace_ratio``; ``DiagnosticsResult.scalars`` adds the per-layer
+    ``<method>/trace/<layer>`` and ``frac_below/<layer>``.
+    """
+    methods = check_methods(methods)
+    if probes < 1:
+        raise ValueError(f"probes must be at least 1; got {probes}.")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be positive or None; got {max_batches}.")
+    common: dict[str, Any] = {
+        "output_fn": output_fn,
+        "classes": classes,
+        "max_batches": max_batches,
+    }
+    fishers: dict[str, FisherDiagonal] = {}
+    s: dict[str, float] = {}
+    for method in methods:
+        if method in PROBE_METHODS:
+            runs = [
+                estimate_fisher(
+                    model, dataloader, method, probes=1, seed=seed + i, progress=False, **common
+                )
+                for i in range(probes)
+            ]
+            fishers[method] = mean_fisher(runs)
+            if probes > 1:
+                for k, v in probe_cv(runs).items():
+                    s[f"{method}/{k}"] = v
+        else:
+            fishers[method] = estimate_fisher(
+                model, dataloader, method, seed=seed, progress=False, **common
+            )
+    for method, fd in fishers.items():
+        s[f"{method}/trace"] = fd.trace()
+
+    reference = "exact" if "exact" in fishers else "hutchinson" if "hutchinson" in fishers else None
+    if reference is not None:
+        tr_f = fishers[reference].trace()
+        if LOWER in fishers:
+            s["bounds/lower_over_f"] = fishers[LOWER].trace() / tr_f if tr_f > 0 else float("nan")
+        if UPPER in fishers:
+            tr_u = fishers[UPPER].trace()
+            s["bounds/f_over_upper"] = tr_f / tr_u if tr_u > 0 else float("nan")
+        if "empirical" in fishers:
+            for k, v in empirical_gap(fishers["empirical"], fishers[reference]).items():
+                s[f"empirical/{k}"] = v
+    below = fraction_below(fishers[reference or methods[0]], threshold)
+    s["frac_below/min_layer"] = min(below.values())
+    s["frac_below/max_layer"] = max(below.values())
+    if kernel:
+        stats = kernel_summary(model, dataloader, max_batches, output_fn, classes)
+        s.update({f"kernel/{k}": v for k, v in stats.items() if k != "n_inputs"})
+
+    numel = {layer: v.numel() for layer, v in layer_values(fishers[methods[0]]).items()}
+    traces = {m: fd.layer_traces() for m, fd in fishers.items()}
+    layers = [
+        {"layer": layer, "numel": numel[layer], "frac_below": below[layer]}
+        | {f"trace/{m}": traces[m][layer] for m in fishers}
+        for layer in numel
+    ]
+    return DiagnosticsResult(fishers, {k: float(v) for k, v in s.items()}, reference, layers)
