@@ -147,6 +147,15 @@ def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step")
         if np.isfinite(ys).any():
             left.plot(xs, ys, color=color, ls=ls, marker=marker, ms=3, label=label)
     left.set_yscale("log")
+    finite = np.concatenate([series(f"{m}/trace") for m in _STYLES])
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    if finite.size and finite.max() < 30 * finite.min():
+        # Within about a decade a log axis has few or no labelled powers of ten: label plainly.
+        from matplotlib.ticker import FuncFormatter
+
+        plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+        left.yaxis.set_major_formatter(plain)
+        left.yaxis.set_minor_formatter(plain)
     left.set_xlabel(x)
     left.set_ylabel("trace of the Fisher diagonal")
     left.set_title("Fisher trace and its bounds")
