@@ -1,24 +1,56 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
 # Both create .venv (CPU torch 2.13.0 first, then the package with its extras) on first use.
+# `make ci` (= .ci/run) adds the quality gates: lint, types, docs, build, and a clean-venv wheel check.
 VENV := .venv
 PY ?= $(VENV)/bin/python
-EXTRAS := dev,hf,wandb,tensorboard,recipes
+EXTRAS := dev,hf,wandb,tensorboard,recipes,docs
+# The wheel check's own venv: only torch, the built wheel and its declared dependencies.
+WHEEL_VENV := .ci-venv
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
+	# torch first: a plain `torch` requirement would otherwise pull the CUDA build (GBs).
 	$(VENV)/bin/python -m pip install -q torch==2.13.0
 	$(VENV)/bin/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint typecheck docs docs-serve dist wheel-check ci
 install: $(VENV)/.installed
 
 demo: install
 	$(PY) -m recipes.demo
 
+# pytest exits 5 when it collected no test; that fails here like any other non-zero exit.
 test: install
 	$(PY) -m pytest -q
 
 lint: install
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+typecheck: install
+	$(PY) -m mypy
+
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve: install
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
+dist: install
+	rm -rf dist
+	$(PY) -m build
+	$(PY) -m twine check --strict dist/*
+	# PyPI rejects unknown classifiers; twine check does not look at them.
+	$(PY) -c "import tomllib, trove_classifiers as t; bad = [c for c in tomllib.load(open('pyproject.toml', 'rb'))['project']['classifiers'] if c not in t.classifiers]; assert not bad, bad"
+
+wheel-check: dist
+	rm -rf $(WHEEL_VENV)
+	python3 -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(WHEEL_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(WHEEL_VENV)/bin/python -m pip install -q dist/*.whl
+	# Run from outside the checkout so that the import finds the wheel, not the source tree.
+	cd $$(mktemp -d) && $(CURDIR)/$(WHEEL_VENV)/bin/python $(CURDIR)/.ci/wheel_smoke.py
+
+ci: lint typecheck docs wheel-check test
