@@ -1,0 +1,111 @@
+"""Differentiable Fisher regularisers in plain torch (no Lightning needed).
+
+``fisher_trace_penalty`` is the Hutchinson estimate of the trace of the batch Fisher (Sun 2026):
+
+    R = (1/P) sum_{k<=P} ||v_k||^2 / |B|,   v_k = J^T L(p) xi_k = sum_x J_x^T L(p_x) xi_{k,x},
+
+with L(p) = diag(sqrt p) - p sqrt(p)^T (L L^T = I(p)), J = dz/dtheta and xi zero-mean,
+unit-variance probes. Cross terms between inputs vanish in expectation, so
+E[R] = (1/|B|) sum_x tr(J_x^T I(p_x) J_x) = tr(F_B). ``R`` is differentiable through both J and p:
+v is ``autograd.grad`` of the logits with ``grad_outputs = L(p) xi`` (not detached) and
+``create_graph=True``, so ``R.backward()`` costs one double-backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .estimators.base import trainable_parameters
+from .estimators.hutchinson import draw_probes
+from .outputs import ClassSelector, OutputFn, model_outputs
+
+
+def fisher_trace_penalty(
+    model: nn.Module,
+    batch: Any,
+    probes: int = 1,
+    *,
+    output_fn: OutputFn | None = None,
+    classes: ClassSelector | None = None,
+    shift_labels: bool = False,
+    probe_distribution: str = "rademacher",
+    generator: torch.Generator | None = None,
+    param_filter: Callable[[str], bool] | None = None,
+) -> Tensor:
+    """Unbiased, differentiable estimate of tr(F) on ``batch``: (1/P) sum_k ||J^T L(p) xi_k||^2 / |B|.
+
+    Add ``alpha * fisher_trace_penalty(model, batch)`` to a loss to penalise Fisher curvature
+    (flatter solutions). Runs the model on ``batch`` in its current mode; one forward, then one
+    backward with ``create_graph`` per probe; differentiating the result costs a double-backward.
+
+    Args:
+        model: the classifier; the trace runs over its trainable parameters.
+        batch: one batch (already on the model's device), as for ``lf.estimate_fisher``.
+        probes: number P of probe vectors averaged.
+        output_fn: ``output_fn(model, batch) -> logits`` when calling the model is not how the
+            logits are obtained.
+        classes: active classes of a multi-head model (sequence or ``classes(batch)``).
+        shift_labels: causal LMs: logits at position t predict the token at t + 1.
+        probe_distribution: ``rademacher`` (each entry +-1) or ``gaussian``.
+        generator: random generator for the probes (on the model's device); pass one seeded the
+            same way to get the same probes again.
+        param_filter: keep only parameters whose name passes this predicate.
+
+    Returns:
+        A scalar tensor (float32 or float64) with a graph back to the parameters; zero if the
+        batch has no counted inputs.
+    """
+    if probes < 1:
+        raise ValueError(f"probes must be at least 1; got {probes}.")
+    params = list(trainable_parameters(model, param_filter).values())
+    out = model_outputs(model, batch, output_fn, classes, shift_labels)
+    logits = out.logits
+    n = out.n_inputs
+    if n == 0:
+        return logits.float().sum() * 0.0
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    # sqrt(p) via exp(log_softmax / 2): kernel.softmax_fisher_sqrt_apply's L xi, but smooth where
+    # p underflows to 0 (d sqrt(p)/dp is infinite there and would give NaN second derivatives).
+    sqrt_p = torch.exp(0.5 * torch.log_softmax(z, -1))
+    p = sqrt_p * sqrt_p
+    mask = out.mask.unsqueeze(-1).to(z.dtype)
+    total = z.new_zeros(())
+    for _ in range(probes):
+        xi = draw_probes(tuple(z.shape), probe_distribution, generator, z.device, z.dtype)
+        u = (sqrt_p * xi - p * (sqrt_p * xi).sum(-1, keepdim=True)) * mask
+        vs = torch.autograd.grad(
+            logits,
+            params,
+            grad_outputs=u.to(logits.dtype),
+            create_graph=True,
+            allow_unused=True,
+            retain_graph=True,
+        )
+        total = total + sum((v.to(z.dtype) ** 2).sum() for v in vs if v is not None)
+    return total / (probes * n)
+
+
+@contextmanager
+def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
+    """Restore every BatchNorm running statistic afterwards, so that an extra forward in train
+    mode (a regulariser's recomputation) does not update them a second time."""
+    saved = [
+        (buf, buf.clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for buf in m.buffers(recurse=False)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+__all__ = ["fisher_trace_penalty", "frozen_norm_statistics"]
