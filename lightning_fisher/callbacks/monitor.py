@@ -1,0 +1,179 @@
+"""Periodic Fisher estimates during training, kept on the callback and sent to the logger."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from ..estimators import METHODS, estimate_fisher
+from ..fisher_diagonal import FisherDiagonal
+from ..outputs import ClassSelector, FisherInputError, OutputFn
+from ._utils import fisher_loader, log_metrics
+
+
+class FisherMonitor(Callback):
+    r"""Estimate the Fisher diagonal every N epochs (``on_train_epoch_end``) or every N optimizer
+    steps, keep the latest estimate in :attr:`fisher` and log its trace.
+
+    Logged: ``fisher/trace`` = tr(F) = sum_i F_i, ``fisher/seconds`` (time of the pass),
+    ``fisher/n_samples``, and with ``log_layer_traces`` one ``fisher/trace/<module>`` per module.
+
+    Args:
+        method: any ``lf.estimate_fisher`` method; ``hutchinson`` (the default) costs one
+            backward per batch, ``exact`` one per class and input.
+        every_n_epochs: estimate at the end of every n-th training epoch.
+        every_n_steps: estimate after every n-th optimizer step instead (then ``every_n_epochs``
+            is ignored). Needs a separate ``dataloader`` if the training loader uses persistent
+            workers.
+        dataloader: data for the pass; default: the trainer's training dataloader (each rank's
+            shard under DDP, all-reduced to the Fisher of the union).
+        max_samples: estimate on ``n`` random inputs (EXACT(n)).
+        max_batches: stop the pass after this many batches (cheap periodic estimates).
+        probes: probes per batch for the ``hutchinson*`` methods.
+        mc_samples: label draws per input for ``sample``.
+        classes: active classes of a multi-head model (sequence or ``classes(batch)``).
+        output_fn: ``output_fn(module, batch) -> logits`` when calling the module is not how the
+            logits are obtained.
+        log_layer_traces: also log one trace per module.
+        save_dir: if set, rank 0 saves every estimate there as ``fisher-step=<step>.safetensors``.
+        on_estimate: ``on_estimate(trainer, pl_module, fisher)`` called after every estimate.
+        fisher_kwargs: further keyword arguments of ``lf.estimate_fisher``.
+    """
+
+    def __init__(
+        self,
+        method: str = "hutchinson",
+        every_n_epochs: int | None = 1,
+        every_n_steps: int | None = None,
+        *,
+        dataloader: Iterable[Any] | None = None,
+        max_samples: int | None = None,
+        max_batches: int | None = None,
+        probes: int = 1,
+        mc_samples: int = 1,
+        classes: ClassSelector | None = None,
+        output_fn: OutputFn | None = None,
+        log_layer_traces: bool = True,
+        save_dir: str | os.PathLike[str] | None = None,
+        on_estimate: Callable[[pl.Trainer, pl.LightningModule, FisherDiagonal], None] | None = None,
+        fisher_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(
+                f"FisherMonitor: unknown method {method!r}; choose one of {', '.join(METHODS)}."
+            )
+        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
+            if value is not None and value < 1:
+                raise ValueError(
+                    f"FisherMonitor: {name} must be a positive integer or None; got {value!r}."
+                )
+        if every_n_epochs is None and every_n_steps is None:
+            raise ValueError("FisherMonitor: set `every_n_epochs` or `every_n_steps`.")
+        self.method = method
+        self.every_n_epochs = None if every_n_steps is not None else every_n_epochs
+        self.every_n_steps = every_n_steps
+        self.dataloader = dataloader
+        self.log_layer_traces = log_layer_traces
+        self.save_dir = save_dir
+        self.on_estimate = on_estimate
+        self.fisher_kwargs: dict[str, Any] = {
+            "max_samples": max_samples,
+            "max_batches": max_batches,
+            "probes": probes,
+            "mc_samples": mc_samples,
+            "classes": classes,
+            "output_fn": output_fn,
+            **dict(fisher_kwargs or {}),
+        }
+        #: the latest estimate, the optimizer step and epoch it was taken at, and (step, trace) of all
+        self.fisher: FisherDiagonal | None = None
+        self.step: int | None = None
+        self.epoch: int | None = None
+        self.history: list[tuple[int, float]] = []
+        self._module: pl.LightningModule | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            method=self.method, every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps
+        )
+
+    def estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> FisherDiagonal:
+        """Run the Fisher pass now, keep the result in :attr:`fisher` and log it."""
+        start = time.perf_counter()
+        loader = fisher_loader(trainer, self.dataloader, "FisherMonitor")
+        fd = estimate_fisher(pl_module, loader, method=self.method, **self.fisher_kwargs)
+        seconds = time.perf_counter() - start
+        self.fisher, self.step, self.epoch = fd, trainer.global_step, trainer.current_epoch
+        trace = fd.trace()
+        self.history.append((trainer.global_step, trace))
+        metrics = {
+            "fisher/trace": trace,
+            "fisher/seconds": seconds,
+            "fisher/n_samples": float(fd.n_samples),
+        }
+        if self.log_layer_traces:
+            metrics.update({f"fisher/trace/{k}": v for k, v in fd.layer_traces().items()})
+        log_metrics(trainer, metrics)
+        if self.save_dir is not None and trainer.is_global_zero:
+            os.makedirs(self.save_dir, exist_ok=True)
+            fd.save(os.path.join(self.save_dir, f"fisher-step={trainer.global_step}.safetensors"))
+        if self.on_estimate is not None:
+            self.on_estimate(trainer, pl_module, fd)
+        return fd
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._module = pl_module
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if (
+            self.every_n_epochs is not None
+            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        ):
+            self.estimate(trainer, pl_module)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        # Under gradient accumulation several batches end at the same optimizer step.
+        if (
+            self.every_n_steps is not None
+            and step > 0
+            and step % self.every_n_steps == 0
+            and step != self.step
+        ):
+            self.estimate(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "fisher": self.fisher.state_dict() if self.fisher is not None else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "history": [list(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        fisher = state_dict.get("fisher")
+        fd = FisherDiagonal.from_state_dict(fisher) if fisher is not None else None
+        if fd is not None and self._module is not None:
+            try:
+                fd.check_matches(self._module)
+            except ValueError as err:
+                raise FisherInputError(
+                    f"FisherMonitor: cannot restore the checkpoint's estimate: {err}"
+                ) from None
+        self.fisher = fd
+        self.step = state_dict.get("step")
+        self.epoch = state_dict.get("epoch")
+        self.history = [(int(s), float(t)) for s, t in state_dict.get("history", [])]
