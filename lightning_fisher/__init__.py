@@ -32,8 +32,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "METHODS",
     "EWC",
+    "METHODS",
     "FisherDiagnostics",
     "FisherDiagonal",
     "FisherInputError",

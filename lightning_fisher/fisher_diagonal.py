@@ -75,13 +75,18 @@ class FisherDiagonal(Mapping[str, Tensor]):
 
     def flatten(self) -> Tensor:
         """All entries in one float32 vector, in key order."""
-        return torch.cat([t.reshape(-1) for t in self._tensors.values()]) if self else torch.zeros(0)
+        return (
+            torch.cat([t.reshape(-1) for t in self._tensors.values()]) if self else torch.zeros(0)
+        )
 
     # Arithmetic (online EWC: F <- gamma F + F_new) ------------------------------------------------
     def scale(self, factor: float) -> FisherDiagonal:
         """A copy with every entry multiplied by ``factor``."""
         return FisherDiagonal(
-            {k: v * factor for k, v in self._tensors.items()}, self.n_samples, self.method, self.options
+            {k: v * factor for k, v in self._tensors.items()},
+            self.n_samples,
+            self.method,
+            self.options,
         )
 
     def __mul__(self, factor: float) -> FisherDiagonal:
@@ -98,8 +103,14 @@ class FisherDiagonal(Mapping[str, Tensor]):
         for k in keys:
             a, b = self._tensors.get(k), other._tensors.get(k)
             if a is not None and b is not None and a.shape != b.shape:
-                raise ValueError(f"Cannot add Fisher diagonals: {k!r} has shapes {a.shape} and {b.shape}.")
-            tensors[k] = a + b.to(a.device) if a is not None and b is not None else (a if a is not None else b)
+                raise ValueError(
+                    f"Cannot add Fisher diagonals: {k!r} has shapes {a.shape} and {b.shape}."
+                )
+            tensors[k] = (
+                a + b.to(a.device)
+                if a is not None and b is not None
+                else (a if a is not None else b)
+            )
         method = self.method if self.method == other.method else f"{self.method}+{other.method}"
         return FisherDiagonal(tensors, self.n_samples + other.n_samples, method, self.options)
 
@@ -107,7 +118,9 @@ class FisherDiagonal(Mapping[str, Tensor]):
         """Move (or cast) every tensor, like ``Tensor.to``."""
         return FisherDiagonal(
             {k: v.to(*args, **kwargs) for k, v in self._tensors.items()},
-            self.n_samples, self.method, self.options,
+            self.n_samples,
+            self.method,
+            self.options,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -127,8 +140,13 @@ class FisherDiagonal(Mapping[str, Tensor]):
     def zeros_like(cls, model: nn.Module, method: str = "zeros") -> FisherDiagonal:
         """Zeros for every trainable parameter of ``model``."""
         return cls(
-            {n: torch.zeros_like(p, dtype=torch.float32) for n, p in model.named_parameters() if p.requires_grad},
-            0, method,
+            {
+                n: torch.zeros_like(p, dtype=torch.float32)
+                for n, p in model.named_parameters()
+                if p.requires_grad
+            },
+            0,
+            method,
         )
 
     def check_matches(self, model: nn.Module) -> None:
@@ -139,13 +157,19 @@ class FisherDiagonal(Mapping[str, Tensor]):
         if missing or wrong:
             msg = []
             if missing:
-                msg.append(f"not parameters of the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+                msg.append(
+                    f"not parameters of the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                )
             if wrong:
                 msg.append(
                     "shapes differ: "
-                    + ", ".join(f"{k} {tuple(self[k].shape)} vs {tuple(params[k].shape)}" for k in wrong[:5])
+                    + ", ".join(
+                        f"{k} {tuple(self[k].shape)} vs {tuple(params[k].shape)}" for k in wrong[:5]
+                    )
                 )
-            raise ValueError("This Fisher diagonal does not match the model; " + "; ".join(msg) + ".")
+            raise ValueError(
+                "This Fisher diagonal does not match the model; " + "; ".join(msg) + "."
+            )
 
     # Files ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -157,17 +181,25 @@ class FisherDiagonal(Mapping[str, Tensor]):
             "method": self.method,
             "n_samples": str(self.n_samples),
             "options": json.dumps(self.options, default=str),
+            "order": json.dumps(list(self._tensors)),  # safetensors sorts keys; keep ours
         }
-        save_file({k: v.contiguous().cpu() for k, v in self._tensors.items()}, os.fspath(path), metadata=meta)
+        save_file(
+            {k: v.contiguous().cpu() for k, v in self._tensors.items()},
+            os.fspath(path),
+            metadata=meta,
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> FisherDiagonal:
+    def load(
+        cls, path: str | os.PathLike[str], device: str | torch.device = "cpu"
+    ) -> FisherDiagonal:
         """Read a file written by ``save``."""
         from safetensors import safe_open
 
         with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            names = json.loads(meta["order"]) if "order" in meta else list(f.keys())
+            tensors = {k: f.get_tensor(k) for k in names}
         return cls(
             tensors,
             n_samples=int(meta.get("n_samples", 0)),

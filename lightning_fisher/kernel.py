@@ -59,7 +59,9 @@ def _eigh_top(p: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vals.to(p.dtype), vecs.to(p.dtype)
 
 
-def _power_top(p: Tensor, k: int, iters: int, tol: float, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _power_top(
+    p: Tensor, k: int, iters: int, tol: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
     """Subspace iteration with Rayleigh-Ritz on I(p), using matvecs only (no C x C matrix)."""
     pd = p.double()
     C = p.shape[-1]
@@ -76,7 +78,9 @@ def _power_top(p: Tensor, k: int, iters: int, tol: float, generator: torch.Gener
     for _ in range(iters):
         q, _ = torch.linalg.qr(softmax_fisher_matvec(pd, q))
         ritz = (q * softmax_fisher_matvec(pd, q)).sum(-2)
-        if prev is not None and (ritz - prev).abs().max() <= tol * ritz.abs().max().clamp_min(1e-30):
+        if prev is not None and (ritz - prev).abs().max() <= tol * ritz.abs().max().clamp_min(
+            1e-30
+        ):
             break
         prev = ritz
     aq = softmax_fisher_matvec(pd, q)

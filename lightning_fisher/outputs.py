@@ -139,7 +139,9 @@ def move_batch(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _resolve_classes(classes: ClassSelector | None, batch: Any, device: torch.device) -> Tensor | None:
+def _resolve_classes(
+    classes: ClassSelector | None, batch: Any, device: torch.device
+) -> Tensor | None:
     if classes is None:
         return None
     chosen = classes(batch) if callable(classes) else classes
@@ -166,7 +168,8 @@ def check_logits(logits: Tensor) -> None:
     if logits.shape[-1] > 1:
         flat = logits.detach().reshape(-1, logits.shape[-1])
         looks_like_probs = (flat >= 0).all() and torch.allclose(
-            flat.double().sum(-1), torch.ones(flat.shape[0], dtype=torch.float64, device=flat.device),
+            flat.double().sum(-1),
+            torch.ones(flat.shape[0], dtype=torch.float64, device=flat.device),
             atol=1e-4,
         )
         if looks_like_probs and flat.shape[0] > 1:

@@ -16,8 +16,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from models import SmallCNN, TinyTransformer, mlp, seeded  # noqa: E402
-from reference import per_input_jacobians  # noqa: E402
+from models import SmallCNN, TinyTransformer, mlp, seeded
+from reference import per_input_jacobians
 
 
 @dataclass
@@ -34,7 +34,9 @@ class Case:
 
     def jacobians(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int | None]]:
         if self._jac is None:
-            self._jac = per_input_jacobians(self.model, self.call, self.ref_batches, self.token_level)
+            self._jac = per_input_jacobians(
+                self.model, self.call, self.ref_batches, self.token_level
+            )
         return self._jac
 
 
@@ -71,11 +73,17 @@ def make_case(name: str, dtype: torch.dtype = torch.float64, n_classes: int | No
             labels[0, 1] = -100
             labels[2, 4] = -100
         batches = DictLoader(
-            {"input_ids": ids[i : i + 3], "attention_mask": mask[i : i + 3], "labels": labels[i : i + 3]}
+            {
+                "input_ids": ids[i : i + 3],
+                "attention_mask": mask[i : i + 3],
+                "labels": labels[i : i + 3],
+            }
             for i in (0, 3)
         )
         refs = [{"x": ids, "mask": mask, "y": labels}]
-        return Case(name, model, batches, lambda f, r: f(r["x"], attention_mask=r["mask"]), refs, token)
+        return Case(
+            name, model, batches, lambda f, r: f(r["x"], attention_mask=r["mask"]), refs, token
+        )
     raise ValueError(name)
 
 

@@ -7,7 +7,13 @@ from torch import nn
 
 
 def mlp(d_in: int = 6, hidden: int = 8, n_classes: int = 4) -> nn.Module:
-    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, n_classes))
+    return nn.Sequential(
+        nn.Linear(d_in, hidden),
+        nn.Tanh(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, n_classes),
+    )
 
 
 class SmallCNN(nn.Module):
@@ -28,7 +34,14 @@ class SmallCNN(nn.Module):
 class TinyTransformer(nn.Module):
     """Embedding, multi-head attention, LayerNorm; logits per sequence or per token."""
 
-    def __init__(self, vocab: int = 11, dim: int = 8, n_classes: int = 3, seq_len: int = 5, token_level: bool = False) -> None:
+    def __init__(
+        self,
+        vocab: int = 11,
+        dim: int = 8,
+        n_classes: int = 3,
+        seq_len: int = 5,
+        token_level: bool = False,
+    ) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(seq_len, dim)
@@ -38,7 +51,9 @@ class TinyTransformer(nn.Module):
         self.head = nn.Linear(dim, n_classes)
         self.token_level = token_level
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device)
         h = self.norm(self.tok(input_ids) + self.pos(pos))
         pad = None if attention_mask is None else attention_mask == 0

@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev
 
 
-def per_input_jacobians(model: nn.Module, call: Any, batches: list[Any], token_level: bool = False) -> tuple[list[Tensor], list[Tensor], list[int | None]]:
+def per_input_jacobians(
+    model: nn.Module, call: Any, batches: list[Any], token_level: bool = False
+) -> tuple[list[Tensor], list[Tensor], list[int | None]]:
     """For every input: J (C x P, d logits / d flat trainable params), logits z (C) and its label.
 
     ``call(model_fn, batch_row)`` must return logits of shape (1, C) or (1, T, C) for one row.
@@ -30,11 +32,15 @@ def per_input_jacobians(model: nn.Module, call: Any, batches: list[Any], token_l
                 row = {k: (v[i : i + 1] if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
                 def f(p: dict[str, Tensor], row: dict = row) -> Tensor:
-                    return call(lambda *a, **k: functional_call(model, {**p, **buffers}, a, k), row)
+                    return call(
+                        lambda *a, **kw: functional_call(model, {**p, **buffers}, a, kw), row
+                    )
 
                 z = f(params)
                 jac = jacrev(f)(params)
-                flat = torch.cat([jac[n].reshape(*z.shape, -1) for n in params], -1)  # (1, [T,] C, P)
+                flat = torch.cat(
+                    [jac[n].reshape(*z.shape, -1) for n in params], -1
+                )  # (1, [T,] C, P)
                 if token_level:
                     for t in range(z.shape[1]):
                         if mask is not None and not mask[i, t]:
@@ -62,18 +68,20 @@ def unflatten(model: nn.Module, flat: Tensor) -> dict[str, Tensor]:
     return out
 
 
-def dense_fisher(js: list[Tensor], zs: list[Tensor], kernel: str = "fisher", rank: int = 1) -> Tensor:
+def dense_fisher(
+    js: list[Tensor], zs: list[Tensor], kernel: str = "fisher", rank: int = 1
+) -> Tensor:
     """(1/N) sum_x J^T K(p) J with K = I(p), diag(p) or the rank-k part of I(p); dense P x P."""
     total = None
     for j, z in zip(js, zs):
         p = torch.softmax(z, -1)
-        I = torch.diag(p) - torch.outer(p, p)
+        kernel_matrix = torch.diag(p) - torch.outer(p, p)
         if kernel == "fisher":
-            K = I
+            K = kernel_matrix
         elif kernel == "dg":
             K = torch.diag(p)
         elif kernel == "lr":
-            vals, vecs = torch.linalg.eigh(I)
+            vals, vecs = torch.linalg.eigh(kernel_matrix)
             vals, vecs = vals.flip(0)[:rank], vecs.flip(1)[:, :rank]
             K = (vecs * vals) @ vecs.T
         else:

@@ -10,7 +10,9 @@ from reference import dense_fisher, per_label_grads, unflatten
 import lightning_fisher as lf
 
 
-def assert_matches(fd: lf.FisherDiagonal, model: torch.nn.Module, flat_ref: torch.Tensor, rtol: float = 1e-5) -> None:
+def assert_matches(
+    fd: lf.FisherDiagonal, model: torch.nn.Module, flat_ref: torch.Tensor, rtol: float = 1e-5
+) -> None:
     ref = unflatten(model, flat_ref)
     assert set(fd) == set(ref)
     for name, want in ref.items():
@@ -58,7 +60,9 @@ def test_sample_matches_reference_with_the_same_draws(k: int) -> None:
             p = torch.softmax(c.model(x).float(), -1)
             draws.append(torch.multinomial(p, k, replacement=True, generator=gen))
     draws_t = torch.cat(draws)
-    want = sum(per_label_grads(js, zs, draws_t[:, j].tolist()).pow(2).sum(0) for j in range(k)) / (k * len(js))
+    want = sum(per_label_grads(js, zs, draws_t[:, j].tolist()).pow(2).sum(0) for j in range(k)) / (
+        k * len(js)
+    )
     fd = lf.estimate_fisher(c.model, c.loader, method="sample", mc_samples=k, seed=5)
     assert_matches(fd, c.model, want, rtol=2e-5)
 
@@ -101,7 +105,9 @@ def test_active_classes_restrict_the_softmax() -> None:
     fd = lf.estimate_fisher(c.model, loader, method="exact", classes=head)
     assert_matches(fd, c.model, dense_fisher(js, zs).diagonal())
     emp = lf.estimate_fisher(c.model, loader, method="empirical", classes=head)
-    assert_matches(emp, c.model, per_label_grads(js, zs, [h - 2 for h in y.tolist()]).pow(2).mean(0))
+    assert_matches(
+        emp, c.model, per_label_grads(js, zs, [h - 2 for h in y.tolist()]).pow(2).mean(0)
+    )
     with pytest.raises(lf.FisherInputError, match="outside the active classes"):
         lf.estimate_fisher(c.model, loader, method="empirical", classes=[0, 1])
 
@@ -110,11 +116,17 @@ def test_pass_restores_modes_and_keeps_batchnorm_statistics() -> None:
     c = make_case("cnn")
     c.model.train()
     c.model.bn.eval()  # a frozen BatchNorm inside a training model keeps its own mode
-    stats = (c.model.bn.running_mean.clone(), c.model.bn.running_var.clone(), int(c.model.bn.num_batches_tracked))
+    stats = (
+        c.model.bn.running_mean.clone(),
+        c.model.bn.running_var.clone(),
+        int(c.model.bn.num_batches_tracked),
+    )
     for method in ("exact", "hutchinson"):
         lf.estimate_fisher(c.model, c.loader, method=method)
     assert c.model.training and c.model.conv.training and not c.model.bn.training
-    assert torch.equal(c.model.bn.running_mean, stats[0]) and torch.equal(c.model.bn.running_var, stats[1])
+    assert torch.equal(c.model.bn.running_mean, stats[0]) and torch.equal(
+        c.model.bn.running_var, stats[1]
+    )
     assert int(c.model.bn.num_batches_tracked) == stats[2]
 
 

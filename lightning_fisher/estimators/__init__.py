@@ -20,8 +20,13 @@ from .squisher import fisher_from_optimizer
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls
     for cls in (
-        ExactEstimator, SampleEstimator, EmpiricalEstimator, BatchedEstimator,
-        HutchinsonEstimator, HutchinsonUpperEstimator, HutchinsonLowerEstimator,
+        ExactEstimator,
+        SampleEstimator,
+        EmpiricalEstimator,
+        BatchedEstimator,
+        HutchinsonEstimator,
+        HutchinsonUpperEstimator,
+        HutchinsonLowerEstimator,
     )
 }
 METHODS = tuple(ESTIMATORS)
@@ -89,11 +94,22 @@ def estimate_fisher(
         )
     extra = {"exact_max_classes": exact_max_classes} if exact_max_classes is not None else {}
     options = FisherOptions(
-        max_samples=max_samples, mc_samples=mc_samples, probes=probes, rank=rank,
-        probe_distribution=probe_distribution, eigen_method=eigen_method, output_fn=output_fn,
-        classes=classes, shift_labels=shift_labels, param_filter=param_filter,
-        max_memory_mib=max_memory_mib, max_batches=max_batches, seed=seed, progress=progress,
-        sync_distributed=sync_distributed, extra=extra,
+        max_samples=max_samples,
+        mc_samples=mc_samples,
+        probes=probes,
+        rank=rank,
+        probe_distribution=probe_distribution,
+        eigen_method=eigen_method,
+        output_fn=output_fn,
+        classes=classes,
+        shift_labels=shift_labels,
+        param_filter=param_filter,
+        max_memory_mib=max_memory_mib,
+        max_batches=max_batches,
+        seed=seed,
+        progress=progress,
+        sync_distributed=sync_distributed,
+        extra=extra,
     )
     return run_pass(model, dataloader, ESTIMATORS[method](options))
 

@@ -23,7 +23,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from ..fisher_diagonal import FisherDiagonal
-from ..outputs import ClassSelector, FisherInputError, ModelOutputs, OutputFn, batch_size_of, model_outputs, move_batch, slice_batch
+from ..outputs import (
+    ClassSelector,
+    FisherInputError,
+    ModelOutputs,
+    OutputFn,
+    batch_size_of,
+    model_outputs,
+    move_batch,
+    slice_batch,
+)
 from .per_input import PerInputEngine
 
 
@@ -66,7 +75,9 @@ class Estimator:
     def validate(self, n_classes: int) -> None:
         """Raise if the estimator cannot run on outputs with ``n_classes`` classes."""
 
-    def columns(self, out: ModelOutputs, p: Tensor, generator: torch.Generator) -> tuple[Tensor, float]:
+    def columns(
+        self, out: ModelOutputs, p: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, float]:
         """Per-input cotangents ``(K, *logits.shape)`` and the weight of each column."""
         raise NotImplementedError
 
@@ -80,10 +91,13 @@ class Estimator:
         return float(n_inputs)
 
 
-def trainable_parameters(model: nn.Module, param_filter: Callable[[str], bool] | None = None) -> dict[str, nn.Parameter]:
+def trainable_parameters(
+    model: nn.Module, param_filter: Callable[[str], bool] | None = None
+) -> dict[str, nn.Parameter]:
     """Named parameters that require grad (and pass ``param_filter``)."""
     params = {
-        n: p for n, p in model.named_parameters()
+        n: p
+        for n, p in model.named_parameters()
         if p.requires_grad and (param_filter is None or param_filter(n))
     }
     if not params:
@@ -107,7 +121,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def limit_loader(loader: Iterable[Any], max_samples: int | None, seed: int) -> tuple[Iterable[Any], int | None]:
+def limit_loader(
+    loader: Iterable[Any], max_samples: int | None, seed: int
+) -> tuple[Iterable[Any], int | None]:
     """EXACT(n): a loader over ``max_samples`` random inputs of a map-style data set, or the
     first ``max_samples`` inputs when the data set cannot be indexed."""
     if max_samples is None:
@@ -126,8 +142,11 @@ def limit_loader(loader: Iterable[Any], max_samples: int | None, seed: int) -> t
             gen = torch.Generator().manual_seed(seed)
             idx = torch.randperm(n, generator=gen)[:max_samples].tolist()
             return DataLoader(
-                Subset(dataset, idx), batch_size=loader.batch_size or 1, shuffle=False,
-                collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                Subset(dataset, idx),
+                batch_size=loader.batch_size or 1,
+                shuffle=False,
+                collate_fn=loader.collate_fn,
+                num_workers=loader.num_workers,
             ), max_samples
     return loader, max_samples
 
@@ -148,7 +167,9 @@ def _progress(loader: Iterable[Any], show: bool | None, desc: str) -> Iterable[A
     from tqdm.auto import tqdm
 
     # show=None: a bar on interactive terminals only, so logs stay clean.
-    return tqdm(loader, total=total, desc=desc, leave=False, disable=None if show is None else False)
+    return tqdm(
+        loader, total=total, desc=desc, leave=False, disable=None if show is None else False
+    )
 
 
 def _per_position(cot: Tensor, max_bytes: float) -> Iterator[Tensor]:
@@ -210,7 +231,9 @@ def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> F
             if n == 0:
                 continue
             n_inputs += n
-            p = torch.softmax(out.logits.detach().to(torch.promote_types(out.logits.dtype, torch.float32)), -1)
+            p = torch.softmax(
+                out.logits.detach().to(torch.promote_types(out.logits.dtype, torch.float32)), -1
+            )
             if engine is not None:
                 cot, weight = estimator.columns(out, p, generator)
                 cot = (cot * out.mask.unsqueeze(-1)).to(out.logits.dtype)
@@ -222,8 +245,11 @@ def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> F
                 for cot, weight in estimator.batch_cotangents(out, p, generator):
                     cot = (cot * out.mask.unsqueeze(-1)).to(out.logits.dtype)
                     grads = torch.autograd.grad(
-                        out.logits, [params[k] for k in names], grad_outputs=cot,
-                        retain_graph=True, allow_unused=True,
+                        out.logits,
+                        [params[k] for k in names],
+                        grad_outputs=cot,
+                        retain_graph=True,
+                        allow_unused=True,
                     )
                     for k, g in zip(names, grads):
                         if g is not None:
@@ -245,8 +271,8 @@ def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> F
     for name, t in acc.items():
         if not torch.isfinite(t).all():
             raise FisherInputError(
-                f"The Fisher of {name!r} has NaN/Inf entries (gradient overflow?). For fp16 models "
-                "estimate in float32 or bfloat16."
+                f"The Fisher of {name!r} has NaN/Inf entries: NaN/Inf in the inputs or weights, or "
+                "a gradient overflow (for fp16 models, estimate in float32 or bfloat16)."
             )
         acc[name] = t * scale
     if limit is not None and rows < limit:

@@ -22,7 +22,9 @@ class BatchedEstimator(Estimator):
     per_input = False
     option_names = ("max_samples",)
 
-    def batch_cotangents(self, out: ModelOutputs, p: Tensor, generator: torch.Generator) -> Iterator[tuple[Tensor, float]]:
+    def batch_cotangents(
+        self, out: ModelOutputs, p: Tensor, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, float]]:
         yield true_label_cotangent(out, p) / out.n_inputs, 1.0
 
     def normaliser(self, n_inputs: int, n_batches: int) -> float:

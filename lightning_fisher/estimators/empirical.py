@@ -31,5 +31,7 @@ class EmpiricalEstimator(Estimator):
     per_input = True
     option_names = ("max_samples",)
 
-    def columns(self, out: ModelOutputs, p: Tensor, generator: torch.Generator) -> tuple[Tensor, float]:
+    def columns(
+        self, out: ModelOutputs, p: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, float]:
         return true_label_cotangent(out, p).unsqueeze(0), 1.0

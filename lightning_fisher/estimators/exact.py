@@ -34,5 +34,7 @@ class ExactEstimator(Estimator):
                 "`exact_max_classes=` if you really want C columns."
             )
 
-    def columns(self, out: ModelOutputs, p: Tensor, generator: torch.Generator) -> tuple[Tensor, float]:
+    def columns(
+        self, out: ModelOutputs, p: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, float]:
         return softmax_fisher_sqrt(p).movedim(-1, 0), 1.0

@@ -26,13 +26,21 @@ from ..outputs import ModelOutputs
 from .base import Estimator
 
 
-def draw_probes(shape: tuple[int, ...], distribution: str, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
+def draw_probes(
+    shape: tuple[int, ...],
+    distribution: str,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
     """Zero-mean, unit-variance probes: ``rademacher`` (+-1) or ``gaussian``."""
     if distribution == "rademacher":
         return torch.randint(0, 2, shape, generator=generator, device=device).to(dtype) * 2 - 1
     if distribution == "gaussian":
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    raise ValueError(f"Unknown probe distribution {distribution!r}; use 'rademacher' or 'gaussian'.")
+    raise ValueError(
+        f"Unknown probe distribution {distribution!r}; use 'rademacher' or 'gaussian'."
+    )
 
 
 class HutchinsonEstimator(Estimator):
@@ -43,10 +51,14 @@ class HutchinsonEstimator(Estimator):
     option_names = ("max_samples", "probes", "probe_distribution")
 
     def kernel_cotangent(self, p: Tensor, generator: torch.Generator) -> Tensor:
-        xi = draw_probes(tuple(p.shape), self.options.probe_distribution, generator, p.device, p.dtype)
+        xi = draw_probes(
+            tuple(p.shape), self.options.probe_distribution, generator, p.device, p.dtype
+        )
         return softmax_fisher_sqrt_apply(p, xi)
 
-    def batch_cotangents(self, out: ModelOutputs, p: Tensor, generator: torch.Generator) -> Iterator[tuple[Tensor, float]]:
+    def batch_cotangents(
+        self, out: ModelOutputs, p: Tensor, generator: torch.Generator
+    ) -> Iterator[tuple[Tensor, float]]:
         probes = self.options.probes
         if probes < 1:
             raise ValueError(f"probes must be at least 1; got {probes}.")
@@ -63,7 +75,9 @@ class HutchinsonUpperEstimator(HutchinsonEstimator):
     name = "hutchinson_dg"
 
     def kernel_cotangent(self, p: Tensor, generator: torch.Generator) -> Tensor:
-        xi = draw_probes(tuple(p.shape), self.options.probe_distribution, generator, p.device, p.dtype)
+        xi = draw_probes(
+            tuple(p.shape), self.options.probe_distribution, generator, p.device, p.dtype
+        )
         return p.clamp_min(0).sqrt() * xi
 
 
@@ -76,5 +90,7 @@ class HutchinsonLowerEstimator(HutchinsonEstimator):
     def kernel_cotangent(self, p: Tensor, generator: torch.Generator) -> Tensor:
         k = self.options.rank
         vals, vecs = top_eigenpairs(p, k, method=self.options.eigen_method)  # (..., k), (..., C, k)
-        xi = draw_probes((*p.shape[:-1], k), self.options.probe_distribution, generator, p.device, p.dtype)
+        xi = draw_probes(
+            (*p.shape[:-1], k), self.options.probe_distribution, generator, p.device, p.dtype
+        )
         return (vecs * (vals.sqrt() * xi).unsqueeze(-2)).sum(-1)

@@ -18,7 +18,9 @@ class SampleEstimator(Estimator):
     per_input = True
     option_names = ("max_samples", "mc_samples")
 
-    def columns(self, out: ModelOutputs, p: Tensor, generator: torch.Generator) -> tuple[Tensor, float]:
+    def columns(
+        self, out: ModelOutputs, p: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, float]:
         k = self.options.mc_samples
         if k < 1:
             raise ValueError(f"mc_samples must be at least 1; got {k}.")

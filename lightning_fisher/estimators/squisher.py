@@ -26,7 +26,9 @@ def fisher_from_optimizer(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive; got {batch_size}.")
-    betas = {id(p): g.get("betas", (0.9, 0.999))[1] for g in optimizer.param_groups for p in g["params"]}
+    betas = {
+        id(p): g.get("betas", (0.9, 0.999))[1] for g in optimizer.param_groups for p in g["params"]
+    }
     tensors = {}
     seen = 0
     steps: list[float] = []
@@ -58,6 +60,8 @@ def fisher_from_optimizer(
             "at least once (and check it is Adam/AdamW and was built on this model's parameters)."
         )
     return FisherDiagonal(
-        tensors, n_samples=int(max(steps) * batch_size) if steps else 0, method="squisher",
+        tensors,
+        n_samples=int(max(steps) * batch_size) if steps else 0,
+        method="squisher",
         options={"batch_size": batch_size, "bias_correction": bias_correction},
     )
