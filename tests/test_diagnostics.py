@@ -1,0 +1,232 @@
+"""Diagnostics statistics and figures (plain torch, no Lightning): what the callback logs is built here."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_case
+from PIL import Image
+
+import lightning_fisher as lf
+from lightning_fisher.diagnostics import (
+    compute_diagnostics,
+    empirical_gap,
+    fraction_below,
+    kernel_summary,
+    plot_bounds_history,
+    plot_layer_density,
+    probe_cv,
+    save_png,
+)
+from lightning_fisher.kernel import kernel_statistics
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(data: bytes) -> tuple[int, int]:
+    """The bytes are a PNG that decodes; returns its size."""
+    assert data[:8] == PNG_MAGIC
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        assert img.width > 100 and img.height > 100
+        return img.size
+
+
+@pytest.fixture(scope="module")
+def mlp_case():  # type: ignore[no-untyped-def]
+    return make_case("mlp", dtype=torch.float32)
+
+
+def test_traces_are_estimate_fisher_with_the_same_seeds(mlp_case) -> None:  # type: ignore[no-untyped-def]
+    model, loader = mlp_case.model, mlp_case.loader
+    res = compute_diagnostics(model, loader, probes=3, max_batches=2, seed=7)
+    for method in ("hutchinson", "hutchinson_dg", "hutchinson_lr"):
+        runs = [
+            lf.estimate_fisher(model, loader, method, probes=1, seed=7 + i, max_batches=2)
+            for i in range(3)
+        ]
+        want = sum(fd.trace() for fd in runs) / 3
+        assert res.values[f"{method}/trace"] == pytest.approx(want, rel=1e-6)
+        assert res.fishers[method].options["probes"] == 3
+        for name in runs[0]:
+            torch.testing.assert_close(
+                res.fishers[method][name], torch.stack([fd[name] for fd in runs]).mean(0)
+            )
+    emp = lf.estimate_fisher(model, loader, "empirical", max_batches=2)
+    assert res.values["empirical/trace"] == pytest.approx(emp.trace(), rel=1e-6)
+    # Per-layer scalars add up to the global trace, and name every layer.
+    scalars = res.scalars("fisher")
+    layers = {name.rsplit(".", 1)[0] for name in dict(model.named_parameters())}
+    for method in res.fishers:
+        per_layer = [scalars[f"fisher/{method}/trace/{layer}"] for layer in layers]
+        assert sum(per_layer) == pytest.approx(scalars[f"fisher/{method}/trace"], rel=1e-5)
+    assert {f"fisher/frac_below/{layer}" for layer in layers} <= set(scalars)
+    # The same seed gives the same numbers; another seed other probes.
+    again = compute_diagnostics(model, loader, probes=3, max_batches=2, seed=7)
+    assert again.values == res.values
+    other = compute_diagnostics(model, loader, probes=3, max_batches=2, seed=8)
+    assert other.values["hutchinson/trace"] != res.values["hutchinson/trace"]
+
+
+def test_bound_ratios_order_the_exact_fisher(mlp_case) -> None:  # type: ignore[no-untyped-def]
+    """With F exact and enough probes the estimated bounds sit on their side of F."""
+    res = compute_diagnostics(
+        mlp_case.model,
+        mlp_case.loader,
+        ("exact", "hutchinson_dg", "hutchinson_lr", "empirical"),
+        probes=16,
+        max_batches=None,
+    )
+    assert res.reference == "exact"
+    exact = lf.estimate_fisher(mlp_case.model, mlp_case.loader, "exact")
+    assert res.values["exact/trace"] == pytest.approx(exact.trace(), rel=1e-6)
+    assert 0 < res.values["bounds/lower_over_f"] < 1
+    assert 0 < res.values["bounds/f_over_upper"] < 1
+    assert (
+        res.values["hutchinson_lr/trace"]
+        <= res.values["exact/trace"]
+        <= res.values["hutchinson_dg/trace"]
+    )
+
+
+def test_two_classes_lower_bound_equals_fisher() -> None:
+    """For C = 2, I(p) has rank 1, so the lower bound is F itself: the ratio tends to 1."""
+    case = make_case("mlp", dtype=torch.float32, n_classes=2)
+    res = compute_diagnostics(
+        case.model,
+        case.loader,
+        ("exact", "hutchinson_lr"),
+        probes=64,
+        max_batches=None,
+        kernel=False,
+    )
+    assert res.values["bounds/lower_over_f"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_kernel_summary_is_the_mean_of_kernel_statistics(mlp_case) -> None:  # type: ignore[no-untyped-def]
+    model, loader = mlp_case.model, mlp_case.loader
+    summary = kernel_summary(model, loader, max_batches=2)
+    batches = list(loader)[:2]
+    with torch.no_grad():
+        p = torch.softmax(torch.cat([model(x) for x, _ in batches]).double(), -1)
+    stats = kernel_statistics(p)
+    assert summary["n_inputs"] == p.shape[0]
+    for key in ("lambda_max", "trace", "one_minus_pmax", "lambda_max_lower", "lambda_max_upper"):
+        assert summary[key] == pytest.approx(float(stats[key].mean()), rel=1e-9)
+    assert 0 < summary["lower_over_lambda_max"] <= 1
+    assert 0 < summary["lambda_max_over_upper"] <= 1
+
+
+def test_passes_leave_the_model_as_they_found_it(mlp_case) -> None:  # type: ignore[no-untyped-def]
+    model = mlp_case.model
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    compute_diagnostics(model, mlp_case.loader, probes=2)
+    assert model.training and all(m.training for m in model.modules())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.grad is None
+
+
+def test_probe_cv_is_std_over_mean() -> None:
+    gen = torch.Generator().manual_seed(0)
+    fds = [
+        lf.FisherDiagonal({"w": torch.rand(5, 3, generator=gen), "b": torch.rand(3, generator=gen)})
+        for _ in range(4)
+    ]
+    fds[0]._tensors["b"][0] = 0.0
+    stack = torch.stack([fd.flatten() for fd in fds]).double()
+    cv = stack.std(0) / stack.mean(0)
+    traces = stack.sum(1)
+    got = probe_cv(fds)
+    assert got["cv"] == pytest.approx(float(cv.mean()), rel=1e-5)
+    assert got["cv_max"] == pytest.approx(float(cv.max()), rel=1e-5)
+    assert got["cv_trace"] == pytest.approx(float(traces.std() / traces.mean()), rel=1e-9)
+    assert probe_cv([fds[0], fds[0]])["cv"] == 0.0
+    with pytest.raises(ValueError, match="at least 2"):
+        probe_cv(fds[:1])
+
+
+def test_rademacher_cv_respects_sqrt2_on_one_input() -> None:
+    """One input, one batch: each entry's CV over many Rademacher probes is at most sqrt(2)."""
+    case = make_case("mlp", dtype=torch.float64)
+    x, y = next(iter(case.loader))
+    one = [(x[:1], y[:1])]
+    res = compute_diagnostics(case.model, one, ("hutchinson",), probes=400, kernel=False)
+    assert 0.3 < res.values["hutchinson/cv"] <= 2**0.5 * 1.05
+
+
+def test_fraction_below_and_empirical_gap() -> None:
+    fd = lf.FisherDiagonal(
+        {
+            "a.weight": torch.tensor([0.0, 1e-7, 1e-3, 2.0]),
+            "a.bias": torch.tensor([1e-6]),
+            "b.weight": torch.ones(3),
+        }
+    )
+    frac = fraction_below(fd, 1e-5)
+    assert frac["a"] == pytest.approx(3 / 5) and frac["b"] == 0.0
+    assert fraction_below(fd, 3.0) == {"a": 1.0, "b": 1.0}
+    assert empirical_gap(fd, fd) == {"rel_gap": 0.0, "trace_ratio": 1.0}
+    doubled = empirical_gap(fd * 2.0, fd)
+    assert doubled["rel_gap"] == pytest.approx(1.0) and doubled["trace_ratio"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="different parameters"):
+        empirical_gap(lf.FisherDiagonal({"a.weight": torch.ones(2)}), fd)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"methods": ("hutchinson", "fisher_magic")}, "fisher_magic"),
+        ({"methods": ()}, "empty"),
+        ({"probes": 0}, "probes"),
+        ({"max_batches": 0}, "max_batches"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(mlp_case, kwargs, match) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=match):
+        compute_diagnostics(mlp_case.model, mlp_case.loader, **kwargs)
+
+
+def test_layer_density_figure(tmp_path, mlp_case) -> None:  # type: ignore[no-untyped-def]
+    fd = lf.estimate_fisher(mlp_case.model, mlp_case.loader, "exact")
+    fd._tensors["0.bias"].zero_()  # a layer with zero entries is drawn and labelled, not dropped
+    fig = plot_layer_density(fd, threshold=1e-5)
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert len(labels) == len(fd.layer_traces()) + 1  # one curve a layer, plus the threshold
+    assert any("zero" in label for label in labels if label.startswith("0 "))
+    assert "exact" in ax.get_title() and "log10" in ax.get_xlabel()
+    path = save_png(fig, tmp_path / "sub" / "density.png")
+    assert_png(Path(path).read_bytes())
+    zero = plot_layer_density(lf.FisherDiagonal({"w": torch.zeros(3)}))
+    assert_png(_png_bytes(zero))
+
+
+def test_bounds_figure(tmp_path, mlp_case) -> None:  # type: ignore[no-untyped-def]
+    history = [
+        {
+            "step": float(s),
+            **compute_diagnostics(mlp_case.model, mlp_case.loader, probes=2, seed=s).values,
+        }
+        for s in range(3)
+    ]
+    fig = plot_bounds_history(history)
+    left, right = fig.axes
+    assert {"F  (hutchinson)", "empirical Fisher"} <= {
+        line.get_label() for line in left.get_lines()
+    }
+    assert {"tr(lower) / tr(F)", "tr(F) / tr(upper)"} <= {
+        line.get_label() for line in right.get_lines()
+    }
+    assert list(left.get_lines()[0].get_xdata()) == [0.0, 1.0, 2.0]
+    assert_png(Path(save_png(fig, tmp_path / "bounds.png")).read_bytes())
+    assert_png(_png_bytes(plot_bounds_history(history[:1])))
+
+
+def _png_bytes(fig) -> bytes:  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
