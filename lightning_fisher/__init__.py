@@ -7,27 +7,25 @@ Estimators and math are plain torch (no Lightning import needed); the callbacks 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .estimators import METHODS, estimate_fisher, fisher_from_optimizer
 from .fisher_diagonal import FisherDiagonal
 from .outputs import FisherInputError
 
-_LAZY = {
-    "EWC": "lightning_fisher.callbacks.ewc",
-    "FisherMonitor": "lightning_fisher.callbacks.monitor",
-    "FisherTraceRegularizer": "lightning_fisher.callbacks.trace_regularizer",
-    "FisherDiagnostics": "lightning_fisher.callbacks.diagnostics",
-}
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the callbacks load on first use
+    from .callbacks import EWC, FisherDiagnostics, FisherMonitor, FisherTraceRegularizer
+
+_CALLBACKS = ("EWC", "FisherDiagnostics", "FisherMonitor", "FisherTraceRegularizer")
 
 
 def __getattr__(name: str) -> Any:
     # Callbacks import Lightning; keep `import lightning_fisher` light for plain-torch users.
-    if name in _LAZY:
-        import importlib
+    if name in _CALLBACKS:
+        from . import callbacks
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(callbacks, name)
     raise AttributeError(f"module 'lightning_fisher' has no attribute {name!r}")
 
 
