@@ -52,5 +52,11 @@ wheel-check: dist
 	$(WHEEL_VENV)/bin/python -m pip install -q dist/*.whl
 	# Run from outside the checkout so that the import finds the wheel, not the source tree.
 	cd $$(mktemp -d) && $(CURDIR)/$(WHEEL_VENV)/bin/python $(CURDIR)/.ci/wheel_smoke.py
+	# The README's demo (a short variant) on the wheel plus its declared `recipes` extra; recipes/
+	# is not in the wheel, so a copy of it runs beside (not inside) the checkout.
+	$(WHEEL_VENV)/bin/python -m pip install -q "$$(ls dist/*.whl)[recipes]"
+	tmp=$$(mktemp -d) && cp -r recipes $$tmp/ && cd $$tmp && \
+	  $(CURDIR)/$(WHEEL_VENV)/bin/python -m recipes.demo --iters 5 --output-dir demo && \
+	  test -s demo/accuracy_matrix.png && test -s demo/fisher_density.png
 
 ci: lint typecheck docs wheel-check test
