@@ -321,3 +321,20 @@ def test_bad_arguments_are_rejected() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             lf.EWC(**kw)
+
+
+def test_logged_penalty_is_the_penalty_at_the_step() -> None:
+    model, cb = after_task0()
+    model.active = task_classes(1)
+    seen: list[float] = []
+
+    class Probe(pl.Callback):  # runs after EWC's hook, before the optimizer moves the parameters
+        def on_before_optimizer_step(
+            self, trainer: pl.Trainer, pl_module: Any, optimizer: Any
+        ) -> None:
+            seen.append(float(cb.penalty(pl_module)))
+
+    t = trainer([cb, Probe()], log_every_n_steps=1)
+    t.fit(model, loader(1))
+    assert seen[-1] > 0
+    assert float(t.callback_metrics["ewc/penalty"]) == pytest.approx(seen[-1], rel=1e-6)

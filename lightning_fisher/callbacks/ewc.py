@@ -29,6 +29,8 @@ from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of
 from ._utils import fisher_loader, grad_scale, log_metrics, world_size
 
 MODES = ("online", "separate")
+#: per task: parameters, their Fisher, anchors and workspace buffers
+_Terms = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 APPLY = ("grad", "loss")
 
 
@@ -144,7 +146,7 @@ class EWC(Callback):
         self._epoch_task: Any = None  # datamodule task id seen at the start of the epoch
         self._micro_batch: int | None = None
         self._module: nn.Module | None = None
-        self._terms_cache: dict[int, list[tuple[list[Tensor], list[Tensor], list[Tensor]]]] = {}
+        self._terms_cache: dict[int, list[_Terms]] = {}
         #: the latest estimate (before online accumulation) and how long it took
         self.last_fisher: FisherDiagonal | None = None
         self.fisher_seconds = 0.0
@@ -355,8 +357,12 @@ class EWC(Callback):
         self._steps_since += 1
         if not self._tasks or self.lam == 0:
             return
+        # Computing the penalty's value costs extra passes: do it only when Lightning logs.
+        log = (
+            self.log_penalty and (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+        )
         if self.apply == "loss":
-            if self.log_penalty:
+            if log:
                 with torch.no_grad():
                     value = self.penalty(pl_module)
                 pl_module.log("ewc/penalty", value, on_step=True, on_epoch=False, batch_size=1)
@@ -364,27 +370,30 @@ class EWC(Callback):
         scale = grad_scale(trainer, optimizer) * self.lam
         value = torch.zeros((), dtype=torch.float32, device=pl_module.device)
         with torch.no_grad():
-            for params, fishers, anchors in self._terms(pl_module, optimizer):
+            for params, fishers, anchors, work in self._terms(pl_module, optimizer):
                 grads = []
                 for p in params:
-                    if p.grad is None:
+                    if p.grad is None:  # the explicit-loss route would give it a gradient too
                         p.grad = torch.zeros_like(p)
                     grads.append(p.grad)
-                diff = torch._foreach_sub(params, anchors)  # theta - theta*
-                weighted = torch._foreach_mul(diff, fishers)  # F (theta - theta*)
-                torch._foreach_add_(grads, weighted, alpha=scale)
-                if self.log_penalty:
-                    torch._foreach_mul_(weighted, diff)  # F (theta - theta*)^2 >= 0
-                    value += torch.stack(torch._foreach_norm(weighted, 1)).float().sum()
-        if self.log_penalty:
+                # In place on a persistent workspace: no allocation per step.
+                torch._foreach_copy_(work, params)
+                torch._foreach_sub_(work, anchors)  # theta - theta*
+                torch._foreach_addcmul_(
+                    grads, fishers, work, value=scale
+                )  # += lam F (theta - theta*)
+                if log:
+                    squares = torch._foreach_mul(work, work)
+                    torch._foreach_mul_(squares, fishers)  # F (theta - theta*)^2 >= 0
+                    value += torch.stack(torch._foreach_norm(squares, 1)).float().sum()
+        if log:
             pl_module.log(
                 "ewc/penalty", 0.5 * self.lam * value, on_step=True, on_epoch=False, batch_size=1
             )
 
-    def _terms(
-        self, pl_module: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> list[tuple[list[Tensor], list[Tensor], list[Tensor]]]:
-        """Per task: the optimizer's trainable parameters that have a Fisher, with F and theta*."""
+    def _terms(self, pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> list[_Terms]:
+        """Per task: the optimizer's trainable parameters that have a Fisher, with F, theta* and
+        a workspace buffer per parameter (shared by the tasks)."""
         key = id(optimizer)
         if key not in self._terms_cache:
             self._to_device(pl_module.device)
@@ -395,7 +404,8 @@ class EWC(Callback):
                 for p in g["params"]
                 if p.requires_grad and id(p) in names
             ]
-            terms: list[tuple[list[Tensor], list[Tensor], list[Tensor]]] = []
+            work = {id(p): torch.empty_like(p) for p in owned}
+            terms: list[_Terms] = []
             for task in self._tasks:
                 ps = [p for p in owned if names[id(p)] in task.fisher]
                 terms.append(
@@ -403,6 +413,7 @@ class EWC(Callback):
                         ps,
                         [task.fisher[names[id(p)]] for p in ps],
                         [task.anchor[names[id(p)]] for p in ps],
+                        [work[id(p)] for p in ps],
                     )
                 )
             self._terms_cache[key] = terms
