@@ -130,8 +130,8 @@ def test_csv_logger_values_are_right_and_figures_are_pngs(tmp_path: Path) -> Non
 
     figures = Path(logger.log_dir) / CSV_FIGURE_DIR
     names = sorted(p.name for p in figures.iterdir())
-    # First evaluation (step 4) and, at the end of training, the last one (step 8).
-    assert names == ["bounds.png", "layer_density_step000004.png", "layer_density_step000008.png"]
+    # By default figures are drawn once, at the end of training (last evaluation: step 8).
+    assert names == ["bounds.png", "layer_density_step000008.png"]
     for p in figures.iterdir():
         assert_png(p.read_bytes())
     assert [h["step"] for h in cb.history] == [4.0, 8.0]

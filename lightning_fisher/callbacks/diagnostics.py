@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
@@ -55,8 +56,9 @@ class FisherDiagnostics(Callback):
     per-layer table; ``TensorBoardLogger`` scalars, ``add_histogram`` and ``add_figure``;
     ``CSVLogger`` scalars in ``metrics.csv`` and PNG files in ``<log_dir>/fisher_diagnostics/``; any
     other logger the scalars. Without a logger, results stay on the callback (``history``,
-    ``last``) and one warning says so. Figures cost far more than the numbers, so they are drawn at
-    the first evaluation, every ``figure_every_n`` evaluations after it, and at the end of training.
+    ``last``) and one warning says so. Drawing figures costs several evaluations' worth of time, so
+    by default they are drawn once, at the end of training; ``figure_every_n=k`` also draws them at
+    the first evaluation and every k-th after it. ``figures()`` draws them on demand.
 
     Probes are drawn with the same seeds at every evaluation, so changes over training come from the
     model, not from new probe noise; the ``hutchinson`` trace logged equals the mean over
@@ -79,7 +81,8 @@ class FisherDiagnostics(Callback):
             how the logits are obtained.
         classes: restrict the classes that count (the active head of a task-incremental model).
         histograms: log per-layer histograms of log10 of the diagonal (W&B, TensorBoard).
-        figure_every_n: draw figures every n evaluations (``None``: only at the end of training).
+        figure_every_n: also draw figures at the first and every n-th evaluation (``None``: only at
+            the end of training).
         prefix: first component of every logged name.
     """
 
@@ -96,7 +99,7 @@ class FisherDiagnostics(Callback):
         output_fn: OutputFn | None = None,
         classes: ClassSelector | None = None,
         histograms: bool = True,
-        figure_every_n: int | None = 10,
+        figure_every_n: int | None = None,
         prefix: str = "fisher",
     ) -> None:
         for name, value in (
@@ -250,7 +253,7 @@ class FisherDiagnostics(Callback):
 
                 hists = {
                     f"{self.prefix}/log10_diag/{layer}": wandb.Histogram(
-                        values.numpy(), num_bins=64
+                        np_histogram=np.histogram(values.numpy(), bins=64)
                     )
                     for layer, values in logs.items()
                     if values.numel()

@@ -83,17 +83,21 @@ def probe_cv(fds: Sequence[FisherDiagonal]) -> dict[str, float]:
     """
     if len(fds) < 2:
         raise ValueError(f"A coefficient of variation needs at least 2 probes; got {len(fds)}.")
-    stack = torch.stack([fd.flatten().cpu() for fd in fds])  # (P, n) float32
-    mean = stack.mean(0)
-    # (x - mean)^2 summed by hand: Tensor.std over dim 0 is several times slower on CPU.
-    std = ((stack - mean).square().sum(0) / (len(fds) - 1)).sqrt()
-    keep = mean > 0
-    n_keep = int(keep.sum())
-    cv = torch.where(keep, std / mean.clamp_min(torch.finfo(mean.dtype).tiny), 0.0)
-    traces = stack.double().sum(1)
+    total, n_keep, cv_max = 0.0, 0, 0.0
+    # One parameter at a time, in place: this runs at every evaluation of the callback, over every
+    # entry of the model, so temporaries cost more than the arithmetic.
+    for name in fds[0]:
+        dev = torch.stack([fd[name] for fd in fds]).float()
+        mean = dev.mean(0)
+        dev -= mean
+        cv = dev.square_().sum(0).div_(len(fds) - 1).sqrt_().div_(mean).nan_to_num_(0.0)  # 0/0 -> 0
+        n_keep += int((mean > 0).sum())
+        total += float(cv.sum(dtype=torch.float64))
+        cv_max = max(cv_max, float(cv.max())) if cv.numel() else cv_max
+    traces = torch.tensor([fd.trace() for fd in fds], dtype=torch.float64)
     return {
-        "cv": float(cv.double().sum()) / n_keep if n_keep else float("nan"),
-        "cv_max": float(cv.max()) if n_keep else float("nan"),
+        "cv": total / n_keep if n_keep else float("nan"),
+        "cv_max": cv_max if n_keep else float("nan"),
         "cv_trace": float(traces.std() / traces.mean()) if traces.mean() > 0 else float("nan"),
     }
 
