@@ -70,8 +70,9 @@ class Classifier(pl.LightningModule):
         return None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        if self.optimizer_name in ("adam", "adam-fused"):
+            fused = {"fused": True} if self.optimizer_name == "adam-fused" else {}
+            return torch.optim.Adam(self.parameters(), lr=self.lr, **fused)
         return torch.optim.SGD(self.parameters(), lr=self.lr)
 
     def accuracy(self, loader: DataLoader) -> float:

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lit_helpers import Classifier, loader, max_diff, params, task_classes, trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -57,11 +58,23 @@ def state_equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
-SETTINGS = {
+def fp16() -> list[MixedPrecision]:
+    return [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]
+
+
+SETTINGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "sgd": ({}, {}),
     "adam": ({"optimizer": "adam", "lr": 0.01}, {}),
     "accumulate": ({}, {"accumulate_grad_batches": 3}),
     "bf16": ({"dtype": torch.float32}, {"precision": "bf16-mixed"}),
+    # fp16 AMP with a GradScaler (Lightning maps precision="16-mixed" to bf16 on CPU, so the
+    # plugin is passed explicitly); fused Adam unscales inside step(), so the hook sees scaled
+    # gradients
+    "fp16_adam": ({"optimizer": "adam", "lr": 0.01, "dtype": torch.float32}, {"plugins": fp16}),
+    "fp16_fused_adam": (
+        {"optimizer": "adam-fused", "lr": 0.01, "dtype": torch.float32},
+        {"plugins": fp16},
+    ),
     "manual": ({"manual": True}, {}),
     "clip": ({}, {"gradient_clip_val": 0.05}),
     "adam_accumulate_clip": (
@@ -73,7 +86,11 @@ SETTINGS = {
 
 @pytest.mark.parametrize("setting", list(SETTINGS))
 def test_gradient_route_equals_explicit_loss(setting: str) -> None:
-    model_kw, trainer_kw = SETTINGS[setting]
+    model_kw, settings = SETTINGS[setting]
+
+    def trainer_kw() -> dict[str, Any]:  # a fresh GradScaler for every run
+        return {k: v() if callable(v) else v for k, v in settings.items()}
+
     model, cb = after_task0(**model_kw)
     assert cb.task_count == 1
     dtype = next(model.parameters()).dtype
@@ -84,9 +101,9 @@ def test_gradient_route_equals_explicit_loss(setting: str) -> None:
     by_loss.load_state_dict(cb.state_dict())
     explicit.penalty_fn = lambda module, batch: by_loss.penalty(module)
     data = loader(1, dtype=dtype)
-    trainer([cb], **trainer_kw).fit(routed, data)
-    trainer([by_loss], **trainer_kw).fit(explicit, data)
-    trainer([], **trainer_kw).fit(plain, data)
+    trainer([cb], **trainer_kw()).fit(routed, data)
+    trainer([by_loss], **trainer_kw()).fit(explicit, data)
+    trainer([], **trainer_kw()).fit(plain, data)
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     assert max_diff(params(routed), params(explicit)) <= tol
     # The penalty changed the update, so the comparison above is not vacuous.
