@@ -92,7 +92,7 @@ def read_idx(path: Path) -> np.ndarray:
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
         raise ValueError(f"{path} is truncated: expected {shape}, found {arr.size} bytes.")
-    return arr.reshape(shape)
+    return arr.reshape(shape).copy()  # writable, so torch.from_numpy does not warn
 
 
 def _missing(name: str, where: Path, what: str) -> DataNotFoundError:

@@ -1,0 +1,499 @@
+"""Reproduce van de Ven's (2025) EWC table: methods x lambda x seeds, resumable, in parallel.
+
+    python -m recipes.reproduce --benchmark split_mnist --data-dir ../shared/data --workers 12
+    python -m recipes.reproduce --benchmark split_cifar10 --data-dir ../shared/data --workers 8 \\
+        --seeds 3 --span 2 --centers-from benchmarks/results/reproduce_split_mnist.json
+
+Protocol per method (every EWC row of DESIGN §6, plus NONE):
+
+1. search: seed 0 over lambda = 10^(c - span) .. 10^(c + span) (step 10x) around the method's
+   centre c; while the best lambda sits at an edge of what was tried, the grid grows one step that
+   way (``--max-extend`` times), so the chosen lambda is bracketed;
+2. final: the best lambda on ``--seeds`` fresh seeds (1..S), which give the reported mean and
+   standard error (seed 0 only selects lambda, so the mean carries no selection bias).
+
+Every finished cell is appended to ``<name>.cells.jsonl`` at once; a rerun skips cells already
+there (same settings), so a killed or time-limited run resumes where it stopped. After every cell
+the report is rewritten: ``<name>.json`` (DESIGN §6 rows: method, best_lambda, mean_acc, sem,
+n_seeds, fisher_seconds), ``<name>.md`` and ``<name>_lambda.png`` (accuracy against lambda per
+method). With ``--budget-minutes`` no cell starts after the budget and the report says ``partial``.
+Cells run in ``--workers`` processes sharing one GPU; each preloads its data on the device once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import Task
+from .runner import build_tasks, load_config, quiet_lightning, run_continual
+
+BENCHMARKS = {
+    "split_mnist": "split_mnist",
+    "split_cifar10": "split_cifar10",
+    "split_digits": "split_digits",
+}
+#: DESIGN §1, average accuracy (percent) at each method's best lambda.
+PUBLISHED = {
+    "split_mnist": {
+        "EXACT": 99.12,
+        "EXACT(n=500)": 98.93,
+        "SAMPLE": 99.12,
+        "EMPIRICAL": 99.12,
+        "BATCHED": 99.11,
+        "NONE": 85.41,
+    },
+    "split_cifar10": {
+        "EXACT": 84.91,
+        "EXACT(n=500)": 84.57,
+        "SAMPLE": 83.77,
+        "EMPIRICAL": 83.28,
+        "BATCHED": 83.38,
+        "NONE": 69.53,
+    },
+    "split_digits": {},  # not published: a quick check of the pipeline
+}
+ROW_ORDER = (
+    "EXACT",
+    "EXACT(n=500)",
+    "SAMPLE",
+    "EMPIRICAL",
+    "BATCHED",
+    "HUTCHINSON",
+    "SQUISHER",
+    "NONE",
+)
+#: log10 of the lambda each search starts around: DESIGN §1's published ranges for the data-pass
+#: estimators (HUTCHINSON is unbiased for EXACT's F, so the same scale); the Squisher's scale is
+#: not published for this protocol, so its default window is wider (see ``--span``).
+CENTRES = {
+    "EXACT": 5,
+    "EXACT(n=500)": 5,
+    "SAMPLE": 5,
+    "HUTCHINSON": 5,
+    "EMPIRICAL": 8,
+    "BATCHED": 11,
+    "SQUISHER": 7,
+}
+SEARCH_SEED = 0
+#: config fields that change a cell's result; the cells file keeps one settings object per line.
+SETTING_KEYS = (
+    "dataset",
+    "iters",
+    "batch_size",
+    "n_tasks",
+    "max_train_per_task",
+    "lr",
+    "mode",
+    "gamma",
+)
+
+
+def cell_key(method: str, lam: float, seed: int) -> tuple[str, float, int]:
+    return (method, float(f"{lam:.6g}"), seed)
+
+
+# Workers ----------------------------------------------------------------------------------------
+_TASKS: dict[str, list[Task]] = {}
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True  # Ampere+/Hopper: TF32 for fp32 convs/matmuls
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    quiet_lightning()
+
+
+def run_cell(
+    config: str, overrides: dict[str, Any], method: str, lam: float, seed: int
+) -> dict[str, Any]:
+    """One run (a process-wide cache keeps each data set's task tensors, loaded once)."""
+    cfg = load_config(
+        config, **overrides, method=method, lam=0.0 if method == "NONE" else lam, seed=seed
+    )
+    key = json.dumps([config, overrides], sort_keys=True)
+    if key not in _TASKS:
+        _TASKS[key] = build_tasks(cfg)
+    result = run_continual(cfg, _TASKS[key])
+    fisher = result["fisher_seconds"]
+    return {
+        "method": method,
+        "lam": float(f"{lam:.6g}"),
+        "seed": seed,
+        "avg_acc": result["avg_acc"],
+        "forgetting": result["forgetting"],
+        "bwt": result["bwt"],
+        "matrix": result["matrix"],
+        "fisher_seconds": sum(fisher) / len(fisher) if fisher else None,
+        "train_seconds": result["train_seconds"],
+    }
+
+
+# Planning ---------------------------------------------------------------------------------------
+class Plan:
+    """Decides which cells are still needed, from the cells done so far (so it resumes)."""
+
+    def __init__(
+        self,
+        methods: Iterable[str],
+        seeds: int,
+        centres: dict[str, float],
+        span: int,
+        max_extend: int,
+        lambdas: list[float] | None,
+    ) -> None:
+        self.methods = list(methods)
+        self.final_seeds = list(range(SEARCH_SEED + 1, SEARCH_SEED + 1 + seeds))
+        self.centres, self.span, self.max_extend, self.lambdas = centres, span, max_extend, lambdas
+        self.done: dict[tuple[str, float, int], dict[str, Any]] = {}
+
+    def window(self, method: str) -> list[float]:
+        if self.lambdas:
+            return [float(f"{x:.6g}") for x in self.lambdas]
+        c = self.centres[method]
+        return [float(f"{10.0 ** (c + k):.6g}") for k in range(-self.span, self.span + 1)]
+
+    def search(self, method: str) -> dict[float, float]:
+        """lambda -> average accuracy at the search seed."""
+        return {
+            k[1]: r["avg_acc"]
+            for k, r in self.done.items()
+            if k[0] == method and k[2] == SEARCH_SEED
+        }
+
+    def best_lambda(self, method: str) -> float | None:
+        tried = self.search(method)
+        return max(tried, key=lambda lam: (tried[lam], -lam)) if tried else None
+
+    def needed(self, method: str) -> tuple[list[tuple[str, float, int]], bool]:
+        """Cells this method needs next, and whether the search is finished."""
+        if method == "NONE":
+            return [cell_key("NONE", 0.0, s) for s in self.final_seeds], True
+        window = self.window(method)
+        tried = self.search(method)
+        missing = [cell_key(method, lam, SEARCH_SEED) for lam in window if lam not in tried]
+        if missing:
+            return missing, False
+        best = self.best_lambda(method)
+        assert best is not None
+        lo, hi = min(tried), max(tried)
+        extended = len(tried) - len(window)
+        if extended < self.max_extend and not self.lambdas and best in (lo, hi):
+            nxt = best / 10 if best == lo else best * 10
+            return [cell_key(method, nxt, SEARCH_SEED)], False
+        return [cell_key(method, best, s) for s in self.final_seeds], True
+
+    def todo(self) -> list[tuple[str, float, int]]:
+        cells: list[tuple[str, float, int]] = []
+        for m in self.methods:
+            cells += [c for c in self.needed(m)[0] if c not in self.done]
+        # Searches first (their results unlock the final seeds), then seeds.
+        return sorted(cells, key=lambda c: (c[2] != SEARCH_SEED, self.methods.index(c[0])))
+
+    def rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for m in sorted(self.methods, key=ROW_ORDER.index):
+            cells, searched = self.needed(m)
+            best = 0.0 if m == "NONE" else self.best_lambda(m)
+            accs = [self.done[c]["avg_acc"] for c in cells if c in self.done] if searched else []
+            fisher = [
+                r["fisher_seconds"]
+                for k, r in self.done.items()
+                if k[0] == m and r["fisher_seconds"] is not None
+            ]
+            n = len(accs)
+            mean = sum(accs) / n if n else None
+            sem = (
+                math.sqrt(sum((a - mean) ** 2 for a in accs) / (n - 1) / n)
+                if n > 1 and mean is not None
+                else None
+            )
+            rows.append(
+                {
+                    "method": m,
+                    "best_lambda": None if m == "NONE" else best,
+                    "mean_acc": mean,
+                    "sem": sem,
+                    "n_seeds": n,
+                    "fisher_seconds": sum(fisher) / len(fisher) if fisher else None,
+                    "search_acc": None if m == "NONE" or best is None else self.search(m)[best],
+                    "lambda_bracketed": None if m == "NONE" else searched and self._bracketed(m),
+                }
+            )
+        return rows
+
+    def _bracketed(self, method: str) -> bool:
+        tried = self.search(method)
+        best = self.best_lambda(method)
+        return len(tried) >= 3 and best not in (min(tried), max(tried))
+
+
+# Reports ----------------------------------------------------------------------------------------
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def versions() -> dict[str, str]:
+    import lightning
+
+    import lightning_fisher
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "lightning_fisher": lightning_fisher.__version__,
+    }
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def write_report(
+    plan: Plan,
+    benchmark: str,
+    out: Path,
+    name: str,
+    settings: dict[str, Any],
+    command: str,
+    partial: bool,
+) -> None:
+    rows = plan.rows()
+    published = PUBLISHED[benchmark]
+    for r in rows:
+        p = published.get(r["method"])
+        r["published_acc"] = p
+        r["diff_to_published"] = None if p is None or r["mean_acc"] is None else r["mean_acc"] - p
+    grid = sorted(
+        ({k: v for k, v in r.items() if k != "matrix"} for r in plan.done.values()),
+        key=lambda r: (ROW_ORDER.index(r["method"]), r["lam"], r["seed"]),
+    )
+    doc = {
+        "command": command,
+        "device": device_name(),
+        "versions": versions(),
+        "settings": settings,
+        "partial": partial,
+        "rows": rows,
+        "grid": grid,
+        "notes": (
+            "mean_acc: average test accuracy over the 5 tasks after the last one (percent), mean over "
+            "fresh seeds at the lambda chosen on seed 0; sem: standard error of that mean; "
+            "fisher_seconds: mean wall time of one Fisher computation (one per task boundary)."
+            + (
+                " CIFAR-10 here is a JPEG (quality ~75) copy, not the official pickles."
+                if "cifar" in benchmark
+                else ""
+            )
+        ),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=2))
+    lines = [
+        f"{'Partial results (budget reached). ' if partial else ''}Average accuracy (%) over the 5 "
+        f"tasks, task-incremental, {settings['iters']} iterations per task, mean ± s.e.m. over "
+        "fresh seeds at the best lambda (chosen on seed 0).",
+        "",
+        "| method | best lambda | accuracy (%) | seeds | published (%) | Fisher time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lam = "—" if r["best_lambda"] is None else f"1e{math.log10(r['best_lambda']):.0f}"
+        if r["best_lambda"] is not None and not r["lambda_bracketed"]:
+            lam += " (edge)"
+        acc = _fmt(r["mean_acc"], ".2f") + ("" if r["sem"] is None else f" ± {r['sem']:.2f}")
+        lines.append(
+            f"| {r['method']} | {lam} | {acc} | {r['n_seeds']} | {_fmt(r['published_acc'], '.2f')} | "
+            f"{_fmt(r['fisher_seconds'], '.3f')} |"
+        )
+    lines += ["", f"Device: {doc['device']}."]
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot_lambda(plan, rows, out / f"{name}_lambda.png", benchmark)
+
+
+def plot_lambda(plan: Plan, rows: list[dict[str, Any]], path: Path, benchmark: str) -> None:
+    """Accuracy at the search seed against lambda, one line per method; NONE as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for m in ROW_ORDER:
+        tried = plan.search(m) if m in plan.methods and m != "NONE" else {}
+        if tried:
+            lams = sorted(tried)
+            ax.plot(lams, [tried[x] for x in lams], marker="o", ms=3, label=m)
+    none = next((r for r in rows if r["method"] == "NONE" and r["mean_acc"] is not None), None)
+    if none:
+        ax.axhline(none["mean_acc"], color="k", ls="--", lw=1, label="NONE (no EWC)")
+    ax.set_xscale("log")
+    ax.set_xlabel("lambda")
+    ax.set_ylabel("average accuracy (%), seed 0")
+    ax.set_title(f"{benchmark}: EWC accuracy against lambda")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# Main -------------------------------------------------------------------------------------------
+def read_cells(
+    path: Path, settings: dict[str, Any]
+) -> dict[tuple[str, float, int], dict[str, Any]]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                if r.get("settings") == settings:
+                    done[cell_key(r["method"], r["lam"], r["seed"])] = r
+    return done
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m recipes.reproduce", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--benchmark", choices=list(BENCHMARKS), default="split_mnist")
+    p.add_argument(
+        "--data-dir", default="../shared/data", help="folder holding mnist/ and cifar10/"
+    )
+    p.add_argument("--methods", nargs="+", choices=list(ROW_ORDER), default=list(ROW_ORDER))
+    p.add_argument("--seeds", type=int, default=5, help="fresh seeds at the best lambda")
+    p.add_argument(
+        "--span", type=int, default=3, help="decades searched each side of a method's centre"
+    )
+    p.add_argument(
+        "--max-extend", type=int, default=4, help="extra decades when the best is at an edge"
+    )
+    p.add_argument(
+        "--lambdas", type=float, nargs="+", help="one fixed grid for every method instead"
+    )
+    p.add_argument(
+        "--centres-from",
+        "--centers-from",
+        dest="centres_from",
+        help="a previous report JSON whose best lambdas centre the search",
+    )
+    p.add_argument("--workers", type=int, default=1, help="parallel processes (they share one GPU)")
+    p.add_argument(
+        "--budget-minutes", type=float, help="start no cell after this; write a partial report"
+    )
+    p.add_argument("--iters", type=int, help="iterations per task (default: the config's 2000)")
+    p.add_argument("--max-train-per-task", type=int, help="subsample training data (quick checks)")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--results-dir", default="benchmarks/results")
+    p.add_argument("--name", help="report name (default reproduce_<benchmark>)")
+    return p
+
+
+def centres(args: argparse.Namespace) -> dict[str, float]:
+    out = dict(CENTRES)
+    if args.centres_from:
+        prev = Path(args.centres_from)
+        if not prev.exists():
+            raise SystemExit(
+                f"error: --centres-from {prev} does not exist; run that benchmark first."
+            )
+        for row in json.loads(prev.read_text())["rows"]:
+            if row.get("best_lambda"):
+                out[row["method"]] = round(math.log10(row["best_lambda"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    quiet_lightning()
+    start = time.monotonic()
+    overrides: dict[str, Any] = {"data_dir": args.data_dir, "accelerator": args.accelerator}
+    if args.iters is not None:
+        overrides["iters"] = args.iters
+    if args.max_train_per_task is not None:
+        overrides["max_train_per_task"] = args.max_train_per_task
+    config = BENCHMARKS[args.benchmark]
+    cfg = load_config(config, **overrides)
+    settings = {k: getattr(cfg, k) for k in SETTING_KEYS}
+    name = args.name or f"reproduce_{args.benchmark}"
+    out = Path(args.results_dir)
+    cells_path = out / f"{name}.cells.jsonl"
+    plan = Plan(args.methods, args.seeds, centres(args), args.span, args.max_extend, args.lambdas)
+    plan.done = read_cells(cells_path, settings)
+    command = "python -m recipes.reproduce " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        build_tasks(cfg.replace(accelerator="cpu"))  # fail fast on bad data paths; caches CIFAR-10
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
+    print(f"{name}: {len(plan.done)} cells already done in {cells_path}", flush=True)
+
+    def over_budget() -> bool:
+        return (
+            args.budget_minutes is not None and time.monotonic() - start > 60 * args.budget_minutes
+        )
+
+    def record(result: dict[str, Any]) -> None:
+        result["settings"] = settings
+        plan.done[cell_key(result["method"], result["lam"], result["seed"])] = result
+        out.mkdir(parents=True, exist_ok=True)
+        with cells_path.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(
+            f"[{time.monotonic() - start:7.0f}s] {result['method']:>13} lam={result['lam']:<8.0e} "
+            f"seed={result['seed']} acc={result['avg_acc']:.2f} fisher={result['fisher_seconds'] or 0:.2f}s",
+            flush=True,
+        )
+        write_report(plan, args.benchmark, out, name, settings, command, partial=bool(plan.todo()))
+
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    if args.workers <= 1:
+        _init_worker(threads)
+        while (todo := plan.todo()) and not over_budget():
+            m, lam, seed = todo[0]
+            record(run_cell(config, overrides, m, lam, seed))
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")  # CUDA cannot be forked
+        with ProcessPoolExecutor(
+            args.workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+        ) as pool:
+            running: dict[Future[dict[str, Any]], tuple[str, float, int]] = {}
+            while True:
+                if not over_budget():
+                    for c in plan.todo():
+                        if len(running) >= args.workers:
+                            break
+                        if c not in running.values():
+                            running[pool.submit(run_cell, config, overrides, *c)] = c
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    running.pop(fut)
+                    record(fut.result())
+    partial = bool(plan.todo())
+    write_report(plan, args.benchmark, out, name, settings, command, partial)
+    print((out / f"{name}.md").read_text())
+    return {"rows": plan.rows(), "partial": partial}
+
+
+if __name__ == "__main__":
+    main()

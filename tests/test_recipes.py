@@ -1,0 +1,337 @@
+"""The continual-learning recipes: metrics, data readers, each recipe for a few steps, the
+reproduction runner's planning, resuming and reports, and the demo."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recipes import data as rdata
+from recipes import demo, reproduce, run
+from recipes.metrics import (
+    AccuracyMatrix,
+    AverageAccuracy,
+    BackwardTransfer,
+    Forgetting,
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+)
+from recipes.runner import load_config, run_continual
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+# Metrics ----------------------------------------------------------------------------------------
+def _random_matrix(t: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(t, t, generator=g, dtype=torch.float64)
+    return m.tril() + torch.triu(torch.full((t, t), float("nan"), dtype=torch.float64), 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_their_definitions_on_a_hand_built_matrix(seed: int) -> None:
+    m = _random_matrix(5, seed)
+    t = m.shape[0]
+    final = [m[t - 1, j].item() for j in range(t)]
+    expect_avg = sum(final) / t
+    expect_fgt = sum(
+        max(m[i, j].item() for i in range(j, t - 1)) - final[j] for j in range(t - 1)
+    ) / (t - 1)
+    expect_bwt = sum(final[j] - m[j, j].item() for j in range(t - 1)) / (t - 1)
+    assert average_accuracy(m).item() == pytest.approx(expect_avg)
+    assert forgetting(m).item() == pytest.approx(expect_fgt)
+    assert backward_transfer(m).item() == pytest.approx(expect_bwt)
+    assert forgetting(m[:1, :1]).item() == 0 and backward_transfer(m[:1, :1]).item() == 0
+
+
+def test_accuracy_matrix_metric_counts_predictions_per_cell() -> None:
+    g = torch.Generator().manual_seed(0)
+    t = 3
+    metrics = [AccuracyMatrix(t), AverageAccuracy(t), Forgetting(t), BackwardTransfer(t)]
+    correct = torch.zeros(t, t)
+    total = torch.zeros(t, t)
+    for i in range(t):
+        for j in range(i + 1):
+            for _ in range(2):  # two batches per cell: counts must add up, not average
+                target = torch.randint(
+                    0, 2, (int(torch.randint(5, 30, (1,), generator=g)),), generator=g
+                )
+                preds = torch.where(torch.rand(target.shape, generator=g) < 0.7, target, 1 - target)
+                for metric in metrics:
+                    metric.update(i, j, preds, target)
+                correct[i, j] += (preds == target).sum()
+                total[i, j] += target.numel()
+    expected = (correct / total).double()
+    got = metrics[0].compute()
+    assert torch.allclose(got.tril(), expected.tril())
+    assert torch.isnan(got.triu(1)[torch.triu(torch.ones(t, t, dtype=torch.bool), 1)]).all()
+    assert metrics[1].compute().item() == pytest.approx(average_accuracy(got).item())
+    assert metrics[2].compute().item() == pytest.approx(forgetting(got).item())
+    assert metrics[3].compute().item() == pytest.approx(backward_transfer(got).item())
+    with pytest.raises(ValueError, match="outside"):
+        metrics[0].update(t, 0, torch.zeros(1), torch.zeros(1))
+
+
+# Data -------------------------------------------------------------------------------------------
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def _fake_mnist(root: Path, n_train: int = 60, n_test: int = 40) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    (root / "mnist").mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = np.arange(n) % 10
+        xs, ys = rdata.MNIST_FILES[split]
+        _write_idx(root / "mnist" / xs, x)
+        _write_idx(root / "mnist" / ys, y)
+        arrays[split] = x
+        arrays[split + "_y"] = y
+    return arrays
+
+
+def _fake_cifar_tarball(path: Path, per_class: int = 3) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for split in ("train", "test"):
+            for cls in rdata.CIFAR10_CLASSES:
+                for k in range(per_class):
+                    buf = io.BytesIO()
+                    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                        buf, "JPEG"
+                    )
+                    info = tarfile.TarInfo(f"cifar10-jpg/{split}/{cls}/{k:04d}.jpg")
+                    info.size = buf.tell()
+                    buf.seek(0)
+                    tar.addfile(info, buf)
+
+
+def test_mnist_reader_round_trips_idx_files(tmp_path: Path) -> None:
+    written = _fake_mnist(tmp_path)
+    arrays = rdata.load_arrays("mnist", tmp_path)
+    for split in ("train", "test"):
+        assert np.array_equal(arrays[split].x, written[split])
+        assert np.array_equal(arrays[split].y, written[split + "_y"])
+
+
+def test_cifar_reader_decodes_the_jpeg_tarball_and_caches_it(tmp_path: Path) -> None:
+    (tmp_path / "cifar10").mkdir()
+    _fake_cifar_tarball(tmp_path / "cifar10" / "cifar10-jpg.tar.gz")
+    arrays = rdata.load_arrays("cifar10", tmp_path, cache_dir=tmp_path / "cache")
+    assert arrays["train"].x.shape == (30, 32, 32, 3) and arrays["train"].x.dtype == np.uint8
+    assert sorted(np.bincount(arrays["test"].y).tolist()) == [3] * 10
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    again = rdata.load_arrays("cifar10", tmp_path, cache_dir=tmp_path / "cache")
+    assert np.array_equal(again["train"].x, arrays["train"].x)
+
+
+def test_missing_data_gives_an_error_that_says_how_to_fix_it(tmp_path: Path) -> None:
+    with pytest.raises(rdata.DataNotFoundError, match="--data-dir"):
+        rdata.load_arrays("mnist", tmp_path / "nowhere")
+    with pytest.raises(rdata.DataNotFoundError, match="--data-dir"):
+        rdata.load_arrays("cifar10", tmp_path)
+    with pytest.raises(SystemExit, match="--data-dir"):
+        run.main(["--config", "split_mnist", "--data-dir", str(tmp_path), "--iters", "1"])
+
+
+def test_tasks_hold_their_own_classes_and_batches_cover_each_epoch() -> None:
+    tasks = rdata.split_tasks(rdata.load_digits_arrays())
+    assert [t.classes for t in tasks] == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
+    for t in tasks:
+        assert set(t.y_train.tolist()) == set(t.classes) == set(t.y_test.tolist())
+    x = torch.arange(10.0).unsqueeze(1)
+    batches = list(rdata.RandomBatches(x, torch.arange(10), batch_size=4, n_batches=5, seed=3))
+    assert all(len(b[0]) == 4 for b in batches)
+    epoch = torch.cat([b[1] for b in batches[:2]])
+    assert len(set(epoch.tolist())) == 8  # no repeats within an epoch
+    again = list(rdata.RandomBatches(x, torch.arange(10), batch_size=4, n_batches=5, seed=3))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+
+
+# Recipes ----------------------------------------------------------------------------------------
+def _check_result(result: dict, n_tasks: int) -> None:
+    m = torch.tensor(result["matrix"])
+    assert m.shape == (n_tasks, n_tasks)
+    lower = m[torch.tril(torch.ones(n_tasks, n_tasks, dtype=torch.bool))]
+    assert ((lower >= 0) & (lower <= 100)).all()
+    assert result["avg_acc"] == pytest.approx(m[-1].mean().item())
+
+
+@pytest.mark.parametrize("method", ["NONE", "EXACT", "SQUISHER"])
+def test_split_digits_recipe_runs_and_consolidates_every_task(method: str) -> None:
+    cfg = load_config("split_digits", method=method, lam=1e3, iters=3, accelerator="cpu")
+    result = run_continual(cfg)
+    _check_result(result, 5)
+    ewc = result["callback"]
+    if method == "NONE":
+        assert ewc is None and result["fisher_seconds"] == []
+    else:
+        assert ewc.task_count == 5 and len(result["fisher_seconds"]) == 5
+        # Multi-head: only the finished tasks' output units carry Fisher information.
+        f = ewc.fishers[0]["net.classifier.weight"]
+        assert (f.sum(dim=1) > 0).all()
+
+
+def test_split_digits_ewc_keeps_the_first_task_that_training_alone_forgets() -> None:
+    # A strong penalty pins the weights the first task relies on; plain training drifts away.
+    runs = {
+        m: run_continual(
+            load_config("split_digits", method=m, lam=1e4, iters=150, n_tasks=3, accelerator="cpu")
+        )
+        for m in ("NONE", "EXACT")
+    }
+    assert runs["EXACT"]["forgetting"] < runs["NONE"]["forgetting"]
+
+
+def test_split_mnist_recipe_runs_from_local_idx_files(tmp_path: Path) -> None:
+    _fake_mnist(tmp_path)
+    cfg = load_config(
+        "split_mnist", data_dir=str(tmp_path), method="EXACT(n=500)", iters=2, accelerator="cpu"
+    )
+    _check_result(run_continual(cfg), 5)
+
+
+def test_split_cifar10_recipe_runs_the_resnet(tmp_path: Path) -> None:
+    (tmp_path / "cifar10").mkdir()
+    _fake_cifar_tarball(tmp_path / "cifar10" / "cifar10-jpg.tar.gz", per_class=2)
+    cfg = load_config(
+        "split_cifar10",
+        data_dir=str(tmp_path),
+        cache_dir=str(tmp_path / "c"),
+        method="BATCHED",
+        iters=1,
+        batch_size=4,
+        n_tasks=2,
+        accelerator="cpu",
+    )
+    _check_result(run_continual(cfg), 2)
+
+
+def test_cli_overrides_the_config_and_writes_results(tmp_path: Path) -> None:
+    result = run.main(
+        [
+            "--config",
+            "split_digits",
+            "--method",
+            "HUTCHINSON",
+            "--lam",
+            "10",
+            "--iters",
+            "2",
+            "--n-tasks",
+            "2",
+            "--hidden",
+            "16",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["hidden"] == [16] and saved["config"]["method"] == "HUTCHINSON"
+    assert saved["avg_acc"] == pytest.approx(result["avg_acc"])
+
+
+# Reproduction runner ----------------------------------------------------------------------------
+def test_plan_extends_the_grid_until_the_best_lambda_is_bracketed() -> None:
+    plan = reproduce.Plan(
+        ["EXACT"], seeds=2, centres={"EXACT": 3}, span=1, max_extend=6, lambdas=None
+    )
+    peak = 6.0  # accuracy peaks at lambda = 1e6, outside the first window 1e2..1e4
+
+    def acc(lam: float) -> float:
+        return 90 - (math.log10(lam) - peak) ** 2
+
+    while todo := plan.todo():
+        for method, lam, seed in todo:
+            plan.done[(method, lam, seed)] = {"avg_acc": acc(lam) + seed, "fisher_seconds": 0.1}
+    (row,) = plan.rows()
+    assert row["best_lambda"] == pytest.approx(10**peak)
+    assert row["lambda_bracketed"] and row["n_seeds"] == 2
+    assert row["mean_acc"] == pytest.approx(90 + 1.5)  # seeds 1 and 2 at the best lambda
+    assert row["sem"] == pytest.approx(0.5)
+
+
+def test_reproduce_writes_reports_and_resumes_without_rerunning(tmp_path: Path) -> None:
+    argv = [
+        "--benchmark",
+        "split_digits",
+        "--methods",
+        "EXACT",
+        "NONE",
+        "--lambdas",
+        "1",
+        "100",
+        "--seeds",
+        "2",
+        "--iters",
+        "2",
+        "--max-train-per-task",
+        "20",
+        "--accelerator",
+        "cpu",
+        "--results-dir",
+        str(tmp_path),
+    ]
+    out = reproduce.main(argv)
+    assert not out["partial"]
+    report = json.loads((tmp_path / "reproduce_split_digits.json").read_text())
+    assert {"command", "device", "versions", "rows"} <= set(report)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"EXACT", "NONE"}
+    for r in rows.values():
+        assert {"method", "best_lambda", "mean_acc", "sem", "n_seeds", "fisher_seconds"} <= set(r)
+        assert r["n_seeds"] == 2
+    assert rows["EXACT"]["best_lambda"] in (1.0, 100.0) and rows["EXACT"]["fisher_seconds"] > 0
+    assert (tmp_path / "reproduce_split_digits.md").read_text().count("\n| ") == 3
+    assert (tmp_path / "reproduce_split_digits_lambda.png").stat().st_size > 0
+    cells = (tmp_path / "reproduce_split_digits.cells.jsonl").read_text().splitlines()
+    assert len(cells) == 2 + 2 + 2  # two lambdas on seed 0, two fresh seeds each for EXACT and NONE
+    reproduce.main(argv)
+    assert (tmp_path / "reproduce_split_digits.cells.jsonl").read_text().splitlines() == cells
+
+
+def test_reproduce_writes_a_partial_report_when_out_of_budget(tmp_path: Path) -> None:
+    out = reproduce.main(
+        [
+            "--benchmark",
+            "split_digits",
+            "--methods",
+            "NONE",
+            "--seeds",
+            "1",
+            "--budget-minutes",
+            "0",
+            "--results-dir",
+            str(tmp_path),
+        ]
+    )
+    assert out["partial"]
+    assert json.loads((tmp_path / "reproduce_split_digits.json").read_text())["partial"] is True
+
+
+# Demo -------------------------------------------------------------------------------------------
+def test_demo_prints_a_table_and_saves_both_figures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = demo.main(["--output-dir", str(tmp_path), "--iters", "2"])
+    printed = capsys.readouterr().out
+    assert [r["name"] for r in results] == [name for name, _, _ in demo.DEMO_RUNS]
+    for name, *_ in demo.DEMO_RUNS:
+        assert name in printed
+    for fig in ("accuracy_matrix.png", "fisher_density.png"):
+        assert (tmp_path / fig).stat().st_size > 0
