@@ -76,7 +76,8 @@ def fisher_trace_penalty(
     mask = out.mask.unsqueeze(-1).to(z.dtype)
     total = z.new_zeros(())
     for _ in range(probes):
-        xi = draw_probes(tuple(z.shape), probe_distribution, generator, z.device, z.dtype)
+        # generator=None draws from torch's global RNG
+        xi = draw_probes(tuple(z.shape), probe_distribution, generator, z.device, z.dtype)  # type: ignore[arg-type]
         u = (sqrt_p * xi - p * (sqrt_p * xi).sum(-1, keepdim=True)) * mask
         vs = torch.autograd.grad(
             logits,

@@ -4,6 +4,8 @@ checkpoint round trips, multi-head continual learning and clear errors that keep
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -355,3 +357,33 @@ def test_logged_penalty_is_the_penalty_at_the_step() -> None:
     t.fit(model, loader(1))
     assert seen[-1] > 0
     assert float(t.callback_metrics["ewc/penalty"]) == pytest.approx(seen[-1], rel=1e-6)
+
+
+def test_overhead_benchmark_runs_and_its_routes_agree(tmp_path: Any) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ewc_overhead
+
+    out = tmp_path / "ewc_overhead"
+    report = ewc_overhead.main(
+        [
+            "--tiny",
+            "--steps",
+            "10",
+            "--warmup",
+            "2",
+            "--rounds",
+            "1",
+            "--check-steps",
+            "3",
+            "--check-precisions",
+            "16-mixed",
+            "--out",
+            str(out),
+        ]
+    )
+    (row,) = report["rows"]
+    assert row["ratio"] > 0 and row["ms_hook"] > 0 and row["precision"] == "32-true"
+    # fp16 AMP with a GradScaler, plain and fused AdamW: the two EWC routes agree
+    assert [c["optimizer"] for c in report["checks"]] == ["adamw", "adamw-fused"]
+    assert all(c["equal"] for c in report["checks"])
+    assert "| cpu | mlp-784-32-10 |" in (tmp_path / "ewc_overhead.md").read_text()

@@ -143,6 +143,7 @@ class EWC(Callback):
         self._tasks: list[_Task] = []
         self.task_count = 0
         self._steps_since = 0  # optimizer steps since the last consolidation
+        self._trained = False  # on_train_start ran in the current fit
         self._epoch_task: Any = None  # datamodule task id seen at the start of the epoch
         self._micro_batch: int | None = None
         self._module: nn.Module | None = None
@@ -308,6 +309,7 @@ class EWC(Callback):
         self._module = pl_module  # lets load_state_dict check names before touching state
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = False
         self._terms_cache.clear()
         if self._tasks:
             for task in self._tasks:
@@ -347,9 +349,26 @@ class EWC(Callback):
             self.consolidate(pl_module)
         self._epoch_task = task
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._trained = True
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.consolidate_on_fit_end and self._steps_since:
             self.consolidate(pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A fit resumed from a checkpoint written after its last optimizer step but before the
+        # consolidation (killed during the Fisher pass) is already done: Lightning skips the
+        # training loop and `on_train_end`, so the pending consolidation runs here. The strategy
+        # has moved the module to the CPU by now; the pass runs on the training device.
+        if self._trained or not (self.consolidate_on_fit_end and self._steps_since):
+            return
+        device = pl_module.device
+        pl_module.to(trainer.strategy.root_device)
+        try:
+            self.consolidate(pl_module)
+        finally:
+            pl_module.to(device)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -358,9 +377,8 @@ class EWC(Callback):
         if not self._tasks or self.lam == 0:
             return
         # Computing the penalty's value costs extra passes: do it only when Lightning logs.
-        log = (
-            self.log_penalty and (trainer.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
-        )
+        every = max(1, getattr(trainer, "log_every_n_steps", 50))
+        log = self.log_penalty and (trainer.global_step + 1) % every == 0
         if self.apply == "loss":
             if log:
                 with torch.no_grad():
@@ -391,7 +409,9 @@ class EWC(Callback):
                 "ewc/penalty", 0.5 * self.lam * value, on_step=True, on_epoch=False, batch_size=1
             )
 
-    def _terms(self, pl_module: nn.Module, optimizer: torch.optim.Optimizer) -> list[_Terms]:
+    def _terms(
+        self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> list[_Terms]:
         """Per task: the optimizer's trainable parameters that have a Fisher, with F, theta* and
         a workspace buffer per parameter (shared by the tasks)."""
         key = id(optimizer)
