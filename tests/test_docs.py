@@ -115,3 +115,23 @@ def test_page_examples_run(
             # Pad with blank lines so that tracebacks give the line number in the Markdown file.
             code = compile("\n" * (block.line - 1) + block.code, source, "exec")
             exec(code, namespace)
+
+
+def test_benchmark_tables_come_from_results_or_say_they_are_missing(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("hooks", DOCS / "_hooks" / "benchmarks.py")
+    assert spec is not None and spec.loader is not None
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+
+    missing = hooks.benchmark_table("reproduce_x", tmp_path)
+    assert "Not reproduced yet" in missing and "reproduce_x.md" in missing
+
+    (tmp_path / "reproduce_x.md").write_text(
+        "# Title\n\n| method | acc |\n|---|---|\n| EXACT | 99 |\n"
+    )
+    (tmp_path / "reproduce_x.json").write_text('{"command": "python -m recipes.reproduce"}')
+    table = hooks.benchmark_table("reproduce_x", tmp_path)
+    assert table.startswith("| method | acc |") and "| EXACT | 99 |" in table
+    assert "`python -m recipes.reproduce`" in table

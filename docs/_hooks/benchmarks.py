@@ -25,11 +25,15 @@ def benchmark_table(name: str, results: Path = RESULTS) -> str:
             f"    `benchmarks/results/{name}.md` does not exist yet; this section shows the table "
             f"once the reproduction has been run.\n"
         )
-    text = table.read_text(encoding="utf-8").strip() + "\n"
+    text = table.read_text(encoding="utf-8").strip()
+    # The report's own "# Title" would be a second page title: the page gives the context.
+    if text.startswith("# "):
+        text = text.partition("\n")[2].strip()
+    text += "\n"
     meta = results / f"{name}.json"
     if meta.is_file():
         command = json.loads(meta.read_text(encoding="utf-8")).get("command")
-        if command:
+        if command and command not in text:
             text += f"\nProduced by `{command}` (`benchmarks/results/{name}.json` has every row).\n"
     return text
 
