@@ -25,8 +25,9 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
+# Both checks run (and report) even if the first fails.
 lint: install
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check .; lint=$$?; $(PY) -m ruff format --check .; fmt=$$?; exit $$((lint || fmt))
 
 typecheck: install
 	$(PY) -m mypy
