@@ -1,0 +1,117 @@
+"""Kill and resume: EWC runs killed by SIGKILL (in training and inside a Fisher pass) and resumed
+from their last checkpoint end bitwise equal to an uninterrupted run.
+
+The subprocess harness is ``benchmarks/kill_resume.py`` (which runs 10 random kill points and
+writes the report); CI runs two kill points of it here.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lit_helpers import Classifier, loader, params, task_classes, trainer
+from torch.utils.data import DataLoader
+
+import lightning_fisher as lf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import kill_resume
+
+
+@pytest.mark.slow
+def test_sigkill_in_training_and_in_fisher_pass_resumes_bitwise(tmp_path: Path) -> None:
+    # Task 1 killed mid-epoch (resumes from the step-4 epoch-boundary checkpoint), and killed in
+    # batch 2 of task 1's consolidation (resumes from the task's last checkpoint, written before
+    # the Fisher pass, and re-runs that consolidation).
+    points = ["train:1:6", "fisher:1:2"]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        ref = pool.submit(kill_resume.run, tmp_path / "reference")
+        outcomes = list(
+            pool.map(
+                lambda p: kill_resume.kill_and_resume(tmp_path / p.replace(":", "_"), p), points
+            )
+        )
+        assert ref.result() == 0
+    reference = kill_resume.load_final(tmp_path / "reference")
+    assert reference["task_count"] == kill_resume.TASKS
+    steps = kill_resume.STEPS_PER_TASK
+    expected_resume = [{"task": 1, "step": steps // 2}, {"task": 1, "step": steps}]
+    for point, outcome, resumed_from in zip(points, outcomes, expected_resume):
+        assert outcome["killed"], f"{point}: the worker was not killed"
+        assert outcome["resumed_from"] == resumed_from, point
+        final = outcome["final"]
+        assert kill_resume.bitwise_equal(final["model"], reference["model"]), point
+        assert kill_resume.bitwise_equal(final["ewc"], reference["ewc"]), point
+
+
+def test_bitwise_equal_sees_one_bit() -> None:
+    a = {"w": torch.ones(3), "tasks": [{"n": 1, "f": torch.zeros(2)}]}
+    b = copy.deepcopy(a)
+    assert kill_resume.bitwise_equal(a, b)
+    b["tasks"][0]["f"][1] = torch.nextafter(torch.tensor(0.0), torch.tensor(1.0))
+    assert not kill_resume.bitwise_equal(a, b)
+    assert not kill_resume.bitwise_equal(a, {**a, "w": torch.ones(3, dtype=torch.float64)})
+
+
+class Interrupt(Exception):
+    """Stands in for a kill inside the Fisher pass (raised from the user's output_fn)."""
+
+
+def _output_fn(state: dict[str, bool]) -> Any:
+    def output_fn(module: torch.nn.Module, batch: Any) -> torch.Tensor:
+        if state["raise"]:
+            raise Interrupt
+        return module(batch[0])
+
+    return output_fn
+
+
+def _shuffled(task: int) -> DataLoader:
+    data = loader(task).dataset
+    return DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3))
+
+
+def test_fit_resumed_after_its_last_step_reruns_the_consolidation(tmp_path: Path) -> None:
+    """A fit limited by ``max_steps`` whose consolidation was interrupted: the resumed fit has no
+    step left (Lightning skips ``on_train_end``), yet EWC consolidates, bitwise as uninterrupted;
+    the training loader is shuffled, and the Fisher pass must not depend on its epoch."""
+    kw: dict[str, Any] = {"max_steps": 12, "max_epochs": -1, "deterministic": True}
+
+    def run(state: dict[str, bool], **fit_kw: Any) -> tuple[Classifier, lf.EWC]:
+        model = Classifier(optimizer="adam", lr=0.01)
+        model.active = task_classes(0)
+        cb = lf.EWC(lam=10.0, method="sample", classes=task_classes(0), output_fn=_output_fn(state))
+        ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=6, save_last=True)
+        trainer([cb, ckpt], enable_checkpointing=True, **kw).fit(model, _shuffled(0), **fit_kw)
+        return model, cb
+
+    uninterrupted_model, uninterrupted = run({"raise": False})
+    state = {"raise": True}
+    with pytest.raises(Interrupt):
+        run(state)
+    state["raise"] = False
+    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 12  # written after the last step, before the consolidation
+    resumed_model, resumed = run(state, ckpt_path=tmp_path / "last.ckpt")
+    assert resumed.task_count == 1
+    assert kill_resume.bitwise_equal(resumed.state_dict(), uninterrupted.state_dict())
+    assert kill_resume.bitwise_equal(params(resumed_model), params(uninterrupted_model))
+
+
+def test_fisher_pass_reads_a_shuffled_training_loader_in_dataset_order() -> None:
+    """The same Fisher whatever epoch the training sampler is at: EWC's pass over a shuffled
+    training loader equals the pass over the unshuffled data, bitwise."""
+    model = Classifier()
+    model.active = task_classes(0)
+    cb = lf.EWC(lam=1.0, method="sample", classes=task_classes(0))
+    fit = trainer([cb], max_epochs=3, deterministic=True)
+    fit.fit(model, _shuffled(0))
+    in_order = lf.estimate_fisher(model, loader(0), method="sample", classes=task_classes(0))
+    assert kill_resume.bitwise_equal(dict(cb.fishers[0]), dict(in_order))
