@@ -51,7 +51,18 @@ class EWC(Callback):
     adds the exact penalty gradient ``lam * sum_t F_t * (theta - theta*_t)`` to the parameters'
     gradients once per optimizer step, in ``on_before_optimizer_step``: after gradient
     accumulation, the DDP all-reduce and AMP unscaling, and before gradient clipping, so the
-    update equals the one from ``loss + ewc.penalty(module)``.
+    update equals the one from ``loss + ewc.penalty(module)``. With fp16 AMP and an optimizer that
+    unscales inside ``step`` (fused Adam), the added gradient is multiplied by the loss scale.
+
+    Memory: per consolidated parameter a float32 Fisher, an anchor and a workspace buffer (both in
+    the parameter's dtype); separate mode keeps a Fisher and an anchor per task. Cost per optimizer
+    step: three in-place ``foreach`` passes over the parameters per task (the penalty's value, two
+    more, only on logging steps).
+
+    Under DDP the default Fisher data is each rank's ``DistributedSampler`` shard and the estimate is
+    all-reduced, so every rank holds the Fisher of the union (the sampler's padding may repeat a
+    few inputs). A user ``dataloader`` is not sharded: every rank then estimates on all of it (same
+    result, more work). ``max_samples`` draws the same subset on every rank.
 
     Args:
         lam: penalty strength lambda (van de Ven's scale: about 1e5-1e6 for ``exact``, far larger
