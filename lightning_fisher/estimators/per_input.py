@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 
 @dataclass
@@ -59,7 +59,7 @@ class _Handler:
     module: nn.Module
     path: str
     names: dict[str, str]
-    rule: str  # "linear", "conv", "embedding" or "vjp"
+    rule: str  # "linear", "conv", "embedding", "norm" or "vjp"
     calls: list[_Call] = field(default_factory=list)
 
 
@@ -81,6 +81,16 @@ def _closed_form_rule(module: nn.Module, local_names: set[str]) -> str:
         module.max_norm is None and not module.sparse and not module.scale_grad_by_freq
     ):
         return "embedding"
+    if _uses_default_forward(module, nn.LayerNorm) or _uses_default_forward(module, nn.GroupNorm):
+        return "norm"
+    # BatchNorm is per-input only with running statistics (eval mode): then it is affine in x.
+    bn = nn.modules.batchnorm._BatchNorm
+    if (
+        _uses_default_forward(module, bn)
+        and not module.training
+        and getattr(module, "running_mean", None) is not None
+    ):
+        return "norm"
     return "vjp"
 
 
@@ -333,6 +343,8 @@ class PerInputEngine:
             return out
         if h.rule == "conv":
             return self._conv_per_input(h, c, gs[0], names, lo, hi, dtype)
+        if h.rule == "norm":
+            return self._norm_per_input(h, c, gs[0], names, lo, hi, dtype)
         if h.rule == "embedding":
             idx = self._input(h, c)[lo:hi]
             g = gs[0][:, lo:hi].to(dtype)
@@ -367,6 +379,46 @@ class PerInputEngine:
             out[names["weight"]] = w.reshape(b, K, *m.weight.shape)
         if "bias" in names:
             out[names["bias"]] = gl.sum(-1).transpose(0, 1)
+        return out
+
+    def _norm_per_input(
+        self, h: _Handler, c: _Call, g: Tensor, names: dict[str, str], lo: int, hi: int,
+        dtype: torch.dtype,
+    ) -> dict[str, Tensor]:
+        """Affine parameters of LayerNorm, GroupNorm and BatchNorm (running statistics).
+
+        y = weight * x_hat + bias with x_hat independent of the parameters, so an input's gradient
+        is sum(g * x_hat) for the weight and sum(g) for the bias, the sums running over every
+        dimension the parameter is broadcast along (positions for LayerNorm, space for the others).
+        """
+        m = h.module
+        x = self._input(h, c)[lo:hi].to(dtype)
+        g = g[:, lo:hi].to(dtype)  # (K, b, *x.shape[1:])
+        if isinstance(m, nn.LayerNorm):
+            trailing = len(m.normalized_shape)
+            var, mean = torch.var_mean(x, tuple(range(-trailing, 0)), unbiased=False, keepdim=True)
+            xh = (x - mean) * torch.rsqrt(var + m.eps)
+            dims = tuple(range(2, g.ndim - trailing))
+        elif isinstance(m, nn.GroupNorm):
+            xg = x.reshape(x.shape[0], m.num_groups, -1)
+            var, mean = torch.var_mean(xg, -1, unbiased=False, keepdim=True)
+            xh = ((xg - mean) * torch.rsqrt(var + m.eps)).reshape(x.shape)
+            dims = tuple(range(3, g.ndim))
+        else:
+            assert m.running_mean is not None and m.running_var is not None
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            mean, var = m.running_mean.to(dtype).reshape(shape), m.running_var.to(dtype).reshape(shape)
+            xh = (x - mean) * torch.rsqrt(var + m.eps)
+            dims = tuple(range(3, g.ndim))
+
+        def reduce(t: Tensor) -> Tensor:  # (K, b, ...) -> (b, K, *param.shape)
+            return (t.sum(dims) if dims else t).transpose(0, 1)
+
+        out = {}
+        if "weight" in names:
+            out[names["weight"]] = reduce(g * xh)
+        if "bias" in names:
+            out[names["bias"]] = reduce(g)
         return out
 
     def _embedding_sum_squares(
