@@ -67,7 +67,12 @@ def loaders() -> tuple[DataLoader, DataLoader]:
 
 
 def fit(
-    logger: Any, callback: lf.FisherDiagnostics, epochs: int = 2, val: bool = True, **kwargs: Any
+    logger: Any,
+    callback: lf.FisherDiagnostics,
+    epochs: int = 2,
+    val: bool = True,
+    ckpt_path: Path | None = None,
+    **kwargs: Any,
 ) -> tuple[L.Trainer, Tiny]:
     torch.manual_seed(0)
     model = Tiny()
@@ -83,7 +88,7 @@ def fit(
         **kwargs,
     )
     train, val_loader = loaders()
-    trainer.fit(model, train, val_loader if val else None)
+    trainer.fit(model, train, val_loader if val else None, ckpt_path=ckpt_path)
     return trainer, model
 
 
@@ -282,18 +287,7 @@ def test_history_survives_a_checkpoint(tmp_path: Path) -> None:
     trainer, _ = fit(False, cb)
     trainer.save_checkpoint(tmp_path / "a.ckpt")
     restored = callback()
-    torch.manual_seed(0)
-    resumed = L.Trainer(
-        max_epochs=3,
-        logger=False,
-        callbacks=[restored],
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    train, val = loaders()
-    resumed.fit(Tiny(), train, val, ckpt_path=tmp_path / "a.ckpt")
+    fit(False, restored, epochs=3, ckpt_path=tmp_path / "a.ckpt")
     assert restored.history[:2] == cb.history
     assert [h["step"] for h in restored.history] == [4.0, 8.0, 12.0]
 
