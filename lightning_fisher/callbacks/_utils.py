@@ -9,6 +9,14 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 from ..outputs import FisherInputError
 
@@ -18,6 +26,7 @@ def fisher_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, who: st
 
     Under DDP the training loader carries the ``DistributedSampler`` Lightning injected, so every
     rank estimates on its own shard and the estimator's all-reduce gives the Fisher of the union.
+    The training loader is read in a fixed order (see :func:`fixed_order`).
     """
     if dataloader is not None:
         return dataloader
@@ -38,7 +47,49 @@ def fisher_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, who: st
             f"{who} would re-iterate the training dataloader while training, which resets a "
             "loader with `persistent_workers=True`. Pass a separate `dataloader=` for the Fisher."
         )
-    return loader
+    return fixed_order(loader)
+
+
+def fixed_order(loader: Any) -> Any:
+    """``loader`` with its shuffling sampler replaced by the unshuffled one (same batches).
+
+    The Fisher is a sum over the data, but its floating-point rounding and the pairing of seeded
+    label/probe draws with inputs depend on the order. A shuffled training loader's order is set
+    by the epoch the sampler last saw, which a run resumed from a checkpoint at the end of a fit
+    does not replay; reading in dataset order makes the pass the same in both (bitwise). Handles a
+    plain ``DataLoader`` with ``RandomSampler`` (``shuffle=True``) or ``DistributedSampler``
+    (the rank keeps its shard, unshuffled); anything else is returned as it is.
+    """
+    if type(loader) is not DataLoader or type(loader.batch_sampler) is not BatchSampler:
+        return loader
+    sampler = loader.sampler
+    fixed: Sampler[int]
+    if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
+        fixed = SequentialSampler(loader.dataset)  # type: ignore[arg-type]
+    elif type(sampler) is DistributedSampler and sampler.shuffle:
+        fixed = DistributedSampler(
+            loader.dataset,
+            num_replicas=sampler.num_replicas,
+            rank=sampler.rank,
+            shuffle=False,
+            drop_last=sampler.drop_last,
+        )
+    else:
+        return loader
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=fixed,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        prefetch_factor=loader.prefetch_factor,
+        in_order=loader.in_order,
+    )
 
 
 def grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
