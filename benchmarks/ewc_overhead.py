@@ -277,6 +277,8 @@ def overhead_row(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         "steps": args.steps,
         "warmup": args.warmup,
         "rounds": args.rounds,
+        # 1-minute load average at the end: context for timings on a shared machine
+        "load_average": round(os.getloadavg()[0], 1),
     }
 
 
@@ -352,17 +354,18 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         "",
         "`ratio`: median time of steps with EWC's gradient hook (one consolidated task) over the "
         "median of steps without it, alternating step by step within each run; the median over "
-        "runs, and their range. `ms in EWC hook`: median time of the hook itself.",
+        "runs, and their range. `ms in EWC hook`: median time of the hook itself. `load`: the "
+        "machine's 1-minute load average at the end of the run.",
         "",
-        "| device | model | params | precision | ms without | ms with | ms in EWC hook | ratio | range |",
-        "|---|---|---:|---|---:|---:|---:|---:|---|",
+        "| device | model | params | precision | ms without | ms with | ms in EWC hook | ratio | range | load |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|---:|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['device']} | {r['model']} | {r['params'] / 1e6:.1f}M | {r['precision']} | "
             f"{r['ms_without']:.2f} | {r['ms_with']:.2f} | {r.get('ms_hook', float('nan')):.3f} | "
             f"{r['ratio']:.3f} | "
-            f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f} |"
+            f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f} | {r.get('load_average', '-')} |"
         )
     lines += [
         "",
