@@ -20,6 +20,7 @@ from lightning_fisher.diagnostics import (
     plot_layer_density,
     probe_cv,
     save_png,
+    statistics,
 )
 from lightning_fisher.kernel import kernel_statistics
 
@@ -106,7 +107,7 @@ def test_two_classes_lower_bound_equals_fisher() -> None:
     assert res.values["bounds/lower_over_f"] == pytest.approx(1.0, abs=0.1)
 
 
-def test_kernel_summary_is_the_mean_of_kernel_statistics(mlp_case) -> None:  # type: ignore[no-untyped-def]
+def test_kernel_summary_is_the_mean_of_kernel_statistics(mlp_case, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     model, loader = mlp_case.model, mlp_case.loader
     summary = kernel_summary(model, loader, max_batches=2)
     batches = list(loader)[:2]
@@ -118,6 +119,10 @@ def test_kernel_summary_is_the_mean_of_kernel_statistics(mlp_case) -> None:  # t
         assert summary[key] == pytest.approx(float(stats[key].mean()), rel=1e-9)
     assert 0 < summary["lower_over_lambda_max"] <= 1
     assert 0 < summary["lambda_max_over_upper"] <= 1
+    # Rows are processed in chunks (large vocabularies); chunking changes nothing.
+    monkeypatch.setattr(statistics, "KERNEL_CHUNK_ELEMENTS", 3 * p.shape[-1])
+    chunked = kernel_summary(model, loader, max_batches=2)
+    assert chunked == pytest.approx(summary, rel=1e-12)
 
 
 def test_passes_leave_the_model_as_they_found_it(mlp_case) -> None:  # type: ignore[no-untyped-def]

@@ -137,7 +137,8 @@ class FisherDiagnostics(Callback):
         self.prefix = prefix
         #: one entry per evaluation: ``step``, ``epoch`` and the global statistics (no prefix).
         self.history: list[dict[str, float]] = []
-        #: the latest result, with its Fisher diagonals (not saved in checkpoints).
+        #: the latest result; its ``fishers`` keeps only the diagonal the figures show (F, or the
+        #: first method's). Not saved in checkpoints.
         self.last: DiagnosticsResult | None = None
         self._last_step = -1
         self._figures_step = -1
@@ -187,6 +188,8 @@ class FisherDiagnostics(Callback):
                 self.output_fn,
                 self.classes,
             )
+        # Keep one diagonal (the one the figures show), not one per method: each is model-sized.
+        result.fishers = {result.reference or self.methods[0]: result.density_fisher}
         self.last, self._last_step = result, step
         self.history.append(
             {"step": float(step), "epoch": float(trainer.current_epoch), **result.values}

@@ -37,6 +37,8 @@ DEFAULT_METHODS: tuple[str, ...] = ("hutchinson", "hutchinson_dg", "hutchinson_l
 #: Estimators whose randomness is a probe vector, so that a CV over probes is meaningful.
 PROBE_METHODS = frozenset({"hutchinson", "hutchinson_dg", "hutchinson_lr"})
 UPPER, LOWER = "hutchinson_dg", "hutchinson_lr"
+#: ``kernel_summary`` handles at most this many probabilities (rows x classes) at once.
+KERNEL_CHUNK_ELEMENTS = 1 << 20
 
 
 def layer_of(name: str) -> str:
@@ -139,8 +141,13 @@ def kernel_summary(
                 break
             out = model_outputs(model, move_batch(batch, device), output_fn, classes, shift_labels)
             p = torch.softmax(out.logits.double(), -1)[out.mask]
-            stats = kernel_statistics(p)
-            sums += torch.stack([stats[k].sum() for k in keys] + [sums.new_tensor(p.shape[0])])
+            # Rows in chunks: for large vocabularies the eigen-solver holds a few C-sized vectors
+            # per row, which must not scale with the number of tokens.
+            rows = max(1, KERNEL_CHUNK_ELEMENTS // p.shape[-1])
+            for chunk in p.split(rows):
+                stats = kernel_statistics(chunk)
+                sums[:-1] += torch.stack([stats[k].sum() for k in keys])
+            sums[-1] += p.shape[0]
     _all_reduce([sums])
     n = float(sums[-1])
     if n == 0:
@@ -175,8 +182,9 @@ class DiagnosticsResult:
         out = dict(self.values)
         for row in self.layers:
             out[f"frac_below/{row['layer']}"] = row["frac_below"]
-            for method in self.fishers:
-                out[f"{method}/trace/{row['layer']}"] = row[f"trace/{method}"]
+            for key, value in row.items():
+                if key.startswith("trace/"):
+                    out[f"{key[len('trace/') :]}/trace/{row['layer']}"] = value
         return {f"{prefix}/{k}" if prefix else k: v for k, v in out.items()}
 
     @property
