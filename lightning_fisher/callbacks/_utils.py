@@ -92,6 +92,29 @@ def fixed_order(loader: Any) -> Any:
     )
 
 
+def refuse_sharded_strategy(trainer: pl.Trainer, who: str) -> None:
+    """Raise a clear error at setup under a strategy that shards the parameters.
+
+    FSDP (``FSDPStrategy``, ``ModelParallelStrategy``) and DeepSpeed hold each parameter (and its
+    gradient and optimizer state) in pieces across ranks, flattened; the Fisher passes, the EWC
+    gradient and the Squisher need whole named parameters on every rank. DDP is supported.
+    """
+    from lightning.pytorch.strategies import (
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+    )
+
+    strategy = trainer.strategy
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
+        raise FisherInputError(
+            f"{who} does not support {type(strategy).__name__}: it shards the parameters across "
+            "ranks, and Fisher estimates, the EWC penalty gradient and the Squisher need whole "
+            "parameters on every rank. Use strategy='ddp' (each rank estimates on its shard of the "
+            "data; the all-reduced Fisher is identical on every rank)."
+        )
+
+
 def grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
     """Factor by which gradients seen in ``on_before_optimizer_step`` are still scaled.
 

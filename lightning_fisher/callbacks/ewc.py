@@ -26,7 +26,13 @@ from torch import Tensor, nn
 from ..estimators import METHODS, estimate_fisher, fisher_from_optimizer
 from ..fisher_diagonal import FisherDiagonal
 from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of
-from ._utils import fisher_loader, grad_scale, log_metrics, world_size
+from ._utils import (
+    fisher_loader,
+    grad_scale,
+    log_metrics,
+    refuse_sharded_strategy,
+    world_size,
+)
 
 MODES = ("online", "separate")
 #: per task: parameters, their Fisher, anchors and workspace buffers
@@ -317,6 +323,7 @@ class EWC(Callback):
 
     # Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded_strategy(trainer, "lf.EWC")
         self._module = pl_module  # lets load_state_dict check names before touching state
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

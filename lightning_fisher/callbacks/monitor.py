@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from ..estimators import METHODS, estimate_fisher
 from ..fisher_diagonal import FisherDiagonal
 from ..outputs import ClassSelector, FisherInputError, OutputFn
-from ._utils import fisher_loader, log_metrics
+from ._utils import fisher_loader, log_metrics, refuse_sharded_strategy
 
 
 class FisherMonitor(Callback):
@@ -128,6 +128,7 @@ class FisherMonitor(Callback):
         return fd
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded_strategy(trainer, "lf.FisherMonitor")
         self._module = pl_module
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..outputs import ClassSelector, OutputFn
 from ..regularizers import fisher_trace_penalty, frozen_norm_statistics
-from ._utils import all_reduce_mean_, grad_scale
+from ._utils import all_reduce_mean_, grad_scale, refuse_sharded_strategy
 
 
 class FisherTraceRegularizer(Callback):
@@ -97,6 +97,9 @@ class FisherTraceRegularizer(Callback):
         generator = torch.Generator(device=device)
         generator.manual_seed(((self.seed * 1_000_003 + step) * 65_537 + rank) % 2**63)
         return generator
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded_strategy(trainer, "lf.FisherTraceRegularizer")
 
     def _due(self, trainer: pl.Trainer) -> bool:
         return self.alpha > 0 and trainer.global_step % self.every_n_steps == 0
