@@ -17,7 +17,9 @@ optimizer step, logging; CUDA synchronised at both ends). EWC's gradient hook ru
 only, so steps with and without it alternate in one run under the same machine conditions (the
 shared CPU this was written on is very noisy). The first ``--warmup`` steps are dropped; ``ratio``
 is the median over ``--rounds`` runs of (median odd-step time / median even-step time), with
-``ratio_min``/``ratio_max`` their range; ``ms_hook`` is the median time of EWC's hook itself. EWC holds one consolidated task (a
+``ratio_min``/``ratio_max`` their range; ``ms_hook`` is the median time of EWC's hook itself, and
+``ratio_control`` the same ratio from interleaved runs with ``lam=0`` (the hook returns at once):
+the protocol's noise floor. EWC holds one consolidated task (a
 random positive Fisher, so no estimation is timed), adds ``lam F (theta - theta*)`` to the
 gradients and logs ``ewc/penalty`` every ``log_every_n_steps`` (50) steps.
 
@@ -249,18 +251,25 @@ def overhead_row(args: argparse.Namespace, precision: str) -> dict[str, Any]:
     vocab = model.config.vocab_size if hasattr(model, "config") else 0
     data = make_batches(args.model, args.steps, args.batch_size, args.seq_len, vocab, device)
     times: dict[bool, list[float]] = {False: [], True: []}
-    ratios, hooks = [], []
+    ratios, controls, hooks = [], [], []
     for _ in range(args.rounds):
-        module = copy.deepcopy(base)
-        timer, odd = StepTimer(), OddSteps(consolidated_ewc(module, args.lam))
-        fit(module, data, [odd, timer], args, precision, args.steps)
-        split: dict[bool, list[float]] = {False: [], True: []}
-        for step, seconds in timer.times[args.warmup :]:
-            split[step % 2 == 1].append(seconds)
-        for k in split:
-            times[k] += split[k]
-        ratios.append(statistics.median(split[True]) / statistics.median(split[False]))
-        hooks += odd.hook_times[args.warmup // 2 :]
+        # lam = 0 makes the hook return at once: the same protocol without EWC's work, whose
+        # odd/even ratio is the method's noise floor
+        for lam in (args.lam, 0.0):
+            module = copy.deepcopy(base)
+            timer, odd = StepTimer(), OddSteps(consolidated_ewc(module, lam))
+            fit(module, data, [odd, timer], args, precision, args.steps)
+            split: dict[bool, list[float]] = {False: [], True: []}
+            for step, seconds in timer.times[args.warmup :]:
+                split[step % 2 == 1].append(seconds)
+            ratio = statistics.median(split[True]) / statistics.median(split[False])
+            if lam == 0.0:
+                controls.append(ratio)
+                continue
+            for k in split:
+                times[k] += split[k]
+            ratios.append(ratio)
+            hooks += odd.hook_times[args.warmup // 2 :]
     return {
         "device": args.device,
         "model": name,
@@ -272,6 +281,7 @@ def overhead_row(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         "ms_without": round(1e3 * statistics.median(times[False]), 3),
         "ms_with": round(1e3 * statistics.median(times[True]), 3),
         "ms_hook": round(1e3 * statistics.median(hooks), 3),
+        "ratio_control": round(statistics.median(controls), 4),
         "params": sum(p.numel() for p in model.parameters()),
         "batch_size": args.batch_size,
         "steps": args.steps,
@@ -354,18 +364,21 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         "",
         "`ratio`: median time of steps with EWC's gradient hook (one consolidated task) over the "
         "median of steps without it, alternating step by step within each run; the median over "
-        "runs, and their range. `ms in EWC hook`: median time of the hook itself. `load`: the "
+        "runs, and their range. `ms in EWC hook`: median time of the hook itself. `control`: the same "
+        "ratio in interleaved runs with lam = 0 (the hook returns at once), the protocol's noise "
+        "floor. `load`: the "
         "machine's 1-minute load average at the end of the run.",
         "",
-        "| device | model | params | precision | ms without | ms with | ms in EWC hook | ratio | range | load |",
-        "|---|---|---:|---|---:|---:|---:|---:|---|---:|",
+        "| device | model | params | precision | ms without | ms with | ms in EWC hook | ratio | range | control | load |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['device']} | {r['model']} | {r['params'] / 1e6:.1f}M | {r['precision']} | "
             f"{r['ms_without']:.2f} | {r['ms_with']:.2f} | {r.get('ms_hook', float('nan')):.3f} | "
             f"{r['ratio']:.3f} | "
-            f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f} | {r.get('load_average', '-')} |"
+            f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f} | {r.get('ratio_control', float('nan')):.3f} | "
+            f"{r.get('load_average', '-')} |"
         )
     lines += [
         "",
