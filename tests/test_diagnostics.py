@@ -235,3 +235,31 @@ def _png_bytes(fig) -> bytes:  # type: ignore[no-untyped-def]
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def test_every_method_sees_the_same_batches_of_a_shuffling_loader(mlp_case) -> None:  # type: ignore[no-untyped-def]
+    """The loader is iterated once per evaluation, so a shuffling loader cannot give the bounds and
+    F different data."""
+    x, y = mlp_case.loader.dataset.tensors
+    shuffled = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y),
+        batch_size=4,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(3),
+    )
+    first = [
+        next(
+            iter(
+                torch.utils.data.DataLoader(
+                    shuffled.dataset,
+                    batch_size=4,
+                    shuffle=True,
+                    generator=torch.Generator().manual_seed(3),
+                )
+            )
+        )
+    ]
+    res = compute_diagnostics(mlp_case.model, shuffled, ("exact", "empirical"), max_batches=1)
+    for method in ("exact", "empirical"):
+        want = lf.estimate_fisher(mlp_case.model, first, method)
+        assert res.values[f"{method}/trace"] == pytest.approx(want.trace(), rel=1e-6)

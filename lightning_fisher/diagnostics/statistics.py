@@ -19,6 +19,7 @@ and summarises them:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,13 +107,13 @@ def probe_cv(fds: Sequence[FisherDiagonal]) -> dict[str, float]:
 
 def empirical_gap(empirical: FisherDiagonal, fisher: FisherDiagonal) -> dict[str, float]:
     """``rel_gap`` = sum_i |E_i - F_i| / sum_i F_i and ``trace_ratio`` = tr(E) / tr(F)."""
-    e, f = empirical.flatten().double().cpu(), fisher.flatten().double().cpu()
-    if e.shape != f.shape:
+    if set(empirical) != set(fisher) or any(empirical[k].shape != fisher[k].shape for k in fisher):
         raise ValueError("The empirical Fisher and the Fisher cover different parameters.")
-    total = float(f.sum())
+    total = fisher.trace()
     if total <= 0:
         return {"rel_gap": float("nan"), "trace_ratio": float("nan")}
-    return {"rel_gap": float((e - f).abs().sum()) / total, "trace_ratio": float(e.sum()) / total}
+    gap = sum(float((empirical[k] - fisher[k]).abs().sum(dtype=torch.float64)) for k in fisher)
+    return {"rel_gap": gap / total, "trace_ratio": empirical.trace() / total}
 
 
 def kernel_summary(
@@ -235,6 +236,10 @@ def compute_diagnostics(
         raise ValueError(f"probes must be at least 1; got {probes}.")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be positive or None; got {max_batches}.")
+    if max_batches is not None:
+        # Every pass sees the same batches (a shuffling loader would give each method its own, and
+        # the ratios would compare different data), and the loader is iterated once, not per pass.
+        dataloader = list(itertools.islice(dataloader, max_batches))
     common: dict[str, Any] = {
         "output_fn": output_fn,
         "classes": classes,
