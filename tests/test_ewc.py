@@ -206,11 +206,11 @@ def test_new_head_gets_zero_old_fisher() -> None:
 def test_multi_head_continual_learning_three_tasks() -> None:
     seeds_acc: dict[str, float] = {}
     for name, lam in (("ewc", 1e3), ("none", 0.0)):
-        model = Classifier(hidden=16, optimizer="adam", lr=0.02)
+        model = Classifier(hidden=16, optimizer="adam", lr=0.05)
         cb = ewc(lam=lam, mode="separate")
         for task in range(3):
             model.active = task_classes(task)
-            trainer([cb], max_epochs=5).fit(model, loader(task, n=96))
+            trainer([cb], max_epochs=5).fit(model, loader(task, n=96, batch_size=24))
         model.active = task_classes(0)
         seeds_acc[name] = model.accuracy(loader(0, n=96))
         if name == "ewc":
