@@ -16,6 +16,7 @@ Sources, in order:
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -179,8 +180,11 @@ def load_from_hub(name: str) -> dict[str, ArraySplit]:
     }
 
 
+@functools.lru_cache(maxsize=4)
 def load_digits_arrays(seed: int = 0, test_fraction: float = 0.3) -> dict[str, ArraySplit]:
-    """scikit-learn's 8x8 digits (bundled, no download), split per class into train and test."""
+    """scikit-learn's 8x8 digits (bundled, no download), split per class into train and test.
+
+    Cached: many short runs (tests, the demo) reuse it; callers must not modify the arrays."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
@@ -325,7 +329,22 @@ class RandomBatches:
             pos += b
 
 
+class _BatchTensors(TensorDataset):
+    """A ``TensorDataset`` that fetches a whole batch with one indexing op (``__getitems__``), not
+    one item at a time: per-item fetches of GPU tensors would dominate a Fisher pass."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+        idx = torch.as_tensor(indices, device=self.tensors[0].device)
+        return tuple(t[idx] for t in self.tensors)
+
+
+def _already_batched(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return batch
+
+
 def task_loader(x: Tensor, y: Tensor, batch_size: int) -> DataLoader[tuple[Tensor, ...]]:
-    """A sequential ``DataLoader`` over one task's tensors (for Fisher passes: a map-style data
-    set lets EXACT(n) draw a random subset)."""
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+    """A sequential ``DataLoader`` over one task's tensors for Fisher passes (map-style, so
+    EXACT(n) can draw a random subset of it)."""
+    return DataLoader(
+        _BatchTensors(x, y), batch_size=batch_size, shuffle=False, collate_fn=_already_batched
+    )

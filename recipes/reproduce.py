@@ -37,7 +37,9 @@ from typing import Any
 
 import torch
 
-from .data import Task
+import lightning_fisher as lf
+
+from .data import Task, load_arrays
 from .runner import build_tasks, load_config, quiet_lightning, run_continual
 
 BENCHMARKS = {
@@ -128,7 +130,12 @@ def run_cell(
     key = json.dumps([config, overrides], sort_keys=True)
     if key not in _TASKS:
         _TASKS[key] = build_tasks(cfg)
-    result = run_continual(cfg, _TASKS[key])
+    cell = {"method": method, "lam": float(f"{lam:.6g}"), "seed": seed}
+    try:
+        result = run_continual(cfg, _TASKS[key])
+    except lf.FisherInputError as err:
+        # E.g. a Fisher that overflowed at a huge lambda: the cell failed, the grid goes on.
+        return {**cell, "avg_acc": None, "fisher_seconds": None, "error": str(err)}
     fisher = result["fisher_seconds"]
     return {
         "method": method,
@@ -155,9 +162,11 @@ class Plan:
         span: int,
         max_extend: int,
         lambdas: list[float] | None,
+        reuse_search_seed: bool = False,
     ) -> None:
         self.methods = list(methods)
-        self.final_seeds = list(range(SEARCH_SEED + 1, SEARCH_SEED + 1 + seeds))
+        first = SEARCH_SEED if reuse_search_seed else SEARCH_SEED + 1
+        self.final_seeds = list(range(first, first + seeds))
         self.centres, self.span, self.max_extend, self.lambdas = centres, span, max_extend, lambdas
         self.done: dict[tuple[str, float, int], dict[str, Any]] = {}
 
@@ -168,9 +177,9 @@ class Plan:
         return [float(f"{10.0 ** (c + k):.6g}") for k in range(-self.span, self.span + 1)]
 
     def search(self, method: str) -> dict[float, float]:
-        """lambda -> average accuracy at the search seed."""
+        """lambda -> average accuracy at the search seed (-inf for a failed run)."""
         return {
-            k[1]: r["avg_acc"]
+            k[1]: -math.inf if r["avg_acc"] is None else r["avg_acc"]
             for k, r in self.done.items()
             if k[0] == method and k[2] == SEARCH_SEED
         }
@@ -209,7 +218,8 @@ class Plan:
         for m in sorted(self.methods, key=ROW_ORDER.index):
             cells, searched = self.needed(m)
             best = 0.0 if m == "NONE" else self.best_lambda(m)
-            accs = [self.done[c]["avg_acc"] for c in cells if c in self.done] if searched else []
+            runs = [self.done[c] for c in cells if c in self.done] if searched else []
+            accs = [r["avg_acc"] for r in runs if r["avg_acc"] is not None]
             fisher = [
                 r["fisher_seconds"]
                 for k, r in self.done.items()
@@ -229,8 +239,11 @@ class Plan:
                     "mean_acc": mean,
                     "sem": sem,
                     "n_seeds": n,
+                    "n_failed": len(runs) - n,
                     "fisher_seconds": sum(fisher) / len(fisher) if fisher else None,
-                    "search_acc": None if m == "NONE" or best is None else self.search(m)[best],
+                    "search_acc": None
+                    if m == "NONE" or best is None or not math.isfinite(self.search(m)[best])
+                    else self.search(m)[best],
                     "lambda_bracketed": None if m == "NONE" else searched and self._bracketed(m),
                 }
             )
@@ -252,13 +265,11 @@ def device_name() -> str:
 def versions() -> dict[str, str]:
     import lightning
 
-    import lightning_fisher
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "lightning": lightning.__version__,
-        "lightning_fisher": lightning_fisher.__version__,
+        "lightning_fisher": lf.__version__,
     }
 
 
@@ -339,7 +350,7 @@ def plot_lambda(plan: Plan, rows: list[dict[str, Any]], path: Path, benchmark: s
     for m in ROW_ORDER:
         tried = plan.search(m) if m in plan.methods and m != "NONE" else {}
         if tried:
-            lams = sorted(tried)
+            lams = sorted(x for x in tried if math.isfinite(tried[x]))
             ax.plot(lams, [tried[x] for x in lams], marker="o", ms=3, label=m)
     none = next((r for r in rows if r["method"] == "NONE" and r["mean_acc"] is not None), None)
     if none:
@@ -394,7 +405,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="centres_from",
         help="a previous report JSON whose best lambdas centre the search",
     )
+    p.add_argument(
+        "--reuse-search-seed",
+        action="store_true",
+        help="count seed 0 (which chose lambda) among the final seeds: one run fewer per method, "
+        "slightly optimistic",
+    )
     p.add_argument("--workers", type=int, default=1, help="parallel processes (they share one GPU)")
+    p.add_argument(
+        "--threads", type=int, help="torch threads per worker (default: cores / workers)"
+    )
     p.add_argument(
         "--budget-minutes", type=float, help="start no cell after this; write a partial report"
     )
@@ -435,11 +455,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = args.name or f"reproduce_{args.benchmark}"
     out = Path(args.results_dir)
     cells_path = out / f"{name}.cells.jsonl"
-    plan = Plan(args.methods, args.seeds, centres(args), args.span, args.max_extend, args.lambdas)
+    plan = Plan(
+        args.methods,
+        args.seeds,
+        centres(args),
+        args.span,
+        args.max_extend,
+        args.lambdas,
+        args.reuse_search_seed,
+    )
     plan.done = read_cells(cells_path, settings)
     command = "python -m recipes.reproduce " + shlex.join(sys.argv[1:] if argv is None else argv)
     try:
-        build_tasks(cfg.replace(accelerator="cpu"))  # fail fast on bad data paths; caches CIFAR-10
+        # Fail fast on bad data paths, and decode CIFAR-10 once here for every worker.
+        load_arrays(cfg.dataset, cfg.data_dir, cfg.download, cfg.cache_dir)
     except FileNotFoundError as err:
         raise SystemExit(f"error: {err}") from None
     print(f"{name}: {len(plan.done)} cells already done in {cells_path}", flush=True)
@@ -457,12 +486,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f.write(json.dumps(result) + "\n")
         print(
             f"[{time.monotonic() - start:7.0f}s] {result['method']:>13} lam={result['lam']:<8.0e} "
-            f"seed={result['seed']} acc={result['avg_acc']:.2f} fisher={result['fisher_seconds'] or 0:.2f}s",
+            f"seed={result['seed']} acc={_fmt(result['avg_acc'], '.2f')} "
+            f"fisher={_fmt(result['fisher_seconds'], '.2f')}s {result.get('error', '')}",
             flush=True,
         )
         write_report(plan, args.benchmark, out, name, settings, command, partial=bool(plan.todo()))
 
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     if args.workers <= 1:
         _init_worker(threads)
         while (todo := plan.todo()) and not over_budget():

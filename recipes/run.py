@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except DataNotFoundError as err:
         raise SystemExit(f"error: {err}") from None
     result.pop("callback")
+    result.pop("module")
     print(format_matrix(result["matrix"]))
     print(
         f"{cfg.dataset} {cfg.method} lam={cfg.lam:g} seed={cfg.seed}: average accuracy "

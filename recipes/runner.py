@@ -154,6 +154,7 @@ def make_ewc(cfg: RecipeConfig, module: TaskIncrementalModule) -> L.Callback | N
         # Only the finished task's output units count, as in the multi-head protocol.
         classes=lambda batch: module.active_classes,
         fisher_kwargs={"seed": cfg.seed},
+        log_penalty=cfg.logger != "none",  # logging costs a reduction per step
         **options,
     )
 
@@ -184,7 +185,8 @@ def run_continual(cfg: RecipeConfig, tasks: list[Task] | None = None) -> dict[st
 
     Returns a dict with ``matrix`` (R[i][j], percent), ``avg_acc``, ``forgetting``, ``bwt``
     (percent points), ``fisher_seconds`` (one entry per consolidation), ``train_seconds``, and the
-    final ``ewc`` callback (``None`` without EWC) under ``callback``.
+    final ``ewc`` callback (``None`` without EWC) under ``callback`` and the trained
+    ``TaskIncrementalModule`` under ``module``.
     """
     tasks = tasks if tasks is not None else build_tasks(cfg)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
@@ -228,4 +230,5 @@ def run_continual(cfg: RecipeConfig, tasks: list[Task] | None = None) -> dict[st
         "fisher_seconds": fisher_seconds,
         "train_seconds": train_seconds - sum(fisher_seconds),
         "callback": ewc,
+        "module": module,
     }
