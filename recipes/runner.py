@@ -175,6 +175,7 @@ def evaluate(
     module: TaskIncrementalModule, tasks: list[Task], after: int, acc: AccuracyMatrix
 ) -> None:
     """Accuracy on the test set of every task seen so far, each within its own head."""
+    module.to(tasks[0].x_test.device)  # Lightning moves the module back to the CPU after fit
     for j, task in enumerate(tasks[: after + 1]):
         preds = module.task_predictions(task.x_test, task.classes)
         acc.update(after, j, preds.cpu(), task.y_test.cpu())
