@@ -266,7 +266,8 @@ def kill_points(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     train = [f"train:{t}:{s}" for t in range(TASKS) for s in range(STEPS_PER_TASK)]
     n_fisher = n // 2
-    fisher = [f"fisher:{i % TASKS}:{rng.randrange(FISHER_BATCHES)}" for i in range(n_fisher)]
+    order = [rng.sample(range(FISHER_BATCHES), FISHER_BATCHES) for _ in range(TASKS)]
+    fisher = [f"fisher:{i % TASKS}:{order[i % TASKS][i // TASKS]}" for i in range(n_fisher)]
     return rng.sample(train, n - n_fisher) + fisher
 
 
@@ -328,6 +329,12 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
+
+    def resumed(r: dict[str, Any]) -> str:
+        if r["resumed_from_task"] is None:
+            return "no checkpoint yet: restart"
+        return f"task {r['resumed_from_task']}, step {r['resumed_from_task_step']}"
+
     (RESULTS / "kill_resume.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         "# Kill and resume (3-task EWC run, SIGKILL, resume from last.ckpt)",
@@ -335,14 +342,14 @@ def main() -> None:
         f"`{report['command']}` ({report['device']}, torch {torch.__version__}, "
         f"lightning {lightning.__version__})",
         "",
-        "| step | phase | task | Fisher batch | resumed from (task, step) | bitwise equal |",
+        "| step | phase | task | Fisher batch | resumed from last.ckpt of | bitwise equal |",
         "|---:|---|---:|---:|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['step']} | {r['phase']} | {r['task']} | "
             f"{'' if r['fisher_batch'] is None else r['fisher_batch']} | "
-            f"({r['resumed_from_task']}, {r['resumed_from_task_step']}) | "
+            f"{resumed(r)} | "
             f"{'yes' if r['bitwise_equal'] else 'NO'} |"
         )
     (RESULTS / "kill_resume.md").write_text("\n".join(lines) + "\n")

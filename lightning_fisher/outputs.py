@@ -235,4 +235,12 @@ def model_outputs(
                     "the Fisher of a task must use that task's data only."
                 )
             labels = new
+    if logits.shape[-1] < 2:
+        # softmax of one logit is p = 1 whatever the weights: every Fisher would be exactly zero.
+        raise FisherInputError(
+            "The logits have a single class, so p = softmax(z) = 1 and the Fisher is exactly "
+            "zero (EWC would protect nothing). For a binary classifier with one logit z (sigmoid), "
+            "pass `output_fn=lambda m, b: (lambda z: torch.cat([torch.zeros_like(z), z], -1))"
+            "(m(b[0]))`, whose softmax is the sigmoid; a task head needs at least 2 classes."
+        )
     return ModelOutputs(logits=logits, mask=mask, labels=labels)

@@ -267,6 +267,14 @@ def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> F
         raise FisherInputError(
             "Every input was masked out (attention mask 0 or label -100), so the Fisher is undefined."
         )
+    # Infinite weights can give finite logits and a finite, meaningless Fisher (a saturated unit
+    # has zero gradients); checked once at the end, so NaN logits keep their own message.
+    bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+    if bad:
+        raise FisherInputError(
+            f"The parameters {', '.join(bad[:5])} hold NaN/Inf entries, so the Fisher at these "
+            "weights is meaningless. Check the model for NaN/Inf weights (or fp16 overflow)."
+        )
     scale = 1.0 / estimator.normaliser(n_inputs, n_batches)
     for name, t in acc.items():
         if not torch.isfinite(t).all():
