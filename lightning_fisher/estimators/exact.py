@@ -37,4 +37,22 @@ class ExactEstimator(Estimator):
     def columns(
         self, out: ModelOutputs, p: Tensor, generator: torch.Generator
     ) -> tuple[Tensor, float]:
-        return softmax_fisher_sqrt(p).movedim(-1, 0), 1.0
+        return reduced_fisher_sqrt(p).movedim(-1, 0), 1.0
+
+
+def reduced_fisher_sqrt(p: Tensor) -> Tensor:
+    """A C x (C-1) factor M with M M^T = I(p): one backward column fewer than L.
+
+    L sqrt(p) = 0, so L L^T = L Q Q^T L^T keeps its value when the column of an orthogonal Q that
+    is +-sqrt(p) is dropped. The Householder reflection R = I - 2 w w^T / w^T w with
+    w = sqrt(p) + e_C maps sqrt(p) to -e_C (w^T w = 2 + 2 sqrt(p_C) >= 2: always stable), so
+    M = (L R)[:, :C-1] = L[:, :C-1] - 2 L[:, C] w[:C-1]^T / w^T w, using L w = L e_C. C = 2 needs
+    one column instead of two, C = 10 nine instead of ten.
+    """
+    L = softmax_fisher_sqrt(p)
+    if p.shape[-1] < 2:
+        return L
+    w = p.clamp_min(0).sqrt()
+    w[..., -1] += 1
+    scale = 2 / (w * w).sum(-1, keepdim=True)  # (..., 1)
+    return L[..., :, :-1] - (scale.unsqueeze(-1) * L[..., :, -1:]) * w[..., None, :-1]

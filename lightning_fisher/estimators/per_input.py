@@ -12,11 +12,13 @@ How: forward hooks record each parameter-owning module's inputs and outputs; one
 chunk of columns (``is_grads_batched``) gives the gradient at every such output; a per-module rule
 turns (input, output gradient) into per-input parameter gradients:
 
-* closed forms for ``nn.Linear`` (with or without sequence dimensions), ``nn.Conv1d``/``nn.Conv2d``
-  and ``nn.Embedding``; where there are no sequence dimensions the sum over columns is folded
-  before the product, so the whole diagonal costs one weight-gradient-sized matmul;
-* any other module (norm layers, attention with its own weights, custom layers) by
-  ``torch.func.vjp`` of that module alone, vectorised with ``vmap`` over inputs and columns.
+* closed forms for ``nn.Linear`` (with or without sequence dimensions), ``nn.Conv1d``/``nn.Conv2d``,
+  ``nn.Embedding`` and the affine parameters of ``nn.LayerNorm``, ``nn.GroupNorm`` and BatchNorm
+  with running statistics. Linear and Conv are products over L positions (sequence, output
+  pixels); with fewer positions than columns (L < K) the columns are contracted first (Gram
+  route), and with L = 1 they fold, so the whole diagonal costs one weight-gradient-sized matmul;
+* any other module (attention with its own weights, custom layers) by ``torch.func.vjp`` of that
+  module alone, vectorised with ``vmap`` over inputs and columns.
 
 A parameter used in several places (tied weights, a module called twice) has its per-input
 gradients summed over the uses before squaring. Per-input gradients are materialised in chunks
@@ -292,14 +294,8 @@ class PerInputEngine:
         acc: dict[str, Tensor], weight: float,
     ) -> None:
         g = gs[0]
-        dtype = acc[next(iter(names.values()))].dtype
-        if h.rule == "linear" and g.ndim == 3:  # (K, B, out): fold the columns before the product
-            a = self._input(h, c).to(dtype)
-            g2 = g.to(dtype).pow(2).sum(0)
-            if "weight" in names:
-                acc[names["weight"]] += weight * (g2.T @ a.pow(2))
-            if "bias" in names:
-                acc[names["bias"]] += weight * g2.sum(0)
+        if h.rule in ("linear", "conv"):
+            self._matmul_sum_squares(h, c, g, names, acc, weight)
             return
         if h.rule == "embedding":
             self._embedding_sum_squares(h, c, g, names, acc, weight)
@@ -330,19 +326,15 @@ class PerInputEngine:
     ) -> dict[str, Tensor]:
         """Per-input gradients for inputs ``lo:hi``, each shaped ``(hi - lo, K, *param.shape)``."""
         dtype = torch.promote_types(next(iter(self.params.values())).dtype, torch.float32)
-        if h.rule == "linear":
-            a = self._input(h, c)[lo:hi].to(dtype)
-            g = gs[0][:, lo:hi].to(dtype)
-            a = a.reshape(a.shape[0], -1, a.shape[-1])
-            g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
+        if h.rule in ("linear", "conv"):
+            gl, cols = self._unfolded(h, c, gs[0], lo, hi, dtype)
             out = {}
             if "weight" in names:
-                out[names["weight"]] = torch.einsum("kbso,bsi->bkoi", g, a)
+                w = torch.einsum("kbol,bil->bkoi", gl, cols)
+                out[names["weight"]] = w.reshape(*w.shape[:2], *h.module.weight.shape)
             if "bias" in names:
-                out[names["bias"]] = g.sum(2).transpose(0, 1)
+                out[names["bias"]] = gl.sum(-1).transpose(0, 1)
             return out
-        if h.rule == "conv":
-            return self._conv_per_input(h, c, gs[0], names, lo, hi, dtype)
         if h.rule == "norm":
             return self._norm_per_input(h, c, gs[0], names, lo, hi, dtype)
         if h.rule == "embedding":
@@ -359,27 +351,64 @@ class PerInputEngine:
             return {names["weight"]: dense}
         return self._vjp_per_input(h, c, gs, names, lo, hi, dtype)
 
-    def _conv_per_input(
-        self, h: _Handler, c: _Call, g: Tensor, names: dict[str, str], lo: int, hi: int, dtype: torch.dtype
-    ) -> dict[str, Tensor]:
+    def _unfolded(
+        self, h: _Handler, c: _Call, g: Tensor, lo: int, hi: int, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """Linear and Conv as matrix products over L positions: output gradients ``gl`` of shape
+        (K, b, O, L) and inputs ``cols`` of shape (b, I, L) such that input x's weight gradient for
+        column k is gl[k, x] @ cols[x]^T (L = 1 for a Linear without sequence dimensions, the
+        sequence for one with, the output pixels of a convolution)."""
         m = h.module
         a = self._input(h, c)[lo:hi].to(dtype)
         g = g[:, lo:hi].to(dtype)
         K, b = g.shape[0], g.shape[1]
+        if h.rule == "linear":
+            cols = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
+            return g.reshape(K, b, -1, g.shape[-1]).transpose(2, 3), cols
         if isinstance(m, nn.Conv1d):
             a = a.unsqueeze(2)
             ks, st, pd, dl = (1, *m.kernel_size), (1, *m.stride), (0, *m.padding), (1, *m.dilation)
         else:
             ks, st, pd, dl = m.kernel_size, m.stride, m.padding, m.dilation
         cols = F.unfold(a, ks, dilation=dl, padding=pd, stride=st)  # (b, Cin*k, L)
-        gl = g.reshape(K, b, g.shape[2], -1)  # (K, b, Cout, L)
-        out = {}
-        if "weight" in names:
-            w = torch.einsum("kbol,bil->bkoi", gl, cols)
-            out[names["weight"]] = w.reshape(b, K, *m.weight.shape)
-        if "bias" in names:
-            out[names["bias"]] = gl.sum(-1).transpose(0, 1)
-        return out
+        return g.reshape(K, b, g.shape[2], -1), cols
+
+    def _matmul_sum_squares(
+        self, h: _Handler, c: _Call, g: Tensor, names: dict[str, str], acc: dict[str, Tensor],
+        weight: float,
+    ) -> None:
+        """sum_x sum_k (gl[k,x] @ cols[x]^T)^2 for a Linear or Conv weight, by the cheaper of two
+        exact routes:
+
+        * direct, K L O I per input: materialise the per-input gradients of a chunk of inputs,
+          square and sum;
+        * Gram, L^2 O I per input, when L < K: (G U^T)^2 summed over k equals
+          sum_{l,m} (sum_k G_ol G_om) U_il U_im, one (O x b L^2) @ (b L^2 x I) product. L = 1 (a
+          Linear without sequence dimensions, a convolution with one output pixel) folds the
+          columns: (sum_k g^2)^T @ a^2.
+        """
+        B, K = self._batch_size, g.shape[0]
+        dtype = acc[next(iter(names.values()))].dtype
+        n_out = g.shape[-1] if h.rule == "linear" else g.shape[2]
+        L = g[0, 0].numel() // n_out
+        n_in = h.module.weight.numel() // n_out
+        gram = L < K
+        per_input = (n_out + n_in) * L * L if gram else K * n_out * n_in + n_in * L
+        chunk = max(1, int(self.max_bytes // (8 * per_input)))
+        for lo in range(0, B, chunk):
+            gl, cols = self._unfolded(h, c, g, lo, min(B, lo + chunk), dtype)
+            if "weight" in names:
+                if L == 1:
+                    w = gl.squeeze(-1).square().sum(0).T @ cols.squeeze(-1).square()
+                elif gram:
+                    ggt = torch.einsum("kbol,kbom->oblm", gl, gl).reshape(n_out, -1)
+                    uut = torch.einsum("bil,bim->blmi", cols, cols).reshape(-1, n_in)
+                    w = ggt @ uut
+                else:
+                    w = torch.einsum("kbol,bil->bkoi", gl, cols).square_().sum((0, 1))
+                acc[names["weight"]] += weight * w.reshape(acc[names["weight"]].shape)
+            if "bias" in names:
+                acc[names["bias"]] += weight * gl.sum(-1).square().sum((0, 1))
 
     def _norm_per_input(
         self, h: _Handler, c: _Call, g: Tensor, names: dict[str, str], lo: int, hi: int,
