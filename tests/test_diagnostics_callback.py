@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import struct
+import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -189,6 +191,26 @@ def _wandb_records(path: Path) -> list[Any]:
     return out
 
 
+def _wandb_history(path: Path, evaluations: int, timeout: float = 60.0) -> dict[str, list[Any]]:
+    """Every history key of the run with its values, once all evaluations are in the file: W&B's
+    service process writes the file asynchronously, so it may lag behind ``wandb.finish()``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        history: dict[str, list[Any]] = {}
+        try:
+            for rec in _wandb_records(path):
+                if rec.WhichOneof("record_type") == "history":
+                    for item in rec.history.item:
+                        key = item.key or "/".join(item.nested_key)
+                        history.setdefault(key, []).append(json.loads(item.value_json))
+        except Exception:  # a record still being written
+            history = {}
+        done = len(history.get("fisher/hutchinson/trace", [])) >= evaluations
+        if done or time.monotonic() > deadline:
+            return history
+        time.sleep(0.5)
+
+
 def test_wandb_offline_run_has_scalars_histograms_images_and_table(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -205,12 +227,7 @@ def test_wandb_offline_run_has_scalars_histograms_images_and_table(
     finally:
         wandb.finish()
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
-    history: dict[str, list[Any]] = {}
-    for rec in _wandb_records(next(run.glob("run-*.wandb"))):
-        if rec.WhichOneof("record_type") == "history":
-            for item in rec.history.item:
-                key = item.key or "/".join(item.nested_key)
-                history.setdefault(key, []).append(json.loads(item.value_json))
+    history = _wandb_history(next(run.glob("run-*.wandb")), len(cb.history))
     assert set(EXPECTED) <= set(history)
     assert history["fisher/hutchinson/trace"] == [h["hutchinson/trace"] for h in cb.history]
     assert history["fisher/log10_diag/net.0/_type"][0] == "histogram"
@@ -306,3 +323,11 @@ def test_history_survives_a_checkpoint(tmp_path: Path) -> None:
 def test_bad_arguments_raise_at_construction(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         lf.FisherDiagnostics(**kwargs)
+
+
+def test_sharded_strategies_are_refused_at_setup() -> None:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
+    with pytest.raises(lf.FisherInputError, match="FSDPStrategy"):
+        lf.FisherDiagnostics().setup(trainer, None, "fit")  # type: ignore[arg-type]

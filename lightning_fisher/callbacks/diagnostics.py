@@ -29,6 +29,7 @@ from ..diagnostics import (
 )
 from ..diagnostics.statistics import check_methods
 from ..outputs import ClassSelector, OutputFn
+from ._utils import fisher_loader, log_metrics, refuse_sharded_strategy
 
 #: Sub-folder of a ``CSVLogger``'s log directory that receives the PNG figures.
 CSV_FIGURE_DIR = "fisher_diagnostics"
@@ -69,7 +70,9 @@ class FisherDiagnostics(Callback):
         every_n_epochs: evaluate at the end of every n-th training epoch (``None``: never).
         every_n_steps: evaluate every n optimizer steps (``None``: never).
         dataloader: ``"val"`` (the first validation loader; the training loader if there is none,
-            with a warning), ``"train"``, or any iterable of batches.
+            with a warning), ``"train"`` (the training loader, read in dataset order), or any
+            iterable of batches. Each evaluation reads its first ``max_batches`` batches once and
+            gives the same batches to every method.
         max_batches: batches of that loader per evaluation and method (``None``: all).
         probes: one-probe estimates per ``hutchinson*`` method; their mean is logged and, with 2
             or more, their coefficient of variation.
@@ -145,6 +148,9 @@ class FisherDiagnostics(Callback):
         self._warned: set[str] = set()
 
     # Hooks --------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_sharded_strategy(trainer, "FisherDiagnostics")
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -214,10 +220,8 @@ class FisherDiagnostics(Callback):
                 "FisherDiagnostics(dataloader='val'): the Trainer has no validation dataloader, so "
                 "the diagnostics use the training dataloader.",
             )
-        loader = _first(trainer.train_dataloader)
-        if loader is None:
-            raise RuntimeError("FisherDiagnostics found no dataloader; pass one as `dataloader=`.")
-        return loader
+        # The training loader, read in dataset order, with the checks every Fisher pass makes.
+        return fisher_loader(trainer, None, "FisherDiagnostics")
 
     def _log(self, trainer: Trainer, result: DiagnosticsResult) -> None:
         if not trainer.loggers:
@@ -227,12 +231,9 @@ class FisherDiagnostics(Callback):
                 "(`.history`, `.last`).",
             )
             return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs with
-        scalars = result.scalars(self.prefix)
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=step)
+        log_metrics(trainer, result.scalars(self.prefix))
         if self.histograms and trainer.is_global_zero:
-            self._log_histograms(trainer.loggers, result, step)
+            self._log_histograms(trainer.loggers, result, trainer.global_step)
         n = len(self.history)
         if self.figure_every_n is not None and (n - 1) % self.figure_every_n == 0:
             self._log_figures(trainer, result)
@@ -284,7 +285,7 @@ class FisherDiagnostics(Callback):
         ]
         if not targets:
             return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = trainer.global_step
         figures = self.figures(result)
         for logger in targets:
             if isinstance(logger, TensorBoardLogger):
