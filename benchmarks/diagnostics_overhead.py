@@ -170,6 +170,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "figures at every evaluation (figure_every_n=1)": {"figure_every_n": 1},
     "heavier (max_batches=4, probes=4)": {"max_batches": 4, "probes": 4},
     "lighter (probes=1: no CV)": {"probes": 1},
+    "every third epoch (every_n_epochs=3)": {"every_n_epochs": 3},
 }
 
 
@@ -200,13 +201,13 @@ def write_report(report: dict[str, Any], name: str = "diagnostics_overhead") -> 
         "",
         report["note"],
         "",
-        "| setting | model | steps | evaluations | fraction (CPU, in hooks) | fraction (wall, in hooks) | fraction end to end (CPU) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| setting | model | steps | evaluations | fraction (CPU, in hooks) | fraction (wall, in hooks) | fraction end to end (CPU) | one evaluation, in training steps |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['setting']} | {r['model']} | {r['steps']} | {r['evaluations']} | {r['fraction']:.1%} | "
-            f"{r['fraction_wall']:.1%} | {r['fraction_end_to_end']:.1%} |"
+            f"{r['fraction_wall']:.1%} | {r['fraction_end_to_end']:.1%} | {r['steps_per_evaluation']:.1f} |"
         )
     with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -252,6 +253,11 @@ def main() -> None:
                 "evaluations": withcb[0]["evaluations"],
                 "train_cpu_seconds": statistics.median(b["cpu"] for b in base),
                 "diagnostics_cpu_seconds": statistics.median(w["cb_cpu"] for w in withcb),
+                # What one evaluation costs in training steps (figures included, spread over them).
+                "steps_per_evaluation": statistics.median(
+                    w["cb_cpu"] / w["evaluations"] / ((w["cpu"] - w["cb_cpu"]) / w["steps"])
+                    for w in withcb
+                ),
                 "repeats": repeats,
                 "options": setting,
             }

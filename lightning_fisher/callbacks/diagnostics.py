@@ -61,6 +61,11 @@ class FisherDiagnostics(Callback):
     by default they are drawn once, at the end of training; ``figure_every_n=k`` also draws them at
     the first evaluation and every k-th after it. ``figures()`` draws them on demand.
 
+    Cost: one evaluation runs ``3 * probes + 1`` backward passes (with the default methods) and one
+    forward-only pass over ``max_batches`` batches, about a dozen training steps' worth for an MLP;
+    choose ``every_n_epochs`` / ``every_n_steps`` so that evaluations are a few hundred steps apart
+    to keep the overhead near 5% (``benchmarks/diagnostics_overhead.py`` measures it).
+
     Probes are drawn with the same seeds at every evaluation, so changes over training come from the
     model, not from new probe noise; the ``hutchinson`` trace logged equals the mean over
     ``i < probes`` of ``lf.estimate_fisher(model, loader, "hutchinson", probes=1, seed=seed + i,
