@@ -220,7 +220,10 @@ def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 def run_world(world: int, cfg: Config) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, _free_port(), cfg, tmp), nprocs=world, join=True)
+        # CPU runs fork (the workers inherit the driver's imports); CUDA needs fresh processes.
+        method = "fork" if cfg.cpu else "spawn"
+        args = (world, _free_port(), cfg, tmp)
+        mp.start_processes(_worker, args=args, nprocs=world, join=True, start_method=method)
         return [
             torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)
         ]
@@ -233,17 +236,24 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS / "ddp_scaling.json")
     parser.add_argument("--n-inputs", type=int, default=None, help="inputs of the Fisher pass")
+    parser.add_argument("--batch", type=int, default=None, help="batch size per rank")
+    parser.add_argument("--repeats", type=int, default=None, help="timed passes (median)")
     args = parser.parse_args()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     cfg = Config(cpu=args.cpu, **(TINY if args.tiny else {}))  # type: ignore[arg-type]
-    if args.n_inputs is not None:
-        cfg.n_inputs = args.n_inputs
+    for name in ("n_inputs", "batch", "repeats"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if cfg.n_inputs % (cfg.batch * max(args.gpus)):
+        sys.exit("--n-inputs must be a multiple of --batch times the largest GPU count.")
     if not cfg.cpu and torch.cuda.device_count() < max(args.gpus):
         sys.exit(f"needs {max(args.gpus)} GPUs; found {torch.cuda.device_count()}.")
 
     import lightning
+    import lightning.pytorch  # before the workers start: forked ones inherit it
 
     import lightning_fisher as lf
+    import lightning_fisher.callbacks.ewc
 
     runs = {w: run_world(w, cfg) for w in sorted(args.gpus)}
     # The reference: one process (this one, no process group) on all the data.
@@ -289,7 +299,8 @@ def main() -> None:
             }
         )
     gpu = "cpu (gloo)" if cfg.cpu else torch.cuda.get_device_name(0)
-    command = "NCCL_NVLS_ENABLE=0 python benchmarks/ddp_scaling.py " + " ".join(sys.argv[1:])
+    command = ("" if cfg.cpu else "NCCL_NVLS_ENABLE=0 ") + "python benchmarks/ddp_scaling.py "
+    command += " ".join(sys.argv[1:])
     report = {
         "command": command.strip(),
         "device": f"{max(args.gpus)} x {gpu}" if not cfg.cpu else f"cpu ({platform.machine()})",
