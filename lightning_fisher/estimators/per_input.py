@@ -119,21 +119,50 @@ class PerInputEngine:
 
     # Planning -----------------------------------------------------------------------------------
     def plan(self, forward: Callable[[], Any]) -> None:
-        """Find which modules run, and assign every tracked parameter to a rule."""
+        """Find which modules run, and assign every tracked parameter to a rule.
+
+        The model sees only the first row of the batch (a pre-hook slices its batch-first
+        tensor arguments), so planning costs about one B-th of a forward. Post-processing of the
+        one-row output by ``forward`` may then fail on mismatched shapes (masks, labels): that is
+        ignored once the model has run. Should the one-row forward itself fail, planning runs
+        again on the whole batch.
+        """
         fired: dict[str, int] = {}
-        hooks = []
-        for path, module in self.model.named_modules(remove_duplicate=False):
+        done: list[bool] = []
 
-            def pre(_m: nn.Module, _a: Any, path: str = path) -> None:
-                fired[path] = fired.get(path, 0) + 1
+        def first_row(_m: nn.Module, args: Any, kwargs: Any) -> Any:
+            leaves, spec = tree_flatten((args, kwargs))
+            B = next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.ndim), 1)
+            if B <= 1:
+                return None
+            leaves = [t[:1] if isinstance(t, Tensor) and t.ndim and t.shape[0] == B else t for t in leaves]
+            return tree_unflatten(leaves, spec)
 
-            hooks.append(module.register_forward_pre_hook(pre))
-        try:
-            with torch.no_grad():
-                forward()
-        finally:
-            for h in hooks:
-                h.remove()
+        for sliced in (True, False):
+            fired.clear()
+            done.clear()
+            hooks = []
+            for path, module in self.model.named_modules(remove_duplicate=False):
+
+                def pre(_m: nn.Module, _a: Any, path: str = path) -> None:
+                    fired[path] = fired.get(path, 0) + 1
+
+                hooks.append(module.register_forward_pre_hook(pre))
+            if sliced:
+                hooks.append(self.model.register_forward_pre_hook(first_row, with_kwargs=True))
+            hooks.append(self.model.register_forward_hook(lambda *_: done.append(True)))
+            try:
+                with torch.no_grad():
+                    forward()
+                break
+            except Exception:
+                if not sliced:
+                    raise
+                if done:  # the model ran; what failed is the handling of its one-row output
+                    break
+            finally:
+                for h in hooks:
+                    h.remove()
 
         by_id = {id(p): name for name, p in self.params.items()}
         modules = dict(self.model.named_modules(remove_duplicate=False))
