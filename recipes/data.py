@@ -24,6 +24,7 @@ import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -338,7 +339,7 @@ class _BatchTensors(TensorDataset):
         return tuple(t[idx] for t in self.tensors)
 
 
-def _already_batched(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+def _already_batched(batch: Any) -> Any:
     return batch
 
 

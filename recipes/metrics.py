@@ -27,6 +27,8 @@ class AccuracyMatrix(Metric):
 
     full_state_update = False
     higher_is_better = True
+    correct: Tensor
+    total: Tensor
 
     def __init__(self, n_tasks: int, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
