@@ -1,0 +1,319 @@
+"""Hugging Face models: sequence classifiers, causal LMs at token level, LoRA adapters (issue #6).
+
+Every model is a tiny randomly initialised BERT / GPT-2 built here (no download); the brute-force
+dense Fisher of ``reference.py`` is the ground truth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from reference import dense_fisher, per_input_jacobians, per_label_grads, unflatten
+from torch import Tensor, nn
+
+import lightning_fisher as lf
+from lightning_fisher import hf
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, T = 30, 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """Tiny models run far faster on one thread, above all on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_bert(n_classes: int = 3, seed: int = 0) -> nn.Module:
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        num_labels=n_classes,
+        attn_implementation="eager",  # the dense reference's jacrev is slow through sdpa
+    )
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(cfg).double().eval()
+
+
+def tiny_gpt2(vocab: int = VOCAB, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_embd=16,
+        n_layer=1,
+        n_head=2,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def padded_ids(n: int = 5, seed: int = 1) -> tuple[Tensor, Tensor]:
+    """Token ids (n, T) and an attention mask with right padding of varied lengths."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (n, T), generator=gen)
+    lengths = torch.tensor([T, 4, T, 2, 5][:n])
+    mask = (torch.arange(T) < lengths[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def classifier_case(n_classes: int = 3) -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
+    model = tiny_bert(n_classes)
+    ids, mask = padded_ids()
+    y = torch.randint(0, n_classes, (len(ids),), generator=torch.Generator().manual_seed(2))
+    batches = [
+        {"input_ids": ids[i : i + 3], "attention_mask": mask[i : i + 3], "labels": y[i : i + 3]}
+        for i in (0, 3)
+    ]
+    jac = per_input_jacobians(
+        model,
+        lambda f, r: f(input_ids=r["x"], attention_mask=r["am"]).logits,
+        [{"x": ids, "am": mask, "y": y}],
+    )
+    return model, batches, jac
+
+
+def lm_case(model: nn.Module | None = None) -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
+    """A GPT-2 LM (tied embeddings), labels from ``with_lm_labels``; the reference shifts by hand."""
+    model = model or tiny_gpt2()
+    ids, mask = padded_ids()
+    batches = [
+        hf.with_lm_labels({"input_ids": ids[i : i + 3], "attention_mask": mask[i : i + 3]})
+        for i in (0, 3)
+    ]
+    labels = ids.masked_fill(mask == 0, -100)
+    ref = {"x": ids, "am": mask, "mask": mask[:, 1:].bool(), "y": labels[:, 1:]}
+    jac = per_input_jacobians(
+        model,
+        lambda f, r: f(input_ids=r["x"], attention_mask=r["am"]).logits[:, :-1],
+        [ref],
+        token_level=True,
+    )
+    return model, batches, jac
+
+
+def assert_close_to(fd: lf.FisherDiagonal, model: nn.Module, flat: Tensor, rtol: float) -> None:
+    """Max-norm relative error of every parameter's diagonal against the reference."""
+    ref = unflatten(model, flat)
+    assert set(fd) == set(ref)
+    for name, want in ref.items():
+        err = (fd[name].double() - want).abs().max() / want.abs().max().clamp_min(1e-12)
+        assert err < rtol, f"{name}: relative error {err:.2e}"
+
+
+@pytest.fixture(scope="module")
+def bert_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
+    return classifier_case()
+
+
+@pytest.fixture(scope="module")
+def gpt2_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
+    return lm_case()
+
+
+def _case(request: pytest.FixtureRequest, name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    model, batches, jac = request.getfixturevalue(name)
+    kwargs = hf.lm_fisher_kwargs(model)
+    assert kwargs == ({"shift_labels": True} if name.startswith("gpt2") else {})
+    return model, batches, jac, kwargs
+
+
+@pytest.mark.parametrize("name", ["bert_case", "gpt2_case"])
+def test_exact_and_empirical_match_the_dense_reference(
+    request: pytest.FixtureRequest, name: str
+) -> None:
+    model, batches, (js, zs, ys), kw = _case(request, name)
+    fd = lf.estimate_fisher(model, batches, method="exact", **kw)
+    # Padded positions (and, for the LM, the last position of each row) are not inputs.
+    assert fd.n_samples == len(js)
+    assert_close_to(fd, model, dense_fisher(js, zs).diagonal(), 1e-6)
+    emp = lf.estimate_fisher(model, batches, method="empirical", **kw)
+    assert_close_to(emp, model, per_label_grads(js, zs, ys).pow(2).mean(0), 1e-6)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def binary_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
+    return classifier_case(n_classes=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "kernel"),
+    [
+        ("bert_case", "hutchinson", "fisher"),
+        ("bert_case", "hutchinson_dg", "dg"),
+        ("bert_case", "hutchinson_lr", "lr"),
+        ("gpt2_case", "hutchinson", "fisher"),
+        ("gpt2_case", "hutchinson_dg", "dg"),
+        ("gpt2_case", "hutchinson_lr", "lr"),
+        # C = 2: I(p) has rank 1, so the rank-1 lower bound is the Fisher itself
+        ("binary_case", "hutchinson_lr", "fisher"),
+    ],
+)
+def test_hutchinson_family_is_unbiased(
+    request: pytest.FixtureRequest, name: str, method: str, kernel: str
+) -> None:
+    model, batches, (js, zs, _), kw = _case(request, name)
+    want = dense_fisher(js, zs, kernel=kernel).diagonal()
+    est = lf.estimate_fisher(model, batches, method=method, probes=200, seed=7, **kw)
+    # 200 probes leave about 3-8% noise; a biased kernel (p~ instead of sqrt(p~)) is off by >50%
+    assert (est.flatten().double() - want).norm() / want.norm() < 0.15
+
+
+def test_sample_converges_to_exact_on_the_lm(gpt2_case: Any) -> None:
+    model, batches, _ = gpt2_case
+    kw = hf.lm_fisher_kwargs(model)
+    exact = lf.estimate_fisher(model, batches, method="exact", **kw).flatten()
+    est = lf.estimate_fisher(
+        model, batches, method="sample", mc_samples=600, seed=3, **kw
+    ).flatten()
+    assert (est - exact).norm() / exact.norm() < 0.1
+
+
+def test_padding_changes_nothing_but_counts_only_real_tokens() -> None:
+    """A padded batch gives the Fisher of its sequences taken one by one without padding."""
+    ids, mask = padded_ids()
+    for model, kw in ((tiny_bert(), {}), (tiny_gpt2(), {"shift_labels": True})):
+        padded = (
+            [hf.with_lm_labels({"input_ids": ids, "attention_mask": mask})]
+            if kw
+            else [{"input_ids": ids, "attention_mask": mask}]
+        )
+        singles = []
+        for row, m in zip(ids, mask):
+            n = int(m.sum())
+            b = {"input_ids": row[None, :n], "attention_mask": m[None, :n]}
+            singles.append(hf.with_lm_labels(b) if kw else b)
+        a = lf.estimate_fisher(model, padded, method="exact", **kw)
+        b = lf.estimate_fisher(model, singles, method="exact", **kw)
+        want = int(mask.sum() - len(ids)) if kw else len(ids)
+        assert a.n_samples == b.n_samples == want
+        torch.testing.assert_close(a.flatten(), b.flatten(), rtol=1e-5, atol=1e-9)
+
+
+def test_lm_labels_ignore_padding_and_keep_given_labels() -> None:
+    ids, mask = padded_ids()
+    b = hf.with_lm_labels({"input_ids": ids, "attention_mask": mask})
+    assert torch.equal(b["labels"][mask == 1], ids[mask == 1])
+    assert (b["labels"][mask == 0] == -100).all()
+    mine = torch.zeros_like(ids)
+    assert hf.with_lm_labels({"input_ids": ids, "labels": mine})["labels"] is mine
+    with pytest.raises(KeyError, match="input_ids"):
+        hf.with_lm_labels({"attention_mask": mask})
+
+
+def test_vocabulary_scale_lm() -> None:
+    """C = vocabulary: `exact` refuses and names the alternatives; the others run, and the
+    rank-1 lower bound uses power iteration without ever forming a C x C matrix."""
+    V = 1100  # above exact's default limit of 1024 classes
+    model = tiny_gpt2(vocab=V, dtype=torch.float32)
+    with torch.no_grad():  # spread the logits so that I(p)'s top eigenvalue is well separated
+        model.transformer.wte.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    batches = [hf.with_lm_labels({"input_ids": ids, "attention_mask": torch.ones_like(ids)})]
+    kw = hf.lm_fisher_kwargs(model)
+    with pytest.raises(lf.FisherInputError, match=r"sample.*hutchinson"):
+        lf.estimate_fisher(model, batches, method="exact", **kw)
+    for method in ("sample", "empirical", "hutchinson", "hutchinson_dg"):
+        fd = lf.estimate_fisher(model, batches, method=method, **kw)
+        assert fd.n_samples == 8 and fd.trace() > 0
+
+    import lightning_fisher.kernel as kernel
+
+    def forbidden(p: Tensor) -> Tensor:
+        raise AssertionError(f"dense {p.shape[-1]} x {p.shape[-1]} matrix formed")
+
+    short = [{k: v[:1, :3] for k, v in batches[0].items()}]
+    mp = pytest.MonkeyPatch()
+    mp.setattr(kernel, "softmax_fisher", forbidden)
+    try:
+        power = lf.estimate_fisher(model, short, method="hutchinson_lr", seed=4, **kw)
+    finally:
+        mp.undo()
+    dense = lf.estimate_fisher(
+        model, short, method="hutchinson_lr", seed=4, eigen_method="eigh", **kw
+    )
+    # The same probes on the same (sign-free) top eigenpair: the same estimate.
+    torch.testing.assert_close(power.flatten(), dense.flatten(), rtol=1e-3, atol=1e-7)
+    assert power.trace() > 0
+
+
+class LoRALinear(nn.Module):
+    """W x + B A x with a frozen base W (PEFT's layout: ``lora_A`` / ``lora_B`` Linear layers)."""
+
+    def __init__(self, base: nn.Linear, r: int = 2) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.3)  # nonzero, so that A has a Fisher too
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.lora_B(self.lora_A(x))
+
+
+def test_lora_adapters_only_trainable_parameters_count() -> None:
+    model = tiny_bert()
+    attn = model.bert.encoder.layer[0].attention.self
+    torch.manual_seed(3)
+    attn.query, attn.value = LoRALinear(attn.query).double(), LoRALinear(attn.value).double()
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith("classifier"))
+    ids, mask = padded_ids()
+    y = torch.tensor([0, 1, 2, 1, 0])
+    batches = [{"input_ids": ids, "attention_mask": mask, "labels": y}]
+    js, zs, _ = per_input_jacobians(
+        model,
+        lambda f, r: f(input_ids=r["x"], attention_mask=r["am"]).logits,
+        [{"x": ids, "am": mask, "y": y}],
+    )
+    fd = lf.estimate_fisher(model, batches, method="exact")
+    assert {n for n in fd if "lora_" in n} == {
+        f"bert.encoder.layer.0.attention.self.{m}.lora_{ab}.weight"
+        for m in ("query", "value")
+        for ab in "AB"
+    }
+    assert_close_to(fd, model, dense_fisher(js, zs).diagonal(), 1e-6)
+    only = lf.estimate_fisher(model, batches, method="exact", param_filter=hf.adapter_filter())
+    assert set(only) == {n for n in fd if "lora_" in n}
+    for name in only:
+        torch.testing.assert_close(only[name], fd[name])
+    with pytest.raises(lf.FisherInputError, match="no trainable parameters"):
+        lf.estimate_fisher(model, batches, param_filter=hf.adapter_filter("no_such_adapter"))
+
+
+def test_model_family_detection_and_blocks() -> None:
+    bert, gpt = tiny_bert(), tiny_gpt2()
+    assert not hf.is_causal_lm(bert) and hf.is_causal_lm(gpt)
+    blocks = {n: hf.block_of(n) for n, _ in bert.named_parameters()}
+    assert blocks["bert.embeddings.word_embeddings.weight"] == "embeddings"
+    assert blocks["bert.embeddings.LayerNorm.weight"] == "embeddings"
+    assert blocks["bert.encoder.layer.0.output.dense.weight"] == "layer 0"
+    assert blocks["bert.pooler.dense.weight"] == "pooler"
+    assert blocks["classifier.weight"] == "head"
+    assert hf.block_of("transformer.h.11.attn.c_attn.weight") == "layer 11"
+    assert hf.block_of("transformer.ln_f.weight") == "ln_f"
+    fd = lf.estimate_fisher(gpt, lm_case(gpt)[1], method="hutchinson", shift_labels=True)
+    values = hf.block_values(fd)
+    assert list(values) == ["embeddings", "layer 0", "ln_f"]  # lm_head is tied to wte
+    assert sum(v.numel() for v in values.values()) == fd.numel()
+    assert hf.block_order(["head", "layer 10", "pooler", "layer 2", "embeddings"]) == [
+        "embeddings",
+        "layer 2",
+        "layer 10",
+        "pooler",
+        "head",
+    ]
+    with pytest.raises(ValueError, match="at least one"):
+        hf.adapter_filter(())
