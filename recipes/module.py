@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -21,16 +23,24 @@ class TaskIncrementalModule(L.LightningModule):
         net: a classifier returning logits over every class of the benchmark.
         lr: Adam's learning rate.
         betas: Adam's betas (beta2 = 0.999 is also what the Squisher wants).
+        reset_optimizer: a fresh Adam for every task (every ``fit``); ``False`` carries Adam's
+            state from task to task, as one optimizer for the whole sequence would.
     """
 
     def __init__(
-        self, net: nn.Module, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999)
+        self,
+        net: nn.Module,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        reset_optimizer: bool = True,
     ) -> None:
         super().__init__()
         self.net = net
         self.lr = lr
         self.betas = betas
+        self.reset_optimizer = reset_optimizer
         self.active_classes: tuple[int, ...] = ()
+        self._optimizer_state: dict[str, Any] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -51,8 +61,14 @@ class TaskIncrementalModule(L.LightningModule):
         return F.cross_entropy(self.active_logits(x, self.active_classes), target)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        # A fresh Adam per task (each task is one `fit`), as in van de Ven's protocol.
-        return torch.optim.Adam(self.parameters(), lr=self.lr, betas=self.betas)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr, betas=self.betas)
+        if not self.reset_optimizer and self._optimizer_state is not None:
+            optimizer.load_state_dict(self._optimizer_state)
+        return optimizer
+
+    def on_train_end(self) -> None:
+        if not self.reset_optimizer:
+            self._optimizer_state = copy.deepcopy(self.trainer.optimizers[0].state_dict())
 
     @torch.no_grad()
     def task_predictions(self, x: Tensor, classes: Sequence[int], batch_size: int = 1000) -> Tensor:

@@ -63,6 +63,7 @@ class RecipeConfig:
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
+    reset_optimizer: bool = True  # a fresh Adam per task; False carries its state across tasks
     seed: int = 0
     accelerator: str = "auto"  # auto | cpu | gpu
     precision: str = "32-true"
@@ -191,7 +192,9 @@ def run_continual(cfg: RecipeConfig, tasks: list[Task] | None = None) -> dict[st
     """
     tasks = tasks if tasks is not None else build_tasks(cfg)
     L.seed_everything(cfg.seed, workers=False, verbose=False)
-    module = TaskIncrementalModule(build_net(cfg, tasks), cfg.lr, (cfg.beta1, cfg.beta2))
+    module = TaskIncrementalModule(
+        build_net(cfg, tasks), cfg.lr, (cfg.beta1, cfg.beta2), cfg.reset_optimizer
+    )
     ewc = make_ewc(cfg, module)
     acc = AccuracyMatrix(len(tasks))
     fisher_seconds: list[float] = []

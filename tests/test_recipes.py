@@ -211,6 +211,17 @@ def test_ewc_keeps_the_weights_the_first_task_relies_on() -> None:
     assert drift(with_ewc["module"]) < 0.5 * drift(without["module"])
 
 
+@pytest.mark.parametrize("reset", [True, False])
+def test_adam_state_is_fresh_per_task_or_carried_across_tasks(reset: bool) -> None:
+    cfg = load_config("split_digits", iters=3, n_tasks=2, reset_optimizer=reset, accelerator="cpu")
+    module = run_continual(cfg)["module"]
+    state = module._optimizer_state
+    if reset:
+        assert state is None
+    else:  # one optimizer for the whole sequence: its step count runs over both tasks
+        assert {float(s["step"]) for s in state["state"].values()} == {6.0}
+
+
 def test_split_mnist_recipe_runs_from_local_idx_files(tmp_path: Path) -> None:
     _fake_mnist(tmp_path)
     cfg = load_config(
