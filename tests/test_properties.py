@@ -84,7 +84,7 @@ shapes = st.fixed_dictionaries(
 )
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=30)
 @given(shape=shapes, n_classes=st.sampled_from([2, 3, 7, 64]))
 def test_exact_and_empirical_equal_the_dense_reference(
     shape: dict[str, int], n_classes: int
@@ -156,7 +156,7 @@ def test_hutchinson_mean_converges_to_exact(shape: dict[str, int], n_classes: in
     assert abs(mean.trace() - exact.trace()) <= 0.35 * exact.trace()
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=40)
 @given(shape=shapes)
 def test_two_classes_one_input_per_batch_lower_bound_is_exact(shape: dict[str, int]) -> None:
     """C = 2: I(p) has rank 1, so the rank-1 Hutchinson estimate with a Rademacher probe
@@ -168,7 +168,7 @@ def test_two_classes_one_input_per_batch_lower_bound_is_exact(shape: dict[str, i
     assert rel_err(lower, dict(exact)) < 1e-6
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=40)
 @given(shape=shapes, method=st.sampled_from(METHODS))
 def test_one_class_is_a_clear_error_and_the_sigmoid_trick_is_bernoulli(
     shape: dict[str, int], method: str
@@ -208,7 +208,7 @@ class TokenMLP(nn.Module):
         return self.net(inputs_embeds)
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=60)
 @given(
     b=st.integers(1, 3),
     t=st.integers(1, 4),
@@ -259,7 +259,7 @@ def test_masked_tokens_contribute_nothing(
         assert rel_err(fd, {f"net.{k}": v for k, v in want.items()}) < 1e-6
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=60)
 @given(
     shape=shapes,
     where=st.sampled_from(["input", "weight", "bias"]),
