@@ -308,7 +308,10 @@ def study(
         )
         info: dict[str, Any] = {"classes": list(classes)}
         extra[name] = info
+        info["settings"] = {k: getattr(args, k) for k in ("n_train", "epochs", "lr", "n_fisher")}
         for stage in ("pretrained", "finetuned"):
+            if stage not in args.stages:
+                continue
             if stage == "finetuned":
                 info["finetune_seconds"] = finetune(model, train_b, args.epochs, args.lr, args.seed)
             info[f"eval_acc_{stage}"] = accuracy(model, eval_b)
@@ -463,30 +466,32 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     ax.set_title("Traces: upper >= F >= lower")
     ax.legend(fontsize=8)
     blocks = list(rows[0]["blocks"])
-    for r in rows:
-        style = "-" if r["stage"] == "finetuned" else "--"
+    for i, r in enumerate(rows):
+        style, color = ("-" if r["stage"] == "finetuned" else "--"), f"C{i}"
+        name = f"{r['dataset']} {r['stage']}"
         axes[0, 1].plot(
             blocks,
             [r["blocks"][b]["log10_q50"] for b in blocks],
             style,
             marker="o",
-            label=f"{r['dataset']} {r['stage']} (median)",
+            color=color,
+            label=f"{name} (median)",
+        )
+        axes[0, 1].plot(
+            blocks,
+            [math.log10(max(r["blocks"][b]["mean"], 1e-30)) for b in blocks],
+            style,
+            color=color,
+            alpha=0.35,
+            label=f"{name} (mean)",
         )
         axes[1, 0].plot(
             blocks,
             [r["blocks"][b]["frac_below"] for b in blocks],
             style,
             marker="o",
-            label=f"{r['dataset']} {r['stage']}",
-        )
-    for r in rows:
-        style = "-" if r["stage"] == "finetuned" else "--"
-        axes[0, 1].plot(
-            blocks,
-            [math.log10(max(r["blocks"][b]["mean"], 1e-30)) for b in blocks],
-            style,
-            alpha=0.35,
-            label=f"{r['dataset']} {r['stage']} (mean)",
+            color=color,
+            label=name,
         )
     axes[0, 1].set_ylabel("log10 F_i")
     axes[0, 1].set_title("Fisher magnitude per block, embeddings -> head")
@@ -499,16 +504,47 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     for a in (axes[0, 1], axes[1, 0]):
         a.tick_params(axis="x", rotation=45)
     ax = axes[1, 1]
-    ax.bar([x - 0.2 for x in xs], [r["cv_rademacher"] for r in rows], 0.4, label="Rademacher")
-    ax.bar([x + 0.2 for x in xs], [r["cv_gaussian"] for r in rows], 0.4, label="Gaussian")
+    bars = [
+        ("cv_rademacher", "entry CV, Rademacher"),
+        ("cv_gaussian", "entry CV, Gaussian"),
+        ("cv_trace_rademacher", "trace CV, Rademacher"),
+        ("cv_trace_gaussian", "trace CV, Gaussian"),
+    ]
+    for j, (key, name) in enumerate(bars):
+        ax.bar([x + (j - 1.5) * width for x in xs], [r[key] for r in rows], width, label=name)
     ax.axhline(math.sqrt(2), color="k", lw=0.8, ls=":", label="sqrt 2")
     ax.set_xticks(list(xs), labels)
-    ax.set_ylabel("mean CV of one-probe F_i")
-    ax.set_title("Hutchinson probe CV")
-    ax.legend(fontsize=8)
+    ax.set_ylabel("coefficient of variation (one probe)")
+    ax.set_title("Hutchinson probe CV: mean over entries, and of the trace")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def merge(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
+    """One report from several partial ones (e.g. one process per data set and stage): rows
+    ordered by data set and stage, per-data-set information combined."""
+    parts = [json.loads((d / "bounds_study.json").read_text()) for d in dirs]
+    order = {"pretrained": 0, "finetuned": 1}
+    rows = sorted(
+        (r for p in parts for r in p["rows"]),
+        key=lambda r: (list(DATASETS).index(r["dataset"]), order[r["stage"]]),
+    )
+    datasets: dict[str, Any] = {}
+    for p in parts:
+        for name, info in p["datasets"].items():
+            datasets.setdefault(name, {}).update(info)
+    payload = {
+        **parts[0],
+        "rows": rows,
+        "datasets": datasets,
+        "command": " && ".join(dict.fromkeys(p["command"] for p in parts)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bounds_study.json").write_text(json.dumps(payload, indent=2))
+    (out / "bounds_study.md").write_text(markdown(payload))
+    return payload
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -529,7 +565,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cv-runs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=["pretrained", "finetuned"],
+        choices=["pretrained", "finetuned"],
+    )
     p.add_argument("--plot-only", action="store_true", help="redraw the figure from the JSON")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="combine the reports of runs split over processes into --out",
+    )
     return p.parse_args(argv)
 
 
@@ -538,7 +587,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    if args.plot_only:
+    if args.merge:
+        payload = merge([Path(d) for d in args.merge], out)
+    elif args.plot_only:
         payload = json.loads((out / "bounds_study.json").read_text())
     else:
         settings = {
