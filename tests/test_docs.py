@@ -136,6 +136,12 @@ def test_benchmark_tables_come_from_results_or_say_they_are_missing(tmp_path: Pa
     assert table.startswith("| method | acc |") and "| EXACT | 99 |" in table
     assert "`python -m recipes.reproduce`" in table
 
+    assert hooks.benchmark_figure("reproduce_x_lambda", tmp_path) == ""
+    (tmp_path / "reproduce_x_lambda.png").write_bytes(b"\x89PNG\r\n")
+    assert 'src="data:image/png;base64,iVBORw0K' in hooks.benchmark_figure(
+        "reproduce_x_lambda", tmp_path
+    )
+
 
 def test_api_reference_documents_every_public_name() -> None:
     import lightning_fisher as lf

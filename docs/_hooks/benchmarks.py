@@ -2,18 +2,21 @@
 
 A page line ``<!-- benchmark-table: NAME -->`` becomes ``benchmarks/results/NAME.md`` followed by
 the command that produced it (from ``NAME.json``, DESIGN §6), or a clearly marked notice when the
-benchmark has not been run yet, so the docs never hold a stale copy of a result.
+benchmark has not been run yet, so the docs never hold a stale copy of a result. A line
+``<!-- benchmark-figure: NAME -->`` embeds ``benchmarks/results/NAME.png`` (inline, since it lies
+outside ``docs/``), or nothing when there is no such figure.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-MARKER = re.compile(r"^<!-- benchmark-table: ([\w.-]+) -->$", re.MULTILINE)
+MARKER = re.compile(r"^<!-- benchmark-(table|figure): ([\w.-]+) -->$", re.MULTILINE)
 
 
 def benchmark_table(name: str, results: Path = RESULTS) -> str:
@@ -38,5 +41,18 @@ def benchmark_table(name: str, results: Path = RESULTS) -> str:
     return text
 
 
+def benchmark_figure(name: str, results: Path = RESULTS) -> str:
+    """An inline ``<img>`` of ``NAME.png``, or an empty string when it does not exist."""
+    png = results / f"{name}.png"
+    if not png.is_file():
+        return ""
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    return f'<img alt="benchmarks/results/{name}.png" src="data:image/png;base64,{data}">\n'
+
+
 def on_page_markdown(markdown: str, **_: Any) -> str:
-    return MARKER.sub(lambda m: benchmark_table(m.group(1)), markdown)
+    def replace(m: re.Match[str]) -> str:
+        kind, name = m.group(1), m.group(2)
+        return benchmark_table(name) if kind == "table" else benchmark_figure(name)
+
+    return MARKER.sub(replace, markdown)
