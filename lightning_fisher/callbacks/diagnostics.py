@@ -75,7 +75,8 @@ class FisherDiagnostics(Callback):
         every_n_epochs: evaluate at the end of every n-th training epoch (``None``: never).
         every_n_steps: evaluate every n optimizer steps (``None``: never).
         dataloader: ``"val"`` (the first validation loader; the training loader if there is none,
-            with a warning), ``"train"`` (the training loader, read in dataset order), or any
+            with a warning), ``"train"`` (the training loader, read in the fixed order every Fisher
+            pass of the callbacks uses), or any
             iterable of batches. Each evaluation reads its first ``max_batches`` batches once and
             gives the same batches to every method.
         max_batches: batches of that loader per evaluation and method (``None``: all).
@@ -225,7 +226,7 @@ class FisherDiagnostics(Callback):
                 "FisherDiagnostics(dataloader='val'): the Trainer has no validation dataloader, so "
                 "the diagnostics use the training dataloader.",
             )
-        # The training loader, read in dataset order, with the checks every Fisher pass makes.
+        # The training loader in a fixed order, with the checks every callback's Fisher pass makes.
         return fisher_loader(trainer, None, "FisherDiagnostics")
 
     def _log(self, trainer: Trainer, result: DiagnosticsResult) -> None:
