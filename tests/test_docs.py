@@ -126,7 +126,7 @@ def test_benchmark_tables_come_from_results_or_say_they_are_missing(tmp_path: Pa
     spec.loader.exec_module(hooks)
 
     missing = hooks.benchmark_table("reproduce_x", tmp_path)
-    assert "Not reproduced yet" in missing and "reproduce_x.md" in missing
+    assert "Not run yet" in missing and "reproduce_x.md" in missing
 
     (tmp_path / "reproduce_x.md").write_text(
         "# Title\n\n| method | acc |\n|---|---|\n| EXACT | 99 |\n"

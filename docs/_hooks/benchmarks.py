@@ -24,9 +24,9 @@ def benchmark_table(name: str, results: Path = RESULTS) -> str:
     table = results / f"{name}.md"
     if not table.is_file():
         return (
-            f'!!! warning "Not reproduced yet"\n'
-            f"    `benchmarks/results/{name}.md` does not exist yet; this section shows the table "
-            f"once the reproduction has been run.\n"
+            f'!!! warning "Not run yet"\n'
+            f"    `benchmarks/results/{name}.md` does not exist yet; this section shows its results "
+            f"once the benchmark has been run.\n"
         )
     text = table.read_text(encoding="utf-8").strip()
     # The report's own "# Title" would be a second page title: the page gives the context.
