@@ -133,7 +133,7 @@ def test_benchmark_tables_come_from_results_or_say_they_are_missing(tmp_path: Pa
     )
     (tmp_path / "reproduce_x.json").write_text('{"command": "python -m recipes.reproduce"}')
     table = hooks.benchmark_table("reproduce_x", tmp_path)
-    assert table.startswith("| method | acc |") and "| EXACT | 99 |" in table
+    assert table.startswith("**Title**\n\n| method | acc |") and "| EXACT | 99 |" in table
     assert "`python -m recipes.reproduce`" in table
 
     assert hooks.benchmark_figure("reproduce_x_lambda", tmp_path) == ""

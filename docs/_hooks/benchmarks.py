@@ -29,9 +29,10 @@ def benchmark_table(name: str, results: Path = RESULTS) -> str:
             f"once the benchmark has been run.\n"
         )
     text = table.read_text(encoding="utf-8").strip()
-    # The report's own "# Title" would be a second page title: the page gives the context.
+    # The report's own "# Title" would be a second page title: keep it as a bold line.
     if text.startswith("# "):
-        text = text.partition("\n")[2].strip()
+        title, _, rest = text.partition("\n")
+        text = f"**{title[2:].strip()}**\n\n{rest.strip()}"
     text += "\n"
     meta = results / f"{name}.json"
     if meta.is_file():
