@@ -15,9 +15,9 @@ Rules that make the resume exact (the checks below rely on them):
   ``DataLoader`` it restarts the epoch's data from the beginning;
 * shuffling draws its order from the seed and the epoch (a sampler with ``set_epoch``, as
   ``DistributedSampler`` does), not from the global RNG, which checkpoints do not hold; the
-  Fisher pass itself reads the training data in a fixed order (``lf.EWC`` replaces a shuffling
-  ``RandomSampler``/``DistributedSampler`` by its unshuffled form), so it does not depend on
-  which epoch the sampler was last set to;
+  Fisher pass itself reads the training data in one fixed order (``lf.EWC`` replaces a shuffling
+  ``RandomSampler``/``DistributedSampler`` by a seeded permutation that is the same every pass),
+  so it does not depend on which epoch the sampler was last set to;
 * a kill during a consolidation resumes from the task's last checkpoint, which was written after
   the task's last optimizer step and before its Fisher pass: the restarted fit has nothing left to
   train and ``lf.EWC`` re-runs that consolidation (seeded, so it is identical).

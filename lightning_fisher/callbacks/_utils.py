@@ -15,7 +15,6 @@ from torch.utils.data import (
     DistributedSampler,
     RandomSampler,
     Sampler,
-    SequentialSampler,
 )
 
 from ..outputs import FisherInputError
@@ -26,7 +25,7 @@ def fisher_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, who: st
 
     Under DDP the training loader carries the ``DistributedSampler`` Lightning injected, so every
     rank estimates on its own shard and the estimator's all-reduce gives the Fisher of the union.
-    The training loader is read in a fixed order (see :func:`fixed_order`).
+    A shuffled training loader is read in a fixed order (see :func:`fixed_order`).
     """
     if dataloader is not None:
         return dataloader
@@ -50,28 +49,32 @@ def fisher_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, who: st
     return fixed_order(loader)
 
 
-def fixed_order(loader: Any) -> Any:
-    """``loader`` with its shuffling sampler replaced by the unshuffled one (same batches).
+def fixed_order(loader: Any, seed: int = 0) -> Any:
+    """``loader`` with its shuffling sampler replaced by one shuffle that is the same every time.
 
     The Fisher is a sum over the data, but its floating-point rounding and the pairing of seeded
     label/probe draws with inputs depend on the order. A shuffled training loader's order is set
     by the epoch the sampler last saw, which a run resumed from a checkpoint at the end of a fit
-    does not replay; reading in dataset order makes the pass the same in both (bitwise). Handles a
-    plain ``DataLoader`` with ``RandomSampler`` (``shuffle=True``) or ``DistributedSampler``
-    (the rank keeps its shard, unshuffled); anything else is returned as it is.
+    does not replay; a fixed (seeded) permutation makes the pass the same in both (bitwise),
+    while ``max_batches`` still sees a random part of a data set sorted by class. Handles a plain
+    ``DataLoader`` with ``RandomSampler`` (``shuffle=True``) or a shuffling ``DistributedSampler``
+    (each rank keeps a shard: the sampler's own seed at epoch 0); anything else is returned as
+    it is (a custom sampler: pass a ``dataloader=`` to the callback for a resume-exact Fisher).
     """
     if type(loader) is not DataLoader or type(loader.batch_sampler) is not BatchSampler:
         return loader
     sampler = loader.sampler
     fixed: Sampler[int]
     if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
-        fixed = SequentialSampler(loader.dataset)  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(seed)  # fresh per pass: the same permutation
+        fixed = RandomSampler(loader.dataset, generator=generator)  # type: ignore[arg-type]
     elif type(sampler) is DistributedSampler and sampler.shuffle:
-        fixed = DistributedSampler(
+        fixed = DistributedSampler(  # a new sampler stays at epoch 0
             loader.dataset,
             num_replicas=sampler.num_replicas,
             rank=sampler.rank,
-            shuffle=False,
+            shuffle=True,
+            seed=sampler.seed,
             drop_last=sampler.drop_last,
         )
     else:
