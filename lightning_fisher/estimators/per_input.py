@@ -426,9 +426,11 @@ class PerInputEngine:
         chunk = max(1, int(self.max_bytes // (8 * per_input)))
         for lo in range(0, B, chunk):
             gl, cols = self._unfolded(h, c, g, lo, min(B, lo + chunk), dtype)
+            # Per input and column, the bias gradient is gl summed over positions.
+            g2 = gl.sum(-1).square().sum(0)  # (b, O): sum_k (sum_l gl)^2
             if "weight" in names:
                 if L == 1:
-                    w = gl.squeeze(-1).square().sum(0).T @ cols.squeeze(-1).square()
+                    w = g2.T @ cols.squeeze(-1).square()
                 elif gram:
                     ggt = torch.einsum("kbol,kbom->oblm", gl, gl).reshape(n_out, -1)
                     uut = torch.einsum("bil,bim->blmi", cols, cols).reshape(-1, n_in)
@@ -437,7 +439,7 @@ class PerInputEngine:
                     w = torch.einsum("kbol,bil->bkoi", gl, cols).square_().sum((0, 1))
                 acc[names["weight"]] += weight * w.reshape(acc[names["weight"]].shape)
             if "bias" in names:
-                acc[names["bias"]] += weight * gl.sum(-1).square().sum((0, 1))
+                acc[names["bias"]] += weight * g2.sum(0)
 
     def _norm_per_input(
         self, h: _Handler, c: _Call, g: Tensor, names: dict[str, str], lo: int, hi: int,
