@@ -49,10 +49,19 @@ def fp16_trainer(callbacks: list[pl.Callback]) -> pl.Trainer:
     return trainer(callbacks, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
 
 
-def squisher_run(skip: bool) -> tuple[Classifier, lf.EWC, torch.optim.Optimizer, InfGradient]:
+class FusedAdam(Classifier):
+    """Fused Adam unscales inside its own step (the scaler passes it the scale and found-Inf)."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr, fused=True)
+
+
+def squisher_run(
+    skip: bool, fused: bool
+) -> tuple[Classifier, lf.EWC, torch.optim.Optimizer, InfGradient]:
     """Task 0, then task 1 under 16-mixed: with Inf gradients on the SKIPPED batches, or
     without those batches at all."""
-    model = Classifier(optimizer="adam", lr=0.01, dtype=torch.float32)
+    model = (FusedAdam if fused else Classifier)(optimizer="adam", lr=0.01, dtype=torch.float32)
     ewc = lf.EWC(lam=1e3, method="squisher", mode="online")
     model.active = task_classes(0)
     fp16_trainer([ewc]).fit(model, loader(0, dtype=torch.float32))
@@ -70,9 +79,10 @@ def squisher_run(skip: bool) -> tuple[Classifier, lf.EWC, torch.optim.Optimizer,
     return model, ewc, fit.optimizers[0], spy
 
 
-def test_skipped_fp16_steps_add_nothing_to_the_squisher_nor_the_ewc_updates() -> None:
-    model_a, ewc_a, opt_a, spy_a = squisher_run(skip=True)
-    model_b, ewc_b, opt_b, spy_b = squisher_run(skip=False)
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused-adam"])
+def test_skipped_fp16_steps_add_nothing_to_the_squisher_nor_the_ewc_updates(fused: bool) -> None:
+    model_a, ewc_a, opt_a, spy_a = squisher_run(skip=True, fused=fused)
+    model_b, ewc_b, opt_b, spy_b = squisher_run(skip=False, fused=fused)
     # The scaler really skipped: it halved its scale once per Inf step.
     assert spy_a.scales[-1] == spy_b.scales[-1] / 2 ** len(SKIPPED)
     steps_a = {int(s["step"]) for s in opt_a.state.values()}
