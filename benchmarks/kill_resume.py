@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--kill", default=None, help="train:<task>:<step> or fisher:<task>:<batch>")
     parser.add_argument("--points", type=int, default=10, help="number of random kill points")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
-    parser.add_argument("--jobs", type=int, default=2, help="kill/resume chains run in parallel")
+    parser.add_argument("--jobs", type=int, default=1, help="kill/resume chains run in parallel")
     args = parser.parse_args()
     if args.worker is not None:
         run_worker(args.worker, args.kill)
