@@ -41,7 +41,8 @@ def plot_matrices(results: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.4), squeeze=False)
     for ax, r in zip(axes[0], results):
         m = np.array(r["matrix"], dtype=float)
-        ax.imshow(np.ma.masked_invalid(m), vmin=50, vmax=100, cmap="viridis")
+        low = min(90.0, float(np.nanmin(m)))  # a scale that shows a few points of forgetting
+        ax.imshow(np.ma.masked_invalid(m), vmin=low, vmax=100, cmap="viridis")
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if not math.isnan(m[i, j]):
@@ -52,7 +53,7 @@ def plot_matrices(results: list[dict[str, Any]], path: Path) -> None:
                         ha="center",
                         va="center",
                         fontsize=7,
-                        color="w" if m[i, j] < 80 else "k",
+                        color="w" if m[i, j] < (low + 100) / 2 else "k",
                     )
         ax.set_title(f"{r['name']}\navg {r['avg_acc']:.1f}%", fontsize=9)
         ax.set_xlabel("evaluated task")
@@ -74,7 +75,7 @@ def plot_fisher_density(fishers: dict[str, Any], path: Path) -> None:
         for layer, tensor in fd.items():
             values = tensor.flatten()
             values = values[values > 0].log10()
-            if values.numel() > 1:
+            if values.numel() >= 100:  # weight matrices; a 10-entry bias is no density
                 ax.hist(values.numpy(), bins=60, density=True, histtype="step", label=layer)
         ax.set_title(f"{name}: trace {fd.trace():.3g}", fontsize=9)
         ax.set_xlabel("log10 Fisher diagonal entry")
