@@ -135,3 +135,38 @@ def test_convolution_with_one_output_pixel_folds_the_columns() -> None:
     x = torch.randn(6, 2, 4, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 4, (6,), generator=gen)
     _check(model, x, y, batch=4)
+
+
+def test_planning_falls_back_to_the_whole_batch() -> None:
+    """Planning runs the model on one row; a model that cannot take one row is planned on all."""
+
+    class NeedsPairs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            if x.shape[0] < 2:
+                raise ValueError("needs at least two rows")
+            return self.fc(x)
+
+    model, plain = _seed(NeedsPairs()), _seed(nn.Sequential(nn.Linear(3, 4)))  # same weights
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (5,), generator=gen)
+    got = lf.estimate_fisher(model, [(x, y)], method="exact")
+    want = lf.estimate_fisher(plain, [(x, y)], method="exact")
+    torch.testing.assert_close(got.flatten(), want.flatten())
+
+
+@pytest.mark.parametrize("C", [2, 3, 10])
+def test_reduced_factor_has_c_minus_1_columns(C: int) -> None:
+    from lightning_fisher.estimators.exact import reduced_fisher_sqrt
+    from lightning_fisher.kernel import softmax_fisher
+
+    logits = torch.randn(4, 3, C, generator=torch.Generator().manual_seed(C), dtype=torch.float64)
+    one_hot = torch.eye(C, dtype=torch.float64)[torch.arange(3) % C]  # incl. the last class, C <= 3
+    p = torch.cat([torch.softmax(3 * logits, -1), one_hot[None]])
+    M = reduced_fisher_sqrt(p)
+    assert M.shape == (*p.shape, C - 1)
+    torch.testing.assert_close(M @ M.transpose(-1, -2), softmax_fisher(p), atol=1e-12, rtol=0)
