@@ -579,8 +579,8 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> list
     }
     for _r in range(args.repeats):
         for impl, spec in impls.items():
-            if times[impl] and sum(times[impl]) > budget:
-                continue  # a very slow route keeps the rounds it already has
+            if times[impl] and sum(times[impl]) / spec["scale"] > budget:
+                continue  # a slow route keeps the rounds it already has (budget in measured s)
             gc.collect()
             sync(device)
             t0 = time.perf_counter()
