@@ -88,8 +88,16 @@ def test_norm_layers_conv1d_and_a_custom_forward(n_classes: int) -> None:
     x = torch.randn(7, 2, 4, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, n_classes, (7,), generator=gen)
     rules = _rules(model, x)
-    assert rules == {"conv": "conv", "bn": "norm", "gn": "norm", "conv1d": "conv", "ln": "norm",
-                     "bn1": "norm", "fc": "linear", "head": "linear"}
+    assert rules == {
+        "conv": "conv",
+        "bn": "norm",
+        "gn": "norm",
+        "conv1d": "conv",
+        "ln": "norm",
+        "bn1": "norm",
+        "fc": "linear",
+        "head": "linear",
+    }
     _check(model, x, y, batch=3)
 
 
@@ -102,7 +110,12 @@ def test_sequence_linear_layernorm_and_embedding_with_padding(n_classes: int) ->
     ids[0, :2] = 0  # padding rows of the embedding get no gradient
     ids[3, 4] = 0
     y = torch.randint(0, n_classes, (6,), generator=gen)
-    assert _rules(model, ids) == {"emb": "embedding", "lin": "linear", "ln": "norm", "head": "linear"}
+    assert _rules(model, ids) == {
+        "emb": "embedding",
+        "lin": "linear",
+        "ln": "norm",
+        "head": "linear",
+    }
     _check(model, ids, y, batch=4)
 
 
@@ -129,8 +142,16 @@ def test_batchnorm_in_training_mode_is_not_a_closed_form() -> None:
 
 def test_convolution_with_one_output_pixel_folds_the_columns() -> None:
     """A 4x4 kernel on a 4x4 input has L = 1 output pixel: the columns fold as for a Linear."""
-    model = _seed(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 5, 4),
-                                nn.Flatten(), nn.Tanh(), nn.Linear(5, 4)))
+    model = _seed(
+        nn.Sequential(
+            nn.Conv2d(2, 3, 3, padding=1),
+            nn.Tanh(),
+            nn.Conv2d(3, 5, 4),
+            nn.Flatten(),
+            nn.Tanh(),
+            nn.Linear(5, 4),
+        )
+    )
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(6, 2, 4, 4, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 4, (6,), generator=gen)

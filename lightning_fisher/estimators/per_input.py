@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -360,7 +360,7 @@ class PerInputEngine:
             out = {}
             if "weight" in names:
                 w = torch.einsum("kbol,bil->bkoi", gl, cols)
-                out[names["weight"]] = w.reshape(*w.shape[:2], *h.module.weight.shape)
+                out[names["weight"]] = w.reshape(*w.shape[:2], *self.params[names["weight"]].shape)
             if "bias" in names:
                 out[names["bias"]] = gl.sum(-1).transpose(0, 1)
             return out
@@ -387,7 +387,7 @@ class PerInputEngine:
         (K, b, O, L) and inputs ``cols`` of shape (b, I, L) such that input x's weight gradient for
         column k is gl[k, x] @ cols[x]^T (L = 1 for a Linear without sequence dimensions, the
         sequence for one with, the output pixels of a convolution)."""
-        m = h.module
+        m: Any = h.module
         a = self._input(h, c)[lo:hi].to(dtype)
         g = g[:, lo:hi].to(dtype)
         K, b = g.shape[0], g.shape[1]
@@ -420,7 +420,7 @@ class PerInputEngine:
         dtype = acc[next(iter(names.values()))].dtype
         n_out = g.shape[-1] if h.rule == "linear" else g.shape[2]
         L = g[0, 0].numel() // n_out
-        n_in = h.module.weight.numel() // n_out
+        n_in = cast(Tensor, h.module.weight).numel() // n_out
         gram = L < K
         per_input = (n_out + n_in) * L * L if gram else K * n_out * n_in + n_in * L
         chunk = max(1, int(self.max_bytes // (8 * per_input)))
@@ -451,7 +451,7 @@ class PerInputEngine:
         is sum(g * x_hat) for the weight and sum(g) for the bias, the sums running over every
         dimension the parameter is broadcast along (positions for LayerNorm, space for the others).
         """
-        m = h.module
+        m: Any = h.module
         x = self._input(h, c)[lo:hi].to(dtype)
         g = g[:, lo:hi].to(dtype)  # (K, b, *x.shape[1:])
         if isinstance(m, nn.LayerNorm):
@@ -527,7 +527,7 @@ class PerInputEngine:
                 flat = tree_flatten(out)[0]
                 return tuple(flat[i] for i in c.out_idx)
 
-            _, pullback = vjp(f, primals)
+            pullback = vjp(f, primals)[1]
             # A batch-first output of one row takes a (1, ...) cotangent; a shared one without
             # batch dimension takes the row's slice as it is.
             return vmap(
