@@ -427,7 +427,7 @@ class PerInputEngine:
         for lo in range(0, B, chunk):
             gl, cols = self._unfolded(h, c, g, lo, min(B, lo + chunk), dtype)
             # Per input and column, the bias gradient is gl summed over positions.
-            g2 = gl.sum(-1).square().sum(0)  # (b, O): sum_k (sum_l gl)^2
+            g2 = (gl.squeeze(-1) if L == 1 else gl.sum(-1)).square().sum(0)  # (b, O)
             if "weight" in names:
                 if L == 1:
                     w = g2.T @ cols.squeeze(-1).square()
@@ -437,9 +437,9 @@ class PerInputEngine:
                     w = ggt @ uut
                 else:
                     w = torch.einsum("kbol,bil->bkoi", gl, cols).square_().sum((0, 1))
-                acc[names["weight"]] += weight * w.reshape(acc[names["weight"]].shape)
+                acc[names["weight"]].add_(w.view_as(acc[names["weight"]]), alpha=weight)
             if "bias" in names:
-                acc[names["bias"]] += weight * g2.sum(0)
+                acc[names["bias"]].add_(g2.sum(0), alpha=weight)
 
     def _norm_per_input(
         self, h: _Handler, c: _Call, g: Tensor, names: dict[str, str], lo: int, hi: int,
