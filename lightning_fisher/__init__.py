@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .estimators import METHODS, estimate_fisher, fisher_from_optimizer
+from .estimators import METHODS, estimate_fisher, estimate_fishers, fisher_from_optimizer
 from .fisher_diagonal import FisherDiagonal
 from .outputs import FisherInputError
 
@@ -39,5 +39,6 @@ __all__ = [
     "FisherTraceRegularizer",
     "__version__",
     "estimate_fisher",
+    "estimate_fishers",
     "fisher_from_optimizer",
 ]

@@ -187,3 +187,24 @@ def test_low_precision_models_accumulate_in_float32() -> None:
     assert all(t.dtype == torch.float32 for t in fd.values())
     rel = (fd.flatten() - ref.flatten()).norm() / ref.flatten().norm()
     assert rel < 0.05  # bf16 forward/backward, float32 accumulation
+
+
+def test_one_pass_for_several_methods_equals_separate_passes() -> None:
+    """estimate_fishers shares the forwards only: every result equals its own estimate_fisher."""
+    c = make_case("transformer_tokens")
+    specs = [
+        "exact",
+        "empirical",
+        {"method": "hutchinson", "seed": 3},
+        {"method": "hutchinson", "seed": 4},
+        {"method": "hutchinson_lr", "seed": 3, "rank": 2},
+        {"method": "sample", "seed": 5, "mc_samples": 2},
+    ]
+    together = lf.estimate_fishers(c.model, c.loader, specs)
+    for spec, fd in zip(specs, together):
+        spec = {"method": spec} if isinstance(spec, str) else spec
+        alone = lf.estimate_fisher(c.model, c.loader, **spec)  # type: ignore[arg-type]
+        assert fd.method == alone.method and fd.options == alone.options
+        assert all(torch.equal(fd[k], alone[k]) for k in alone)
+    with pytest.raises(ValueError, match="Per-method options"):
+        lf.estimate_fishers(c.model, c.loader, [{"method": "exact", "classes": [0]}])

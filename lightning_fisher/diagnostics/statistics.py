@@ -1,6 +1,6 @@
 """Spectral and bound diagnostics of the Fisher, computed from a model and a loader (plain torch).
 
-``compute_diagnostics`` runs the estimators named in ``methods`` through ``lf.estimate_fisher``
+``compute_diagnostics`` runs the estimators named in ``methods`` in one shared pass (``lf.estimate_fishers``)
 and summarises them:
 
 * traces, global and per layer (a layer is a parameter's name without its last component), for
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..estimators import METHODS, estimate_fisher
+from ..estimators import METHODS, estimate_fishers
 from ..estimators.base import _all_reduce, eval_mode
 from ..fisher_diagonal import FisherDiagonal
 from ..kernel import kernel_statistics
@@ -245,24 +245,25 @@ def compute_diagnostics(
         "classes": classes,
         "max_batches": max_batches,
     }
+    # One pass over the data for every method and probe: the forwards are shared, each estimate
+    # equals its own `estimate_fisher` with the same seed.
+    specs = [
+        {"method": m, "seed": seed + i, "probes": 1}
+        for m in methods
+        for i in range(probes if m in PROBE_METHODS else 1)
+    ]
+    runs = estimate_fishers(model, dataloader, specs, progress=False, **common)
     fishers: dict[str, FisherDiagonal] = {}
     s: dict[str, float] = {}
     for method in methods:
+        mine = [fd for spec, fd in zip(specs, runs) if spec["method"] == method]
         if method in PROBE_METHODS:
-            runs = [
-                estimate_fisher(
-                    model, dataloader, method, probes=1, seed=seed + i, progress=False, **common
-                )
-                for i in range(probes)
-            ]
-            fishers[method] = mean_fisher(runs)
+            fishers[method] = mean_fisher(mine)
             if probes > 1:
-                for k, v in probe_cv(runs).items():
+                for k, v in probe_cv(mine).items():
                     s[f"{method}/{k}"] = v
         else:
-            fishers[method] = estimate_fisher(
-                model, dataloader, method, seed=seed, progress=False, **common
-            )
+            fishers[method] = mine[0]
     for method, fd in fishers.items():
         s[f"{method}/trace"] = fd.trace()
 

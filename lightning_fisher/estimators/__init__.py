@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
 from ..fisher_diagonal import FisherDiagonal
 from ..outputs import ClassSelector, OutputFn
-from .base import Estimator, FisherOptions, run_pass
+from .base import Estimator, FisherOptions, run_pass, run_passes
 from .batched import BatchedEstimator
 from .empirical import EmpiricalEstimator
 from .exact import ExactEstimator
@@ -87,11 +87,7 @@ def estimate_fisher(
     Returns:
         A ``FisherDiagonal`` with one float32 tensor per trainable parameter.
     """
-    if method not in ESTIMATORS:
-        raise ValueError(
-            f"Unknown Fisher method {method!r}. Choose one of {', '.join(METHODS)}, or use "
-            "`fisher_from_optimizer` for the Squisher."
-        )
+    _check_method(method)
     extra = {"exact_max_classes": exact_max_classes} if exact_max_classes is not None else {}
     options = FisherOptions(
         max_samples=max_samples,
@@ -114,4 +110,48 @@ def estimate_fisher(
     return run_pass(model, dataloader, ESTIMATORS[method](options))
 
 
-__all__ = ["ESTIMATORS", "METHODS", "estimate_fisher", "fisher_from_optimizer"]
+def _check_method(method: str) -> None:
+    if method not in ESTIMATORS:
+        raise ValueError(
+            f"Unknown Fisher method {method!r}. Choose one of {', '.join(METHODS)}, or use "
+            "`fisher_from_optimizer` for the Squisher."
+        )
+
+
+def estimate_fishers(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    methods: Sequence[str | Mapping[str, Any]],
+    **options: Any,
+) -> list[FisherDiagonal]:
+    """Several estimates from one pass over the data: one forward per batch, shared by all.
+
+    ``methods`` lists method names, or mappings with a ``method`` key and per-estimate overrides
+    of the estimator options (``seed``, ``probes``, ``mc_samples``, ``rank``,
+    ``probe_distribution``), e.g. ``[{"method": "hutchinson", "seed": s} for s in range(4)]``.
+    ``options`` are those of :func:`estimate_fisher` and apply to all. Each result equals what
+    ``estimate_fisher`` returns for that method and options alone; only the forwards are shared.
+    """
+    if not methods:
+        raise ValueError("estimate_fishers needs at least one method.")
+    per_estimate = {"seed", "probes", "mc_samples", "rank", "probe_distribution", "eigen_method"}
+    estimators = []
+    for spec in methods:
+        spec = {"method": spec} if isinstance(spec, str) else dict(spec)
+        method = spec.pop("method")
+        _check_method(method)
+        unknown = set(spec) - per_estimate
+        if unknown:
+            raise ValueError(
+                f"Per-method options may only be {sorted(per_estimate)}; got {sorted(unknown)}."
+            )
+        merged = {**options, **spec}
+        extra = {}
+        if merged.get("exact_max_classes") is not None:
+            extra["exact_max_classes"] = merged.pop("exact_max_classes")
+        merged.pop("exact_max_classes", None)
+        estimators.append(ESTIMATORS[method](FisherOptions(**merged, extra=extra)))
+    return run_passes(model, dataloader, estimators)
+
+
+__all__ = ["ESTIMATORS", "METHODS", "estimate_fisher", "estimate_fishers", "fisher_from_optimizer"]

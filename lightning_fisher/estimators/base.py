@@ -12,6 +12,7 @@ Two kinds of estimator plug into it:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -190,23 +191,53 @@ def _per_position(cot: Tensor, max_bytes: float) -> Iterator[Tensor]:
         yield cols.reshape(K * len(ts), B, *S, C)
 
 
+def _check_finite(tensors: list[Tensor]) -> list[int]:
+    """Indices of the tensors holding NaN/Inf (one fused norm per tensor, not one check each)."""
+    if not tensors:
+        return []
+    norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
+    return torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+
+
 def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> FisherDiagonal:
     """Run ``estimator`` over ``loader`` and return the Fisher diagonal (DESIGN §2 scale)."""
-    opts = estimator.options
+    return run_passes(model, loader, [estimator])[0]
+
+
+def run_passes(
+    model: nn.Module, loader: Iterable[Any], estimators: list[Estimator]
+) -> list[FisherDiagonal]:
+    """Run several estimators over ``loader`` with one forward per batch.
+
+    Data options (``max_samples``, ``max_batches``, ``output_fn``, ``classes``, ``param_filter``,
+    ...) come from the first estimator; each estimator keeps its own seed, so every result equals
+    what ``run_pass`` gives for that estimator alone.
+    """
+    opts = estimators[0].options
     params = trainable_parameters(model, opts.param_filter)
+    names = list(params)
     device = next(iter(params.values())).device
-    acc_dtype = {n: torch.promote_types(p.dtype, torch.float32) for n, p in params.items()}
-    acc = {n: torch.zeros(p.shape, dtype=acc_dtype[n], device=device) for n, p in params.items()}
+    accs = [
+        {
+            n: torch.zeros(
+                p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=device
+            )
+            for n, p in params.items()
+        }
+        for _ in estimators
+    ]
     loader, limit = limit_loader(loader, opts.max_samples, opts.seed)
-    generator = torch.Generator(device=device).manual_seed(opts.seed)
-    engine = PerInputEngine(model, params, opts.max_memory_mib) if estimator.per_input else None
+    generators = [torch.Generator(device=device).manual_seed(e.options.seed) for e in estimators]
+    per_input = any(e.per_input for e in estimators)
+    engine = PerInputEngine(model, params, opts.max_memory_mib) if per_input else None
     n_inputs = n_batches = rows = 0
+    label = "+".join(e.name for e in estimators)
 
     def forward(batch: Any) -> ModelOutputs:
         return model_outputs(model, batch, opts.output_fn, opts.classes, opts.shift_labels)
 
     with eval_mode(model):
-        for batch in _progress(loader, opts.progress, f"Fisher ({estimator.name})"):
+        for batch in _progress(loader, opts.progress, f"Fisher ({label})"):
             if opts.max_batches is not None and n_batches >= opts.max_batches:
                 break
             if limit is not None:
@@ -219,13 +250,14 @@ def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> F
             rows += batch_size_of(batch)
             if engine is not None:
                 if engine.handlers is None:
-                    engine.plan(lambda batch=batch: forward(batch))
+                    engine.plan(functools.partial(forward, batch))
                 engine.reset()
                 with engine.recording(batch_size_of(batch)):
                     out = forward(batch)
             else:
                 out = forward(batch)
-            estimator.validate(out.n_classes)
+            for e in estimators:
+                e.validate(out.n_classes)
             n = out.n_inputs
             n_batches += 1
             if n == 0:
@@ -234,26 +266,28 @@ def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> F
             p = torch.softmax(
                 out.logits.detach().to(torch.promote_types(out.logits.dtype, torch.float32)), -1
             )
-            if engine is not None:
-                cot, weight = estimator.columns(out, p, generator)
-                cot = (cot * out.mask.unsqueeze(-1)).to(out.logits.dtype)
-                for part in _per_position(cot, engine.max_bytes):
-                    engine.accumulate(out.logits, part, acc, weight)
-                engine.reset()
-            else:
-                names = list(params)
-                for cot, weight in estimator.batch_cotangents(out, p, generator):
-                    cot = (cot * out.mask.unsqueeze(-1)).to(out.logits.dtype)
+            mask = out.mask.unsqueeze(-1)
+            for e, acc, gen in zip(estimators, accs, generators):
+                if e.per_input:
+                    assert engine is not None
+                    cot, weight = e.columns(out, p, gen)
+                    cot = (cot * mask).to(out.logits.dtype)
+                    for part in _per_position(cot, engine.max_bytes):
+                        engine.accumulate(out.logits, part, acc, weight)
+                    continue
+                for cot, weight in e.batch_cotangents(out, p, gen):
                     grads = torch.autograd.grad(
                         out.logits,
                         [params[k] for k in names],
-                        grad_outputs=cot,
+                        grad_outputs=(cot * mask).to(out.logits.dtype),
                         retain_graph=True,
                         allow_unused=True,
                     )
                     for k, g in zip(names, grads):
                         if g is not None:
                             acc[k] += weight * g.to(acc[k].dtype).pow(2)
+            if engine is not None:
+                engine.reset()
             del out
     if n_batches == 0:
         raise FisherInputError(
@@ -261,7 +295,8 @@ def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> F
             "Check the dataset is not empty (and, under DDP, that every rank gets a shard)."
         )
     counts = torch.tensor([float(n_inputs), float(n_batches)], dtype=torch.float64, device=device)
-    _all_reduce([*acc.values(), counts] if opts.sync_distributed else [])
+    if opts.sync_distributed:
+        _all_reduce([t for acc in accs for t in acc.values()] + [counts])
     n_inputs, n_batches = int(counts[0].item()), int(counts[1].item())
     if n_inputs == 0:
         raise FisherInputError(
@@ -269,20 +304,30 @@ def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> F
         )
     # Infinite weights can give finite logits and a finite, meaningless Fisher (a saturated unit
     # has zero gradients); checked once at the end, so NaN logits keep their own message.
-    bad = [name for name, p in params.items() if not torch.isfinite(p).all()]
+    bad = [names[i] for i in _check_finite([params[k].detach() for k in names])]
     if bad:
         raise FisherInputError(
             f"The parameters {', '.join(bad[:5])} hold NaN/Inf entries, so the Fisher at these "
             "weights is meaningless. Check the model for NaN/Inf weights (or fp16 overflow)."
         )
-    scale = 1.0 / estimator.normaliser(n_inputs, n_batches)
-    for name, t in acc.items():
-        if not torch.isfinite(t).all():
+    results = []
+    for e, acc in zip(estimators, accs):
+        bad = [names[i] for i in _check_finite([acc[k] for k in names])]
+        if bad:
             raise FisherInputError(
-                f"The Fisher of {name!r} has NaN/Inf entries: NaN/Inf in the inputs or weights, or "
-                "a gradient overflow (for fp16 models, estimate in float32 or bfloat16)."
+                f"The Fisher of {bad[0]!r} has NaN/Inf entries: NaN/Inf in the inputs or weights, "
+                "or a gradient overflow (for fp16 models, estimate in float32 or bfloat16)."
             )
-        acc[name] = t * scale
+        values = torch._foreach_mul(
+            [acc[k] for k in names], 1.0 / e.normaliser(n_inputs, n_batches)
+        )
+        options = e.options.public(e.option_names)
+        options["seed"] = e.options.seed
+        results.append(
+            FisherDiagonal(
+                dict(zip(names, values)), n_samples=n_inputs, method=e.name, options=options
+            )
+        )
     if limit is not None and rows < limit:
         import warnings
 
@@ -290,6 +335,4 @@ def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> F
             f"max_samples={limit} is larger than the data ({rows} inputs); the Fisher uses all of it.",
             stacklevel=3,
         )
-    options = opts.public(estimator.option_names)
-    options["seed"] = opts.seed
-    return FisherDiagonal(acc, n_samples=n_inputs, method=estimator.name, options=options)
+    return results

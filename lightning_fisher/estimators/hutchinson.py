@@ -17,6 +17,7 @@ sqrt(2) (Sun 2026); Gaussian probes are available for comparison.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -48,7 +49,7 @@ class HutchinsonEstimator(Estimator):
 
     name = "hutchinson"
     per_input = False
-    option_names = ("max_samples", "probes", "probe_distribution")
+    option_names: ClassVar[tuple[str, ...]] = ("max_samples", "probes", "probe_distribution")
 
     def kernel_cotangent(self, p: Tensor, generator: torch.Generator) -> Tensor:
         xi = draw_probes(
