@@ -99,18 +99,19 @@ class FisherDiagonal(Mapping[str, Tensor]):
         if not isinstance(other, FisherDiagonal):
             return NotImplemented
         keys = list(self._tensors) + [k for k in other if k not in self._tensors]
-        tensors = {}
+        tensors: dict[str, Tensor] = {}
         for k in keys:
             a, b = self._tensors.get(k), other._tensors.get(k)
             if a is not None and b is not None and a.shape != b.shape:
                 raise ValueError(
                     f"Cannot add Fisher diagonals: {k!r} has shapes {a.shape} and {b.shape}."
                 )
-            tensors[k] = (
-                a + b.to(a.device)
-                if a is not None and b is not None
-                else (a if a is not None else b)
-            )
+            if a is not None and b is not None:
+                tensors[k] = a + b.to(a.device)
+            else:
+                only = a if a is not None else b
+                assert only is not None  # every key comes from one side at least
+                tensors[k] = only
         method = self.method if self.method == other.method else f"{self.method}+{other.method}"
         return FisherDiagonal(tensors, self.n_samples + other.n_samples, method, self.options)
 

@@ -47,7 +47,7 @@ def is_causal_lm(model: nn.Module) -> bool:
     through ``get_base_model``), and for models whose config says ``is_decoder`` without being an
     encoder-decoder.
     """
-    get_base = getattr(model, "get_base_model", None)
+    get_base: Any = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
     if type(base).__name__.endswith(CAUSAL_LM_SUFFIXES):
         return True
