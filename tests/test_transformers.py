@@ -487,3 +487,17 @@ def test_ewc_on_a_causal_lm_uses_token_level_fisher(tmp_path: Any) -> None:
     (fisher,) = ewc.fishers
     assert fisher.n_samples == sum(int(b["attention_mask"][:, 1:].sum()) for b in batches)
     assert "model.transformer.wte.weight" in fisher and fisher.trace() > 0
+
+
+def test_diagnostics_on_a_causal_lm_pair_each_token_with_the_next(gpt2_case: Any) -> None:
+    """With ``shift_labels`` the diagnostics' empirical Fisher is the next-token one."""
+    from lightning_fisher.diagnostics import compute_diagnostics
+
+    model, batches, _ = gpt2_case
+    kw = hf.lm_fisher_kwargs(model)
+    result = compute_diagnostics(
+        model, batches, ("hutchinson", "empirical"), probes=2, max_batches=None, **kw
+    )
+    want = lf.estimate_fisher(model, batches, method="empirical", **kw)
+    assert result.fishers["empirical"].n_samples == want.n_samples
+    assert result.values["empirical/trace"] == pytest.approx(want.trace(), rel=1e-6)

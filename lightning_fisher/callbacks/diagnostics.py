@@ -89,6 +89,8 @@ class FisherDiagnostics(Callback):
         output_fn: ``output_fn(module, batch) -> logits`` when calling the module on a batch is not
             how the logits are obtained.
         classes: restrict the classes that count (the active head of a task-incremental model).
+        shift_labels: causal language models: logits at position t predict the token at t + 1
+            (``lightning_fisher.hf.lm_fisher_kwargs(model)`` tells).
         histograms: log per-layer histograms of log10 of the diagonal (W&B, TensorBoard).
         figure_every_n: also draw figures at the first and every n-th evaluation (``None``: only at
             the end of training).
@@ -107,6 +109,7 @@ class FisherDiagnostics(Callback):
         seed: int = 0,
         output_fn: OutputFn | None = None,
         classes: ClassSelector | None = None,
+        shift_labels: bool = False,
         histograms: bool = True,
         figure_every_n: int | None = None,
         prefix: str = "fisher",
@@ -141,6 +144,7 @@ class FisherDiagnostics(Callback):
         self.seed = seed
         self.output_fn = output_fn
         self.classes = classes
+        self.shift_labels = shift_labels
         self.histograms = histograms
         self.figure_every_n = figure_every_n
         self.prefix = prefix
@@ -199,6 +203,7 @@ class FisherDiagnostics(Callback):
                 self.seed,
                 self.output_fn,
                 self.classes,
+                shift_labels=self.shift_labels,
             )
         # Keep one diagonal (the one the figures show), not one per method: each is model-sized.
         result.fishers = {result.reference or self.methods[0]: result.density_fisher}

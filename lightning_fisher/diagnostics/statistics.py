@@ -218,6 +218,7 @@ def compute_diagnostics(
     output_fn: OutputFn | None = None,
     classes: ClassSelector | None = None,
     kernel: bool = True,
+    shift_labels: bool = False,
 ) -> DiagnosticsResult:
     """Estimate the Fisher with every method in ``methods`` and summarise it (see module doc).
 
@@ -244,6 +245,7 @@ def compute_diagnostics(
         "output_fn": output_fn,
         "classes": classes,
         "max_batches": max_batches,
+        "shift_labels": shift_labels,  # causal LMs: position t predicts token t + 1
     }
     # One pass over the data for every method and probe: the forwards are shared, each estimate
     # equals its own `estimate_fisher` with the same seed.
@@ -282,7 +284,7 @@ def compute_diagnostics(
     s["frac_below/min_layer"] = min(below.values())
     s["frac_below/max_layer"] = max(below.values())
     if kernel:
-        stats = kernel_summary(model, dataloader, max_batches, output_fn, classes)
+        stats = kernel_summary(model, dataloader, max_batches, output_fn, classes, shift_labels)
         s.update({f"kernel/{k}": v for k, v in stats.items() if k != "n_inputs"})
 
     numel = {layer: v.numel() for layer, v in layer_values(fishers[methods[0]]).items()}
