@@ -76,7 +76,9 @@ def _closed_form_rule(module: nn.Module, local_names: set[str]) -> str:
     if _uses_default_forward(module, nn.Linear):
         return "linear"
     if (_uses_default_forward(module, nn.Conv2d) or _uses_default_forward(module, nn.Conv1d)) and (
-        module.groups == 1 and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+        module.groups == 1
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
     ):
         return "conv"
     if _uses_default_forward(module, nn.Embedding) and (
@@ -135,7 +137,9 @@ class PerInputEngine:
             B = next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.ndim), 1)
             if B <= 1:
                 return None
-            leaves = [t[:1] if isinstance(t, Tensor) and t.ndim and t.shape[0] == B else t for t in leaves]
+            leaves = [
+                t[:1] if isinstance(t, Tensor) and t.ndim and t.shape[0] == B else t for t in leaves
+            ]
             return tree_unflatten(leaves, spec)
 
         for sliced in (True, False):
@@ -231,7 +235,11 @@ class PerInputEngine:
                 modes, kept = [], []
                 for i in idx:
                     t = flat[i]
-                    mode = 0 if t.ndim and t.shape[0] == B else (1 if t.ndim and t.shape[0] == 1 else 2)
+                    mode = (
+                        0
+                        if t.ndim and t.shape[0] == B
+                        else (1 if t.ndim and t.shape[0] == 1 else 2)
+                    )
                     if mode:
                         t = (t if mode == 1 else t.unsqueeze(0)).expand(B, *t.shape[mode == 1 :])
                     modes.append(mode)
@@ -280,20 +288,31 @@ class PerInputEngine:
         for start in range(0, cotangents.shape[0], k_chunk):
             cot = cotangents[start : start + k_chunk]
             grads = torch.autograd.grad(
-                logits, outputs, grad_outputs=cot, retain_graph=True, allow_unused=True,
+                logits,
+                outputs,
+                grad_outputs=cot,
+                retain_graph=True,
+                allow_unused=True,
                 is_grads_batched=True,
             )
             it = iter(grads)
             grad_map: list[tuple[_Handler, _Call, list[Tensor]]] = []
             for h, c in calls:
                 gs = [next(it) for _ in c.outputs]
-                gs = [torch.zeros((cot.shape[0], *o.shape), dtype=o.dtype, device=o.device) if g is None else g
-                      for g, o in zip(gs, c.outputs)]
+                gs = [
+                    torch.zeros((cot.shape[0], *o.shape), dtype=o.dtype, device=o.device)
+                    if g is None
+                    else g
+                    for g, o in zip(gs, c.outputs)
+                ]
                 grad_map.append((h, c, gs))
             self._accumulate_chunk(grad_map, acc, weight)
 
     def _accumulate_chunk(
-        self, grad_map: list[tuple[_Handler, _Call, list[Tensor]]], acc: dict[str, Tensor], weight: float
+        self,
+        grad_map: list[tuple[_Handler, _Call, list[Tensor]]],
+        acc: dict[str, Tensor],
+        weight: float,
     ) -> None:
         for h, c, gs in grad_map:
             single = {loc: g for loc, g in h.names.items() if g not in self.shared}
@@ -304,7 +323,9 @@ class PerInputEngine:
         # Shared parameters: per-input gradients summed over every use, then squared.
         B = self._batch_size
         for name in self.shared:
-            uses = [(h, c, gs, loc) for h, c, gs in grad_map for loc, g in h.names.items() if g == name]
+            uses = [
+                (h, c, gs, loc) for h, c, gs in grad_map for loc, g in h.names.items() if g == name
+            ]
             K = uses[0][2][0].shape[0]
             numel = self.params[name].numel()
             chunk = max(1, int(self.max_bytes // (8 * K * numel * len(uses))))
@@ -319,8 +340,13 @@ class PerInputEngine:
 
     # Rules --------------------------------------------------------------------------------------
     def _sum_squares(
-        self, h: _Handler, c: _Call, gs: list[Tensor], names: dict[str, str],
-        acc: dict[str, Tensor], weight: float,
+        self,
+        h: _Handler,
+        c: _Call,
+        gs: list[Tensor],
+        names: dict[str, str],
+        acc: dict[str, Tensor],
+        weight: float,
     ) -> None:
         g = gs[0]
         if h.rule in ("linear", "conv"):
@@ -341,7 +367,7 @@ class PerInputEngine:
         args, kwargs = tree_unflatten(c.leaves, c.spec)
         x = args[0] if args else next(iter(kwargs.values()))
         if any(c.broadcast):  # shared input (e.g. position ids): the same for every row
-            x = (x if x.ndim and x.shape[0] == 1 and c.broadcast[0] == 1 else x.unsqueeze(0))
+            x = x if x.ndim and x.shape[0] == 1 and c.broadcast[0] == 1 else x.unsqueeze(0)
             x = x.expand(self._batch_size, *x.shape[1:])
         if x.shape[0] != self._batch_size:
             raise RuntimeError(
@@ -371,7 +397,9 @@ class PerInputEngine:
             g = gs[0][:, lo:hi].to(dtype)
             m: nn.Embedding = h.module  # type: ignore[assignment]
             b, K = idx.shape[0], g.shape[0]
-            dense = torch.zeros(b, K, m.num_embeddings, m.embedding_dim, dtype=dtype, device=g.device)
+            dense = torch.zeros(
+                b, K, m.num_embeddings, m.embedding_dim, dtype=dtype, device=g.device
+            )
             flat_idx = idx.reshape(b, -1)
             gk = g.reshape(K, b, -1, m.embedding_dim).transpose(0, 1)  # (b, K, S, D)
             if m.padding_idx is not None:
@@ -403,7 +431,12 @@ class PerInputEngine:
         return g.reshape(K, b, g.shape[2], -1), cols
 
     def _matmul_sum_squares(
-        self, h: _Handler, c: _Call, g: Tensor, names: dict[str, str], acc: dict[str, Tensor],
+        self,
+        h: _Handler,
+        c: _Call,
+        g: Tensor,
+        names: dict[str, str],
+        acc: dict[str, Tensor],
         weight: float,
     ) -> None:
         """sum_x sum_k (gl[k,x] @ cols[x]^T)^2 for a Linear or Conv weight, by the cheaper of two
@@ -442,7 +475,13 @@ class PerInputEngine:
                 acc[names["bias"]].add_(g2.sum(0), alpha=weight)
 
     def _norm_per_input(
-        self, h: _Handler, c: _Call, g: Tensor, names: dict[str, str], lo: int, hi: int,
+        self,
+        h: _Handler,
+        c: _Call,
+        g: Tensor,
+        names: dict[str, str],
+        lo: int,
+        hi: int,
         dtype: torch.dtype,
     ) -> dict[str, Tensor]:
         """Affine parameters of LayerNorm, GroupNorm and BatchNorm (running statistics).
@@ -467,7 +506,10 @@ class PerInputEngine:
         else:
             assert m.running_mean is not None and m.running_var is not None
             shape = (1, -1) + (1,) * (x.ndim - 2)
-            mean, var = m.running_mean.to(dtype).reshape(shape), m.running_var.to(dtype).reshape(shape)
+            mean, var = (
+                m.running_mean.to(dtype).reshape(shape),
+                m.running_var.to(dtype).reshape(shape),
+            )
             xh = (x - mean) * torch.rsqrt(var + m.eps)
             dims = tuple(range(3, g.ndim))
 
@@ -482,7 +524,13 @@ class PerInputEngine:
         return out
 
     def _embedding_sum_squares(
-        self, h: _Handler, c: _Call, g: Tensor, names: dict[str, str], acc: dict[str, Tensor], weight: float
+        self,
+        h: _Handler,
+        c: _Call,
+        g: Tensor,
+        names: dict[str, str],
+        acc: dict[str, Tensor],
+        weight: float,
     ) -> None:
         m: nn.Embedding = h.module  # type: ignore[assignment]
         idx = self._input(h, c)
@@ -490,17 +538,30 @@ class PerInputEngine:
         name = names["weight"]
         tok = idx.reshape(B, -1)
         gk = g.reshape(K, B, -1, D).to(acc[name].dtype)
-        keep = torch.ones_like(tok, dtype=torch.bool) if m.padding_idx is None else tok != m.padding_idx
+        keep = (
+            torch.ones_like(tok, dtype=torch.bool)
+            if m.padding_idx is None
+            else tok != m.padding_idx
+        )
         # Per (column, input, token id): sum the rows of g, square, and add into the token's row.
         unit = torch.arange(K * B, device=tok.device).reshape(K, B, 1)
         key = (unit * V + tok.unsqueeze(0)).expand(K, B, tok.shape[1])[keep.expand(K, -1, -1)]
         rows = gk[keep.expand(K, -1, -1)]
         uniq, inv = torch.unique(key, return_inverse=True)
-        sums = torch.zeros(uniq.numel(), D, dtype=rows.dtype, device=rows.device).index_add_(0, inv, rows)
+        sums = torch.zeros(uniq.numel(), D, dtype=rows.dtype, device=rows.device).index_add_(
+            0, inv, rows
+        )
         acc[name].index_add_(0, uniq % V, weight * sums.pow(2))
 
     def _vjp_per_input(
-        self, h: _Handler, c: _Call, gs: list[Tensor], names: dict[str, str], lo: int, hi: int, dtype: torch.dtype
+        self,
+        h: _Handler,
+        c: _Call,
+        gs: list[Tensor],
+        names: dict[str, str],
+        lo: int,
+        hi: int,
+        dtype: torch.dtype,
     ) -> dict[str, Tensor]:
         from torch.func import functional_call, vjp, vmap
 
@@ -508,7 +569,8 @@ class PerInputEngine:
         leaves = [x.detach() if isinstance(x, Tensor) else x for x in c.leaves]
         shared = any(c.broadcast)
         batched = [
-            i for i, x in enumerate(leaves)
+            i
+            for i, x in enumerate(leaves)
             if not shared and isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == B
         ]
         modules = dict(h.module.named_modules())
@@ -531,7 +593,9 @@ class PerInputEngine:
             # A batch-first output of one row takes a (1, ...) cotangent; a shared one without
             # batch dimension takes the row's slice as it is.
             return vmap(
-                lambda *cs: pullback(tuple(x if m == 2 else x.unsqueeze(0) for x, m in zip(cs, modes)))[0]
+                lambda *cs: pullback(
+                    tuple(x if m == 2 else x.unsqueeze(0) for x, m in zip(cs, modes))
+                )[0]
             )(*cots)
 
         modes = c.broadcast or [0] * len(c.outputs)
@@ -539,4 +603,3 @@ class PerInputEngine:
         cots = [g[:, lo:hi] for g in gs]
         per = vmap(one, in_dims=(0, 1))(vals, cots)
         return {names[loc]: t.to(dtype) for loc, t in per.items()}
-
