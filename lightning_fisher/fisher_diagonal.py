@@ -15,7 +15,7 @@ class FisherDiagonal(Mapping[str, Tensor]):
     """A Fisher diagonal keyed by parameter name, with how it was computed.
 
     ``fd[name]`` is a float32 tensor shaped like the parameter. The estimate is averaged over
-    inputs (DESIGN §2): F_i = (1/N) sum_x E_y[g_y(x)_i^2], except ``batched`` (mean over mini-batches)
+    inputs: F_i = (1/N) sum_x E_y[g_y(x)_i^2], except ``batched`` (mean over mini-batches)
     and ``squisher`` (B times Adam's second moment).
 
     Args:

@@ -1,7 +1,7 @@
 """Kernel-space Fisher of the softmax, I(p) = diag(p) - p p^T, and its spectrum.
 
 For a classifier with logits z and p = softmax(z), the Fisher of the model is
-F = (1/N) sum_x J^T I(p) J with J = dz/dtheta (DESIGN §2). This module holds the C x C part:
+F = (1/N) sum_x J^T I(p) J with J = dz/dtheta. This module holds the C x C part:
 
 * ``softmax_fisher(p)``: the dense I(p) (small C only);
 * ``softmax_fisher_sqrt(p)``: L = diag(sqrt p) - p sqrt(p)^T with L L^T = I(p);
@@ -119,7 +119,7 @@ def top_eigenpairs(
 
 
 def kernel_statistics(p: Tensor, lambda_max: Tensor | None = None) -> dict[str, Tensor]:
-    """Per-row spectral facts of I(p) (DESIGN §3).
+    """Per-row spectral facts of I(p).
 
     Returns a dict of ``(...)``-shaped tensors: ``trace`` = 1 - ||p||^2 (sum of eigenvalues),
     ``lambda_max``, ``lambda_max_lower`` = max(max_i p_i (1 - p_i), p_(2)),

@@ -5,7 +5,7 @@ A model may return a tensor of logits, a tuple whose first item is the logits, a
 ``output_fn(module, batch) -> logits`` covers everything else.
 
 Logits of shape ``(B, C)`` give one input per row. Logits of shape ``(B, T, C)`` give one input per
-position ``t`` whose attention mask is 1 and whose label is not ``-100`` (DESIGN §3).
+position ``t`` whose attention mask is 1 and whose label is not ``-100``.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from models import SmallCNN, TinyTransformer, mlp, seeded
 from reference import per_input_jacobians
 
+# Tiny models run fastest on one thread, and a busy 2-core machine does not oversubscribe then.
+torch.set_num_threads(1)
+
 
 @dataclass
 class Case:

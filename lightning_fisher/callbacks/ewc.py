@@ -1,6 +1,6 @@
 """Elastic Weight Consolidation as a Lightning callback.
 
-Penalty (DESIGN §4), over the consolidated tasks t with Fisher diagonals F_t and anchors theta*_t:
+Penalty, over the consolidated tasks t with Fisher diagonals F_t and anchors theta*_t:
 
     P(theta) = (lambda / 2) sum_t sum_i F_t,i (theta_i - theta*_t,i)^2,
     grad P   = lambda sum_t F_t (theta - theta*_t).
@@ -71,8 +71,10 @@ class EWC(Callback):
     result, more work). ``max_samples`` draws the same subset on every rank.
 
     Args:
-        lam: penalty strength lambda (van de Ven's scale: about 1e5-1e6 for ``exact``, far larger
-            for ``batched``; ``squisher`` needs about N times the ``exact`` value).
+        lam: penalty strength lambda (van de Ven's scale: about 1e4-1e6 for ``exact``, about 1e3
+            times more for ``batched``). For ``squisher`` search its own range: Adam's second
+            moment also holds EWC's own gradient, so under online EWC a large lambda feeds back
+            and overflows (Split MNIST: 1e4 best, 1e6 diverged).
         method: any ``lf.estimate_fisher`` method, or ``"squisher"`` (Adam's ``exp_avg_sq`` via
             ``lf.fisher_from_optimizer``, no data pass).
         mode: ``"online"`` (one Fisher, F <- gamma F + F_new, anchor <- theta_new) or

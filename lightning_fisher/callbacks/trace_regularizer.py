@@ -1,4 +1,4 @@
-"""Fisher-trace regulariser as a Lightning callback (DESIGN §4).
+"""Fisher-trace regulariser as a Lightning callback.
 
 Adds the gradient of ``alpha * R`` to the parameters' gradients, where R is the differentiable
 Hutchinson trace estimate of ``lightning_fisher.regularizers.fisher_trace_penalty``:

@@ -56,7 +56,7 @@ def estimate_fisher(
 ) -> FisherDiagonal:
     """Estimate the diagonal of the Fisher information of ``model`` on ``dataloader``.
 
-    The scale is averaged over inputs (DESIGN §2): F = (1/N) sum_x J^T I(p) J.
+    The scale is averaged over inputs: F = (1/N) sum_x J^T I(p) J.
 
     Args:
         model: a classifier (any ``nn.Module``); the pass runs in eval mode and restores each

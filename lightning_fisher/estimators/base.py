@@ -200,7 +200,7 @@ def _check_finite(tensors: list[Tensor]) -> list[int]:
 
 
 def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> FisherDiagonal:
-    """Run ``estimator`` over ``loader`` and return the Fisher diagonal (DESIGN §2 scale)."""
+    """Run ``estimator`` over ``loader`` and return the Fisher diagonal (averaged over inputs)."""
     return run_passes(model, loader, [estimator])[0]
 
 
