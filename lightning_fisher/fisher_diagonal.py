@@ -55,12 +55,15 @@ class FisherDiagonal(Mapping[str, Tensor]):
 
     # Summaries --------------------------------------------------------------------------------
     def trace(self) -> float:
-        """tr(F) = sum of every diagonal entry."""
-        return float(sum(t.double().sum() for t in self._tensors.values()))
+        """tr(F) = sum of every diagonal entry (summed in float64)."""
+        return float(sum(self.traces().values()))
 
     def traces(self) -> dict[str, float]:
-        """Per-parameter traces."""
-        return {k: float(v.double().sum()) for k, v in self._tensors.items()}
+        """Per-parameter traces (summed in float64, one device sync for all)."""
+        if not self._tensors:
+            return {}
+        sums = torch.stack([t.sum(dtype=torch.float64) for t in self._tensors.values()]).tolist()
+        return dict(zip(self._tensors, sums))
 
     def layer_traces(self) -> dict[str, float]:
         """Traces grouped by module (a parameter's name without its last component)."""

@@ -86,17 +86,14 @@ def probe_cv(fds: Sequence[FisherDiagonal]) -> dict[str, float]:
     """
     if len(fds) < 2:
         raise ValueError(f"A coefficient of variation needs at least 2 probes; got {len(fds)}.")
-    total, n_keep, cv_max = 0.0, 0, 0.0
-    # One parameter at a time, in place: this runs at every evaluation of the callback, over every
-    # entry of the model, so temporaries cost more than the arithmetic.
-    for name in fds[0]:
-        dev = torch.stack([fd[name] for fd in fds]).float()
-        mean = dev.mean(0)
-        dev -= mean
-        cv = dev.square_().sum(0).div_(len(fds) - 1).sqrt_().div_(mean).nan_to_num_(0.0)  # 0/0 -> 0
-        n_keep += int((mean > 0).sum())
-        total += float(cv.sum(dtype=torch.float64))
-        cv_max = max(cv_max, float(cv.max())) if cv.numel() else cv_max
+    # All entries at once: (P, n) with P small; one pass, no per-parameter host syncs.
+    dev = torch.stack([fd.flatten() for fd in fds]).float()
+    mean = dev.mean(0)
+    dev -= mean
+    cv = dev.square_().sum(0).div_(len(fds) - 1).sqrt_().div_(mean).nan_to_num_(0.0)  # 0/0 -> 0
+    n_keep = int((mean > 0).sum())
+    total = float(cv.sum(dtype=torch.float64))
+    cv_max = float(cv.max()) if cv.numel() else 0.0
     traces = torch.tensor([fd.trace() for fd in fds], dtype=torch.float64)
     return {
         "cv": total / n_keep if n_keep else float("nan"),
