@@ -22,7 +22,7 @@ from torch import Tensor, nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import itertools
 
-from recipes.models import BasicBlock, ReducedResNet18
+from recipes.models import ReducedResNet18, basic_stages
 
 __all__ = ["LogitsOnly", "ReducedResNet18", "ResNet18", "bert_classifier", "mlp"]
 
@@ -45,15 +45,8 @@ class ResNet18(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
-        stages, width = [], 64
-        for i, planes in enumerate((64, 128, 256, 512)):
-            stride = 1 if i == 0 else 2
-            stages.append(
-                nn.Sequential(BasicBlock(width, planes, stride), BasicBlock(planes, planes))
-            )
-            width = planes
-        self.stages = nn.Sequential(*stages)
-        self.fc = nn.Linear(width, n_classes)
+        self.stages = basic_stages(64, (64, 128, 256, 512))
+        self.fc = nn.Linear(512, n_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.stages(self.pool(torch.relu(self.bn1(self.conv1(x)))))

@@ -71,6 +71,8 @@ def _power_top(
     order = pd.argsort(-1, descending=True)[..., :m]
     q = torch.zeros(*p.shape, m, dtype=torch.float64, device=p.device)
     q.scatter_(-2, order.unsqueeze(-2), 1.0)
+    if generator is None:  # a fixed start: the same eigenpairs every call, global RNG untouched
+        generator = torch.Generator(device=p.device).manual_seed(0)
     noise = torch.rand(q.shape, dtype=torch.float64, device=p.device, generator=generator)
     q = q + 1e-3 * noise
     q, _ = torch.linalg.qr(q)

@@ -53,6 +53,18 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+def basic_stages(width: int, planes: Sequence[int]) -> nn.Sequential:
+    """ResNet-18's stages: two basic blocks of ``planes[i]`` channels each; every stage after the
+    first halves the resolution."""
+    stages = []
+    for i, out in enumerate(planes):
+        stages.append(
+            nn.Sequential(BasicBlock(width, out, 1 if i == 0 else 2), BasicBlock(out, out))
+        )
+        width = out
+    return nn.Sequential(*stages)
+
+
 class ReducedResNet18(nn.Module):
     """The reduced ResNet-18 of GEM / van de Ven: a 3x3 stem and four stages of two basic blocks.
 
@@ -74,16 +86,8 @@ class ReducedResNet18(nn.Module):
             )
         self.conv1 = nn.Conv2d(in_channels, channels[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(channels[0])
-        stages = []
-        width = channels[0]
-        for i, planes in enumerate(channels[1:]):
-            stride = 1 if i == 0 else 2
-            stages.append(
-                nn.Sequential(BasicBlock(width, planes, stride), BasicBlock(planes, planes))
-            )
-            width = planes
-        self.stages = nn.Sequential(*stages)
-        self.classifier = nn.Linear(width, n_classes)
+        self.stages = basic_stages(channels[0], channels[1:])
+        self.classifier = nn.Linear(channels[-1], n_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.stages(F.relu(self.bn1(self.conv1(x))))

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..fisher_diagonal import FisherDiagonal
 from ..outputs import ClassSelector, OutputFn
-from .base import Estimator, FisherOptions, run_pass, run_passes
+from .base import Estimator, FisherOptions, run_passes
 from .batched import BatchedEstimator
 from .empirical import EmpiricalEstimator
 from .exact import ExactEstimator
@@ -87,16 +87,17 @@ def estimate_fisher(
     Returns:
         A ``FisherDiagonal`` with one float32 tensor per trainable parameter.
     """
-    _check_method(method)
-    extra = {"exact_max_classes": exact_max_classes} if exact_max_classes is not None else {}
-    options = FisherOptions(
+    return estimate_fishers(
+        model,
+        dataloader,
+        [method],
         max_samples=max_samples,
         mc_samples=mc_samples,
         probes=probes,
+        output_fn=output_fn,
         rank=rank,
         probe_distribution=probe_distribution,
         eigen_method=eigen_method,
-        output_fn=output_fn,
         classes=classes,
         shift_labels=shift_labels,
         param_filter=param_filter,
@@ -105,9 +106,8 @@ def estimate_fisher(
         seed=seed,
         progress=progress,
         sync_distributed=sync_distributed,
-        extra=extra,
-    )
-    return run_pass(model, dataloader, ESTIMATORS[method](options))
+        exact_max_classes=exact_max_classes,
+    )[0]
 
 
 def _check_method(method: str) -> None:
@@ -146,10 +146,8 @@ def estimate_fishers(
                 f"Per-method options may only be {sorted(per_estimate)}; got {sorted(unknown)}."
             )
         merged = {**options, **spec}
-        extra = {}
-        if merged.get("exact_max_classes") is not None:
-            extra["exact_max_classes"] = merged.pop("exact_max_classes")
-        merged.pop("exact_max_classes", None)
+        limit = merged.pop("exact_max_classes", None)
+        extra = {"exact_max_classes": limit} if limit is not None else {}
         estimators.append(ESTIMATORS[method](FisherOptions(**merged, extra=extra)))
     return run_passes(model, dataloader, estimators)
 

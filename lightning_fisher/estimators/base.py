@@ -199,11 +199,6 @@ def _check_finite(tensors: list[Tensor]) -> list[int]:
     return torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
 
 
-def run_pass(model: nn.Module, loader: Iterable[Any], estimator: Estimator) -> FisherDiagonal:
-    """Run ``estimator`` over ``loader`` and return the Fisher diagonal (averaged over inputs)."""
-    return run_passes(model, loader, [estimator])[0]
-
-
 def run_passes(
     model: nn.Module, loader: Iterable[Any], estimators: list[Estimator]
 ) -> list[FisherDiagonal]:
@@ -211,7 +206,7 @@ def run_passes(
 
     Data options (``max_samples``, ``max_batches``, ``output_fn``, ``classes``, ``param_filter``,
     ...) come from the first estimator; each estimator keeps its own seed, so every result equals
-    what ``run_pass`` gives for that estimator alone.
+    what a pass of that estimator alone gives.
     """
     opts = estimators[0].options
     params = trainable_parameters(model, opts.param_filter)

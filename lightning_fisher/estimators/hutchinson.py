@@ -17,7 +17,7 @@ sqrt(2) (Sun 2026); Gaussian probes are available for comparison.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -51,7 +51,11 @@ class HutchinsonEstimator(Estimator):
     per_input = False
     option_names: ClassVar[tuple[str, ...]] = ("max_samples", "probes", "probe_distribution")
 
-    def kernel_cotangent(self, p: Tensor, generator: torch.Generator) -> Tensor:
+    def prepare(self, p: Tensor) -> Any:
+        """What every probe of a batch shares (computed once per batch)."""
+        return None
+
+    def kernel_cotangent(self, p: Tensor, prepared: Any, generator: torch.Generator) -> Tensor:
         xi = draw_probes(
             tuple(p.shape), self.options.probe_distribution, generator, p.device, p.dtype
         )
@@ -63,8 +67,9 @@ class HutchinsonEstimator(Estimator):
         probes = self.options.probes
         if probes < 1:
             raise ValueError(f"probes must be at least 1; got {probes}.")
+        prepared = self.prepare(p)
         for _ in range(probes):
-            yield self.kernel_cotangent(p, generator), 1.0
+            yield self.kernel_cotangent(p, prepared, generator), 1.0
 
     def normaliser(self, n_inputs: int, n_batches: int) -> float:
         return float(n_inputs * self.options.probes)
@@ -75,11 +80,14 @@ class HutchinsonUpperEstimator(HutchinsonEstimator):
 
     name = "hutchinson_dg"
 
-    def kernel_cotangent(self, p: Tensor, generator: torch.Generator) -> Tensor:
+    def prepare(self, p: Tensor) -> Any:
+        return p.clamp_min(0).sqrt()
+
+    def kernel_cotangent(self, p: Tensor, prepared: Any, generator: torch.Generator) -> Tensor:
         xi = draw_probes(
             tuple(p.shape), self.options.probe_distribution, generator, p.device, p.dtype
         )
-        return p.clamp_min(0).sqrt() * xi
+        return prepared * xi
 
 
 class HutchinsonLowerEstimator(HutchinsonEstimator):
@@ -88,10 +96,14 @@ class HutchinsonLowerEstimator(HutchinsonEstimator):
     name = "hutchinson_lr"
     option_names = ("max_samples", "probes", "probe_distribution", "rank", "eigen_method")
 
-    def kernel_cotangent(self, p: Tensor, generator: torch.Generator) -> Tensor:
-        k = self.options.rank
-        vals, vecs = top_eigenpairs(p, k, method=self.options.eigen_method)  # (..., k), (..., C, k)
+    def prepare(self, p: Tensor) -> Any:
+        # The eigenpairs depend on p only: once per batch, not once per probe.
+        vals, vecs = top_eigenpairs(p, self.options.rank, method=self.options.eigen_method)
+        return vals.sqrt(), vecs  # (..., k), (..., C, k)
+
+    def kernel_cotangent(self, p: Tensor, prepared: Any, generator: torch.Generator) -> Tensor:
+        sqrt_vals, vecs = prepared
         xi = draw_probes(
-            (*p.shape[:-1], k), self.options.probe_distribution, generator, p.device, p.dtype
+            tuple(sqrt_vals.shape), self.options.probe_distribution, generator, p.device, p.dtype
         )
-        return (vecs * (vals.sqrt() * xi).unsqueeze(-2)).sum(-1)
+        return (vecs * (sqrt_vals * xi).unsqueeze(-2)).sum(-1)
