@@ -250,6 +250,18 @@ def to_tensor(
     return t
 
 
+def permuted_class_order(n_classes: int, seed: int) -> list[int]:
+    """The classes in the order a per-seed random permutation assigns them to tasks.
+
+    This is how van de Ven's code builds Split MNIST / Split CIFAR-10 for every seed but 0: it seeds
+    NumPy's legacy generator with the run's seed, draws ``p = permutation(n_classes)``, relabels
+    class ``c`` as ``p[c]`` and gives task ``t`` the new labels ``2t, 2t + 1``; so task ``t`` holds
+    the original classes ``argsort(p)[2t : 2t + 2]``, which is what this returns (flattened).
+    """
+    p = np.random.RandomState(seed).permutation(n_classes)
+    return [int(c) for c in np.argsort(p)]
+
+
 def split_tasks(
     arrays: dict[str, ArraySplit],
     classes_per_task: int = 2,
@@ -257,8 +269,14 @@ def split_tasks(
     normalise: bool = False,
     max_train_per_task: int | None = None,
     device: str | torch.device = "cpu",
+    class_order: Sequence[int] | None = None,
 ) -> list[Task]:
-    """Split a data set into tasks of ``classes_per_task`` consecutive classes (0-1, 2-3, ...).
+    """Split a data set into tasks of ``classes_per_task`` classes each.
+
+    By default the classes go to tasks in their natural order (0-1, 2-3, ...); ``class_order``
+    lists them in another order (task ``t`` gets ``class_order[t * k : (t + 1) * k]``). Labels are
+    never renamed: a task's ``classes`` are the original class indices, which are also the output
+    units it uses.
 
     Args:
         arrays: ``{"train": ..., "test": ...}`` as ``load_arrays`` returns them.
@@ -267,6 +285,8 @@ def split_tasks(
         normalise: subtract the training set's per-channel mean and divide by its std.
         max_train_per_task: keep the first ``n`` training inputs of each task (quick runs, tests).
         device: where the tensors live (preload to the GPU for fast training).
+        class_order: a permutation of ``range(n_classes)`` (e.g. ``permuted_class_order``), or
+            ``None`` for the natural order.
     """
     x_train = to_tensor(arrays["train"].x)
     mean = std = None
@@ -278,10 +298,15 @@ def split_tasks(
     y_train = torch.from_numpy(arrays["train"].y)
     y_test = torch.from_numpy(arrays["test"].y)
     n_classes = int(y_train.max()) + 1
+    order = list(range(n_classes)) if class_order is None else [int(c) for c in class_order]
+    if sorted(order) != list(range(n_classes)):
+        raise ValueError(
+            f"class_order must list each of the {n_classes} classes once; got {list(order)}."
+        )
     total = n_classes // classes_per_task
     tasks = []
     for t in range(total if n_tasks is None else min(n_tasks, total)):
-        cls = tuple(range(t * classes_per_task, (t + 1) * classes_per_task))
+        cls = tuple(order[t * classes_per_task : (t + 1) * classes_per_task])
         tr = torch.isin(y_train, torch.tensor(cls)).nonzero().squeeze(1)
         te = torch.isin(y_test, torch.tensor(cls)).nonzero().squeeze(1)
         if max_train_per_task is not None:

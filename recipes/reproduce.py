@@ -115,6 +115,9 @@ SETTING_KEYS = (
     "gamma",
     "reset_optimizer",
 )
+#: result-changing fields added later: in the settings only when they differ from these defaults,
+#: so cells recorded before they existed still match.
+OPTIONAL_SETTING_KEYS = {"class_order": "sorted"}
 
 
 def cell_key(method: str, lam: float, seed: int) -> tuple[str, float, int]:
@@ -141,7 +144,9 @@ def run_cell(
     cfg = load_config(
         config, **overrides, method=method, lam=0.0 if method == "NONE" else lam, seed=seed
     )
-    key = json.dumps([config, overrides], sort_keys=True)
+    # A per-seed class order makes the tasks themselves depend on the seed.
+    per_seed = seed if cfg.class_order == "permuted" else None
+    key = json.dumps([config, overrides, per_seed], sort_keys=True)
     if key not in _TASKS:
         _TASKS[key] = build_tasks(cfg)
     cell = {"method": method, "lam": float(f"{lam:.6g}"), "seed": seed}
@@ -336,7 +341,8 @@ def write_report(
     lines = [
         f"{'Partial results (budget reached). ' if partial else ''}Average accuracy (%) over the 5 "
         f"tasks, task-incremental, {settings['iters']} iterations per task, Adam "
-        f"{'reset per task' if settings['reset_optimizer'] else 'carried across tasks'}; mean ± "
+        f"{'reset per task' if settings['reset_optimizer'] else 'carried across tasks'}"
+        f"{', class order ' + settings['class_order'] if 'class_order' in settings else ''}; mean ± "
         f"s.e.m. over seeds {plan.final_seeds} at the best lambda (chosen on seed {SEARCH_SEED}).",
         "",
         "| method | best lambda | accuracy (%) | seeds | published (%) | Fisher time (s) |",
@@ -452,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a fresh Adam per task (default: the config's; the published protocol carries it)",
     )
+    p.add_argument(
+        "--class-order",
+        help="which classes form each task: sorted (the config's default: 0-1, 2-3, ...), "
+        "permuted (a random permutation per seed, as van de Ven's code) or e.g. 4,6,0,5,3,9,2,7,8,1",
+    )
     p.add_argument("--results-dir", default="benchmarks/results")
     p.add_argument("--name", help="report name (default reproduce_<benchmark>)")
     return p
@@ -482,9 +493,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides["max_train_per_task"] = args.max_train_per_task
     if args.reset_optimizer:
         overrides["reset_optimizer"] = True
+    if args.class_order is not None:
+        overrides["class_order"] = args.class_order
     config = BENCHMARKS[args.benchmark]
     cfg = load_config(config, **overrides)
     settings = {k: getattr(cfg, k) for k in SETTING_KEYS}
+    settings.update(
+        {k: getattr(cfg, k) for k, d in OPTIONAL_SETTING_KEYS.items() if getattr(cfg, k) != d}
+    )
     name = args.name or f"reproduce_{args.benchmark}"
     out = Path(args.results_dir)
     cells_path = out / f"{name}.cells.jsonl"

@@ -19,7 +19,14 @@ from torch import nn
 
 import lightning_fisher as lf
 
-from .data import RandomBatches, Task, load_arrays, split_tasks, task_loader
+from .data import (
+    RandomBatches,
+    Task,
+    load_arrays,
+    permuted_class_order,
+    split_tasks,
+    task_loader,
+)
 from .metrics import AccuracyMatrix, average_accuracy, backward_transfer, forgetting
 from .models import MLP, ReducedResNet18
 from .module import TaskIncrementalModule
@@ -51,6 +58,10 @@ class RecipeConfig:
     channels: list[int] = field(default_factory=lambda: [20, 20, 40, 80, 160])  # ResNet widths
     normalise: bool = False  # per-channel standardisation with the training set's statistics
     classes_per_task: int = 2
+    # Which classes form each task: "sorted" (0-1, 2-3, ...), "permuted" (a random permutation
+    # per seed, as van de Ven's code does for every seed but 0; see data.permuted_class_order),
+    # or an explicit comma-separated order such as "4,6,0,5,3,9,2,7,8,1".
+    class_order: str = "sorted"
     n_tasks: int | None = None  # first n tasks only (all if None)
     max_train_per_task: int | None = None  # subsample training data (quick runs, tests)
     method: str = "NONE"  # a row of TABLE_METHODS (EXACT, EXACT(n=500), ..., SQUISHER)
@@ -114,6 +125,22 @@ def data_device(accelerator: str) -> torch.device:
     return torch.device("cpu")
 
 
+def class_order(cfg: RecipeConfig, n_classes: int) -> list[int] | None:
+    """The class order of the config for its seed (``None``: the natural order)."""
+    spec = str(cfg.class_order).strip()
+    if spec == "sorted":
+        return None
+    if spec == "permuted":
+        return permuted_class_order(n_classes, cfg.seed)
+    try:
+        return [int(c) for c in spec.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"Unknown class_order {cfg.class_order!r}; give sorted, permuted or a comma-separated "
+            f"order of the {n_classes} classes."
+        ) from None
+
+
 def build_tasks(cfg: RecipeConfig) -> list[Task]:
     """Load the data set and split it into tasks on the run's device."""
     arrays = load_arrays(cfg.dataset, cfg.data_dir, cfg.download, cfg.cache_dir)
@@ -124,6 +151,7 @@ def build_tasks(cfg: RecipeConfig) -> list[Task]:
         cfg.normalise,
         cfg.max_train_per_task,
         data_device(cfg.accelerator),
+        class_order(cfg, int(arrays["train"].y.max()) + 1),
     )
 
 

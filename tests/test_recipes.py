@@ -172,6 +172,41 @@ def test_tasks_hold_their_own_classes_and_batches_cover_each_epoch() -> None:
     assert all(torch.equal(a[1], b[1]) for a, b in zip(batches, again))
 
 
+@pytest.mark.parametrize("seed", [1, 2, 7])
+def test_permuted_class_order_gives_each_task_the_classes_van_de_vens_relabelling_does(
+    seed: int,
+) -> None:
+    # His code relabels class c as p[c] (p a NumPy permutation drawn right after seeding) and gives
+    # task t the new labels 2t and 2t + 1.
+    np.random.seed(seed)
+    p = np.random.permutation(list(range(10)))
+    expected = [{c for c in range(10) if p[c] in (2 * t, 2 * t + 1)} for t in range(5)]
+    order = rdata.permuted_class_order(10, seed)
+    tasks = rdata.split_tasks(rdata.load_digits_arrays(), class_order=order)
+    assert [set(t.classes) for t in tasks] == expected
+    for t in tasks:  # labels keep their original names; each task holds only its own classes
+        assert set(t.y_train.tolist()) == set(t.classes) == set(t.y_test.tolist())
+    with pytest.raises(ValueError, match="each of the 10 classes once"):
+        rdata.split_tasks(rdata.load_digits_arrays(), class_order=[0, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+
+
+def test_class_order_config_sorted_permuted_or_explicit() -> None:
+    from recipes.runner import build_tasks
+
+    def classes(**kw: object) -> list[tuple[int, ...]]:
+        return [t.classes for t in build_tasks(load_config("split_digits", **kw))]
+
+    assert classes() == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]  # the default is unchanged
+    assert classes(class_order="9,8,7,6,5,4,3,2,1,0", n_tasks=2) == [(9, 8), (7, 6)]
+    one, two = classes(class_order="permuted", seed=1), classes(class_order="permuted", seed=2)
+    assert one != two and sorted(c for t in one for c in t) == list(range(10))
+    with pytest.raises(ValueError, match="Unknown class_order"):
+        classes(class_order="shuffled")
+    # The run itself trains and evaluates each task within its own (non-adjacent) units.
+    cfg = load_config("split_digits", class_order="permuted", seed=1, iters=3, accelerator="cpu")
+    _check_result(run_continual(cfg), 5)
+
+
 # Recipes ----------------------------------------------------------------------------------------
 def _check_result(result: dict, n_tasks: int) -> None:
     m = torch.tensor(result["matrix"])
@@ -327,6 +362,27 @@ def test_reproduce_writes_reports_and_resumes_without_rerunning(tmp_path: Path) 
     assert len(cells) == 2 + 2 + 2  # two lambdas on seed 0, two fresh seeds each for EXACT and NONE
     reproduce.main(argv)
     assert (tmp_path / "reproduce_split_digits.cells.jsonl").read_text().splitlines() == cells
+
+
+def test_reproduce_builds_each_seeds_tasks_under_a_permuted_class_order(tmp_path: Path) -> None:
+    argv = ["--benchmark", "split_digits", "--methods", "NONE", "--seeds", "2", "--iters", "2"]
+    argv += ["--max-train-per-task", "20", "--accelerator", "cpu", "--results-dir", str(tmp_path)]
+    reproduce._TASKS.clear()
+    reproduce.main([*argv, "--class-order", "permuted"])
+    orders = sorted(
+        tuple(t.classes for t in tasks) for tasks in reproduce._TASKS.values()
+    )  # one task list per seed, not one shared by both
+    assert orders == sorted(
+        tuple(tuple(rdata.permuted_class_order(10, s)[2 * t : 2 * t + 2]) for t in range(5))
+        for s in (1, 2)
+    )
+    report = json.loads((tmp_path / "reproduce_split_digits.json").read_text())
+    assert report["settings"]["class_order"] == "permuted"
+    assert "class order permuted" in (tmp_path / "reproduce_split_digits.md").read_text()
+    # The default order leaves the settings as they were, so older cells files still match.
+    reproduce.main([*argv, "--name", "sorted"])
+    assert "class_order" not in json.loads((tmp_path / "sorted.json").read_text())["settings"]
+    reproduce._TASKS.clear()
 
 
 def test_reproduce_writes_a_partial_report_when_out_of_budget(tmp_path: Path) -> None:
