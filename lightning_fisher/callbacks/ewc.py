@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..estimators import METHODS, estimate_fisher, fisher_from_optimizer
 from ..fisher_diagonal import FisherDiagonal
 from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of
+from . import _cpu_kernel
 from ._utils import (
     fisher_loader,
     grad_scale,
@@ -62,8 +63,9 @@ class EWC(Callback):
 
     Memory: per consolidated parameter a float32 Fisher, an anchor and a workspace buffer (both in
     the parameter's dtype); separate mode keeps a Fisher and an anchor per task. Cost per optimizer
-    step: three in-place ``foreach`` passes over the parameters per task (the penalty's value, two
-    more, only on logging steps).
+    step and task: two in-place passes over the parameters (``work = theta - theta*``, then
+    ``grad += lam F work``; on CUDA three ``foreach`` launches), or one with ``cpu_kernel=True``
+    (the penalty's value, two more, only on logging steps).
 
     Under DDP the default Fisher data is each rank's ``DistributedSampler`` shard and the estimate is
     all-reduced, so every rank holds the Fisher of the union (the sampler's padding may repeat a
@@ -100,6 +102,11 @@ class EWC(Callback):
         log_penalty: log ``ewc/penalty`` at every optimizer step.
         fisher_kwargs: further keyword arguments of ``lf.estimate_fisher`` (``seed``,
             ``max_batches``, ``param_filter``, ``max_memory_mib``, ...).
+        cpu_kernel: on CPU, add ``lam F (theta - theta*)`` with a one-pass C kernel (reads each of
+            grad, F, theta, theta* once, writes grad once; same roundings as the explicit loss's
+            gradient), compiled once per process at ``fit`` start with the system C compiler. Used
+            for float32 tensors while PyTorch runs one CPU thread (the kernel is single-threaded);
+            otherwise, or without a working compiler (a warning), PyTorch's ops.
     """
 
     def __init__(
@@ -122,6 +129,7 @@ class EWC(Callback):
         bias_correction: bool = True,
         log_penalty: bool = True,
         fisher_kwargs: Mapping[str, Any] | None = None,
+        cpu_kernel: bool = False,
     ) -> None:
         if not (math.isfinite(lam) and lam >= 0):
             raise ValueError(f"EWC: lam must be a finite number >= 0; got {lam!r}.")
@@ -151,6 +159,7 @@ class EWC(Callback):
         self.batch_size = batch_size
         self.bias_correction = bias_correction
         self.log_penalty = log_penalty
+        self.cpu_kernel = cpu_kernel
         self.fisher_kwargs: dict[str, Any] = {
             "max_samples": max_samples,
             "mc_samples": mc_samples,
@@ -167,6 +176,8 @@ class EWC(Callback):
         self._micro_batch: int | None = None
         self._module: nn.Module | None = None
         self._terms_cache: dict[int, list[_Terms]] = {}
+        #: per cached parameter list: whether F, theta, theta* suit the C kernel
+        self._kernel_fits: dict[int, bool] = {}
         #: the latest estimate (before online accumulation) and how long it took
         self.last_fisher: FisherDiagonal | None = None
         self.fisher_seconds = 0.0
@@ -251,6 +262,7 @@ class EWC(Callback):
         self.task_count += 1
         self._steps_since = 0
         self._terms_cache.clear()
+        self._kernel_fits.clear()
         if trainer is not None:
             log_metrics(
                 trainer,
@@ -322,6 +334,7 @@ class EWC(Callback):
                 task.fisher = task.fisher.to(device)
                 task.anchor = {k: v.to(device) for k, v in task.anchor.items()}
                 self._terms_cache.clear()
+                self._kernel_fits.clear()
 
     # Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -331,6 +344,14 @@ class EWC(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = False
         self._terms_cache.clear()
+        self._kernel_fits.clear()
+        if self.cpu_kernel and pl_module.device.type == "cpu" and _cpu_kernel.load() is None:
+            # compiled here, not inside the first training step
+            warnings.warn(
+                "EWC(cpu_kernel=True): no C compiler could build the kernel; using PyTorch's ops "
+                "(same result, one more pass over the parameters).",
+                stacklevel=2,
+            )
         if self._tasks:
             for task in self._tasks:
                 task.fisher.check_matches(pl_module)
@@ -402,11 +423,11 @@ class EWC(Callback):
         if self.apply == "loss":
             if log:
                 with torch.no_grad():
-                    value = self.penalty(pl_module)
-                pl_module.log("ewc/penalty", value, on_step=True, on_epoch=False, batch_size=1)
+                    explicit = self.penalty(pl_module)
+                pl_module.log("ewc/penalty", explicit, on_step=True, on_epoch=False, batch_size=1)
             return
         scale = grad_scale(trainer, optimizer) * self.lam
-        value = torch.zeros((), dtype=torch.float32, device=pl_module.device)
+        value: Tensor | None = None
         with torch.no_grad():
             for params, fishers, anchors, work in self._terms(pl_module, optimizer):
                 grads = []
@@ -414,20 +435,60 @@ class EWC(Callback):
                     if p.grad is None:  # the explicit-loss route would give it a gradient too
                         p.grad = torch.zeros_like(p)
                     grads.append(p.grad)
-                # In place on a persistent workspace: no allocation per step.
-                torch._foreach_copy_(work, params)
-                torch._foreach_sub_(work, anchors)  # theta - theta*
-                torch._foreach_addcmul_(
-                    grads, fishers, work, value=scale
-                )  # += lam F (theta - theta*)
+                if not log and self._cpu_kernel_add(grads, fishers, params, anchors, scale):
+                    continue
+                # work = theta - theta* in place on a persistent workspace (no allocation per step).
+                if params[0].device.type == "cpu":
+                    # Memory-bound on CPU: one pass (read theta, theta*, write work) instead of a
+                    # copy and a subtraction.
+                    for w, p, a in zip(work, params, anchors):
+                        torch.sub(p, a, out=w)
+                else:  # the multi-tensor CUDA kernels: two launches instead of one per tensor
+                    torch._foreach_copy_(work, params)
+                    torch._foreach_sub_(work, anchors)
+                # grad += (scale F) (theta - theta*): scale times F first, as in the loss's gradient
+                torch._foreach_addcmul_(grads, fishers, work, value=scale)
                 if log:
                     squares = torch._foreach_mul(work, work)
                     torch._foreach_mul_(squares, fishers)  # F (theta - theta*)^2 >= 0
-                    value += torch.stack(torch._foreach_norm(squares, 1)).float().sum()
+                    part = torch.stack(torch._foreach_norm(squares, 1)).float().sum()
+                    value = part if value is None else value + part
         if log:
+            total = value if value is not None else torch.zeros((), device=pl_module.device)
             pl_module.log(
-                "ewc/penalty", 0.5 * self.lam * value, on_step=True, on_epoch=False, batch_size=1
+                "ewc/penalty", 0.5 * self.lam * total, on_step=True, on_epoch=False, batch_size=1
             )
+
+    def _cpu_kernel_add(
+        self,
+        grads: list[Tensor],
+        fishers: list[Tensor],
+        params: list[Tensor],
+        anchors: list[Tensor],
+        scale: float,
+    ) -> bool:
+        """grads += (scale F) (theta - theta*) in one pass with the C kernel; ``False`` (nothing
+        added) where it does not apply."""
+        if not self.cpu_kernel or torch.get_num_threads() != 1:
+            return False  # ATen's ops use the other threads; the kernel would not
+        kernel = _cpu_kernel.load()
+        if kernel is None:
+            return False
+        key = id(params)
+        if key not in self._kernel_fits:  # F, theta, theta* are fixed while the cache lives
+            self._kernel_fits[key] = all(
+                _cpu_kernel.fits(t) and t.shape == p.shape
+                for p, f, a in zip(params, fishers, anchors)
+                for t in (p, f, a)
+            )
+        # grads are new tensors at every step (zero_grad sets them to None)
+        if not self._kernel_fits[key] or not all(
+            _cpu_kernel.fits(g) and g.shape == p.shape for g, p in zip(grads, params)
+        ):
+            return False
+        for g, f, p, a in zip(grads, fishers, params, anchors):
+            kernel(g.data_ptr(), f.data_ptr(), p.data_ptr(), a.data_ptr(), scale, g.numel())
+        return True
 
     def _terms(
         self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -508,3 +569,4 @@ class EWC(Callback):
         self._steps_since = int(state_dict["steps_since_consolidation"])
         self._epoch_task = state_dict.get("epoch_task")
         self._terms_cache.clear()
+        self._kernel_fits.clear()
