@@ -27,6 +27,10 @@ _STYLES: dict[str, tuple[str, str, str]] = {
     "empirical": ("empirical Fisher", "tab:green", "--"),
 }
 
+#: Margins (figure fractions) that fit the tick labels, axis labels and titles of the figures below.
+_DENSITY_MARGINS = {"left": 0.075, "right": 0.985, "bottom": 0.1, "top": 0.935}
+_BOUNDS_MARGINS = {"left": 0.068, "right": 0.99, "bottom": 0.115, "top": 0.93, "wspace": 0.16}
+
 
 def _smoothed_density(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
     """Density of ``x`` on the bins ``edges``: a histogram smoothed by a Gaussian kernel of
@@ -57,7 +61,10 @@ def plot_layer_density(
     each layer's fraction of entries below it in the legend.
     """
     values = layer_values(fisher)
-    fig = Figure(figsize=(9, 5), layout="constrained")
+    # Fixed margins, not a layout engine: constrained layout measures every text and makes
+    # savefig draw the figure twice, which is most of the figure's cost.
+    fig = Figure(figsize=(9, 5))
+    fig.subplots_adjust(**_DENSITY_MARGINS)
     ax = fig.add_subplot()
     logs = {layer: np.log10(v[v > 0].double().numpy()) for layer, v in values.items()}
     positive = [x for x in logs.values() if x.size]
@@ -112,8 +119,24 @@ def plot_layer_density(
     default = "Fisher diagonal per layer"
     if method is not None:
         default += f": {method}" + (f", N = {n_samples:,} inputs" if n_samples else "")
-    ax.set_title(title or default)
+    ax.set_title(title or default, y=1.0)  # a fixed y skips matplotlib's costly title placement
     return fig
+
+
+_SUPERSCRIPT = str.maketrans(
+    "-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079"
+)
+
+
+def _power_of_ten(value: float, _pos: Any = None) -> str:
+    """Label a log axis tick 10^k as "10" with a Unicode superscript k (plain text: mathtext
+    labels are re-parsed at every draw); ticks between powers of ten get no label."""
+    if not value > 0:
+        return ""
+    k = round(math.log10(value))
+    if not math.isclose(value, 10.0**k, rel_tol=1e-9):
+        return ""
+    return "10" + str(k).translate(_SUPERSCRIPT)
 
 
 def _layer_colors(n: int) -> list[Any]:
@@ -132,8 +155,8 @@ def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step")
     ``history`` holds one mapping per evaluation with ``x`` (``step`` or ``epoch``) and the
     un-prefixed names of ``DiagnosticsResult.values`` (``<method>/trace``, ``bounds/...``).
     """
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    left, right = fig.subplots(1, 2)
+    fig = Figure(figsize=(11, 4.2))
+    left, right = fig.subplots(1, 2, gridspec_kw=_BOUNDS_MARGINS)  # fixed: see plot_layer_density
     xs = np.array([h.get(x, i) for i, h in enumerate(history)], dtype=float)
 
     def series(key: str) -> np.ndarray:
@@ -157,9 +180,16 @@ def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step")
         plain = FuncFormatter(lambda v, _: f"{v:.3g}")
         left.yaxis.set_major_formatter(plain)
         left.yaxis.set_minor_formatter(plain)
+    else:
+        # Minor ticks at 2x and 5x only: every tick is several artists, and drawing them is most
+        # of this figure's cost when the traces span decades.
+        from matplotlib.ticker import FuncFormatter, LogLocator
+
+        left.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        left.yaxis.set_major_formatter(FuncFormatter(_power_of_ten))
     left.set_xlabel(x)
     left.set_ylabel("trace of the Fisher diagonal")
-    left.set_title("Fisher trace and its bounds")
+    left.set_title("Fisher trace and its bounds", y=1.0)
     left.grid(alpha=0.3, which="both")
     left.legend(fontsize=8)
 
@@ -175,7 +205,7 @@ def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step")
     right.set_ylim(bottom=0)
     right.set_xlabel(x)
     right.set_ylabel("ratio")
-    right.set_title("Tightness of the bounds (1 = tight)")
+    right.set_title("Tightness of the bounds (1 = tight)", y=1.0)
     right.grid(alpha=0.3)
     if right.get_legend_handles_labels()[0]:
         right.legend(fontsize=8)

@@ -20,6 +20,7 @@ and summarises them:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,11 +28,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..estimators import METHODS, estimate_fishers
-from ..estimators.base import _all_reduce, eval_mode
+from ..estimators import METHODS, build_estimators
+from ..estimators.base import _all_reduce, eval_mode, run_passes
 from ..fisher_diagonal import FisherDiagonal
 from ..kernel import kernel_statistics
-from ..outputs import ClassSelector, OutputFn, model_outputs, move_batch
+from ..outputs import ClassSelector, ModelOutputs, OutputFn, model_outputs, move_batch
 
 #: Methods ``compute_diagnostics`` runs unless told otherwise: F, its upper and lower bound, and E.
 DEFAULT_METHODS: tuple[str, ...] = ("hutchinson", "hutchinson_dg", "hutchinson_lr", "empirical")
@@ -58,7 +59,16 @@ def layer_values(fd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def fraction_below(fd: Mapping[str, Tensor], threshold: float = 1e-5) -> dict[str, float]:
     """Per layer, the fraction of diagonal entries F_i < ``threshold``."""
-    return {layer: float((v < threshold).double().mean()) for layer, v in layer_values(fd).items()}
+    if not fd:
+        return {}
+    # Counts per parameter, one host sync for all, no concatenated copy of the diagonal.
+    counts = torch.stack([(t < threshold).sum() for t in fd.values()]).tolist()
+    below: dict[str, list[int]] = {}
+    for (name, t), count in zip(fd.items(), counts):
+        entry = below.setdefault(layer_of(name), [0, 0])
+        entry[0] += int(count)
+        entry[1] += t.numel()
+    return {layer: k / n if n else float("nan") for layer, (k, n) in below.items()}
 
 
 def log10_layer_values(fd: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -71,30 +81,63 @@ def mean_fisher(fds: Sequence[FisherDiagonal]) -> FisherDiagonal:
     if not fds:
         raise ValueError("mean_fisher needs at least one Fisher diagonal.")
     first = fds[0]
-    tensors = {k: torch.stack([fd[k] for fd in fds]).mean(0) for k in first}
+    names = list(first)
+    if len(fds) == 1:
+        values = [first[k].clone() for k in names]
+    else:  # sum, then one scaling: a few fused passes, no stacked copy
+        values = torch._foreach_add([fds[0][k] for k in names], [fds[1][k] for k in names])
+        for fd in fds[2:]:
+            torch._foreach_add_(values, [fd[k] for k in names])
+        torch._foreach_div_(values, float(len(fds)))
+    tensors = dict(zip(names, values))
     options = {**first.options, "probes": len(fds), "seeds": [fd.options.get("seed") for fd in fds]}
     return FisherDiagonal(tensors, first.n_samples, first.method, options)
 
 
-def probe_cv(fds: Sequence[FisherDiagonal]) -> dict[str, float]:
+def probe_cv(
+    fds: Sequence[FisherDiagonal], traces: Sequence[float] | None = None
+) -> dict[str, float]:
     """Coefficient of variation over independent one-probe estimates F^(1..P).
 
     Returns ``cv`` = mean over entries i (with a positive mean) of std_p(F_i^(p)) / mean_p(F_i^(p)),
     ``cv_max`` = the largest of those, and ``cv_trace`` = std_p(tr F^(p)) / mean_p(tr F^(p));
     standard deviations are the unbiased ones. With Rademacher probes an entry's CV is at most
-    sqrt(2) (Sun 2026), less once it averages over several batches.
+    sqrt(2) (Sun 2026), less once it averages over several batches. ``traces``: the tr F^(p),
+    when the caller has them.
+
+    Computed per entry as sqrt(sum_p (F^(p) / mean - 1)^2 / (P - 1)), for P = 2 as
+    sqrt(2) |F^(1) - F^(2)| / (F^(1) + F^(2)): never squaring a deviation of the size of an
+    entry, whose square is often a float32 subnormal (slow on CPUs).
     """
-    if len(fds) < 2:
-        raise ValueError(f"A coefficient of variation needs at least 2 probes; got {len(fds)}.")
-    # All entries at once: (P, n) with P small; one pass, no per-parameter host syncs.
-    dev = torch.stack([fd.flatten() for fd in fds]).float()
-    mean = dev.mean(0)
-    dev -= mean
-    cv = dev.square_().sum(0).div_(len(fds) - 1).sqrt_().div_(mean).nan_to_num_(0.0)  # 0/0 -> 0
-    n_keep = int((mean > 0).sum())
-    total = float(cv.sum(dtype=torch.float64))
-    cv_max = float(cv.max()) if cv.numel() else 0.0
-    traces = torch.tensor([fd.trace() for fd in fds], dtype=torch.float64)
+    P = len(fds)
+    if P < 2:
+        raise ValueError(f"A coefficient of variation needs at least 2 probes; got {P}.")
+    parts = []  # per parameter: sum of the CVs (float64), entries kept, largest CV
+    for name in fds[0]:
+        xs = [fd[name].float() for fd in fds]
+        if P == 2:
+            mean = xs[0] + xs[1]  # twice the mean: only its sign is used below
+            cv = (xs[0] - xs[1]).abs_().div_(mean).mul_(math.sqrt(2.0))
+        else:
+            mean = torch.stack(xs).mean(0)
+            cv = torch.stack(xs).div_(mean).sub_(1.0).square_().sum(0).div_(P - 1).sqrt_()
+        cv.nan_to_num_(0.0)  # 0/0: an entry that is zero in every probe has no CV
+        parts.append(
+            torch.stack(
+                [
+                    cv.sum(dtype=torch.float64),
+                    (mean > 0).sum().double(),
+                    cv.max().double() if cv.numel() else cv.new_zeros((), dtype=torch.float64),
+                ]
+            )
+        )
+    sums = torch.stack(parts).tolist() if parts else []  # one host sync
+    total = sum(r[0] for r in sums)
+    n_keep = int(sum(r[1] for r in sums))
+    cv_max = max((r[2] for r in sums), default=0.0)
+    traces = torch.tensor(
+        list(traces) if traces is not None else [fd.trace() for fd in fds], dtype=torch.float64
+    )
     return {
         "cv": total / n_keep if n_keep else float("nan"),
         "cv_max": cv_max if n_keep else float("nan"),
@@ -102,15 +145,22 @@ def probe_cv(fds: Sequence[FisherDiagonal]) -> dict[str, float]:
     }
 
 
-def empirical_gap(empirical: FisherDiagonal, fisher: FisherDiagonal) -> dict[str, float]:
-    """``rel_gap`` = sum_i |E_i - F_i| / sum_i F_i and ``trace_ratio`` = tr(E) / tr(F)."""
+def empirical_gap(
+    empirical: FisherDiagonal,
+    fisher: FisherDiagonal,
+    traces: tuple[float, float] | None = None,
+) -> dict[str, float]:
+    """``rel_gap`` = sum_i |E_i - F_i| / sum_i F_i and ``trace_ratio`` = tr(E) / tr(F).
+
+    ``traces``: (tr E, tr F), when the caller has them."""
     if set(empirical) != set(fisher) or any(empirical[k].shape != fisher[k].shape for k in fisher):
         raise ValueError("The empirical Fisher and the Fisher cover different parameters.")
-    total = fisher.trace()
+    tr_e, total = traces if traces is not None else (empirical.trace(), fisher.trace())
     if total <= 0:
         return {"rel_gap": float("nan"), "trace_ratio": float("nan")}
-    gap = sum(float((empirical[k] - fisher[k]).abs().sum(dtype=torch.float64)) for k in fisher)
-    return {"rel_gap": gap / total, "trace_ratio": empirical.trace() / total}
+    gaps = [(empirical[k] - fisher[k]).abs_().sum(dtype=torch.float64) for k in fisher]
+    gap = float(torch.stack(gaps).sum()) if gaps else 0.0
+    return {"rel_gap": gap / total, "trace_ratio": tr_e / total}
 
 
 def kernel_summary(
@@ -130,32 +180,49 @@ def kernel_summary(
     mean(lambda_max) / mean(upper) (1 means tight), and ``n_inputs``. Under ``torch.distributed``
     the sums cover every rank's shard.
     """
-    keys = ("lambda_max", "trace", "one_minus_pmax", "lambda_max_lower", "lambda_max_upper")
     device = next(model.parameters()).device
-    sums = torch.zeros(len(keys) + 1, dtype=torch.float64, device=device)
+    sums = _KernelSums(device)
     with eval_mode(model), torch.no_grad():
         for i, batch in enumerate(dataloader):
             if max_batches is not None and i >= max_batches:
                 break
-            out = model_outputs(model, move_batch(batch, device), output_fn, classes, shift_labels)
-            p = torch.softmax(out.logits.double(), -1)[out.mask]
-            # Rows in chunks: for large vocabularies the eigen-solver holds a few C-sized vectors
-            # per row, which must not scale with the number of tokens.
-            rows = max(1, KERNEL_CHUNK_ELEMENTS // p.shape[-1])
-            for chunk in p.split(rows):
-                stats = kernel_statistics(chunk)
-                sums[:-1] += torch.stack([stats[k].sum() for k in keys])
-            sums[-1] += p.shape[0]
-    _all_reduce([sums])
-    n = float(sums[-1])
-    if n == 0:
-        raise ValueError("The dataloader gave no inputs to compute kernel statistics on.")
-    means = {k: float(s) / n for k, s in zip(keys, sums[:-1])}
-    lam = means["lambda_max"]
-    means["lower_over_lambda_max"] = means["lambda_max_lower"] / lam if lam > 0 else 1.0
-    means["lambda_max_over_upper"] = lam / means["lambda_max_upper"]
-    means["n_inputs"] = n
-    return means
+            sums.add(
+                model_outputs(model, move_batch(batch, device), output_fn, classes, shift_labels)
+            )
+    return sums.summary()
+
+
+class _KernelSums:
+    """Sums over inputs of the kernel-space statistics of ``kernel_summary``, batch by batch: fed
+    by its own forwards, or by the Fisher pass's (``compute_diagnostics``)."""
+
+    KEYS = ("lambda_max", "trace", "one_minus_pmax", "lambda_max_lower", "lambda_max_upper")
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(len(self.KEYS) + 1, dtype=torch.float64, device=device)
+
+    def add(self, out: ModelOutputs) -> None:
+        p = torch.softmax(out.logits.detach().double(), -1)[out.mask]
+        # Rows in chunks: for large vocabularies the eigen-solver holds a few C-sized vectors
+        # per row, which must not scale with the number of tokens.
+        rows = max(1, KERNEL_CHUNK_ELEMENTS // p.shape[-1])
+        for chunk in p.split(rows):
+            stats = kernel_statistics(chunk)
+            self.sums[:-1] += torch.stack([stats[k].sum() for k in self.KEYS])
+        self.sums[-1] += p.shape[0]
+
+    def summary(self) -> dict[str, float]:
+        """The means over inputs (over every rank's shard under ``torch.distributed``)."""
+        _all_reduce([self.sums])
+        n = float(self.sums[-1])
+        if n == 0:
+            raise ValueError("The dataloader gave no inputs to compute kernel statistics on.")
+        means = {k: float(s) / n for k, s in zip(self.KEYS, self.sums[:-1].tolist())}
+        lam = means["lambda_max"]
+        means["lower_over_lambda_max"] = means["lambda_max_lower"] / lam if lam > 0 else 1.0
+        means["lambda_max_over_upper"] = lam / means["lambda_max_upper"]
+        means["n_inputs"] = n
+        return means
 
 
 @dataclass
@@ -244,51 +311,79 @@ def compute_diagnostics(
         "max_batches": max_batches,
         "shift_labels": shift_labels,  # causal LMs: position t predicts token t + 1
     }
-    # One pass over the data for every method and probe: the forwards are shared, each estimate
-    # equals its own `estimate_fisher` with the same seed.
+    # One pass over the data for every method and probe: the forwards are shared (also with the
+    # kernel statistics), the backwards batched, and each estimate equals its own
+    # `estimate_fisher` with the same seed.
     specs = [
         {"method": m, "seed": seed + i, "probes": 1}
         for m in methods
         for i in range(probes if m in PROBE_METHODS else 1)
     ]
-    runs = estimate_fishers(model, dataloader, specs, progress=False, **common)
+    estimators = build_estimators(specs, progress=False, **common)
+    kernel_sums = _KernelSums(next(model.parameters()).device) if kernel else None
+    runs = run_passes(
+        model, dataloader, estimators, kernel_sums.add if kernel_sums is not None else None
+    )
+    # Per-parameter traces once per estimate; every trace below is a sum of these (a method's
+    # mean over probes has the mean of the probes' traces).
+    run_traces = [fd.traces() for fd in runs]
     fishers: dict[str, FisherDiagonal] = {}
+    traces: dict[str, dict[str, float]] = {}
     s: dict[str, float] = {}
     for method in methods:
-        mine = [fd for spec, fd in zip(specs, runs) if spec["method"] == method]
+        mine = [i for i, spec in enumerate(specs) if spec["method"] == method]
+        fds = [runs[i] for i in mine]
         if method in PROBE_METHODS:
-            fishers[method] = mean_fisher(mine)
+            fishers[method] = mean_fisher(fds)
+            traces[method] = {
+                k: sum(run_traces[i][k] for i in mine) / len(mine) for k in run_traces[mine[0]]
+            }
             if probes > 1:
-                for k, v in probe_cv(mine).items():
+                per_probe = [sum(run_traces[i].values()) for i in mine]
+                for k, v in probe_cv(fds, per_probe).items():
                     s[f"{method}/{k}"] = v
         else:
-            fishers[method] = mine[0]
-    for method, fd in fishers.items():
-        s[f"{method}/trace"] = fd.trace()
+            fishers[method], traces[method] = fds[0], run_traces[mine[0]]
+    totals = {m: float(sum(t.values())) for m, t in traces.items()}
+    for method in fishers:
+        s[f"{method}/trace"] = totals[method]
 
     reference = "exact" if "exact" in fishers else "hutchinson" if "hutchinson" in fishers else None
     if reference is not None:
-        tr_f = fishers[reference].trace()
+        tr_f = totals[reference]
         if LOWER in fishers:
-            s["bounds/lower_over_f"] = fishers[LOWER].trace() / tr_f if tr_f > 0 else float("nan")
+            s["bounds/lower_over_f"] = totals[LOWER] / tr_f if tr_f > 0 else float("nan")
         if UPPER in fishers:
-            tr_u = fishers[UPPER].trace()
+            tr_u = totals[UPPER]
             s["bounds/f_over_upper"] = tr_f / tr_u if tr_u > 0 else float("nan")
         if "empirical" in fishers:
-            for k, v in empirical_gap(fishers["empirical"], fishers[reference]).items():
+            gap = empirical_gap(
+                fishers["empirical"], fishers[reference], (totals["empirical"], tr_f)
+            )
+            for k, v in gap.items():
                 s[f"empirical/{k}"] = v
     below = fraction_below(fishers[reference or methods[0]], threshold)
     s["frac_below/min_layer"] = min(below.values())
     s["frac_below/max_layer"] = max(below.values())
-    if kernel:
-        stats = kernel_summary(model, dataloader, max_batches, output_fn, classes, shift_labels)
+    if kernel_sums is not None:
+        stats = kernel_sums.summary()
         s.update({f"kernel/{k}": v for k, v in stats.items() if k != "n_inputs"})
 
-    numel = {layer: v.numel() for layer, v in layer_values(fishers[methods[0]]).items()}
-    traces = {m: fd.layer_traces() for m, fd in fishers.items()}
+    numel: dict[str, int] = {}
+    for name, t in fishers[methods[0]].items():
+        numel[layer_of(name)] = numel.get(layer_of(name), 0) + t.numel()
+    layer_traces = {m: _by_layer(t) for m, t in traces.items()}
     layers = [
         {"layer": layer, "numel": numel[layer], "frac_below": below[layer]}
-        | {f"trace/{m}": traces[m][layer] for m in fishers}
+        | {f"trace/{m}": layer_traces[m][layer] for m in fishers}
         for layer in numel
     ]
     return DiagnosticsResult(fishers, {k: float(v) for k, v in s.items()}, reference, layers)
+
+
+def _by_layer(traces: Mapping[str, float]) -> dict[str, float]:
+    """Per-parameter traces summed by layer (as ``FisherDiagonal.layer_traces`` does)."""
+    out: dict[str, float] = {}
+    for name, value in traces.items():
+        out[layer_of(name)] = out.get(layer_of(name), 0.0) + value
+    return out

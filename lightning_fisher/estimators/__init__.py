@@ -132,6 +132,12 @@ def estimate_fishers(
     ``options`` are those of :func:`estimate_fisher` and apply to all. Each result equals what
     ``estimate_fisher`` returns for that method and options alone; only the forwards are shared.
     """
+    return run_passes(model, dataloader, build_estimators(methods, **options))
+
+
+def build_estimators(methods: Sequence[str | Mapping[str, Any]], **options: Any) -> list[Estimator]:
+    """The estimators ``estimate_fishers(model, loader, methods, **options)`` runs (for callers
+    that run the pass themselves with ``run_passes``)."""
     if not methods:
         raise ValueError("estimate_fishers needs at least one method.")
     per_estimate = {"seed", "probes", "mc_samples", "rank", "probe_distribution", "eigen_method"}
@@ -149,7 +155,7 @@ def estimate_fishers(
         limit = merged.pop("exact_max_classes", None)
         extra = {"exact_max_classes": limit} if limit is not None else {}
         estimators.append(ESTIMATORS[method](FisherOptions(**merged, extra=extra)))
-    return run_passes(model, dataloader, estimators)
+    return estimators
 
 
 __all__ = ["ESTIMATORS", "METHODS", "estimate_fisher", "estimate_fishers", "fisher_from_optimizer"]

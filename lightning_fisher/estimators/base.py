@@ -199,14 +199,82 @@ def _check_finite(tensors: list[Tensor]) -> list[int]:
     return torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
 
 
+class _SquaredGradients:
+    """Adds w (J^T u)^2 = w (grad_theta u . z)^2 to an accumulator for each of many cotangents u.
+
+    Cotangents are taken in chunks and each chunk goes through one backward with
+    ``is_grads_batched`` (the graph is walked once, the weight gradients of a chunk are one
+    matmul per layer); a chunk holds its gradients, one parameter-sized tensor per cotangent, so
+    its size keeps them and the cotangents under ``max_memory_mib``. The result is that of one
+    backward per cotangent, which is also the fallback for a model whose backward cannot be
+    batched (an operation without a vmap rule).
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], max_memory_mib: float) -> None:
+        self.names = list(params)
+        self.params = [params[k] for k in self.names]
+        self.param_bytes = sum(p.numel() * max(p.element_size(), 4) for p in self.params)
+        self.max_bytes = max(1.0, max_memory_mib) * 2**20
+        self.batch = True
+
+    def accumulate(
+        self, logits: Tensor, cotangents: Iterable[tuple[Tensor, float, dict[str, Tensor]]]
+    ) -> None:
+        per_cotangent = self.param_bytes + logits.numel() * max(logits.element_size(), 4)
+        size = max(1, int(self.max_bytes // per_cotangent)) if self.batch else 1
+        chunk: list[tuple[Tensor, float, dict[str, Tensor]]] = []
+        for item in cotangents:
+            chunk.append(item)
+            if len(chunk) == size:
+                self._chunk(logits, chunk)
+                chunk = []
+        if chunk:
+            self._chunk(logits, chunk)
+
+    def _chunk(self, logits: Tensor, chunk: list[tuple[Tensor, float, dict[str, Tensor]]]) -> None:
+        if len(chunk) > 1 and self.batch:
+            try:
+                grads = torch.autograd.grad(
+                    logits,
+                    self.params,
+                    grad_outputs=torch.stack([cot for cot, _, _ in chunk]),
+                    retain_graph=True,
+                    allow_unused=True,
+                    is_grads_batched=True,
+                )
+            except RuntimeError:
+                # No batching rule for some operation (or no memory for the chunk): one backward
+                # per cotangent gives the same sums, for this and every later batch.
+                self.batch = False
+            else:
+                for i, (_, weight, acc) in enumerate(chunk):
+                    self._add(acc, [None if g is None else g[i] for g in grads], weight)
+                return
+        for cot, weight, acc in chunk:
+            grads = torch.autograd.grad(
+                logits, self.params, grad_outputs=cot, retain_graph=True, allow_unused=True
+            )
+            self._add(acc, list(grads), weight)
+
+    def _add(self, acc: dict[str, Tensor], grads: list[Tensor | None], weight: float) -> None:
+        keep = [(acc[k], g.to(acc[k].dtype)) for k, g in zip(self.names, grads) if g is not None]
+        if keep:
+            targets, values = [a for a, _ in keep], [g for _, g in keep]
+            torch._foreach_addcmul_(targets, values, values, value=weight)  # acc += w g^2
+
+
 def run_passes(
-    model: nn.Module, loader: Iterable[Any], estimators: list[Estimator]
+    model: nn.Module,
+    loader: Iterable[Any],
+    estimators: list[Estimator],
+    observe: Callable[[ModelOutputs], None] | None = None,
 ) -> list[FisherDiagonal]:
     """Run several estimators over ``loader`` with one forward per batch.
 
     Data options (``max_samples``, ``max_batches``, ``output_fn``, ``classes``, ``param_filter``,
     ...) come from the first estimator; each estimator keeps its own seed, so every result equals
-    what a pass of that estimator alone gives.
+    what a pass of that estimator alone gives. ``observe(out)``, if given, sees the outputs of
+    every batch with at least one input (statistics of p that need no extra forward).
     """
     opts = estimators[0].options
     params = trainable_parameters(model, opts.param_filter)
@@ -225,6 +293,7 @@ def run_passes(
     generators = [torch.Generator(device=device).manual_seed(e.options.seed) for e in estimators]
     per_input = any(e.per_input for e in estimators)
     engine = PerInputEngine(model, params, opts.max_memory_mib) if per_input else None
+    batched = _SquaredGradients(params, opts.max_memory_mib)
     n_inputs = n_batches = rows = 0
     label = "+".join(e.name for e in estimators)
 
@@ -258,6 +327,8 @@ def run_passes(
             if n == 0:
                 continue
             n_inputs += n
+            if observe is not None:
+                observe(out)
             p = torch.softmax(
                 out.logits.detach().to(torch.promote_types(out.logits.dtype, torch.float32)), -1
             )
@@ -269,18 +340,15 @@ def run_passes(
                     cot = (cot * mask).to(out.logits.dtype)
                     for part in _per_position(cot, engine.max_bytes):
                         engine.accumulate(out.logits, part, acc, weight)
-                    continue
-                for cot, weight in e.batch_cotangents(out, p, gen):
-                    grads = torch.autograd.grad(
-                        out.logits,
-                        [params[k] for k in names],
-                        grad_outputs=(cot * mask).to(out.logits.dtype),
-                        retain_graph=True,
-                        allow_unused=True,
-                    )
-                    for k, g in zip(names, grads):
-                        if g is not None:
-                            acc[k] += weight * g.to(acc[k].dtype).pow(2)
+            # Every batch-gradient estimator's cotangents (all probes) go through one batched
+            # backward: each estimator still draws from its own generator in its own order.
+            cotangents = (
+                ((cot * mask).to(out.logits.dtype), weight, acc)
+                for e, acc, gen in zip(estimators, accs, generators)
+                if not e.per_input
+                for cot, weight in e.batch_cotangents(out, p, gen)
+            )
+            batched.accumulate(out.logits, cotangents)
             if engine is not None:
                 engine.reset()
             del out
@@ -313,9 +381,8 @@ def run_passes(
                 f"The Fisher of {bad[0]!r} has NaN/Inf entries: NaN/Inf in the inputs or weights, "
                 "or a gradient overflow (for fp16 models, estimate in float32 or bfloat16)."
             )
-        values = torch._foreach_mul(
-            [acc[k] for k in names], 1.0 / e.normaliser(n_inputs, n_batches)
-        )
+        values = [acc[k] for k in names]
+        torch._foreach_mul_(values, 1.0 / e.normaliser(n_inputs, n_batches))  # ours: in place
         options = e.options.public(e.option_names)
         options["seed"] = e.options.seed
         results.append(
