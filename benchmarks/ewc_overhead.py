@@ -9,7 +9,8 @@ runs on other devices or settings are kept, so the CPU and GPU runs share one re
 
 CPU: van de Ven's MLP 784-400-400-10, batch 128. GPU: a BERT classifier with MiniLM-L6's sizes
 (6 layers, width 384, 22.7M parameters, random weights, Hugging Face ``transformers``), batch 32 of
-128 tokens, AdamW. ``--tiny`` shrinks either setting to toy sizes (a smoke test of the script).
+128 tokens, AdamW. ``--cpu-kernel`` times ``EWC(cpu_kernel=True)`` (the one-pass C kernel;
+its own row). ``--tiny`` shrinks either setting to toy sizes (a smoke test of the script).
 
 Timing: a Lightning ``Trainer`` runs ``--steps`` optimizer steps; a callback times each step from
 ``on_train_batch_start`` to ``on_train_batch_end`` (forward, backward, EWC's gradient hook, the
@@ -207,13 +208,15 @@ class OddSteps(pl.Callback):
             self.hook_times.append(time.perf_counter() - start)
 
 
-def consolidated_ewc(module: Module, lam: float, apply: str = "grad") -> lf.EWC:
+def consolidated_ewc(
+    module: Module, lam: float, apply: str = "grad", cpu_kernel: bool = False
+) -> lf.EWC:
     """An EWC holding one task: a random positive Fisher anchored at the current parameters."""
     gen = torch.Generator().manual_seed(1)
     fisher = lf.FisherDiagonal(
         {n: torch.rand(p.shape, generator=gen).to(p.device) for n, p in module.named_parameters()}
     )
-    ewc = lf.EWC(lam=lam, apply=apply, consolidate_on_fit_end=False)
+    ewc = lf.EWC(lam=lam, apply=apply, consolidate_on_fit_end=False, cpu_kernel=cpu_kernel)
     ewc.consolidate(module, fisher=fisher)
     return ewc
 
@@ -257,7 +260,10 @@ def overhead_row(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         # odd/even ratio is the method's noise floor
         for lam in (args.lam, 0.0):
             module = copy.deepcopy(base)
-            timer, odd = StepTimer(), OddSteps(consolidated_ewc(module, lam))
+            timer, odd = (
+                StepTimer(),
+                OddSteps(consolidated_ewc(module, lam, "grad", args.cpu_kernel)),
+            )
             fit(module, data, [odd, timer], args, precision, args.steps)
             split: dict[bool, list[float]] = {False: [], True: []}
             for step, seconds in timer.times[args.warmup :]:
@@ -274,6 +280,7 @@ def overhead_row(args: argparse.Namespace, precision: str) -> dict[str, Any]:
         "device": args.device,
         "model": name,
         "precision": precision,
+        "ewc_update": "C kernel" if args.cpu_kernel else "torch ops",
         # the median of the per-run ratios: robust to load that changes between runs
         "ratio": round(statistics.median(ratios), 4),
         "ratio_min": round(min(ratios), 4),
@@ -349,8 +356,11 @@ def route_check(args: argparse.Namespace, precision: str, optimizer: str) -> dic
 def merge(
     old: list[dict[str, Any]], new: list[dict[str, Any]], keys: tuple[str, ...]
 ) -> list[dict[str, Any]]:
-    fresh = {tuple(r.get(k) for k in keys) for r in new}
-    return [r for r in old if tuple(r.get(k) for k in keys) not in fresh] + new
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:  # rows from before `ewc_update`: torch ops
+        return tuple(r.get(k, "torch ops" if k == "ewc_update" else None) for k in keys)
+
+    fresh = {key(r) for r in new}
+    return [r for r in old if key(r) not in fresh] + new
 
 
 def write_markdown(path: str, report: dict[str, Any]) -> None:
@@ -364,18 +374,20 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         "",
         "`ratio`: median time of steps with EWC's gradient hook (one consolidated task) over the "
         "median of steps without it, alternating step by step within each run; the median over "
-        "runs, and their range. `ms in EWC hook`: median time of the hook itself. `control`: the same "
+        "runs, and their range. `EWC update`: PyTorch's ops (the default) or the one-pass C kernel "
+        "(`EWC(cpu_kernel=True)`, `--cpu-kernel`). `ms in EWC hook`: median time of the hook itself. "
+        "`control`: the same "
         "ratio in interleaved runs with lam = 0 (the hook returns at once), the protocol's noise "
         "floor. `load`: the "
         "machine's 1-minute load average at the end of the run.",
         "",
-        "| device | model | params | precision | ms without | ms with | ms in EWC hook | ratio | range | control | load |",
-        "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|",
+        "| device | model | params | precision | EWC update | ms without | ms with | ms in EWC hook | ratio | range | control | load |",
+        "|---|---|---:|---|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['device']} | {r['model']} | {r['params'] / 1e6:.1f}M | {r['precision']} | "
-            f"{r['ms_without']:.2f} | {r['ms_with']:.2f} | {r.get('ms_hook', float('nan')):.3f} | "
+            f"{r.get('ewc_update', 'torch ops')} | {r['ms_without']:.2f} | {r['ms_with']:.2f} | {r.get('ms_hook', float('nan')):.3f} | "
             f"{r['ratio']:.3f} | "
             f"{r['ratio_min']:.3f}-{r['ratio_max']:.3f} | {r.get('ratio_control', float('nan')):.3f} | "
             f"{r.get('load_average', '-')} |"
@@ -433,6 +445,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=1,
         help="CPU threads (1: steadier timings on a shared machine)",
     )
+    ap.add_argument(
+        "--cpu-kernel",
+        action="store_true",
+        help="EWC(cpu_kernel=True): the one-pass C kernel (CPU, one thread)",
+    )
     ap.add_argument("--tiny", action="store_true", help="toy sizes (smoke test)")
     ap.add_argument(
         "--out", default=os.path.join(RESULTS, NAME), help="report path without extension"
@@ -474,7 +491,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": device_name(torch.device(args.device)),
         "devices": {**old.get("devices", {}), args.device: device_name(torch.device(args.device))},
         "versions": versions(),
-        "rows": merge(old.get("rows", []), rows, ("device", "model", "precision")),
+        "rows": merge(old.get("rows", []), rows, ("device", "model", "precision", "ewc_update")),
         "checks": merge(
             old.get("checks", []), checks, ("device", "model", "precision", "optimizer")
         ),
