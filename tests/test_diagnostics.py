@@ -16,6 +16,7 @@ from lightning_fisher.diagnostics import (
     empirical_gap,
     fraction_below,
     kernel_summary,
+    mean_fisher,
     plot_bounds_history,
     plot_layer_density,
     probe_cv,
@@ -125,6 +126,15 @@ def test_kernel_summary_is_the_mean_of_kernel_statistics(mlp_case, monkeypatch) 
     assert chunked == pytest.approx(summary, rel=1e-12)
 
 
+def test_kernel_statistics_of_the_shared_pass_equal_kernel_summary(mlp_case) -> None:  # type: ignore[no-untyped-def]
+    """compute_diagnostics takes p from the Fisher pass's forward, not from a forward of its own."""
+    res = compute_diagnostics(mlp_case.model, mlp_case.loader, probes=2, max_batches=2)
+    summary = kernel_summary(mlp_case.model, mlp_case.loader, max_batches=2)
+    for key, value in summary.items():
+        if key != "n_inputs":
+            assert res.values[f"kernel/{key}"] == pytest.approx(value, rel=1e-12)
+
+
 def test_passes_leave_the_model_as_they_found_it(mlp_case) -> None:  # type: ignore[no-untyped-def]
     model = mlp_case.model
     model.train()
@@ -150,6 +160,15 @@ def test_probe_cv_is_std_over_mean() -> None:
     assert got["cv_max"] == pytest.approx(float(cv.max()), rel=1e-5)
     assert got["cv_trace"] == pytest.approx(float(traces.std() / traces.mean()), rel=1e-9)
     assert probe_cv([fds[0], fds[0]])["cv"] == 0.0
+    # Given the traces and the mean (as compute_diagnostics does), and for P = 2 (closed form).
+    for group in (fds, fds[:3], fds[:2]):
+        want = probe_cv(group)
+        given = probe_cv(group, [fd.trace() for fd in group], mean_fisher(group))
+        assert given == pytest.approx(want, rel=1e-6)
+        stack = torch.stack([fd.flatten() for fd in group]).double()
+        cv = (stack.std(0) / stack.mean(0)).nan_to_num(0.0)
+        assert want["cv"] == pytest.approx(float(cv.sum() / (stack.mean(0) > 0).sum()), rel=1e-5)
+        assert want["cv_max"] == pytest.approx(float(cv.max()), rel=1e-5)
     with pytest.raises(ValueError, match="at least 2"):
         probe_cv(fds[:1])
 

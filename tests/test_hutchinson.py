@@ -133,3 +133,30 @@ def test_the_p_instead_of_sqrt_p_variant_is_biased() -> None:
     wrong = total / 300 / len(x)
     want = flat_ref(case, "fisher")
     assert (wrong - want).norm() / want.norm() > 0.3
+
+
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_batched_probe_backward_equals_one_backward_per_probe(kind, monkeypatch) -> None:
+    """All probes of all Hutchinson estimators go through one backward with is_grads_batched;
+    a model whose backward cannot be batched gets one backward per probe, with the same sums."""
+    case = make_case(kind, dtype=torch.float64)
+    methods = ["hutchinson", "hutchinson_dg", {"method": "hutchinson_lr", "probes": 3}]
+    batched = lf.estimate_fishers(case.model, case.loader, methods, probes=2, seed=5)
+    grad = torch.autograd.grad
+    calls = []
+
+    def no_batching(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs.get("is_grads_batched", False))
+        if kwargs.get("is_grads_batched"):
+            raise RuntimeError("no batching rule (simulated)")
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    looped = lf.estimate_fishers(case.model, case.loader, methods, probes=2, seed=5)
+    assert calls[0] is True and not any(calls[1:])  # tried once, then one backward per probe
+    for a, b in zip(batched, looped):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-12, atol=1e-300)
+    single = lf.estimate_fisher(case.model, case.loader, "hutchinson_dg", probes=2, seed=5)
+    for name in single:
+        torch.testing.assert_close(batched[1][name], single[name], rtol=1e-12, atol=1e-300)

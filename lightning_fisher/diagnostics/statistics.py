@@ -95,46 +95,51 @@ def mean_fisher(fds: Sequence[FisherDiagonal]) -> FisherDiagonal:
 
 
 def probe_cv(
-    fds: Sequence[FisherDiagonal], traces: Sequence[float] | None = None
+    fds: Sequence[FisherDiagonal],
+    traces: Sequence[float] | None = None,
+    mean: Mapping[str, Tensor] | None = None,
 ) -> dict[str, float]:
     """Coefficient of variation over independent one-probe estimates F^(1..P).
 
     Returns ``cv`` = mean over entries i (with a positive mean) of std_p(F_i^(p)) / mean_p(F_i^(p)),
     ``cv_max`` = the largest of those, and ``cv_trace`` = std_p(tr F^(p)) / mean_p(tr F^(p));
     standard deviations are the unbiased ones. With Rademacher probes an entry's CV is at most
-    sqrt(2) (Sun 2026), less once it averages over several batches. ``traces``: the tr F^(p),
-    when the caller has them.
+    sqrt(2) (Sun 2026), less once it averages over several batches. ``traces`` (the tr F^(p))
+    and ``mean`` (``mean_fisher(fds)``): when the caller has them already.
 
     Computed per entry as sqrt(sum_p (F^(p) / mean - 1)^2 / (P - 1)), for P = 2 as
-    sqrt(2) |F^(1) - F^(2)| / (F^(1) + F^(2)): never squaring a deviation of the size of an
-    entry, whose square is often a float32 subnormal (slow on CPUs).
+    |F^(1) - F^(2)| / (sqrt(2) mean): never squaring a deviation of the size of an entry, whose
+    square is often a float32 subnormal (slow on CPUs).
     """
     P = len(fds)
     if P < 2:
         raise ValueError(f"A coefficient of variation needs at least 2 probes; got {P}.")
+    # For P = 2 the loop sums |F1 - F2| / m, m = F1 + F2 or the mean; the CV is that times scale.
+    scale = (math.sqrt(2.0) if mean is None else 1 / math.sqrt(2.0)) if P == 2 else 1.0
     parts = []  # per parameter: sum of the CVs (float64), entries kept, largest CV
     for name in fds[0]:
         xs = [fd[name].float() for fd in fds]
+        m = mean[name].float() if mean is not None else None
         if P == 2:
-            mean = xs[0] + xs[1]  # twice the mean: only its sign is used below
-            cv = (xs[0] - xs[1]).abs_().div_(mean).mul_(math.sqrt(2.0))
+            m = xs[0] + xs[1] if m is None else m
+            cv = (xs[0] - xs[1]).abs_().div_(m)  # times scale, applied to the sums below
         else:
-            mean = torch.stack(xs).mean(0)
-            cv = torch.stack(xs).div_(mean).sub_(1.0).square_().sum(0).div_(P - 1).sqrt_()
+            m = torch.stack(xs).mean(0) if m is None else m
+            cv = torch.stack(xs).div_(m).sub_(1.0).square_().sum(0).div_(P - 1).sqrt_()
         cv.nan_to_num_(0.0)  # 0/0: an entry that is zero in every probe has no CV
         parts.append(
             torch.stack(
                 [
                     cv.sum(dtype=torch.float64),
-                    (mean > 0).sum().double(),
+                    torch.count_nonzero(m).double(),  # entries are >= 0: nonzero mean = positive
                     cv.max().double() if cv.numel() else cv.new_zeros((), dtype=torch.float64),
                 ]
             )
         )
     sums = torch.stack(parts).tolist() if parts else []  # one host sync
-    total = sum(r[0] for r in sums)
+    total = scale * sum(r[0] for r in sums)
     n_keep = int(sum(r[1] for r in sums))
-    cv_max = max((r[2] for r in sums), default=0.0)
+    cv_max = scale * max((r[2] for r in sums), default=0.0)
     traces = torch.tensor(
         list(traces) if traces is not None else [fd.trace() for fd in fds], dtype=torch.float64
     )
@@ -340,7 +345,7 @@ def compute_diagnostics(
             }
             if probes > 1:
                 per_probe = [sum(run_traces[i].values()) for i in mine]
-                for k, v in probe_cv(fds, per_probe).items():
+                for k, v in probe_cv(fds, per_probe, fishers[method]).items():
                     s[f"{method}/{k}"] = v
         else:
             fishers[method], traces[method] = fds[0], run_traces[mine[0]]
