@@ -61,10 +61,13 @@ class FisherDiagnostics(Callback):
     by default they are drawn once, at the end of training; ``figure_every_n=k`` also draws them at
     the first evaluation and every k-th after it. ``figures()`` draws them on demand.
 
-    Cost: one evaluation runs ``3 * probes + 1`` backward passes (with the default methods) and one
-    forward-only pass over ``max_batches`` batches, about a dozen training steps' worth for an MLP;
-    choose ``every_n_epochs`` / ``every_n_steps`` so that evaluations are a few hundred steps apart
-    to keep the overhead near 5% (``benchmarks/diagnostics_overhead.py`` measures it).
+    Cost: per batch of ``max_batches``, one forward shared by every method and the kernel
+    statistics, one batched backward (``is_grads_batched``) for the ``3 * probes`` Hutchinson
+    cotangents (with the default methods) and one for the empirical Fisher's per-input gradients:
+    about 6 training steps' worth for the Split MNIST MLP, whose weight gradients (one per probe)
+    are most of it. With evaluations every 99 steps that is about 6% of training time; choose
+    ``every_n_epochs`` / ``every_n_steps`` so that evaluations are a few hundred steps apart to
+    stay well under 5% (``benchmarks/diagnostics_overhead.py`` measures it).
 
     Probes are drawn with the same seeds at every evaluation, so changes over training come from the
     model, not from new probe noise; the ``hutchinson`` trace logged equals the mean over

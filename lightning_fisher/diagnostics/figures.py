@@ -28,8 +28,8 @@ _STYLES: dict[str, tuple[str, str, str]] = {
 }
 
 #: Margins (figure fractions) that fit the tick labels, axis labels and titles of the figures below.
-_DENSITY_MARGINS = {"left": 0.075, "right": 0.985, "bottom": 0.1, "top": 0.935}
-_BOUNDS_MARGINS = {"left": 0.068, "right": 0.99, "bottom": 0.115, "top": 0.93, "wspace": 0.16}
+_DENSITY_MARGINS = {"left": 0.075, "right": 0.975, "bottom": 0.1, "top": 0.935}
+_BOUNDS_MARGINS = {"left": 0.068, "right": 0.975, "bottom": 0.115, "top": 0.93, "wspace": 0.16}
 
 
 def _smoothed_density(x: np.ndarray, edges: np.ndarray) -> np.ndarray:

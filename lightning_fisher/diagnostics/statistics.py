@@ -85,7 +85,7 @@ def mean_fisher(fds: Sequence[FisherDiagonal]) -> FisherDiagonal:
     if len(fds) == 1:
         values = [first[k].clone() for k in names]
     else:  # sum, then one scaling: a few fused passes, no stacked copy
-        values = torch._foreach_add([fds[0][k] for k in names], [fds[1][k] for k in names])
+        values = list(torch._foreach_add([fds[0][k] for k in names], [fds[1][k] for k in names]))
         for fd in fds[2:]:
             torch._foreach_add_(values, [fd[k] for k in names])
         torch._foreach_div_(values, float(len(fds)))
@@ -140,13 +140,13 @@ def probe_cv(
     total = scale * sum(r[0] for r in sums)
     n_keep = int(sum(r[1] for r in sums))
     cv_max = scale * max((r[2] for r in sums), default=0.0)
-    traces = torch.tensor(
+    tr = torch.tensor(
         list(traces) if traces is not None else [fd.trace() for fd in fds], dtype=torch.float64
     )
     return {
         "cv": total / n_keep if n_keep else float("nan"),
         "cv_max": cv_max if n_keep else float("nan"),
-        "cv_trace": float(traces.std() / traces.mean()) if traces.mean() > 0 else float("nan"),
+        "cv_trace": float(tr.std() / tr.mean()) if tr.mean() > 0 else float("nan"),
     }
 
 
