@@ -12,6 +12,10 @@ Protocol per method (every EWC row of DESIGN §6, plus NONE):
 2. final: the best lambda on ``--seeds`` fresh seeds (1..S), which give the reported mean and
    standard error (seed 0 only selects lambda, so the mean carries no selection bias).
 
+The class pairs are the config's ``class_order`` (``permuted`` per seed, as van de Ven's code, for
+Split MNIST and CIFAR-10; ``--class-order sorted`` for 0-1, 2-3, ...); the default ``<name>`` is
+``reproduce_<benchmark>`` with ``_permuted`` appended under the permuted order.
+
 Every finished cell is appended to ``<name>.cells.jsonl`` at once; a rerun skips cells already
 there (same settings), so a killed or time-limited run resumes where it stopped. After every cell
 the report is rewritten: ``<name>.json`` (DESIGN §6 rows: method, best_lambda, mean_acc, sem,
@@ -460,11 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--class-order",
-        help="which classes form each task: sorted (the config's default: 0-1, 2-3, ...), "
-        "permuted (a random permutation per seed, as van de Ven's code) or e.g. 4,6,0,5,3,9,2,7,8,1",
+        help="which classes form each task: permuted (a random permutation per seed, as van de "
+        "Ven's code; the MNIST and CIFAR-10 configs' default), sorted (0-1, 2-3, ...) or e.g. "
+        "4,6,0,5,3,9,2,7,8,1",
     )
     p.add_argument("--results-dir", default="benchmarks/results")
-    p.add_argument("--name", help="report name (default reproduce_<benchmark>)")
+    p.add_argument(
+        "--name",
+        help="report name (default reproduce_<benchmark>, with _permuted under --class-order "
+        "permuted, the configs' default)",
+    )
     return p
 
 
@@ -501,7 +510,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     settings.update(
         {k: getattr(cfg, k) for k, d in OPTIONAL_SETTING_KEYS.items() if getattr(cfg, k) != d}
     )
-    name = args.name or f"reproduce_{args.benchmark}"
+    # Runs under van de Ven's per-seed class pairs and under the sorted pairs are separate tables.
+    suffix = "_permuted" if cfg.class_order == "permuted" else ""
+    name = args.name or f"reproduce_{args.benchmark}{suffix}"
     out = Path(args.results_dir)
     cells_path = out / f"{name}.cells.jsonl"
     plan = Plan(

@@ -196,7 +196,10 @@ def test_class_order_config_sorted_permuted_or_explicit() -> None:
     def classes(**kw: object) -> list[tuple[int, ...]]:
         return [t.classes for t in build_tasks(load_config("split_digits", **kw))]
 
-    assert classes() == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]  # the default is unchanged
+    assert classes() == [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]  # Split Digits: natural order
+    # The published protocol's configs pair the classes as van de Ven's code does.
+    assert load_config("split_mnist").class_order == "permuted"
+    assert load_config("split_cifar10").class_order == "permuted"
     assert classes(class_order="9,8,7,6,5,4,3,2,1,0", n_tasks=2) == [(9, 8), (7, 6)]
     one, two = classes(class_order="permuted", seed=1), classes(class_order="permuted", seed=2)
     assert one != two and sorted(c for t in one for c in t) == list(range(10))
@@ -376,9 +379,10 @@ def test_reproduce_builds_each_seeds_tasks_under_a_permuted_class_order(tmp_path
         tuple(tuple(rdata.permuted_class_order(10, s)[2 * t : 2 * t + 2]) for t in range(5))
         for s in (1, 2)
     )
-    report = json.loads((tmp_path / "reproduce_split_digits.json").read_text())
+    # Its own report name, so it never mixes with a sorted-order table.
+    report = json.loads((tmp_path / "reproduce_split_digits_permuted.json").read_text())
     assert report["settings"]["class_order"] == "permuted"
-    assert "class order permuted" in (tmp_path / "reproduce_split_digits.md").read_text()
+    assert "class order permuted" in (tmp_path / "reproduce_split_digits_permuted.md").read_text()
     # The default order leaves the settings as they were, so older cells files still match.
     reproduce.main([*argv, "--name", "sorted"])
     assert "class_order" not in json.loads((tmp_path / "sorted.json").read_text())["settings"]
