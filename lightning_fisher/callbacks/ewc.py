@@ -261,8 +261,7 @@ class EWC(Callback):
             self._tasks.append(_Task(fisher, self._anchor(params, fisher)))
         self.task_count += 1
         self._steps_since = 0
-        self._terms_cache.clear()
-        self._kernel_fits.clear()
+        self._invalidate_caches()
         if trainer is not None:
             log_metrics(
                 trainer,
@@ -333,8 +332,7 @@ class EWC(Callback):
             if any(t.device != device for t in task.anchor.values()):
                 task.fisher = task.fisher.to(device)
                 task.anchor = {k: v.to(device) for k, v in task.anchor.items()}
-                self._terms_cache.clear()
-                self._kernel_fits.clear()
+                self._invalidate_caches()
 
     # Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -343,8 +341,7 @@ class EWC(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = False
-        self._terms_cache.clear()
-        self._kernel_fits.clear()
+        self._invalidate_caches()
         if self.cpu_kernel and pl_module.device.type == "cpu" and _cpu_kernel.load() is None:
             # compiled here, not inside the first training step
             warnings.warn(
@@ -490,6 +487,11 @@ class EWC(Callback):
             kernel(g.data_ptr(), f.data_ptr(), p.data_ptr(), a.data_ptr(), scale, g.numel())
         return True
 
+    def _invalidate_caches(self) -> None:
+        """Forget the per-optimizer terms and kernel checks (F, theta* or the device changed)."""
+        self._terms_cache.clear()
+        self._kernel_fits.clear()
+
     def _terms(
         self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> list[_Terms]:
@@ -568,5 +570,4 @@ class EWC(Callback):
         self.task_count = int(state_dict["task_count"])
         self._steps_since = int(state_dict["steps_since_consolidation"])
         self._epoch_task = state_dict.get("epoch_task")
-        self._terms_cache.clear()
-        self._kernel_fits.clear()
+        self._invalidate_caches()
