@@ -384,7 +384,9 @@ def plot_lambda(plan: Plan, rows: list[dict[str, Any]], path: Path, benchmark: s
             ax.plot(lams, [tried[x] for x in lams], marker="o", ms=3, label=m)
     none = next((r for r in rows if r["method"] == "NONE" and r["mean_acc"] is not None), None)
     if none:
-        ax.axhline(none["mean_acc"], color="k", ls="--", lw=1, label="NONE (no EWC)")
+        # NONE has no lambda: its line is the reported mean, over every final seed
+        label = f"NONE (no EWC), mean of {none['n_seeds']} seeds"
+        ax.axhline(none["mean_acc"], color="k", ls="--", lw=1, label=label)
     ax.set_xscale("log")
     ax.set_xlabel("lambda")
     ax.set_ylabel("average accuracy (%), seed 0")
