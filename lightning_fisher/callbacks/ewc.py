@@ -383,16 +383,6 @@ class EWC(Callback):
     # Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.EWC")
-        twins = [
-            cb
-            for cb in getattr(trainer, "callbacks", [])
-            if isinstance(cb, EWC) and cb is not self and cb.state_key == self.state_key
-        ]
-        if twins:
-            raise FisherInputError(
-                f"EWC: this Trainer has {len(twins) + 1} EWC callbacks with the checkpoint key "
-                f"{self.state_key!r}; give each a distinct `name=` so their states do not collide."
-            )
         self._module = pl_module  # lets load_state_dict check names before touching state
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
