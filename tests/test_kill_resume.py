@@ -30,8 +30,8 @@ import kill_resume
 @pytest.mark.timeout(600)
 def test_sigkill_in_training_and_in_fisher_pass_resumes_bitwise(tmp_path: Path) -> None:
     # Task 1 killed mid-epoch (resumes from the step-4 epoch-boundary checkpoint), and killed in
-    # batch 2 of task 1's consolidation (resumes from the task's last checkpoint, written before
-    # the Fisher pass, and re-runs that consolidation).
+    # batch 2 of task 1's consolidation, which runs before the checkpoint of the task's last step
+    # is written (resumes from the step-4 checkpoint too, retrains the last epoch and consolidates).
     points = ["train:1:6", "fisher:1:2"]
     # One forked worker at a time: forking while other threads run is best avoided.
     assert kill_resume.run(tmp_path / "reference", timeout=240) == 0
@@ -39,7 +39,7 @@ def test_sigkill_in_training_and_in_fisher_pass_resumes_bitwise(tmp_path: Path) 
     reference = kill_resume.load_final(tmp_path / "reference")
     assert reference["task_count"] == kill_resume.TASKS
     steps = kill_resume.STEPS_PER_TASK
-    expected_resume = [{"task": 1, "step": steps // 2}, {"task": 1, "step": steps}]
+    expected_resume = [{"task": 1, "step": steps // 2}, {"task": 1, "step": steps // 2}]
     for point, outcome, resumed_from in zip(points, outcomes, expected_resume):
         assert outcome["killed"], f"{point}: the worker was not killed"
         assert outcome["resumed_from"] == resumed_from, point
