@@ -2,11 +2,20 @@
 
 The run: a small multi-head MLP trained on 3 tasks (one ``Trainer.fit`` per task, the way
 ``lf.EWC`` is meant to be used: it consolidates at the end of each fit), deterministic, seeded,
-``ModelCheckpoint(every_n_train_steps=N, save_last=True)``. A kill point is either an optimizer
-step of a task (``train``) or a batch of the Fisher pass that consolidates a task (``fisher``,
-triggered from inside the EWC ``output_fn``). The killed process (SIGKILL, no clean-up) is
-restarted from ``last.ckpt``; the restarted run must end with Fisher diagonals, anchors, the
-task counter and the weights bitwise equal to those of the uninterrupted run.
+``ModelCheckpoint(every_n_train_steps=N, save_last=True)``. A kill point is one of
+
+* ``train:<task>:<step>``: before an optimizer step of a task;
+* ``boundary:<task>:0``: after the task's last optimizer step, before its consolidation (and
+  before the checkpoint of that step); ``boundary:<task>:1``: after the task's ``fit`` returned,
+  before the next task's ``fit`` starts;
+* ``fisher:<task>:<batch>``: at a batch of the Fisher pass that consolidates a task (triggered
+  from inside the EWC ``output_fn``);
+* ``consolidation:<task>:0``: after that Fisher pass, while the checkpoint that holds the
+  consolidated state is being written (it never reaches the disk).
+
+The killed process (SIGKILL, no clean-up) is restarted from ``last.ckpt``; the restarted run must
+end with Fisher diagonals, anchors, the task counter and the weights bitwise equal to those of
+the uninterrupted run.
 
 Rules that make the resume exact (the checks below rely on them):
 
@@ -18,15 +27,16 @@ Rules that make the resume exact (the checks below rely on them):
   Fisher pass itself reads the training data in one fixed order (``lf.EWC`` replaces a shuffling
   ``RandomSampler``/``DistributedSampler`` by a seeded permutation that is the same every pass),
   so it does not depend on which epoch the sampler was last set to;
-* a kill during a consolidation resumes from the task's last checkpoint, which was written after
-  the task's last optimizer step and before its Fisher pass: the restarted fit has nothing left to
-  train and ``lf.EWC`` re-runs that consolidation (seeded, so it is identical).
+* ``lf.EWC`` consolidates before the checkpoint of the task's last step is written, so that
+  checkpoint holds the consolidated state; a kill before it is on disk (at the boundary, in the
+  Fisher pass, while it is written) resumes from the task's previous checkpoint, retrains the
+  task's last epoch and consolidates again (the pass is seeded, so it is identical).
 
 Usage::
 
     python benchmarks/kill_resume.py                 # 10 random kill points, writes the report
     python benchmarks/kill_resume.py --points 3      # fewer
-    python benchmarks/kill_resume.py --worker DIR [--kill train:1:5 | --kill fisher:2:1]
+    python benchmarks/kill_resume.py --worker DIR [--kill train:1:5 | --kill fisher:2:1 | ...]
 
 Workers are forked children of the driver (POSIX), killed with SIGKILL; ``--worker`` runs one in
 the foreground.
@@ -94,8 +104,8 @@ def head_of_batch(batch: Any) -> list[int]:
 
 def run_worker(work_dir: Path, kill: str | None) -> None:
     """Train the 3 tasks (resuming from ``work_dir/ckpt/last.ckpt`` if it exists) and save the
-    final EWC state and weights to ``work_dir/final.pt``. ``kill``: ``train:<task>:<step>`` or
-    ``fisher:<task>:<batch>`` sends SIGKILL to this process at that point."""
+    final EWC state and weights to ``work_dir/final.pt``. ``kill`` (``<phase>:<task>:<at>``, see
+    the module's docstring) sends SIGKILL to this process at that point."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -144,8 +154,20 @@ def run_worker(work_dir: Path, kill: str | None) -> None:
         return module(batch[0])
 
     class KillAtStep(pl.Callback):
+        # Lightning runs ModelCheckpoint after the other callbacks, so the batch-end kill comes
+        # before the checkpoint of the step, and the save kill after EWC's on_save_checkpoint.
         def on_train_batch_start(self, trainer: pl.Trainer, *_: Any) -> None:
             if kind == "train" and model.task == kill_task_i and trainer.global_step == kill_at_i:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
+            last_step = trainer.global_step == STEPS_PER_TASK
+            if kind == "boundary" and kill_at_i == 0 and model.task == kill_task_i and last_step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_save_checkpoint(self, trainer: pl.Trainer, *_: Any) -> None:
+            consolidated = ewc.task_count == kill_task_i + 1
+            if kind == "consolidation" and model.task == kill_task_i and consolidated:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     model = Net()
@@ -178,6 +200,8 @@ def run_worker(work_dir: Path, kill: str | None) -> None:
             deterministic=True,
         )
         trainer.fit(model, task_loader(task), ckpt_path=resume_from if task == start else None)
+        if kind == "boundary" and kill_at_i == 1 and task == kill_task_i:
+            os.kill(os.getpid(), signal.SIGKILL)
     torch.save(
         {"ewc": ewc.state_dict(), "model": model.state_dict(), "task_count": ewc.task_count},
         work_dir / "final.pt",
@@ -261,20 +285,34 @@ def kill_and_resume(work_dir: Path, kill: str) -> dict[str, Any]:
 
 
 def kill_points(n: int, seed: int) -> list[str]:
-    """``n`` random kill points: half at random training steps, half in Fisher passes (a random
-    batch of each task's consolidation in turn)."""
+    """``n`` random kill points (half at random training steps, half in Fisher passes: a random
+    batch of each task's consolidation in turn), then every task boundary (after the last step,
+    between fits) and every consolidation's checkpoint write."""
     rng = random.Random(seed)
     train = [f"train:{t}:{s}" for t in range(TASKS) for s in range(STEPS_PER_TASK)]
     n_fisher = n // 2
     order = [rng.sample(range(FISHER_BATCHES), FISHER_BATCHES) for _ in range(TASKS)]
     fisher = [f"fisher:{i % TASKS}:{order[i % TASKS][i // TASKS]}" for i in range(n_fisher)]
-    return rng.sample(train, n - n_fisher) + fisher
+    boundaries = [f"boundary:{t}:{at}" for t in range(TASKS) for at in (0, 1)]
+    consolidations = [f"consolidation:{t}:0" for t in range(TASKS)]
+    return rng.sample(train, n - n_fisher) + fisher + boundaries + consolidations
+
+
+def _where(phase: str, at: int) -> str:
+    return {
+        "train": "before the step",
+        "boundary": "after the fit, before the next" if at else "after the last step",
+        "fisher": "in the Fisher pass",
+        "consolidation": "writing the consolidated checkpoint",
+    }[phase]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worker", type=Path, help="run one (possibly killed) worker in this dir")
-    parser.add_argument("--kill", default=None, help="train:<task>:<step> or fisher:<task>:<batch>")
+    parser.add_argument(
+        "--kill", default=None, help="<phase>:<task>:<at>: train, boundary, fisher or consolidation"
+    )
     parser.add_argument("--points", type=int, default=10, help="number of random kill points")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill points")
     parser.add_argument("--jobs", type=int, default=1, help="kill/resume chains run in parallel")
@@ -300,19 +338,24 @@ def main() -> None:
             outcome = kill_and_resume(root / f"kill{i}", point)
             phase, task, at = point.split(":")
             step = int(task) * STEPS_PER_TASK + (int(at) if phase == "train" else STEPS_PER_TASK)
+            # the order of the kill points within a step: boundary (0), fisher, consolidation,
+            # boundary between fits (1)
+            within = {"train": 0, "boundary": 3 * int(at), "fisher": 1, "consolidation": 2}[phase]
             return {
                 "step": step,
                 "phase": phase,
                 "bitwise_equal": outcome["killed"] and bitwise_equal(outcome["final"], reference),
                 "task": int(task),
                 "fisher_batch": int(at) if phase == "fisher" else None,
+                "where": _where(phase, int(at)),
+                "_order": (step, within, int(at)),
                 "killed": outcome["killed"],
                 "resumed_from_task": (outcome["resumed_from"] or {}).get("task"),
                 "resumed_from_task_step": (outcome["resumed_from"] or {}).get("step"),
             }
 
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            rows = sorted(pool.map(one, enumerate(points)), key=lambda r: r["step"])
+            rows = sorted(pool.map(one, enumerate(points)), key=lambda r: r.pop("_order"))
     report = {
         "command": f"python benchmarks/kill_resume.py --points {args.points} --seed {args.seed}",
         "device": f"cpu ({platform.processor() or platform.machine()})",
@@ -322,6 +365,13 @@ def main() -> None:
             "steps_per_task": STEPS_PER_TASK,
             "checkpoint_every_n_train_steps": CHECKPOINT_EVERY,
             "fisher_method": "sample",
+            "phases": {
+                "train": "before an optimizer step",
+                "boundary": "after a task's last step, before its consolidation (at 0); "
+                "after its fit returned, before the next fit (at 1)",
+                "fisher": "at a batch of the consolidation's Fisher pass",
+                "consolidation": "after the Fisher pass, while the checkpoint holding it is written",
+            },
             "fisher_batches": FISHER_BATCHES,
             "step": "optimizer steps since the start of the run (fisher: the step the pass ends)",
         },
@@ -342,13 +392,14 @@ def main() -> None:
         f"`{report['command']}` ({report['device']}, torch {torch.__version__}, "
         f"lightning {lightning.__version__})",
         "",
-        "| step | phase | task | Fisher batch | resumed from last.ckpt of | bitwise equal |",
-        "|---:|---|---:|---:|---|---|",
+        "| step | phase | task | Fisher batch | killed where | resumed from last.ckpt of "
+        "| bitwise equal |",
+        "|---:|---|---:|---:|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['step']} | {r['phase']} | {r['task']} | "
-            f"{'' if r['fisher_batch'] is None else r['fisher_batch']} | "
+            f"{'' if r['fisher_batch'] is None else r['fisher_batch']} | {r['where']} | "
             f"{resumed(r)} | "
             f"{'yes' if r['bitwise_equal'] else 'NO'} |"
         )

@@ -71,7 +71,14 @@ def test_state_round_trip_and_mismatch_keeps_state() -> None:
 
 def test_empty_loader_and_bad_arguments() -> None:
     empty = DataLoader(TensorDataset(torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0).long()))
-    mon = lf.FisherMonitor(dataloader=empty)
+    with pytest.raises(FisherInputError, match="empty"):  # refused before any training
+        lf.FisherMonitor(dataloader=empty)
+
+    class NoLength:  # an iterable without len(): found empty when the pass reads it
+        def __iter__(self) -> Any:
+            return iter(empty)
+
+    mon = lf.FisherMonitor(dataloader=NoLength())
     with pytest.raises(FisherInputError, match="no batches"):
         trainer([mon]).fit(Classifier(), loader(0))
     assert mon.fisher is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -93,6 +95,108 @@ def fixed_order(loader: Any, seed: int = 0) -> Any:
         prefetch_factor=loader.prefetch_factor,
         in_order=loader.in_order,
     )
+
+
+def check_fisher_options(who: str, options: Mapping[str, Any]) -> None:
+    """Raise a ``FisherInputError`` for an option ``lf.estimate_fisher`` does not know or a value it
+    would refuse, so that a typo surfaces when the callback is built, not after a task trained."""
+    from ..estimators import estimate_fisher
+
+    known = set(inspect.signature(estimate_fisher).parameters) - {"model", "dataloader", "method"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise FisherInputError(
+            f"{who}: unknown Fisher estimator option(s) {unknown}; the options of "
+            f"`lf.estimate_fisher` are {sorted(known)}."
+        )
+
+    def positive_int(name: str, allow_none: bool) -> None:
+        value = options.get(name)
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            expected = "a positive integer or None" if allow_none else "a positive integer"
+            raise FisherInputError(f"{who}: {name} must be {expected}; got {value!r}.")
+
+    for name in ("mc_samples", "probes", "rank"):
+        if name in options:
+            positive_int(name, allow_none=False)
+    for name in ("max_samples", "max_batches", "exact_max_classes"):
+        if name in options:
+            positive_int(name, allow_none=True)
+    choices = {
+        "probe_distribution": ("rademacher", "gaussian"),
+        "eigen_method": ("auto", "eigh", "power"),
+    }
+    for name, allowed in choices.items():
+        if name in options and options[name] not in allowed:
+            raise FisherInputError(
+                f"{who}: {name} must be one of {', '.join(map(repr, allowed))}; "
+                f"got {options[name]!r}."
+            )
+    memory = options.get("max_memory_mib", 1.0)
+    if isinstance(memory, bool) or not isinstance(memory, numbers.Real) or not float(memory) > 0:
+        raise FisherInputError(f"{who}: max_memory_mib must be a positive number; got {memory!r}.")
+    seed = options.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise FisherInputError(f"{who}: seed must be an integer; got {seed!r}.")
+    for name in ("output_fn", "param_filter"):
+        value = options.get(name)
+        if value is not None and not callable(value):
+            raise FisherInputError(
+                f"{who}: {name} must be a callable or None; got {type(value).__name__}."
+            )
+    classes = options.get("classes")
+    if classes is not None and not callable(classes):
+        try:
+            indices = [int(c) for c in classes]
+        except (TypeError, ValueError):
+            raise FisherInputError(
+                f"{who}: classes must be a sequence of class indices or a callable "
+                f"classes(batch); got {classes!r}."
+            ) from None
+        if not indices or min(indices) < 0:
+            raise FisherInputError(
+                f"{who}: classes must list at least one class index >= 0; got {classes!r}."
+            )
+
+
+def check_dataloader(who: str, loader: Any) -> None:
+    """Raise a ``FisherInputError`` for a Fisher dataloader that is not iterable or is empty."""
+    if loader is None:
+        return
+    if isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
+        raise FisherInputError(
+            f"{who}: the Fisher dataloader must be an iterable of batches (a DataLoader); got "
+            f"{type(loader).__name__}."
+        )
+    try:
+        n = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return  # an iterable without a length: checked when the pass reads it
+    if n == 0:
+        raise FisherInputError(
+            f"{who}: the Fisher dataloader is empty (0 batches); it needs the data of the task "
+            "(for a DataLoader with drop_last=True, at least one full batch)."
+        )
+
+
+def training_finished(trainer: pl.Trainer) -> bool:
+    """Whether the running ``fit`` has made its last optimizer step (valid in the hooks of a step,
+    of its validation and of the epoch's end): ``max_steps`` reached, the last batch of the last
+    epoch done, or ``trainer.should_stop`` set (early stopping, a timer) where the loop may stop."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+        return False
+    loop = trainer.fit_loop
+    if loop.max_steps not in (-1, None) and trainer.global_step >= loop.max_steps:
+        return True
+    epoch_done = loop.epoch_loop._num_ready_batches_reached()
+    max_epochs = loop.max_epochs
+    if epoch_done and max_epochs not in (-1, None) and trainer.current_epoch + 1 >= max_epochs:
+        return True
+    return bool(trainer.should_stop and loop._can_stop_early)
 
 
 def refuse_sharded_strategy(trainer: pl.Trainer, who: str) -> None:

@@ -29,7 +29,7 @@ from ..diagnostics import (
 )
 from ..diagnostics.statistics import check_methods
 from ..outputs import ClassSelector, OutputFn
-from ._utils import fisher_loader, log_metrics, refuse_sharded_strategy
+from ._utils import check_dataloader, fisher_loader, log_metrics, refuse_sharded_strategy
 
 #: Sub-folder of a ``CSVLogger``'s log directory that receives the PNG figures.
 CSV_FIGURE_DIR = "fisher_diagnostics"
@@ -51,15 +51,20 @@ class FisherDiagnostics(Callback):
     * ``<prefix>/<method>/cv``: coefficient of variation over probes; ``<prefix>/empirical/rel_gap``
       = sum |E - F| / sum F;
     * histograms of log10 of the diagonal per layer, a figure of the per-layer density of log10 F
-      and a figure of the bounds over training.
+      and a figure of the bounds over training;
+    * ``<prefix>/fit_index`` (0 for the callback's first ``fit``, 1 for its second, ...) and
+      ``<prefix>/cumulative_step`` (optimizer steps over all its fits), so that evaluations of
+      several fits (one Trainer per task, whose global step restarts) stay apart.
 
     Where they go depends on the logger: ``WandbLogger`` gets scalars, histograms, images and a
     per-layer table; ``TensorBoardLogger`` scalars, ``add_histogram`` and ``add_figure``;
     ``CSVLogger`` scalars in ``metrics.csv`` and PNG files in ``<log_dir>/fisher_diagnostics/``; any
     other logger the scalars. Without a logger, results stay on the callback (``history``,
     ``last``) and one warning says so. Drawing figures costs several evaluations' worth of time, so
-    by default they are drawn once, at the end of training; ``figure_every_n=k`` also draws them at
-    the first evaluation and every k-th after it. ``figures()`` draws them on demand.
+    by default they are drawn at the end of every ``fit`` that evaluated; ``figure_every_n=k``
+    also draws them at the first evaluation and every k-th after it. ``figures()`` draws them on
+    demand. The fit index and cumulative step are part of the checkpointed state, so a resumed run
+    continues counting; a ``fit`` that makes no training step warns that it evaluated nothing.
 
     Cost: per batch of ``max_batches``, one forward shared by every method and the kernel
     statistics, one batched backward (``is_grads_batched``) for the ``3 * probes`` Hutchinson
@@ -153,44 +158,105 @@ class FisherDiagnostics(Callback):
         self.prefix = prefix
         #: one entry per evaluation: ``step``, ``epoch`` and the global statistics (no prefix).
         self.history: list[dict[str, float]] = []
+        #: index of the current (or last) fit, and optimizer steps over all fits
+        self.fit_index = -1
+        self.cumulative_step = 0
         #: the latest result; its ``fishers`` keeps only the diagonal the figures show (F, or the
         #: first method's). Not saved in checkpoints.
         self.last: DiagnosticsResult | None = None
-        self._last_step = -1
-        self._figures_step = -1
+        self._last_eval: tuple[int, int] | None = None  # (fit index, cumulative step)
+        self._figures_eval: tuple[int, int] | None = None
+        self._step_base = (0, 0)  # (cumulative step, trainer.global_step) at this fit's start
+        self._restored = False  # the state came from a checkpoint of the coming fit
+        self._fit_steps = 0
         self._warned: set[str] = set()
+        check_dataloader("FisherDiagnostics", None if isinstance(dataloader, str) else dataloader)
 
     # Hooks --------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "FisherDiagnostics")
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not (self._restored and trainer.ckpt_path is not None):
+            self.fit_index += 1  # a fit resumed from a checkpoint keeps the index it had
+        self._restored = False
+        self._fit_steps = 0
+        if self.dataloader == "val" and not trainer.enable_validation:
+            self._warn_once(
+                "no_val",
+                "FisherDiagnostics(dataloader='val'): the Trainer has no validation dataloader, so "
+                "the diagnostics use the training dataloader.",
+            )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # After a checkpoint's loops are restored: the cumulative count continues from here.
+        self._step_base = (self.cumulative_step, trainer.global_step)
+
+    def _sync_step(self, trainer: Trainer) -> int:
+        base, start = self._step_base
+        self.cumulative_step = base + trainer.global_step - start
+        return self.cumulative_step
+
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
+    ) -> None:
+        self._fit_steps += 1
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
+        step = self._sync_step(trainer)
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
             self._evaluate(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sync_step(trainer)
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.last is not None and self._figures_step != self._last_step:
+        evaluated = self._last_eval is not None and self._last_eval[0] == self.fit_index
+        if self.last is not None and evaluated and self._figures_eval != self._last_eval:
             self._log_figures(trainer, self.last)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._fit_steps and trainer.ckpt_path is None:
+            rank_zero_warn(
+                "FisherDiagnostics: this fit made no training step (the Trainer is at epoch "
+                f"{trainer.current_epoch}, global step {trainer.global_step}; max_epochs="
+                f"{trainer.max_epochs}, max_steps={trainer.max_steps}), so nothing was trained "
+                "or evaluated (and an EWC callback consolidated nothing). A Trainer that reached "
+                "its limits does not train again: build a new Trainer for each task (the "
+                "callbacks can be reused), or raise max_epochs/max_steps before calling fit again."
+            )
 
     # State --------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(h) for h in self.history], "last_step": self._last_step}
+        return {
+            "history": [dict(h) for h in self.history],
+            "fit_index": self.fit_index,
+            "cumulative_step": self.cumulative_step,
+            "last_eval": list(self._last_eval) if self._last_eval is not None else None,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
-        self._last_step = int(state_dict.get("last_step", -1))
+        if "fit_index" in state_dict:
+            self.fit_index = int(state_dict["fit_index"])
+            self.cumulative_step = int(state_dict["cumulative_step"])
+            last = state_dict.get("last_eval")
+            self._last_eval = (int(last[0]), int(last[1])) if last is not None else None
+        else:  # a checkpoint of an older version: one fit, counted by the global step
+            self.fit_index = 0
+            step = int(state_dict.get("last_step", -1))
+            self.cumulative_step = max(step, 0)
+            self._last_eval = (0, step) if step >= 0 else None
+        self._restored = True
 
     # Work ---------------------------------------------------------------------------------------
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        step = trainer.global_step
-        if step == self._last_step:  # epoch end and a step trigger at the same step
+        key = (self.fit_index, self.cumulative_step)
+        if key == self._last_eval:  # epoch end and a step trigger at the same step
             return
         loader = self._resolve_loader(trainer)
         # Lightning may call hooks after validation ran under inference mode; the estimators need
@@ -210,9 +276,15 @@ class FisherDiagnostics(Callback):
             )
         # Keep one diagonal (the one the figures show), not one per method: each is model-sized.
         result.fishers = {result.reference or self.methods[0]: result.density_fisher}
-        self.last, self._last_step = result, step
+        self.last, self._last_eval = result, key
         self.history.append(
-            {"step": float(step), "epoch": float(trainer.current_epoch), **result.values}
+            {
+                "step": float(trainer.global_step),
+                "epoch": float(trainer.current_epoch),
+                "fit_index": float(self.fit_index),
+                "cumulative_step": float(self.cumulative_step),
+                **result.values,
+            }
         )
         self._log(trainer, result)
 
@@ -245,7 +317,17 @@ class FisherDiagnostics(Callback):
                 "(`.history`, `.last`).",
             )
             return
-        log_metrics(trainer, result.scalars(self.prefix))
+        counters = {
+            "fit_index": float(self.fit_index),
+            "cumulative_step": float(self.cumulative_step),
+        }
+        log_metrics(
+            trainer,
+            {
+                **result.scalars(self.prefix),
+                **{f"{self.prefix}/{k}": v for k, v in counters.items()},
+            },
+        )
         if self.histograms and trainer.is_global_zero:
             self._log_histograms(trainer.loggers, result, trainer.global_step)
         n = len(self.history)
@@ -285,11 +367,11 @@ class FisherDiagnostics(Callback):
             raise RuntimeError("FisherDiagnostics has not evaluated yet; there is nothing to draw.")
         return {
             "layer_density": plot_layer_density(result.density_fisher, self.threshold),
-            "bounds": plot_bounds_history(self.history),
+            "bounds": plot_bounds_history(self.history, x="cumulative_step"),
         }
 
     def _log_figures(self, trainer: Trainer, result: DiagnosticsResult) -> None:
-        self._figures_step = self._last_step
+        self._figures_eval = self._last_eval
         if not trainer.is_global_zero:
             return
         targets = [
@@ -300,6 +382,7 @@ class FisherDiagnostics(Callback):
         if not targets:
             return
         step = trainer.global_step
+        cumulative = self._last_eval[1] if self._last_eval is not None else step
         figures = self.figures(result)
         for logger in targets:
             if isinstance(logger, TensorBoardLogger):
@@ -319,7 +402,7 @@ class FisherDiagnostics(Callback):
                 folder = os.path.join(logger.log_dir, CSV_FIGURE_DIR)
                 save_png(
                     figures["layer_density"],
-                    os.path.join(folder, f"layer_density_step{step:06d}.png"),
+                    os.path.join(folder, f"layer_density_step{cumulative:06d}.png"),
                 )
                 save_png(figures["bounds"], os.path.join(folder, "bounds.png"))
 

@@ -11,7 +11,9 @@ as F <- gamma F + F_new and theta* <- theta_new.
 
 from __future__ import annotations
 
+import ast
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterable, Mapping
@@ -28,10 +30,13 @@ from ..fisher_diagonal import FisherDiagonal
 from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of
 from . import _cpu_kernel
 from ._utils import (
+    check_dataloader,
+    check_fisher_options,
     fisher_loader,
     grad_scale,
     log_metrics,
     refuse_sharded_strategy,
+    training_finished,
     world_size,
 )
 
@@ -39,6 +44,10 @@ MODES = ("online", "separate")
 #: per task: parameters, their Fisher, anchors and workspace buffers
 _Terms = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 APPLY = ("grad", "loss")
+#: optimizers whose state holds Adam's ``exp_avg_sq`` (what the Squisher reads)
+SQUISHER_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
+#: checkpoint state keys written before the key became stable: ``EWC{'method': .., 'mode': ..}``
+_OLD_KEY_PREFIX = "EWC{"
 
 
 @dataclass
@@ -52,9 +61,15 @@ class _Task:
 class EWC(Callback):
     r"""Elastic Weight Consolidation with no change to the ``LightningModule``.
 
-    At the end of every ``fit`` (and when the datamodule's ``task_id`` changes, or when
-    :meth:`consolidate` is called) it estimates the Fisher diagonal of the finished task on that
-    task's training data and stores it with the current parameters as anchors. During training it
+    Once a ``fit`` has made its last optimizer step (and when the datamodule's ``task_id`` changes,
+    or when :meth:`consolidate` is called) it estimates the Fisher diagonal of the finished task on
+    that task's training data and stores it with the current parameters as anchors. The
+    consolidation runs before any checkpoint of that last step is written (``max_steps`` or
+    ``max_epochs`` reached, or ``trainer.should_stop`` set by early stopping or a timer, is known
+    when ``ModelCheckpoint`` saves), else in ``on_train_end``; a checkpoint file that
+    ``ModelCheckpoint`` wrote at the last step before the stop was decided is written again. So
+    every checkpoint written after a task's last step holds its consolidated state, and a run
+    resumed from it (in a new process) trains the next task with the penalty. During training it
     adds the exact penalty gradient ``lam * sum_t F_t * (theta - theta*_t)`` to the parameters'
     gradients once per optimizer step, in ``on_before_optimizer_step``: after gradient
     accumulation, the DDP all-reduce and AMP unscaling, and before gradient clipping, so the
@@ -67,16 +82,35 @@ class EWC(Callback):
     ``grad += lam F work``; on CUDA three ``foreach`` launches), or one with ``cpu_kernel=True``
     (the penalty's value, two more, only on logging steps).
 
+    Logged on Lightning's logging steps (``log_every_n_steps``): ``ewc/penalty`` (the penalty's
+    value) and ``ewc/penalty_ratio`` (its ratio to the loss ``training_step`` returned; with
+    ``apply="loss"`` that loss includes the penalty you added), so λ's effect shows while
+    training; at each consolidation ``ewc/fisher_trace``, ``ewc/tasks`` and ``ewc/fisher_seconds``.
+
+    Checkpoints keep the state under the key ``"EWC"`` (``"EWC[<name>]"`` with ``name=``, for
+    several instances in one Trainer) with the settings it was built with. Resuming it with
+    another ``method`` raises an error (the Fisher's scale depends on it); ``mode="separate"``
+    state resumed with ``mode="online"`` is converted (F = sum_t gamma^(T-t) F_t, anchor = the
+    last task's), the reverse raises. State written by older versions under
+    ``EWC{'method': ..., 'mode': ...}`` is read the same way.
+
     Under DDP the default Fisher data is each rank's ``DistributedSampler`` shard and the estimate is
     all-reduced, so every rank holds the Fisher of the union (the sampler's padding may repeat a
     few inputs). A user ``dataloader`` is not sharded: every rank then estimates on all of it (same
     result, more work). ``max_samples`` draws the same subset on every rank.
 
     Args:
-        lam: penalty strength lambda (van de Ven's scale: about 1e4-1e6 for ``exact``, about 1e3
-            times more for ``batched``). For ``squisher`` search its own range: Adam's second
-            moment also holds EWC's own gradient, so under online EWC a large lambda feeds back
-            and overflows (Split MNIST: 1e4 best, 1e6 diverged).
+        lam: penalty strength lambda. Its best value depends on the model, the data and the
+            method's scale, so search a grid (powers of 10) on held-out tasks, watching
+            ``ewc/penalty_ratio``. The methods' scales relate as follows: ``exact``, ``sample``
+            and ``hutchinson`` estimate the same F; ``empirical`` squares the gradient of the
+            true label, which is near zero for inputs the model already classifies confidently,
+            so its scale falls below F's the more confident the model is (and lambda rises
+            accordingly); ``batched`` squares the mean gradient of a Fisher batch of b inputs,
+            about 1/b of F when the gradients of different inputs are uncorrelated, so lambda
+            about b times larger. For ``squisher`` search its own range: Adam's second moment
+            also holds EWC's own gradient, so under online EWC a large lambda feeds back and
+            overflows.
         method: any ``lf.estimate_fisher`` method, or ``"squisher"`` (Adam's ``exp_avg_sq`` via
             ``lf.fisher_from_optimizer``, no data pass).
         mode: ``"online"`` (one Fisher, F <- gamma F + F_new, anchor <- theta_new) or
@@ -93,13 +127,14 @@ class EWC(Callback):
             indices or a callable ``classes(batch)`` returning them.
         output_fn: ``output_fn(module, batch) -> logits`` if calling the module is not how the
             logits are obtained.
-        consolidate_on_fit_end: consolidate at the end of every ``fit`` that made optimizer steps.
+        consolidate_on_fit_end: consolidate after the last optimizer step of every ``fit`` that
+            made optimizer steps (before the checkpoints of that step).
         task_attr: name of the datamodule attribute whose change marks a task boundary (checked in
             ``on_train_epoch_end``); ``None`` disables the check.
         batch_size: training batch size B for the Squisher (F = B * v_hat); default: the
             micro-batch size times ``accumulate_grad_batches`` times the number of DDP ranks.
         bias_correction: bias-correct the Squisher's ``exp_avg_sq``.
-        log_penalty: log ``ewc/penalty`` at every optimizer step.
+        log_penalty: log ``ewc/penalty`` and ``ewc/penalty_ratio`` on logging steps.
         fisher_kwargs: further keyword arguments of ``lf.estimate_fisher`` (``seed``,
             ``max_batches``, ``param_filter``, ``max_memory_mib``, ...).
         cpu_kernel: on CPU, add ``lam F (theta - theta*)`` with a one-pass C kernel (reads each of
@@ -107,6 +142,7 @@ class EWC(Callback):
             gradient), compiled once per process at ``fit`` start with the system C compiler. Used
             for float32 tensors while PyTorch runs one CPU thread (the kernel is single-threaded);
             otherwise, or without a working compiler (a warning), PyTorch's ops.
+        name: distinguishes several ``EWC`` instances in one Trainer (their checkpoint keys).
     """
 
     def __init__(
@@ -130,6 +166,7 @@ class EWC(Callback):
         log_penalty: bool = True,
         fisher_kwargs: Mapping[str, Any] | None = None,
         cpu_kernel: bool = False,
+        name: str | None = None,
     ) -> None:
         if not (math.isfinite(lam) and lam >= 0):
             raise ValueError(f"EWC: lam must be a finite number >= 0; got {lam!r}.")
@@ -148,6 +185,9 @@ class EWC(Callback):
             )
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"EWC: batch_size must be positive; got {batch_size}.")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ValueError(f"EWC: name must be a non-empty string or None; got {name!r}.")
+        check_dataloader("EWC", dataloader)
         self.lam = float(lam)
         self.method = method
         self.mode = mode
@@ -160,6 +200,7 @@ class EWC(Callback):
         self.bias_correction = bias_correction
         self.log_penalty = log_penalty
         self.cpu_kernel = cpu_kernel
+        self.name = name
         self.fisher_kwargs: dict[str, Any] = {
             "max_samples": max_samples,
             "mc_samples": mc_samples,
@@ -168,10 +209,15 @@ class EWC(Callback):
             "output_fn": output_fn,
             **dict(fisher_kwargs or {}),
         }
+        check_fisher_options("EWC", self.fisher_kwargs)
         self._tasks: list[_Task] = []
         self.task_count = 0
         self._steps_since = 0  # optimizer steps since the last consolidation
         self._trained = False  # on_train_start ran in the current fit
+        self._fit_steps = 0  # optimizer steps in the current fit
+        #: global step of a checkpoint written in this fit while a consolidation was pending
+        self._pending_save_step: int | None = None
+        self._logged_penalty: float | None = None  # the penalty of this step, for its ratio
         self._epoch_task: Any = None  # datamodule task id seen at the start of the epoch
         self._micro_batch: int | None = None
         self._module: nn.Module | None = None
@@ -195,7 +241,7 @@ class EWC(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(method=self.method, mode=self.mode)
+        return "EWC" if self.name is None else f"EWC[{self.name}]"
 
     # The penalty -----------------------------------------------------------------------------
     def penalty(self, module: nn.Module) -> Tensor:
@@ -341,7 +387,21 @@ class EWC(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = False
+        self._fit_steps = 0
+        self._pending_save_step = None
+        self._logged_penalty = None
         self._invalidate_caches()
+        if self.method == "squisher":
+            wrong = [
+                type(o).__name__
+                for o in trainer.optimizers
+                if not isinstance(o, SQUISHER_OPTIMIZERS)
+            ]
+            if wrong:
+                raise FisherInputError(
+                    f"EWC(method='squisher') reads Adam's `exp_avg_sq`, but the optimizer is "
+                    f"{', '.join(wrong)}; use Adam or AdamW (or NAdam, RAdam), or another `method`."
+                )
         if self.cpu_kernel and pl_module.device.type == "cpu" and _cpu_kernel.load() is None:
             # compiled here, not inside the first training step
             warnings.warn(
@@ -362,6 +422,25 @@ class EWC(Callback):
                 self._micro_batch = batch_size_of(batch)
             except FisherInputError:
                 self._micro_batch = None
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        penalty, self._logged_penalty = self._logged_penalty, None
+        if penalty is None:
+            return
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            value = abs(float(loss.detach()))
+            if value > 0 and math.isfinite(value):
+                pl_module.log(
+                    "ewc/penalty_ratio", penalty / value, on_step=True, on_epoch=False, batch_size=1
+                )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         task = self._task_id(trainer)
@@ -384,34 +463,94 @@ class EWC(Callback):
         if task is None or self._epoch_task is None or task == self._epoch_task:
             return
         if self._steps_since:
-            self.consolidate(pl_module)
+            self._consolidate_in_hook(pl_module)
         self._epoch_task = task
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = True
 
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning collected `state_dict()` just before this hook. A checkpoint written after the
+        # task's last step gets the consolidated state: the pass runs now, once (the later hooks
+        # find nothing pending), on the parameters the checkpoint holds.
+        if not (self.consolidate_on_fit_end and self._steps_since and self._trained):
+            return
+        if training_finished(trainer):
+            self._consolidate_in_hook(pl_module)
+            if self.state_key in checkpoint.get("callbacks", {}):
+                checkpoint["callbacks"][self.state_key] = self.state_dict()
+        else:
+            self._pending_save_step = trainer.global_step
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.consolidate_on_fit_end and self._steps_since:
-            self.consolidate(pl_module)
+            self._consolidate_in_hook(pl_module)
+            if self._pending_save_step == trainer.global_step:
+                # A checkpoint of this last step was written before the stop was decided (a step
+                # checkpoint, then early stopping in the validation that followed it).
+                self._rewrite_checkpoints_of_this_step(trainer)
+        self._pending_save_step = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._fit_steps and trainer.ckpt_path is None:
+            self._warn_no_step(trainer)
         # A fit resumed from a checkpoint written after its last optimizer step but before the
-        # consolidation (killed during the Fisher pass) is already done: Lightning skips the
-        # training loop and `on_train_end`, so the pending consolidation runs here. The strategy
-        # has moved the module to the CPU by now; the pass runs on the training device.
+        # consolidation (one written by an older version, or by hand) is already done: Lightning
+        # skips the training loop and `on_train_end`, so the pending consolidation runs here. The
+        # strategy has moved the module to the CPU by now; the pass runs on the training device.
         if self._trained or not (self.consolidate_on_fit_end and self._steps_since):
             return
         device = pl_module.device
         pl_module.to(trainer.strategy.root_device)
         try:
-            self.consolidate(pl_module)
+            self._consolidate_in_hook(pl_module)
         finally:
             pl_module.to(device)
+
+    def _warn_no_step(self, trainer: pl.Trainer) -> None:
+        warnings.warn(
+            "EWC: this fit made no training step (the Trainer is at epoch "
+            f"{trainer.current_epoch}, global step {trainer.global_step}; max_epochs="
+            f"{trainer.max_epochs}, max_steps={trainer.max_steps}), so its task was neither "
+            "trained nor consolidated. A Trainer that reached its limits does not train again: "
+            "build a new Trainer for each task (the callbacks can be reused), or raise "
+            "max_epochs/max_steps before calling fit again.",
+            stacklevel=2,
+        )
+
+    def _consolidate_in_hook(self, pl_module: pl.LightningModule) -> None:
+        # Hooks of the validation loop run under inference mode; the estimators need autograd.
+        with torch.inference_mode(False), torch.enable_grad():
+            self.consolidate(pl_module)
+
+    def _rewrite_checkpoints_of_this_step(self, trainer: pl.Trainer) -> None:
+        """Write again, now with the consolidated state, the files that ``ModelCheckpoint``
+        callbacks saved at this global step."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        step = trainer.global_step
+        for cb in trainer.checkpoint_callbacks:
+            if (
+                not isinstance(cb, ModelCheckpoint)
+                or cb.save_weights_only
+                or cb._last_global_step_saved != step
+            ):
+                continue
+            paths = {cb._last_checkpoint_saved, cb.last_model_path, cb.best_model_path}
+            paths.update(cb.best_k_models)
+            chosen: list[str] = []
+            if trainer.is_global_zero:
+                chosen = [p for p in sorted(str(p) for p in paths if p) if _written_at(p, step)]
+            for path in trainer.strategy.broadcast(chosen):
+                trainer.save_checkpoint(path)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._steps_since += 1
+        self._fit_steps += 1
         if not self._tasks or self.lam == 0:
             return
         # Computing the penalty's value costs extra passes: do it only when Lightning logs.
@@ -421,6 +560,7 @@ class EWC(Callback):
             if log:
                 with torch.no_grad():
                     explicit = self.penalty(pl_module)
+                self._logged_penalty = float(explicit)
                 pl_module.log("ewc/penalty", explicit, on_step=True, on_epoch=False, batch_size=1)
             return
         scale = grad_scale(trainer, optimizer) * self.lam
@@ -452,9 +592,9 @@ class EWC(Callback):
                     value = part if value is None else value + part
         if log:
             total = value if value is not None else torch.zeros((), device=pl_module.device)
-            pl_module.log(
-                "ewc/penalty", 0.5 * self.lam * total, on_step=True, on_epoch=False, batch_size=1
-            )
+            penalty = 0.5 * self.lam * total
+            self._logged_penalty = float(penalty)
+            pl_module.log("ewc/penalty", penalty, on_step=True, on_epoch=False, batch_size=1)
 
     def _cpu_kernel_add(
         self,
@@ -531,7 +671,9 @@ class EWC(Callback):
     # Checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            "method": self.method,
             "mode": self.mode,
+            "gamma": self.gamma,
             "task_count": self.task_count,
             "steps_since_consolidation": self._steps_since,
             "epoch_task": self._epoch_task if isinstance(self._epoch_task, (int, str)) else None,
@@ -544,11 +686,52 @@ class EWC(Callback):
             ],
         }
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Move this callback's state from a key of older versions (which held ``method`` and
+        ``mode``) to the current key, or refuse EWC state no EWC callback of the Trainer claims."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        claimed = {cb.state_key for cb in getattr(trainer, "callbacks", []) if isinstance(cb, EWC)}
+        unclaimed = [
+            k
+            for k in states
+            if isinstance(k, str)
+            and (k == "EWC" or k.startswith(("EWC[", _OLD_KEY_PREFIX)))
+            and k not in claimed
+        ]
+        old = {k: _old_key_settings(k) for k in unclaimed if k.startswith(_OLD_KEY_PREFIX)}
+        same = [k for k, v in old.items() if v == {"method": self.method, "mode": self.mode}]
+        if len(same) == 1 or (len(old) == 1 and len(unclaimed) == 1):
+            key = same[0] if same else next(iter(old))
+            # The old key held the method; the old state held the mode.
+            states[self.state_key] = {**old[key], **states.pop(key)}
+            return
+        if unclaimed:
+            raise FisherInputError(
+                f"EWC: the checkpoint holds EWC state under {unclaimed}, but this callback's key "
+                f"is {self.state_key!r} (name={self.name!r}); construct EWC with the `name=` the "
+                "checkpoint was written with."
+            )
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("mode", self.mode) != self.mode:
-            raise ValueError(
-                f"EWC: the checkpoint holds mode={state_dict['mode']!r} state but this callback has "
-                f"mode={self.mode!r}; construct EWC with the checkpoint's mode."
+        method = state_dict.get("method", self.method)
+        if method != self.method:
+            raise FisherInputError(
+                f"EWC: the checkpoint's Fisher diagonals were estimated with method={method!r}, "
+                f"but this callback has method={self.method!r}. The methods' scales differ (and "
+                f"lambda with them), so they are not mixed: resume with EWC(method={method!r}, ...)."
+            )
+        mode = state_dict.get("mode", self.mode)
+        if mode not in MODES:
+            raise FisherInputError(f"EWC: corrupt checkpoint state: unknown mode {mode!r}.")
+        if mode == "online" and self.mode == "separate" and int(state_dict["task_count"]) > 1:
+            raise FisherInputError(
+                "EWC: the checkpoint holds mode='online' state (one Fisher summed over "
+                f"{state_dict['task_count']} tasks), which cannot be split into the per-task "
+                "Fishers of mode='separate'; resume with EWC(mode='online', ...)."
             )
         tasks = []
         for entry in state_dict["tasks"]:
@@ -565,9 +748,50 @@ class EWC(Callback):
                         "model the checkpoint was written from."
                     ) from None
             tasks.append(_Task(fisher, anchor))
+        if mode == "separate" and self.mode == "online" and len(tasks) > 1:
+            n_tasks, tasks = len(tasks), [self._as_online(tasks)]
+            warnings.warn(
+                f"EWC: converted the checkpoint's mode='separate' state ({n_tasks} tasks) to "
+                f"mode='online': F = sum_t gamma^(T-t) F_t with gamma={self.gamma}, anchored at "
+                "the latest task.",
+                stacklevel=2,
+            )
         # Replace the state only once everything is validated.
         self._tasks = tasks
         self.task_count = int(state_dict["task_count"])
         self._steps_since = int(state_dict["steps_since_consolidation"])
         self._epoch_task = state_dict.get("epoch_task")
         self._invalidate_caches()
+
+    def _as_online(self, tasks: list[_Task]) -> _Task:
+        """What online EWC keeps from the same per-task estimates: F = sum_t gamma^(T-t) F_t (a
+        parameter a task has no entry for counts as zero there), anchored at each parameter's
+        latest anchor."""
+        combined = tasks[0].fisher
+        anchor = dict(tasks[0].anchor)
+        for task in tasks[1:]:
+            combined = combined.scale(self.gamma) + task.fisher
+            anchor.update(task.anchor)
+        return _Task(combined, {n: anchor[n] for n in combined})
+
+
+def _old_key_settings(key: str) -> dict[str, Any]:
+    """``{'method': .., 'mode': ..}`` from a key ``EWC{'method': 'exact', 'mode': 'online'}``."""
+    try:
+        value = ast.literal_eval(key[len("EWC") :])
+    except (ValueError, SyntaxError):
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {k: value[k] for k in ("method", "mode") if k in value}
+
+
+def _written_at(path: str, step: int) -> bool:
+    """Whether ``path`` is a regular checkpoint file written at global step ``step``."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return False
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # not a file torch reads with mmap (an older format): leave it as it is
+        return False
+    return isinstance(checkpoint, dict) and checkpoint.get("global_step") == step

@@ -13,7 +13,13 @@ from lightning.pytorch.callbacks import Callback
 from ..estimators import METHODS, estimate_fisher
 from ..fisher_diagonal import FisherDiagonal
 from ..outputs import ClassSelector, FisherInputError, OutputFn
-from ._utils import fisher_loader, log_metrics, refuse_sharded_strategy
+from ._utils import (
+    check_dataloader,
+    check_fisher_options,
+    fisher_loader,
+    log_metrics,
+    refuse_sharded_strategy,
+)
 
 
 class FisherMonitor(Callback):
@@ -74,6 +80,7 @@ class FisherMonitor(Callback):
                 )
         if every_n_epochs is None and every_n_steps is None:
             raise ValueError("FisherMonitor: set `every_n_epochs` or `every_n_steps`.")
+        check_dataloader("FisherMonitor", dataloader)
         self.method = method
         self.every_n_epochs = None if every_n_steps is not None else every_n_epochs
         self.every_n_steps = every_n_steps
@@ -90,6 +97,7 @@ class FisherMonitor(Callback):
             "output_fn": output_fn,
             **dict(fisher_kwargs or {}),
         }
+        check_fisher_options("FisherMonitor", self.fisher_kwargs)
         #: the latest estimate, the optimizer step and epoch it was taken at, and (step, trace) of all
         self.fisher: FisherDiagonal | None = None
         self.step: int | None = None

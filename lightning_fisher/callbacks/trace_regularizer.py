@@ -67,16 +67,25 @@ class FisherTraceRegularizer(Callback):
             raise ValueError(
                 f"FisherTraceRegularizer: alpha must be a finite number >= 0; got {alpha!r}."
             )
-        if probes < 1:
-            raise ValueError(f"FisherTraceRegularizer: probes must be at least 1; got {probes}.")
-        if every_n_steps < 1:
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"FisherTraceRegularizer: probes must be at least 1; got {probes!r}.")
+        if (
+            isinstance(every_n_steps, bool)
+            or not isinstance(every_n_steps, int)
+            or every_n_steps < 1
+        ):
             raise ValueError(
-                f"FisherTraceRegularizer: every_n_steps must be at least 1; got {every_n_steps}."
+                f"FisherTraceRegularizer: every_n_steps must be at least 1; got {every_n_steps!r}."
             )
         if probe_distribution not in ("rademacher", "gaussian"):
             raise ValueError(
                 f"FisherTraceRegularizer: probe_distribution must be 'rademacher' or 'gaussian'; "
                 f"got {probe_distribution!r}."
+            )
+        if param_filter is not None and not callable(param_filter):
+            raise ValueError(
+                "FisherTraceRegularizer: param_filter must be a callable name -> bool or None; "
+                f"got {type(param_filter).__name__}."
             )
         self.alpha = float(alpha)
         self.probes = probes
