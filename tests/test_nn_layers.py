@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 from dense_reference import DenseReference, dense_reference, max_relative_error
-from hypothesis import given, settings
+from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from layer_zoo import ZOO, Batches, Built, build, entries
 from torch import Tensor, nn
@@ -175,7 +175,9 @@ HUTCHINSON_ENTRIES = [
 ]
 N_PROBES = 240
 #: |z| above this for any single entry is a bias: Bonferroni over a few hundred entries at
-#: family-wise 1e-4, with room for the skew of squared Rademacher sums at this many probes.
+#: family-wise 1e-4, with room for the skew of squared Rademacher sums at this many probes. The
+#: right targets give |z| <= 3.1 on these entries; a wrong one (F for the upper bound, the upper
+#: bound for F, or F for the rank-1 lower bound) gives |z| >= 11.
 Z_ENTRY, Z_TRACE = 6.0, 4.0
 #: Rademacher probes give each entry a coefficient of variation <= sqrt(2); the sample standard
 #: deviation over N_PROBES estimates carries about 10% noise.
@@ -308,7 +310,13 @@ def _mean_over_time() -> nn.Module:
 
 
 @pytest.mark.slow
-@settings(max_examples=20, deadline=None, derandomize=True)
+# No shrinking: a failing stack is reported as drawn, and a broken engine stays cheap to test.
+@settings(
+    max_examples=20,
+    deadline=None,
+    derandomize=True,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
 @given(
     blocks=st.lists(st.sampled_from(BLOCKS), min_size=2, max_size=4),
     tokens_in=st.booleans(),
