@@ -226,10 +226,17 @@ entry("embedding_bag_padding_idx")(_bag(mode="mean", padding_idx=0))
 # ---------------------------------------------------------------- recurrent layers
 
 
-def _rnn(kind: str, batch_first: bool, source: str, **kw: Any) -> Any:
+def _rnn(
+    kind: str,
+    batch_first: bool,
+    source: str,
+    layers: int = 2,
+    bidirectional: bool = True,
+    **kw: Any,
+) -> Any:
     def build(gen: torch.Generator) -> Any:
         rnn = getattr(nn, kind)(
-            D, 3, num_layers=2, bidirectional=True, batch_first=batch_first, **kw
+            D, 3, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, **kw
         )
 
         def glue(out: Any) -> Tensor:
@@ -237,6 +244,8 @@ def _rnn(kind: str, batch_first: bool, source: str, **kw: Any) -> Any:
             h = h[0] if kind == "LSTM" else h
             if source == "hn":
                 return h.transpose(0, 1).flatten(1)  # (layers x dirs, B, H): batch on dim 1
+            if source == "hn_last":
+                return h[-1]
             return seq.mean(1 if batch_first else 0)
 
         model = nn.Sequential(rnn, Fn(glue), head())
@@ -253,6 +262,11 @@ for _kind in ("RNN", "GRU", "LSTM"):
                 _rnn(_kind, _bf, _src)
             )
 entry("lstm_proj_size")(_rnn("LSTM", True, "output", proj_size=2))
+# as most people write it: one layer, one direction, the default layout, logits from h_n[-1]
+for _kind in ("GRU", "LSTM"):
+    entry(f"{_kind.lower()}_seq_first_hn_one_layer", "failure")(
+        _rnn(_kind, False, "hn_last", layers=1, bidirectional=False)
+    )
 
 
 def _cell(kind: str) -> Any:
