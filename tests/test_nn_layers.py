@@ -24,7 +24,7 @@ import torch
 from dense_reference import DenseReference, dense_reference, max_relative_error
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
-from layer_zoo import ZOO, Batches, Built, build, entries
+from layer_zoo import ZOO, Batches, Built, Fn, SelfAttention, build, entries
 from torch import Tensor, nn
 
 import lightning_fisher as lf
@@ -233,8 +233,6 @@ W = 4  # hidden width (even: bidirectional GRUs give W // 2 per direction)
 
 def _block(kind: str) -> nn.Module:
     """A (B, T, W) -> (B, T, W) block; sequence-first layers are fed (T, B, W) inside."""
-    from layer_zoo import Fn, SelfAttention
-
     if kind == "linear":
         return nn.Sequential(nn.Linear(W, W), nn.Tanh())
     if kind == "layer_norm":
@@ -282,10 +280,9 @@ def _stack(blocks: list[str], tokens_in: bool, token_logits: bool, seed: int) ->
         gen = torch.Generator().manual_seed(seed + 1)
         first: nn.Module = nn.Embedding(7, W) if tokens_in else nn.Linear(3, W)
         layers = [first, *(_block(b) for b in blocks)]
-        if token_logits:
-            layers.append(nn.Linear(W, 3))
-        else:
-            layers += [_mean_over_time(), nn.Linear(W, 3)]
+        if not token_logits:
+            layers.append(_mean_over_time())
+        layers += [nn.Linear(W, 3), Fn(lambda z: torch.log_softmax(3 * z, -1))]
         model = nn.Sequential(*layers).eval()
         batches = []
         for b in (3, 2):
@@ -304,8 +301,6 @@ def _stack(blocks: list[str], tokens_in: bool, token_logits: bool, seed: int) ->
 
 
 def _mean_over_time() -> nn.Module:
-    from layer_zoo import Fn
-
     return Fn(lambda h: h.mean(1))
 
 
