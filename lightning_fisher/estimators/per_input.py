@@ -1147,8 +1147,10 @@ class PerInputEngine:
                     bad[in_model[0]],
                 )
                 return
+            modules = sorted({n.rpartition(".")[0] or "<the model>" for n in in_model})
             raise FisherInputError(
-                f"No per-input route gives correct gradients for {', '.join(sorted(in_model)[:5])}: "
+                f"No per-input route gives correct gradients for module(s) {', '.join(modules[:5])} "
+                f"(parameters {', '.join(sorted(in_model)[:5])}): "
                 f"{bad[in_model[0]]}. The model does not seem to treat the inputs of a batch "
                 "independently (or hides where they are). Use method='hutchinson' (one ordinary "
                 "backward per batch, always correct) or method='batched'."
