@@ -64,6 +64,8 @@ OUTSIDE = "\0outside"
 #: Relative tolerance of the self-verification, by dtype (of the norm of the per-input gradients).
 VERIFY_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 _VERIFY_SEED = 0x5EED
+#: The check looks at the first inputs of the batch only (the cotangent is zero beyond them).
+VERIFY_ROWS = 64
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -236,6 +238,22 @@ class _Rule:
         """Per-input gradients of inputs lo:hi, each ``(hi - lo, K, *param.shape)``."""
         raise NotImplementedError
 
+    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """For one column (K = 1): sum_b s_b g_b per parameter from this rule's per-input
+        gradients g_b, and a scale of their size (sum_b ||g_b||^2 or a bound of it) for the
+        round-off tolerance."""
+        numel = sum(ctx.engine.params[n].numel() for n in ctx.names.values())
+        chunk = ctx.chunk(8 * numel)
+        got: dict[str, Tensor] = {}
+        scale: dict[str, float] = {}
+        for lo in range(0, ctx.B, chunk):
+            for n, t in self.per_input(ctx, lo, min(ctx.B, lo + chunk)).items():
+                t = t[:, 0].detach()
+                sign = s[lo : lo + t.shape[0]].reshape(-1, *([1] * (t.ndim - 1)))
+                got[n] = got.get(n, 0) + (sign * t).sum(0)
+                scale[n] = scale.get(n, 0.0) + float(t.pow(2).sum())
+        return got, scale
+
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
         """acc += weight * sum over inputs and columns of the squared per-input gradients."""
         numel = sum(ctx.engine.params[n].numel() for n in ctx.names.values())
@@ -272,6 +290,22 @@ class _MatmulRule(_Rule):
         if "bias" in ctx.names:
             out[ctx.names["bias"]] = gl.sum(-1).transpose(0, 1)
         return out
+
+    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """sum_b s_b G_b U_b^T as one product of the signed output gradients with the inputs
+        (no per-input gradient materialised); scale sum_b ||G_b||^2 ||U_b||^2."""
+        gl, cols = self.unfolded(ctx, 0, ctx.B)
+        g = gl[0] * s.reshape(-1, 1, 1)  # (B, O, L)
+        got, scale = {}, {}
+        if "weight" in ctx.names:
+            n = ctx.names["weight"]
+            got[n] = torch.einsum("bol,bil->oi", g, cols).reshape(ctx.param("weight").shape)
+            scale[n] = float((gl[0].pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum())
+        if "bias" in ctx.names:
+            n = ctx.names["bias"]
+            got[n] = g.sum((0, 2))
+            scale[n] = float(gl[0].sum(-1).pow(2).sum())
+        return got, scale
 
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
         """sum_x sum_k (G_kx U_x^T)^2 by the cheaper of two exact routes:
@@ -394,6 +428,28 @@ class _EmbeddingRule(_Rule):
             gk = gk * (flat_idx != m.padding_idx)[:, None, :, None]
         dense.scatter_add_(2, flat_idx[:, None, :, None].expand_as(gk), gk)
         return {ctx.names["weight"]: dense}
+
+    def _rows(self, ctx: _Ctx) -> tuple[Tensor, Tensor]:
+        """Token ids (B, S) and output gradients (K, B, S, D), padding rows zeroed."""
+        m = ctx.module
+        i = cast(int, ctx.call.input_index())
+        d = cast(int, ctx.call.leaf_dims[i])
+        tok = cast(Tensor, ctx.call.leaves[i]).movedim(d, 0)[: ctx.B].reshape(ctx.B, -1)
+        gk = ctx.grads[0].movedim(1 + cast(int, ctx.call.out_dims[0]), 1)[:, : ctx.B]
+        gk = gk.reshape(ctx.K, ctx.B, -1, m.embedding_dim).to(ctx.dtype)
+        if m.padding_idx is not None:
+            gk = gk * (tok != m.padding_idx)[None, :, :, None]
+        return tok, gk
+
+    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """sum_b s_b g_b: every looked-up row's gradient, signed by its input, added into its
+        token's row; scale: sum of the squared row gradients (times the tokens per input)."""
+        tok, gk = self._rows(ctx)
+        name = ctx.names["weight"]
+        signed = (gk[0] * s.reshape(-1, 1, 1)).reshape(-1, gk.shape[-1])
+        got = torch.zeros(ctx.param("weight").shape, dtype=ctx.dtype, device=gk.device)
+        got.index_add_(0, tok.reshape(-1), signed)
+        return {name: got}, {name: float(gk[0].pow(2).sum()) * tok.shape[1]}
 
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
         """Per (column, input, token id): sum the rows of g, square, add into the token's row."""
@@ -1097,14 +1153,53 @@ class PerInputEngine:
         if key in self._verified:
             return
         B = logits.shape[0]
+        R = min(B, VERIFY_ROWS)
         gen = torch.Generator(device=logits.device).manual_seed(_VERIFY_SEED)
         u = torch.randn(logits.shape, generator=gen, device=logits.device, dtype=logits.dtype)
+        u[R:] = 0
         s = torch.randint(0, 2, (B,), generator=gen, device=logits.device).to(logits.dtype) * 2 - 1
         signed = u * s.reshape(B, *([1] * (logits.ndim - 1)))
         names = list(self.params)
-        ref_grads = torch.autograd.grad(
-            logits, [self.params[n] for n in names], signed, retain_graph=True, allow_unused=True
-        )
+        calls = [c for h in self.handlers for c in h.calls]
+        outputs = [o for c in calls for o in c.outputs]
+        params: list[Tensor] = [self.params[n] for n in names]
+        # One backward with two columns: u to the recorded outputs (the engine's input), s u to
+        # the parameters (the reference); one plain backward each where that cannot be batched.
+        try:
+            both = torch.autograd.grad(
+                logits,
+                outputs + params,
+                torch.stack([u, signed]),
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            out_grads = [None if g is None else g[:1] for g in both[: len(outputs)]]
+            ref_grads = [None if g is None else g[1] for g in both[len(outputs) :]]
+        except RuntimeError as err:
+            if _is_oom(err):
+                raise
+            out_grads = (
+                [
+                    None if g is None else g.unsqueeze(0)
+                    for g in torch.autograd.grad(
+                        logits, outputs, u, retain_graph=True, allow_unused=True
+                    )
+                ]
+                if outputs
+                else []
+            )
+            ref_grads = list(
+                torch.autograd.grad(logits, params, signed, retain_graph=True, allow_unused=True)
+            )
+        it = iter(out_grads)
+        self._verify_grads = {
+            id(c): [
+                torch.zeros((1, *o.shape), dtype=o.dtype, device=o.device) if g is None else g
+                for g, o in zip((next(it) for _ in c.outputs), c.outputs)
+            ]
+            for c in calls
+        }
         dtype = self._dtype()
         ref = {
             n: (torch.zeros_like(self.params[n], dtype=dtype) if g is None else g.to(dtype))
@@ -1114,7 +1209,7 @@ class PerInputEngine:
             return  # NaN/Inf gradients: the pass reports them at the end; check a later batch
         rtol = VERIFY_RTOL.get(logits.dtype, 1e-4)
         for _ in range(8):
-            got, scale, errors = self._signed_sums(logits, u.unsqueeze(0), s)
+            got, scale, errors = self._signed_sums(logits, u.unsqueeze(0), s, R)
             bad: dict[str, str] = dict(errors)
             # Round-off floor: a gradient that is zero but for round-off (a key bias under
             # softmax attention) is compared with the scale of the whole model's gradients.
@@ -1122,11 +1217,11 @@ class PerInputEngine:
             for n in names:
                 if n in bad:
                     continue
-                err = float((got[n] - ref[n]).norm())
+                diff = float((got[n] - ref[n]).norm())
                 tol = rtol * (float(ref[n].norm()) + math.sqrt(scale[n])) + floor + 1e-30
-                if err > tol or math.isnan(err):
+                if diff > tol or math.isnan(diff):
                     bad[n] = (
-                        f"per-input gradients off by {err / max(tol / rtol, 1e-30):.2g} (relative)"
+                        f"per-input gradients off by {diff / max(tol / rtol, 1e-30):.2g} (relative)"
                     )
             if not bad:
                 self._verified.add(self.structure_key())
@@ -1177,7 +1272,7 @@ class PerInputEngine:
         self.handlers = [h for h in self.handlers if h.names]
 
     def _signed_sums(
-        self, logits: Tensor, u: Tensor, s: Tensor
+        self, logits: Tensor, u: Tensor, s: Tensor, rows: int
     ) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
         """sum_b s_b g_b per parameter from the engine's per-input gradients g_b for the single
         column ``u``; the sums of ||g_b||^2 (the scale of round-off); parameters whose route
@@ -1188,8 +1283,8 @@ class PerInputEngine:
         }
         scale = dict.fromkeys(self.params, 0.0)
         errors: dict[str, str] = {}
-        B = self._batch_size = logits.shape[0]
-        sd = s.to(dtype)
+        B = self._batch_size = rows  # the rules see the first ``rows`` inputs (u is 0 beyond)
+        sd = s[:rows].to(dtype)
 
         def add(per: dict[str, Tensor], lo: int) -> None:
             for n, t in per.items():
@@ -1198,14 +1293,14 @@ class PerInputEngine:
                 got[n] += (sign * t).sum(0)
                 scale[n] += float(t.pow(2).sum())
 
-        grad_map = self._output_grads(logits, u)
+        grad_map = [(h, c, self._verify_grads[id(c)]) for h in self.handlers or [] for c in h.calls]
         for h, c, gs in grad_map:
             ctx = self._ctx(h, c, gs, dict(h.names))
-            numel = sum(self.params[n].numel() for n in h.names.values())
-            chunk = ctx.chunk(8 * numel)
             try:
-                for lo in range(0, B, chunk):
-                    add(_RULES[h.rule].per_input(ctx, lo, min(B, lo + chunk)), lo)
+                part, size = _RULES[h.rule].signed_sum(ctx, sd)
+                for n, t in part.items():
+                    got[n] += t
+                    scale[n] += size[n]
             except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as err:
                 if _is_oom(err):
                     raise
