@@ -461,6 +461,13 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> list
 
     add("train-step", train_step(case), None)
     add("ours-exact", lambda: ours(case, "exact", mem), "exact")
+    if args.verify_rows:
+        add(
+            "ours-exact-noverify",
+            lambda: ours(case, "exact", mem, verify=False),
+            "exact",
+            note="verify=False (no self-check backward)",
+        )
     add(
         "ours-hutchinson",
         lambda: ours(case, "hutchinson", mem, probes=1),
@@ -472,6 +479,13 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> list
         add("ours-sample", lambda: ours(case, "sample", mem), None, note="one draw per input")
     if "empirical" in extra:
         add("ours-empirical", lambda: ours(case, "empirical", mem), "empirical")
+        if args.verify_rows:
+            add(
+                "ours-empirical-noverify",
+                lambda: ours(case, "empirical", mem, verify=False),
+                "empirical",
+                note="verify=False (no self-check backward)",
+            )
     try:
         bp = backpack_model(case)
         add("backpack-diagggn-exact", lambda: backpack_run(bp, case, "DiagGGNExact"), "exact")
@@ -682,6 +696,16 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
             f"{fmt(r['max_rel_diff'], '.1e')} | {r.get('note') or ''} |"
         )
     lines += ["", "Settings: " + "; ".join(f"{m}: {s}" for m, s in report["settings"].items()), ""]
+    if report.get("verify_overhead"):
+        lines += [
+            "Self-verification (one extra backward on the first batch of a pass): seconds with "
+            "`verify=True` (the default) over seconds with `verify=False`:",
+            "",
+            "| model / method | ratio |",
+            "|---|---:|",
+            *(f"| {k} | {v:.3f} |" for k, v in report["verify_overhead"].items()),
+            "",
+        ]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
@@ -714,6 +738,12 @@ def main(argv: list[str] | None = None) -> None:
         default=120.0,
         help="seconds after which a route is not repeated further",
     )
+    ap.add_argument(
+        "--no-verify-rows",
+        dest="verify_rows",
+        action="store_false",
+        help="leave out the verify=False rows (self-verification overhead)",
+    )
     ap.add_argument("--out", default=None, help="report name (default exact_diagonal_<cpu|gpu>)")
     ap.add_argument(
         "--threads",
@@ -740,8 +770,16 @@ def main(argv: list[str] | None = None) -> None:
         settings[m] = model_rows[0]["setting"] if model_rows else ""
         rows += model_rows
         print(f"   ({time.time() - t0:.0f} s so far)", flush=True)
+    overhead = {}
+    for m in args.models:
+        sec = {r["implementation"]: r["seconds"] for r in rows if r["model"] == m}
+        for method in ("exact", "empirical"):
+            on, off = sec.get(f"ours-{method}"), sec.get(f"ours-{method}-noverify")
+            if on and off:
+                overhead[f"{m}/{method}"] = round(on / off, 3)
     report = {
         "name": name,
+        "verify_overhead": overhead,
         "command": command,
         "device": device_name(device),
         "versions": versions(),

@@ -38,11 +38,15 @@ class ModelOutputs:
         logits: ``(B, *S, C)`` float logits (``S`` empty for one input per row).
         mask: ``(B, *S)`` bool, True where the position is an input that counts.
         labels: ``(B, *S)`` long labels (``-100`` where ignored), or ``None`` if the batch has none.
+        label_error: set when the batch holds labels that are not class indices (one-hot rows,
+            non-integer values); estimators that need labels raise it.
     """
 
     logits: Tensor
     mask: Tensor
     labels: Tensor | None
+    #: why the batch's labels cannot be used as class indices (raised by estimators that need them)
+    label_error: str | None = None
 
     @property
     def batch_size(self) -> int:
@@ -177,6 +181,15 @@ def check_logits(logits: Tensor) -> None:
                 "The model output looks like probabilities (non-negative rows summing to 1), not "
                 "logits. Return the pre-softmax logits (or log-probabilities) instead."
             )
+        if flat.shape[0] > 1 and bool((flat >= 0).all()) and bool((flat <= 1).all()):
+            import warnings
+
+            warnings.warn(
+                "Every model output of this batch lies in [0, 1]: if these are probabilities "
+                "(sigmoid or softmax outputs), the Fisher treats them as logits and is wrong. "
+                "Return the pre-softmax logits.",
+                stacklevel=3,
+            )
 
 
 def model_outputs(
@@ -185,6 +198,7 @@ def model_outputs(
     output_fn: OutputFn | None = None,
     classes: ClassSelector | None = None,
     shift_labels: bool = False,
+    ignore_index: int = IGNORE_INDEX,
 ) -> ModelOutputs:
     """Run the model on a batch and return its logits, the mask of counted inputs and labels.
 
@@ -197,13 +211,30 @@ def model_outputs(
             re-indexed into the restricted set.
         shift_labels: causal language models: logits at position ``t`` predict the token at
             ``t + 1`` (Hugging Face's convention with ``labels = input_ids``).
+        ignore_index: the label value of inputs that do not count.
     """
     raw = output_fn(model, batch) if output_fn is not None else call_model(model, batch)
     logits = extract_logits(raw)
     check_logits(logits)
     labels = batch_labels(batch)
+    label_error = None
     if labels is not None and tuple(labels.shape) != tuple(logits.shape[:-1]):
+        if tuple(labels.shape) == tuple(logits.shape):
+            label_error = (
+                f"The labels have the shape of the logits {tuple(logits.shape)} (one-hot or soft "
+                "labels); expected class indices of shape "
+                f"{tuple(logits.shape[:-1])} (e.g. `labels.argmax(-1)` for one-hot rows)."
+            )
         labels = None  # e.g. regression targets or a label per sequence with token logits
+    if labels is not None and (labels.is_floating_point() or labels.is_complex()):
+        finite = torch.isfinite(labels)
+        if not bool(finite.all()) or bool((labels != labels.round()).any()):
+            bad = labels[~finite | (labels != labels.round())][:3].tolist()
+            label_error = (
+                f"The labels hold non-integer values (e.g. {bad}); expected integer class "
+                f"indices in [0, C) (or {ignore_index} for inputs that do not count)."
+            )
+            labels = None
     mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
     if logits.ndim >= 3 and isinstance(batch, Mapping):
         attn = batch.get("attention_mask")
@@ -217,7 +248,14 @@ def model_outputs(
         labels = labels[:, 1:] if labels is not None else None
     if labels is not None:
         labels = labels.to(logits.device).long()
-        mask &= labels != IGNORE_INDEX
+        mask &= labels != ignore_index
+        negative = labels[mask & (labels < 0)]
+        if negative.numel():
+            label_error = (
+                f"Found negative labels {sorted(set(negative[:5].tolist()))} other than the "
+                f"ignore index {ignore_index}; expected class indices in [0, C) or "
+                f"{ignore_index} (pass `ignore_index=` if the data marks ignored inputs differently)."
+            )
     active = _resolve_classes(classes, batch, logits.device)
     if active is not None:
         logits = logits.index_select(-1, active)
@@ -243,4 +281,4 @@ def model_outputs(
             "pass `output_fn=lambda m, b: (lambda z: torch.cat([torch.zeros_like(z), z], -1))"
             "(m(b[0]))`, whose softmax is the sigmoid; a task head needs at least 2 classes."
         )
-    return ModelOutputs(logits=logits, mask=mask, labels=labels)
+    return ModelOutputs(logits=logits, mask=mask, labels=labels, label_error=label_error)

@@ -53,6 +53,8 @@ def estimate_fisher(
     progress: bool | None = None,
     sync_distributed: bool = True,
     exact_max_classes: int | None = None,
+    verify: bool = True,
+    ignore_index: int = -100,
 ) -> FisherDiagonal:
     """Estimate the diagonal of the Fisher information of ``model`` on ``dataloader``.
 
@@ -83,6 +85,12 @@ def estimate_fisher(
         sync_distributed: under ``torch.distributed``, sum over ranks so that every rank gets the
             Fisher of the union of the shards.
         exact_max_classes: raise ``exact``'s refusal threshold for large class counts.
+        verify: per-input methods (``exact``, ``sample``, ``empirical``) check their per-input
+            gradients on the first batch of each traced structure: with random signs s_x, the
+            signed sum sum_x s_x J_x^T u_x must equal one ordinary backward of the cotangent
+            s_x u_x. A layer rule that fails is replaced by a slower correct route (logged);
+            ``False`` skips the check (one backward less).
+        ignore_index: label value of inputs that do not count (PyTorch's and Hugging Face's -100).
 
     Returns:
         A ``FisherDiagonal`` with one float32 tensor per trainable parameter.
@@ -107,6 +115,8 @@ def estimate_fisher(
         progress=progress,
         sync_distributed=sync_distributed,
         exact_max_classes=exact_max_classes,
+        verify=verify,
+        ignore_index=ignore_index,
     )[0]
 
 

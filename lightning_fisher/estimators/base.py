@@ -13,6 +13,7 @@ Two kinds of estimator plug into it:
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..fisher_diagonal import FisherDiagonal
 from ..outputs import (
+    IGNORE_INDEX,
     ClassSelector,
     FisherInputError,
     ModelOutputs,
@@ -35,6 +37,8 @@ from ..outputs import (
     slice_batch,
 )
 from .per_input import PerInputEngine
+
+logger = logging.getLogger("lightning_fisher")
 
 
 @dataclass
@@ -56,6 +60,8 @@ class FisherOptions:
     seed: int = 0
     progress: bool | None = None
     sync_distributed: bool = True
+    verify: bool = True
+    ignore_index: int = IGNORE_INDEX
     extra: dict[str, Any] = field(default_factory=dict)
 
     def public(self, keys: Iterable[str]) -> dict[str, Any]:
@@ -242,9 +248,22 @@ class _SquaredGradients:
                     allow_unused=True,
                     is_grads_batched=True,
                 )
-            except RuntimeError:
-                # No batching rule for some operation (or no memory for the chunk): one backward
-                # per cotangent gives the same sums, for this and every later batch.
+            except torch.OutOfMemoryError:
+                # Half the chunk at a time; one cotangent that does not fit is a real OOM.
+                half = len(chunk) // 2
+                self._chunk(logits, chunk[:half])
+                self._chunk(logits, chunk[half:])
+                return
+            except RuntimeError as err:
+                if "vmap" not in str(err) and "batch" not in str(err).lower():
+                    raise
+                # An operation without a batching rule: one backward per cotangent gives the same
+                # sums; the model's graph does not change between batches, so keep it so.
+                logger.info(
+                    "lightning_fisher: batched backward unavailable (%s); one backward per "
+                    "cotangent from now on.",
+                    str(err).splitlines()[0],
+                )
                 self.batch = False
             else:
                 for i, (_, weight, acc) in enumerate(chunk):
@@ -261,6 +280,21 @@ class _SquaredGradients:
         if keep:
             targets, values = [a for a, _ in keep], [g for _, g in keep]
             torch._foreach_addcmul_(targets, values, values, value=weight)  # acc += w g^2
+
+
+def _record(engine: PerInputEngine, forward: Callable[[], ModelOutputs], rows: int) -> ModelOutputs:
+    """The forward of one batch with the engine recording; planned again (on this batch) when
+    the traced structure differs from the plan's."""
+    if engine.handlers is None:
+        engine.plan(forward, rows)
+    for attempt in range(2):
+        engine.reset()
+        with engine.recording():
+            out = forward()
+        if engine.finish_recording(out.logits.shape[0]) or attempt:
+            return out
+        engine.plan(forward, rows)
+    return out
 
 
 def run_passes(
@@ -298,7 +332,9 @@ def run_passes(
     label = "+".join(e.name for e in estimators)
 
     def forward(batch: Any) -> ModelOutputs:
-        return model_outputs(model, batch, opts.output_fn, opts.classes, opts.shift_labels)
+        return model_outputs(
+            model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
+        )
 
     with eval_mode(model):
         for batch in _progress(loader, opts.progress, f"Fisher ({label})"):
@@ -313,11 +349,7 @@ def run_passes(
             batch = move_batch(batch, device)
             rows += batch_size_of(batch)
             if engine is not None:
-                if engine.handlers is None:
-                    engine.plan(functools.partial(forward, batch))
-                engine.reset()
-                with engine.recording(batch_size_of(batch)):
-                    out = forward(batch)
+                out = _record(engine, functools.partial(forward, batch), batch_size_of(batch))
             else:
                 out = forward(batch)
             for e in estimators:
@@ -327,6 +359,8 @@ def run_passes(
             if n == 0:
                 continue
             n_inputs += n
+            if engine is not None and opts.verify:
+                engine.verify(out.logits)
             if observe is not None:
                 observe(out)
             p = torch.softmax(

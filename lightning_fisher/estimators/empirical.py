@@ -15,14 +15,22 @@ from .base import Estimator
 
 def true_label_cotangent(out: ModelOutputs, p: Tensor) -> Tensor:
     """e_y - p for the true labels (zero where the label is ignored), shaped like the logits."""
+    if out.label_error is not None:
+        raise FisherInputError(out.label_error)
     if out.labels is None:
         raise FisherInputError(
             "This estimator needs labels, but the batch has none (expected `batch[1]` or a "
             "`labels` entry shaped like the logits without their class dimension)."
         )
     labels = out.labels.clamp_min(0)
-    if (out.labels[out.mask] >= p.shape[-1]).any():
-        raise FisherInputError(f"Some labels are >= the number of classes ({p.shape[-1]}).")
+    counted = out.labels[out.mask]
+    too_big = counted[counted >= p.shape[-1]]
+    if too_big.numel():
+        raise FisherInputError(
+            f"Found labels {sorted(set(too_big[:5].tolist()))} >= the number of classes "
+            f"C = {p.shape[-1]} of the logits; expected class indices in [0, {p.shape[-1]}). "
+            "Check the number of output units (or `classes=`) against the data's labels."
+        )
     return F.one_hot(labels, p.shape[-1]).to(p.dtype) - p
 
 

@@ -4,54 +4,155 @@ Given output cotangents u_{k,x} (K columns per input x), this engine computes
 
     S_i = sum_x sum_k w (J_x^T u_{k,x})_i^2
 
-for every tracked parameter i, where J_x = dz(x)/dtheta. ``exact`` uses the C columns of
-L(p) = diag(sqrt p) - p sqrt(p)^T, ``sample`` k columns e_y - p with y ~ p, ``empirical`` one column
-e_y - p with the true label.
+for every tracked parameter i, where J_x = dz(x)/dtheta. ``exact`` uses the columns of a square
+root of I(p), ``sample`` k columns e_y - p with y ~ p, ``empirical`` one column e_y - p with the
+true label.
 
-How: forward hooks record each parameter-owning module's inputs and outputs; one backward per
-chunk of columns (``is_grads_batched``) gives the gradient at every such output; a per-module rule
-turns (input, output gradient) into per-input parameter gradients:
+How: a planning forward of two rows (one if the batch has two) records, for every module call,
+the shapes of its inputs and outputs, and, under a ``TorchFunctionMode``, which module is running
+whenever a tracked parameter is used. Comparing those shapes with the full batch's finds each
+tensor's batch dimension (or that it has none). Each parameter goes to the innermost module whose
+forward contains all its uses (usually the module that owns it). During the real forward, hooks
+record those modules' inputs and outputs; one backward per chunk of columns
+(``is_grads_batched``) gives the gradient at every output; a per-layer rule turns (input, output
+gradient) into per-input parameter gradients:
 
-* closed forms for ``nn.Linear`` (with or without sequence dimensions), ``nn.Conv1d``/``nn.Conv2d``,
-  ``nn.Embedding`` and the affine parameters of ``nn.LayerNorm``, ``nn.GroupNorm`` and BatchNorm
-  with running statistics. Linear and Conv are products over L positions (sequence, output
-  pixels); with fewer positions than columns (L < K) the columns are contracted first (Gram
-  route), and with L = 1 they fold, so the whole diagonal costs one weight-gradient-sized matmul;
-* any other module (attention with its own weights, custom layers) by ``torch.func.vjp`` of that
-  module alone, vectorised with ``vmap`` over inputs and columns.
+* closed forms (``_RULES``) for ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``,
+  the affine parameters of the norms and ``nn.PReLU``. Linear and Conv are products over L
+  positions; with L < K the columns are contracted first (Gram route), and with L = 1 they fold;
+* any other module by ``torch.func.vjp`` of that module alone, vectorised over inputs and columns;
+* ``loop``: the module re-run on one input at a time with ordinary autograd;
+* the whole-model route, for parameters whose use cannot be localised (an output without a batch
+  dimension, a packed sequence, a module whose batch cannot be sliced): per-input gradients by a
+  backward of the whole batch's graph with each column restricted to one input, which equals that
+  input's own gradient because the model treats inputs independently (true in eval mode).
+
+Self-verification: on the first batch of every traced structure the engine draws Rademacher signs
+s_x and compares, per parameter, sum_x s_x J_x^T u_x built from its per-input gradients with one
+ordinary backward of the cotangent s_x u_x. A rule that disagrees or raises is replaced by the
+next route (closed form or vjp -> loop -> whole model), with one log line; when even the
+whole-model route disagrees (inputs are not independent) a ``FisherInputError`` is raised.
 
 A parameter used in several places (tied weights, a module called twice) has its per-input
 gradients summed over the uses before squaring. Per-input gradients are materialised in chunks
 whose size keeps memory under ``max_memory_mib``.
-
-Inputs must have the batch as their first dimension, and the model must treat inputs
-independently (true in eval mode).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..outputs import FisherInputError
+
+logger = logging.getLogger("lightning_fisher")
+
+#: A tensor whose batch dimension could not be found (its size is not the batch size in one dim).
+UNKNOWN = -1
+#: Use site of a parameter used outside the model's forward (in ``output_fn``, say).
+OUTSIDE = "\0outside"
+#: Relative tolerance of the self-verification, by dtype (of the norm of the per-input gradients).
+VERIFY_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+_VERIFY_SEED = 0x5EED
+#: The check looks at the first inputs of the batch only (the cotangent is zero beyond them).
+VERIFY_ROWS = 64
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
+
+
+# Tracing --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Trace:
+    """What the planning forward saw: call shapes per module and the modules using each parameter."""
+
+    rows: int
+    finished: bool = False
+    #: module path -> per call: (shapes of the flattened (args, kwargs) leaves, of the output leaves)
+    calls: dict[str, list[tuple[list[Any], list[Any]]]] = field(default_factory=dict)
+    #: parameter name -> paths of the innermost modules running when it was used
+    uses: dict[str, set[str]] = field(default_factory=dict)
+
+
+def _shapes(leaves: list[Any]) -> list[Any]:
+    return [tuple(t.shape) if isinstance(t, Tensor) else None for t in leaves]
+
+
+class _UseRecorder(TorchFunctionMode):
+    """Records, for every torch function that takes a tracked parameter and returns a tensor that
+    requires grad, the innermost module running (attribute reads such as ``p.dtype`` are not uses)."""
+
+    def __init__(self, ids: dict[int, str], stack: list[str], uses: dict[str, set[str]]) -> None:
+        super().__init__()
+        self.ids, self.stack, self.uses = ids, stack, uses
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        found = [self.ids[id(t)] for t in tree_flatten((args, kwargs))[0] if id(t) in self.ids]
+        if found and any(isinstance(t, Tensor) and t.requires_grad for t in tree_flatten(out)[0]):
+            where = self.stack[-1] if self.stack else OUTSIDE
+            for name in found:
+                self.uses.setdefault(name, set()).add(where)
+        return out
+
+
+def _batch_dim(full: Any, small: Any, B: int, b: int) -> int | None:
+    """The dimension of a tensor that tracks the number of rows: compared between a forward of B
+    rows (``full``) and one of b rows (``small``). None: no such dimension (shared by all inputs);
+    ``UNKNOWN``: the shapes change some other way."""
+    if full is None:
+        return None
+    if small is None or len(full) != len(small):
+        return UNKNOWN
+    diff = [d for d in range(len(full)) if full[d] != small[d]]
+    if not diff:
+        return None
+    if len(diff) == 1 and full[diff[0]] == B and small[diff[0]] == b:
+        return diff[0]
+    return UNKNOWN
+
+
+def _guess_dim(full: Any, B: int) -> int | None:
+    """Without a forward of another size: the first dimension if it is the batch size."""
+    if full is None:
+        return None
+    return 0 if len(full) and full[0] == B else UNKNOWN
+
+
+# Recorded calls and the context a rule works in -------------------------------------------------
 
 
 @dataclass
 class _Call:
-    """One call of a module during the forward: its inputs and (cloned) tensor outputs."""
+    """One call of a module during the forward: its inputs, the outputs whose gradient we take and
+    the batch dimension of each (None: shared by all inputs)."""
 
     leaves: list[Any]
     spec: Any
     versions: list[int]
     outputs: list[Tensor]
     out_idx: list[int]
-    #: per output: 0 = batch-first, 1 = a leading dim of 1 broadcast over the batch, 2 = no batch dim
-    broadcast: list[int] = field(default_factory=list)
+    out_shapes: list[Any]
+    leaf_dims: list[int | None] = field(default_factory=list)
+    out_dims: list[int | None] = field(default_factory=list)
+
+    def input_index(self) -> int | None:
+        """Index (among the leaves) of the module's first tensor argument."""
+        return next((i for i, t in enumerate(self.leaves) if isinstance(t, Tensor)), None)
 
 
 @dataclass
@@ -61,49 +162,531 @@ class _Handler:
     module: nn.Module
     path: str
     names: dict[str, str]
-    rule: str  # "linear", "conv", "embedding", "norm" or "vjp"
+    rule: str  # a key of _RULES: "linear", "conv", "embedding", "norm", "prelu", "vjp", "loop"
     calls: list[_Call] = field(default_factory=list)
 
 
-def _uses_default_forward(module: nn.Module, cls: type[nn.Module]) -> bool:
-    return isinstance(module, cls) and type(module).forward is cls.forward
+@dataclass
+class _Ctx:
+    """What a rule needs for one recorded call: the batch of B inputs and the output gradients
+    ``grads`` (one per output, ``(K, *output.shape)``)."""
+
+    engine: PerInputEngine
+    handler: _Handler
+    call: _Call
+    grads: list[Tensor]
+    names: dict[str, str]
+    dtype: torch.dtype
+
+    @property
+    def module(self) -> Any:
+        return self.handler.module
+
+    @property
+    def B(self) -> int:
+        return self.engine._batch_size
+
+    @property
+    def K(self) -> int:
+        return self.grads[0].shape[0]
+
+    def x(self, lo: int, hi: int) -> Tensor:
+        """Rows lo:hi of the module's first input, batch first."""
+        i = self.call.input_index()
+        assert i is not None
+        d = self.call.leaf_dims[i]
+        assert d is not None and d >= 0
+        return cast(Tensor, self.call.leaves[i]).detach().movedim(d, 0)[lo:hi].to(self.dtype)
+
+    def g(self, lo: int, hi: int, j: int = 0) -> Tensor:
+        """Gradient at output j for rows lo:hi, shaped (K, hi - lo, ...)."""
+        d = self.call.out_dims[j]
+        assert d is not None and d >= 0
+        return self.grads[j].movedim(1 + d, 1)[:, lo:hi].to(self.dtype)
+
+    def param(self, local: str) -> Tensor:
+        return self.engine.params[self.names[local]]
+
+    def chunk(self, bytes_per_input: float) -> int:
+        return max(1, int(self.engine.max_bytes // max(1.0, bytes_per_input)))
+
+
+# Per-layer rules ------------------------------------------------------------------------------
+
+
+class _Rule:
+    """Turns (inputs, output gradients) of one module call into per-input parameter gradients."""
+
+    name: ClassVar[str]
+    #: the rule needs the batch as dimension 0 of input and output (channels at dim 1)
+    batch_first_only: ClassVar[bool] = False
+
+    def applies(self, module: nn.Module, local_names: set[str]) -> bool:
+        return False
+
+    def layout_ok(self, module: nn.Module, call: _Call) -> bool:
+        """Whether this call's batch dimensions suit the rule."""
+        i = call.input_index()
+        if i is None or not call.out_dims:
+            return False
+        d_in, d_out = call.leaf_dims[i], call.out_dims[0]
+        if d_in is None or d_in == UNKNOWN or d_in != d_out or len(call.outputs) != 1:
+            return False
+        return d_in == 0 or not self.batch_first_only
+
+    def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
+        """Per-input gradients of inputs lo:hi, each ``(hi - lo, K, *param.shape)``."""
+        raise NotImplementedError
+
+    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """For one column (K = 1): sum_b s_b g_b per parameter from this rule's per-input
+        gradients g_b, and a scale of their size (sum_b ||g_b||^2 or a bound of it) for the
+        round-off tolerance."""
+        numel = sum(ctx.engine.params[n].numel() for n in ctx.names.values())
+        chunk = ctx.chunk(8 * numel)
+        got: dict[str, Tensor] = {}
+        scale: dict[str, float] = {}
+        for lo in range(0, ctx.B, chunk):
+            for n, t in self.per_input(ctx, lo, min(ctx.B, lo + chunk)).items():
+                t = t[:, 0].detach()
+                sign = s[lo : lo + t.shape[0]].reshape(-1, *([1] * (t.ndim - 1)))
+                got[n] = got.get(n, 0) + (sign * t).sum(0)
+                scale[n] = scale.get(n, 0.0) + float(t.pow(2).sum())
+        return got, scale
+
+    def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
+        """acc += weight * sum over inputs and columns of the squared per-input gradients."""
+        numel = sum(ctx.engine.params[n].numel() for n in ctx.names.values())
+        chunk = ctx.chunk(8 * ctx.K * numel)
+        for lo in range(0, ctx.B, chunk):
+            for name, t in self.per_input(ctx, lo, min(ctx.B, lo + chunk)).items():
+                acc[name] += weight * t.pow(2).sum((0, 1))
+
+
+def _default_forward(module: nn.Module, *classes: type[nn.Module]) -> bool:
+    return any(isinstance(module, c) and type(module).forward is c.forward for c in classes)
+
+
+def _direct(module: nn.Module, local_names: set[str], allowed: set[str]) -> bool:
+    direct = {n for n, p in module.named_parameters(recurse=False) if p is not None}
+    return local_names <= direct and local_names <= allowed
+
+
+class _MatmulRule(_Rule):
+    """Linear and Conv as matrix products over L positions: input x's weight gradient for column
+    k is G_kx U_x^T, G_kx (O x L) the output gradient and U_x (I x L) the input (the unfolded
+    patches of a convolution); the bias gradient is G_kx summed over positions."""
+
+    def unfolded(self, ctx: _Ctx, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        """Output gradients ``gl`` (K, b, O, L) and inputs ``cols`` (b, I, L)."""
+        raise NotImplementedError
+
+    def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
+        gl, cols = self.unfolded(ctx, lo, hi)
+        out = {}
+        if "weight" in ctx.names:
+            w = torch.einsum("kbol,bil->bkoi", gl, cols)
+            out[ctx.names["weight"]] = w.reshape(*w.shape[:2], *ctx.param("weight").shape)
+        if "bias" in ctx.names:
+            out[ctx.names["bias"]] = gl.sum(-1).transpose(0, 1)
+        return out
+
+    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """sum_b s_b G_b U_b^T as one product of the signed output gradients with the inputs
+        (no per-input gradient materialised); scale sum_b ||G_b||^2 ||U_b||^2."""
+        gl, cols = self.unfolded(ctx, 0, ctx.B)
+        g = gl[0] * s.reshape(-1, 1, 1)  # (B, O, L)
+        got, scale = {}, {}
+        if "weight" in ctx.names:
+            n = ctx.names["weight"]
+            got[n] = torch.einsum("bol,bil->oi", g, cols).reshape(ctx.param("weight").shape)
+            scale[n] = float((gl[0].pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum())
+        if "bias" in ctx.names:
+            n = ctx.names["bias"]
+            got[n] = g.sum((0, 2))
+            scale[n] = float(gl[0].sum(-1).pow(2).sum())
+        return got, scale
+
+    def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
+        """sum_x sum_k (G_kx U_x^T)^2 by the cheaper of two exact routes:
+
+        * direct, K L O I per input: materialise the per-input gradients of a chunk of inputs,
+          square and sum;
+        * Gram, L^2 O I per input, when L < K: (G U^T)^2 summed over k equals
+          sum_{l,m} (sum_k G_ol G_om) U_il U_im, one (O x b L^2) @ (b L^2 x I) product. L = 1
+          folds the columns: (sum_k g^2)^T @ a^2.
+        """
+        B, K = ctx.B, ctx.K
+        gl0, cols0 = self.unfolded(ctx, 0, 1)
+        n_out, L, n_in = gl0.shape[2], gl0.shape[3], cols0.shape[1]
+        gram = L < K
+        per_input = (n_out + n_in) * L * L if gram else K * n_out * n_in + n_in * L
+        chunk = ctx.chunk(8 * per_input)
+        for lo in range(0, B, chunk):
+            gl, cols = self.unfolded(ctx, lo, min(B, lo + chunk))
+            g2 = (gl.squeeze(-1) if L == 1 else gl.sum(-1)).square().sum(0)  # (b, O)
+            if "weight" in ctx.names:
+                if L == 1:
+                    w = g2.T @ cols.squeeze(-1).square()
+                elif gram:
+                    ggt = torch.einsum("kbol,kbom->oblm", gl, gl).reshape(n_out, -1)
+                    uut = torch.einsum("bil,bim->blmi", cols, cols).reshape(-1, n_in)
+                    w = ggt @ uut
+                else:
+                    w = torch.einsum("kbol,bil->bkoi", gl, cols).square_().sum((0, 1))
+                target = acc[ctx.names["weight"]]
+                target.add_(w.view_as(target), alpha=weight)
+            if "bias" in ctx.names:
+                acc[ctx.names["bias"]].add_(g2.sum(0), alpha=weight)
+
+
+class _LinearRule(_MatmulRule):
+    """``nn.Linear`` on (B, ..., I): L = the product of the middle dimensions (1 without them)."""
+
+    name = "linear"
+
+    def applies(self, module: nn.Module, local_names: set[str]) -> bool:
+        return _default_forward(module, nn.Linear) and _direct(
+            module, local_names, {"weight", "bias"}
+        )
+
+    def layout_ok(self, module: nn.Module, call: _Call) -> bool:
+        i = call.input_index()
+        x = call.leaves[i] if i is not None else None
+        return (
+            super().layout_ok(module, call)
+            and isinstance(x, Tensor)
+            and call.leaf_dims[cast(int, i)] != x.ndim - 1
+        )
+
+    def unfolded(self, ctx: _Ctx, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        a, g = ctx.x(lo, hi), ctx.g(lo, hi)
+        K, b = g.shape[0], g.shape[1]
+        cols = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
+        return g.reshape(K, b, -1, g.shape[-1]).transpose(2, 3), cols
+
+
+class _ConvRule(_MatmulRule):
+    """``nn.Conv1d``/``nn.Conv2d`` (zero padding, one group): U_x = the unfolded input patches,
+    L = the output pixels."""
+
+    name = "conv"
+    batch_first_only = True
+
+    def applies(self, module: nn.Module, local_names: set[str]) -> bool:
+        m: Any = module
+        return (
+            _default_forward(module, nn.Conv1d, nn.Conv2d)
+            and _direct(module, local_names, {"weight", "bias"})
+            and m.groups == 1
+            and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)
+        )
+
+    def unfolded(self, ctx: _Ctx, lo: int, hi: int) -> tuple[Tensor, Tensor]:
+        m = ctx.module
+        a, g = ctx.x(lo, hi), ctx.g(lo, hi)
+        K, b = g.shape[0], g.shape[1]
+        if isinstance(m, nn.Conv1d):
+            a = a.unsqueeze(2)
+            ks, st, pd, dl = (1, *m.kernel_size), (1, *m.stride), (0, *m.padding), (1, *m.dilation)
+        else:
+            ks, st, pd, dl = m.kernel_size, m.stride, m.padding, m.dilation
+        cols = F.unfold(a, ks, dilation=dl, padding=pd, stride=st)  # (b, Cin*k, L)
+        return g.reshape(K, b, g.shape[2], -1), cols
+
+
+class _EmbeddingRule(_Rule):
+    """``nn.Embedding``: input x's gradient of row v is the sum of the output gradients at the
+    positions where x looks up token v (none for ``padding_idx``). ``max_norm`` renormalises the
+    weight in place before the lookup and is not differentiated, so the formula is the same."""
+
+    name = "embedding"
+
+    def applies(self, module: nn.Module, local_names: set[str]) -> bool:
+        m: Any = module
+        return (
+            _default_forward(module, nn.Embedding)
+            and _direct(module, local_names, {"weight"})
+            and not m.sparse
+            and not m.scale_grad_by_freq
+        )
+
+    def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
+        m = ctx.module
+        i = ctx.call.input_index()
+        d = cast(int, ctx.call.leaf_dims[cast(int, i)])
+        idx = cast(Tensor, ctx.call.leaves[cast(int, i)]).movedim(d, 0)[lo:hi]
+        g = ctx.g(lo, hi)
+        b, K = idx.shape[0], g.shape[0]
+        dense = torch.zeros(
+            b, K, m.num_embeddings, m.embedding_dim, dtype=ctx.dtype, device=g.device
+        )
+        flat_idx = idx.reshape(b, -1)
+        gk = g.reshape(K, b, -1, m.embedding_dim).transpose(0, 1)  # (b, K, S, D)
+        if m.padding_idx is not None:
+            gk = gk * (flat_idx != m.padding_idx)[:, None, :, None]
+        dense.scatter_add_(2, flat_idx[:, None, :, None].expand_as(gk), gk)
+        return {ctx.names["weight"]: dense}
+
+    def _rows(self, ctx: _Ctx) -> tuple[Tensor, Tensor]:
+        """Token ids (B, S) and output gradients (K, B, S, D), padding rows zeroed."""
+        m = ctx.module
+        i = cast(int, ctx.call.input_index())
+        d = cast(int, ctx.call.leaf_dims[i])
+        tok = cast(Tensor, ctx.call.leaves[i]).movedim(d, 0)[: ctx.B].reshape(ctx.B, -1)
+        gk = ctx.grads[0].movedim(1 + cast(int, ctx.call.out_dims[0]), 1)[:, : ctx.B]
+        gk = gk.reshape(ctx.K, ctx.B, -1, m.embedding_dim).to(ctx.dtype)
+        if m.padding_idx is not None:
+            gk = gk * (tok != m.padding_idx)[None, :, :, None]
+        return tok, gk
+
+    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """sum_b s_b g_b: every looked-up row's gradient, signed by its input, added into its
+        token's row; scale: sum of the squared row gradients (times the tokens per input)."""
+        tok, gk = self._rows(ctx)
+        name = ctx.names["weight"]
+        signed = (gk[0] * s.reshape(-1, 1, 1)).reshape(-1, gk.shape[-1])
+        got = torch.zeros(ctx.param("weight").shape, dtype=ctx.dtype, device=gk.device)
+        got.index_add_(0, tok.reshape(-1), signed)
+        return {name: got}, {name: float(gk[0].pow(2).sum()) * tok.shape[1]}
+
+    def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
+        """Per (column, input, token id): sum the rows of g, square, add into the token's row."""
+        m = ctx.module
+        name = ctx.names["weight"]
+        i = cast(int, ctx.call.input_index())
+        d = cast(int, ctx.call.leaf_dims[i])
+        idx = cast(Tensor, ctx.call.leaves[i]).movedim(d, 0)
+        K, B, D, V = ctx.K, ctx.B, m.embedding_dim, m.num_embeddings
+        tok = idx.reshape(B, -1)
+        gk = ctx.grads[0].movedim(1 + cast(int, ctx.call.out_dims[0]), 1)
+        gk = gk.reshape(K, B, -1, D).to(acc[name].dtype)
+        keep = (
+            torch.ones_like(tok, dtype=torch.bool)
+            if m.padding_idx is None
+            else tok != m.padding_idx
+        )
+        unit = torch.arange(K * B, device=tok.device).reshape(K, B, 1)
+        key = (unit * V + tok.unsqueeze(0)).expand(K, B, tok.shape[1])[keep.expand(K, -1, -1)]
+        rows = gk[keep.expand(K, -1, -1)]
+        uniq, inv = torch.unique(key, return_inverse=True)
+        sums = torch.zeros(uniq.numel(), D, dtype=rows.dtype, device=rows.device).index_add_(
+            0, inv, rows
+        )
+        acc[name].index_add_(0, uniq % V, weight * sums.pow(2))
+
+
+class _NormRule(_Rule):
+    """Affine parameters of LayerNorm, RMSNorm, GroupNorm and BatchNorm (running statistics).
+
+    y = weight * x_hat + bias with x_hat independent of the parameters, so an input's gradient is
+    sum(g * x_hat) for the weight and sum(g) for the bias, the sums running over every dimension
+    the parameter is broadcast along (positions for LayerNorm/RMSNorm, space for the others).
+    """
+
+    name = "norm"
+
+    def applies(self, module: nn.Module, local_names: set[str]) -> bool:
+        if not _direct(module, local_names, {"weight", "bias"}):
+            return False
+        rms = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+        if _default_forward(module, nn.LayerNorm, nn.GroupNorm, *rms):
+            return True
+        # BatchNorm is per-input only with running statistics (eval mode): then it is affine in x.
+        bn = nn.modules.batchnorm._BatchNorm
+        return (
+            _default_forward(module, bn)
+            and not module.training
+            and getattr(module, "running_mean", None) is not None
+        )
+
+    def layout_ok(self, module: nn.Module, call: _Call) -> bool:
+        if not super().layout_ok(module, call):
+            return False
+        i = cast(int, call.input_index())
+        d, x = cast(int, call.leaf_dims[i]), cast(Tensor, call.leaves[i])
+        shape = getattr(module, "normalized_shape", None)
+        if shape is not None:  # the batch must not be a normalised dimension
+            return d < x.ndim - len(shape)
+        return d == 0
+
+    def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
+        m = ctx.module
+        x, g = ctx.x(lo, hi), ctx.g(lo, hi)  # g: (K, b, *x.shape[1:])
+        if hasattr(m, "normalized_shape"):
+            dims_n = tuple(range(-len(m.normalized_shape), 0))
+            if isinstance(m, nn.LayerNorm):
+                var, mean = torch.var_mean(x, dims_n, unbiased=False, keepdim=True)
+                xh = (x - mean) * torch.rsqrt(var + m.eps)
+            else:
+                eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+                xh = x * torch.rsqrt(x.pow(2).mean(dims_n, keepdim=True) + eps)
+            dims = tuple(range(2, g.ndim - len(m.normalized_shape)))
+        elif isinstance(m, nn.GroupNorm):
+            xg = x.reshape(x.shape[0], m.num_groups, -1)
+            var, mean = torch.var_mean(xg, -1, unbiased=False, keepdim=True)
+            xh = ((xg - mean) * torch.rsqrt(var + m.eps)).reshape(x.shape)
+            dims = tuple(range(3, g.ndim))
+        else:
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            mean = m.running_mean.to(ctx.dtype).reshape(shape)
+            var = m.running_var.to(ctx.dtype).reshape(shape)
+            xh = (x - mean) * torch.rsqrt(var + m.eps)
+            dims = tuple(range(3, g.ndim))
+
+        def reduce(t: Tensor) -> Tensor:  # (K, b, ...) -> (b, K, *param.shape)
+            return (t.sum(dims) if dims else t).transpose(0, 1)
+
+        out = {}
+        if "weight" in ctx.names:
+            out[ctx.names["weight"]] = reduce(g * xh)
+        if "bias" in ctx.names:
+            out[ctx.names["bias"]] = reduce(g)
+        return out
+
+
+class _PReLURule(_Rule):
+    """``nn.PReLU``: y = max(x, 0) + w min(x, 0), so an input's weight gradient is
+    sum g * min(x, 0) over every position (one shared weight) or over every position of each
+    channel (dimension 1)."""
+
+    name = "prelu"
+    batch_first_only = True
+
+    def applies(self, module: nn.Module, local_names: set[str]) -> bool:
+        return _default_forward(module, nn.PReLU) and _direct(module, local_names, {"weight"})
+
+    def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
+        x, g = ctx.x(lo, hi), ctx.g(lo, hi)
+        t = (g * x.clamp_max(0)).transpose(0, 1)  # (b, K, ...)
+        if ctx.param("weight").numel() == 1:
+            w = t.reshape(*t.shape[:2], -1).sum(-1, keepdim=True)
+        else:
+            w = t.reshape(*t.shape[:3], -1).sum(-1)
+        return {ctx.names["weight"]: w.reshape(*t.shape[:2], *ctx.param("weight").shape)}
+
+
+def _primals(ctx: _Ctx) -> dict[str, Tensor]:
+    modules = dict(ctx.module.named_modules())
+    out = {}
+    for loc in ctx.names:
+        owner, _, attr = loc.rpartition(".")
+        out[loc] = getattr(modules[owner], attr).detach()
+    return out
+
+
+class _VjpRule(_Rule):
+    """Any module: ``torch.func.vjp`` of the module on one input (its batch dimensions sliced to
+    size 1), vectorised with ``vmap`` over inputs and columns."""
+
+    name = "vjp"
+
+    def layout_ok(self, module: nn.Module, call: _Call) -> bool:
+        return (
+            bool(call.out_dims)
+            and all(d is not None and d != UNKNOWN for d in call.out_dims)
+            and UNKNOWN not in call.leaf_dims
+        )
+
+    def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
+        from torch.func import functional_call, vjp, vmap
+
+        c = ctx.call
+        leaves = [x.detach() if isinstance(x, Tensor) else x for x in c.leaves]
+        batched = [(i, d) for i, d in enumerate(c.leaf_dims) if d is not None]
+        out_dims = cast(list[int], c.out_dims)
+        primals = _primals(ctx)
+
+        def one(vals: list[Tensor], cots: list[Tensor]) -> dict[str, Tensor]:
+            def f(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
+                ls = list(leaves)
+                for (i, d), v in zip(batched, vals):
+                    ls[i] = v.unsqueeze(d)
+                args, kwargs = tree_unflatten(ls, c.spec)
+                out = functional_call(ctx.module, p, tuple(args), kwargs, strict=False)
+                flat = tree_flatten(out)[0]
+                return tuple(flat[i] for i in c.out_idx)
+
+            pullback = vjp(f, primals)[1]
+            return vmap(
+                lambda *cs: pullback(tuple(x.unsqueeze(d) for x, d in zip(cs, out_dims)))[0]
+            )(*cots)
+
+        vals = [leaves[i].movedim(d, 0)[lo:hi] for i, d in batched]
+        cots = [g.movedim(1 + d, 1)[:, lo:hi] for g, d in zip(ctx.grads, out_dims)]
+        per = vmap(one, in_dims=(0, 1))(vals, cots)
+        # Other parameters of the module stay attached to the graph: keep only the values.
+        return {ctx.names[loc]: t.detach().to(ctx.dtype) for loc, t in per.items()}
+
+
+class _LoopRule(_VjpRule):
+    """Any module: re-run it on one input at a time (batch dimensions sliced to size 1) with
+    ordinary autograd, one backward per column."""
+
+    name = "loop"
+
+    def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
+        from torch.func import functional_call
+
+        c = ctx.call
+        locs = list(ctx.names)
+        out: dict[str, list[Tensor]] = {ctx.names[loc]: [] for loc in locs}
+        out_dims = cast(list[int], c.out_dims)
+        for x in range(lo, hi):
+            ls = [
+                (t.detach().narrow(d, x, 1) if d is not None else t.detach())
+                if isinstance(t, Tensor)
+                else t
+                for t, d in zip(c.leaves, c.leaf_dims)
+            ]
+            args, kwargs = tree_unflatten(ls, c.spec)
+            with torch.enable_grad():
+                prim = {k: v.clone().requires_grad_() for k, v in _primals(ctx).items()}
+                res = functional_call(ctx.module, prim, tuple(args), kwargs, strict=False)
+                flat = tree_flatten(res)[0]
+                outs = [flat[i] for i in c.out_idx]
+                cols = []
+                for k in range(ctx.K):
+                    cots = [g[k].narrow(d, x, 1) for g, d in zip(ctx.grads, out_dims)]
+                    gs = torch.autograd.grad(
+                        outs, list(prim.values()), cots, retain_graph=True, allow_unused=True
+                    )
+                    cols.append(
+                        [torch.zeros_like(p) if g is None else g for g, p in zip(gs, prim.values())]
+                    )
+            for j, loc in enumerate(locs):
+                out[ctx.names[loc]].append(torch.stack([col[j] for col in cols]))
+        return {n: torch.stack(v).to(ctx.dtype) for n, v in out.items()}
+
+
+_CLOSED_FORMS: list[_Rule] = [
+    _LinearRule(),
+    _ConvRule(),
+    _EmbeddingRule(),
+    _NormRule(),
+    _PReLURule(),
+]
+_RULES: dict[str, _Rule] = {r.name: r for r in [*_CLOSED_FORMS, _VjpRule(), _LoopRule()]}
+#: route after a failed check: a closed form or vjp -> loop over inputs -> the whole model
+_NEXT = {**{r.name: "loop" for r in _CLOSED_FORMS}, "vjp": "loop", "loop": "model"}
 
 
 def _closed_form_rule(module: nn.Module, local_names: set[str]) -> str:
-    direct = {n for n, p in module.named_parameters(recurse=False) if p is not None}
-    if local_names != direct & local_names or not local_names <= {"weight", "bias"}:
-        return "vjp"
-    if _uses_default_forward(module, nn.Linear):
-        return "linear"
-    if (_uses_default_forward(module, nn.Conv2d) or _uses_default_forward(module, nn.Conv1d)) and (
-        module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    ):
-        return "conv"
-    if _uses_default_forward(module, nn.Embedding) and (
-        module.max_norm is None and not module.sparse and not module.scale_grad_by_freq
-    ):
-        return "embedding"
-    if _uses_default_forward(module, nn.LayerNorm) or _uses_default_forward(module, nn.GroupNorm):
-        return "norm"
-    # BatchNorm is per-input only with running statistics (eval mode): then it is affine in x.
-    bn = nn.modules.batchnorm._BatchNorm
-    if (
-        _uses_default_forward(module, bn)
-        and not module.training
-        and getattr(module, "running_mean", None) is not None
-    ):
-        return "norm"
-    return "vjp"
+    return next((r.name for r in _CLOSED_FORMS if r.applies(module, local_names)), "vjp")
+
+
+# The engine -----------------------------------------------------------------------------------
 
 
 class PerInputEngine:
     """Plans, for a model and a set of tracked parameters, how to get per-input gradients.
 
-    Use ``with engine.recording(): out = model(batch)``, then ``engine.accumulate(logits, cot,
-    acc, weight)`` with cotangents of shape ``(K, *logits.shape)``; call ``engine.reset()`` before
-    the next forward.
+    Use ``engine.plan(forward, batch_size)``, ``with engine.recording(): out = model(batch)``,
+    ``engine.finish_recording(batch_size)`` (False: the traced structure changed, plan again on this
+    batch), optionally ``engine.verify(logits)``, then ``engine.accumulate(logits, cot, acc,
+    weight)`` with cotangents of shape ``(K, *logits.shape)``; call ``engine.reset()`` before the
+    next forward.
     """
 
     def __init__(
@@ -116,106 +699,162 @@ class PerInputEngine:
         self.params = params
         self.max_bytes = max(1.0, max_memory_mib) * 2**20
         self.handlers: list[_Handler] | None = None
+        #: parameters whose per-input gradients come from the whole-model route
+        self.model_route: set[str] = set()
+        self.shared: set[str] = set()
+        self._trace: _Trace | None = None
+        self._dims_known = False
         self._active = False
         self._batch_size = 0
+        self._batched_model_route = True
+        self._verified: set[Any] = set()
+        #: routes forced by a failed check, by module path (kept across re-planning)
+        self._forced: dict[str, str] = {}
+        self._forced_model: set[str] = set()
+        self.log: list[str] = []
 
     # Planning -----------------------------------------------------------------------------------
-    def plan(self, forward: Callable[[], Any]) -> None:
-        """Find which modules run, and assign every tracked parameter to a rule.
+    def plan(self, forward: Callable[[], Any], batch_size: int | None = None) -> None:
+        """Trace a forward of two rows of the batch (one if it has two), then assign every tracked
+        parameter to the module whose forward contains all its uses.
 
-        The model sees only the first row of the batch (a pre-hook slices its batch-first
-        tensor arguments), so planning costs about one B-th of a forward. Post-processing of the
-        one-row output by ``forward`` may then fail on mismatched shapes (masks, labels): that is
-        ignored once the model has run. Should the one-row forward itself fail, planning runs
-        again on the whole batch.
+        The rows are taken at the dimension of size ``batch_size`` of each tensor argument of the
+        model (the first such dimension). Post-processing of the small output by ``forward`` may
+        fail on mismatched shapes (masks, labels): that is ignored once the model has run. Should
+        the small forward itself fail, planning runs again on the whole batch and batch
+        dimensions are taken to be the first.
         """
-        fired: dict[str, int] = {}
-        done: list[bool] = []
-
-        def first_row(_m: nn.Module, args: Any, kwargs: Any) -> Any:
-            leaves, spec = tree_flatten((args, kwargs))
-            B = next((t.shape[0] for t in leaves if isinstance(t, Tensor) and t.ndim), 1)
-            if B <= 1:
-                return None
-            leaves = [
-                t[:1] if isinstance(t, Tensor) and t.ndim and t.shape[0] == B else t for t in leaves
-            ]
-            return tree_unflatten(leaves, spec)
-
-        for sliced in (True, False):
-            fired.clear()
-            done.clear()
-            hooks = []
-            for path, module in self.model.named_modules(remove_duplicate=False):
-
-                def pre(_m: nn.Module, _a: Any, path: str = path) -> None:
-                    fired[path] = fired.get(path, 0) + 1
-
-                hooks.append(module.register_forward_pre_hook(pre))
-            if sliced:
-                hooks.append(self.model.register_forward_pre_hook(first_row, with_kwargs=True))
-            hooks.append(self.model.register_forward_hook(lambda *_: done.append(True)))
+        B = batch_size
+        rows = 1 if B == 2 else 2
+        for small in (B is not None, False):
+            trace = _Trace(rows=rows if small else 0)
             try:
-                with torch.no_grad():
-                    forward()
+                self._traced(forward, trace, B if small else None)
                 break
             except Exception:
-                if not sliced:
+                if not small:
                     raise
-                if done:  # the model ran; what failed is the handling of its one-row output
+                if trace.finished:  # the model ran; what failed is the handling of its output
                     break
-            finally:
-                for h in hooks:
-                    h.remove()
+        self._trace = trace
+        self._dims_known = False
+        self._assign(trace)
 
+    def _traced(self, forward: Callable[[], Any], trace: _Trace, B: int | None) -> None:
+        """Run ``forward`` (its model inputs resized to ``trace.rows`` rows when ``B`` is given)
+        and record call shapes and parameter uses into ``trace``."""
         by_id = {id(p): name for name, p in self.params.items()}
-        modules = dict(self.model.named_modules(remove_duplicate=False))
-        assignment: dict[str, dict[str, str]] = {}  # module path -> local name -> global name
-        covered: set[str] = set()
+        stack: list[str] = []
+        rows = trace.rows
+
+        def resize(_m: nn.Module, args: Any, kwargs: Any) -> Any:
+            leaves, spec = tree_flatten((args, kwargs))
+            out = []
+            for t in leaves:
+                if isinstance(t, Tensor) and B in t.shape:
+                    d = list(t.shape).index(cast(int, B))
+                    t = t.index_select(d, torch.arange(rows, device=t.device) % cast(int, B))
+                out.append(t)
+            return tree_unflatten(out, spec)
+
+        def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
+            path = paths[id(m)]
+            stack.append(path)
+            trace.calls.setdefault(path, []).append((_shapes(tree_flatten((args, kwargs))[0]), []))
+
+        def post(m: nn.Module, _a: Any, _k: Any, out: Any) -> None:
+            path = paths[id(m)]
+            if stack and stack[-1] == path:
+                stack.pop()
+            trace.calls[path][-1][1].extend(_shapes(tree_flatten(out)[0]))
+
+        def finished(*_: Any) -> None:
+            trace.finished = True
+
+        paths: dict[int, str] = {}
+        hooks = []
+        for path, module in self.model.named_modules():
+            paths[id(module)] = path
+            hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            hooks.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+        if B is not None:
+            hooks.append(
+                self.model.register_forward_pre_hook(resize, with_kwargs=True, prepend=True)
+            )
+        hooks.append(self.model.register_forward_hook(finished))
+        try:
+            with torch.enable_grad(), _UseRecorder(by_id, stack, trace.uses):
+                forward()
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _assign(self, trace: _Trace) -> None:
+        modules = dict(self.model.named_modules())
+        owners: dict[str, list[tuple[str, str]]] = {}  # global name -> (module path, local name)
+        by_id = {id(p): name for name, p in self.params.items()}
         for path, module in modules.items():
-            if path not in fired:
-                continue
             for local, p in module.named_parameters(recurse=False):
                 if id(p) in by_id:
-                    assignment.setdefault(path, {})[local] = by_id[id(p)]
-                    covered.add(by_id[id(p)])
-        # Parameters whose owning module never ran are used by an ancestor's forward (for example
-        # nn.MultiheadAttention reading out_proj.weight): the nearest ancestor that ran handles them.
-        for global_name in self.params:
-            if global_name in covered:
+                    owners.setdefault(by_id[id(p)], []).append((path, local))
+
+        def within(path: str, anc: str) -> bool:
+            return anc == "" or path == anc or path.startswith(anc + ".")
+
+        assignment: dict[str, dict[str, str]] = {}
+        self.model_route = set(self._forced_model & set(self.params))
+        for name in self.params:
+            if name in self.model_route:
                 continue
-            parts = global_name.split(".")
-            for cut in range(len(parts) - 1, -1, -1):
-                anc = ".".join(parts[:cut])
-                if anc in fired:
-                    assignment.setdefault(anc, {})[".".join(parts[cut:])] = global_name
-                    covered.add(global_name)
-                    break
-        unused = [n for n in self.params if n not in covered]
-        self.unused = unused  # parameters the forward never touches: their Fisher is zero
+            owned = owners.get(name, [])
+            uses = trace.uses.get(name) or {p for p, _ in owned if p in trace.calls}
+            if not uses:  # never used: its Fisher is zero
+                continue
+            # Keep only the outermost use sites: a module's forward contains its children's uses.
+            sites = {u for u in uses if not any(v != u and within(u, v) for v in uses)}
+            placed: dict[str, str] = {}
+            for site in sites:
+                # The site must reach the parameter by a name under it (an owner inside it);
+                # otherwise take its nearest ancestor that contains an owner.
+                anc = site
+                while True:
+                    inner = [(p, loc) for p, loc in owned if within(p, anc)]
+                    if inner:
+                        p, loc = inner[0]
+                        rel = p[len(anc) + 1 :] if anc and p != anc else (p if not anc else "")
+                        placed[anc] = f"{rel}.{loc}" if rel else loc
+                        break
+                    if not anc:
+                        break
+                    anc = anc.rpartition(".")[0]
+            # Nested sites after climbing: keep the outermost again.
+            keep = {a for a in placed if not any(b != a and within(a, b) for b in placed)}
+            if OUTSIDE in uses or not keep or any(a not in trace.calls for a in keep):
+                self.model_route.add(name)
+                continue
+            for a in keep:
+                assignment.setdefault(a, {})[placed[a]] = name
         self.handlers = []
         for path, names in assignment.items():
             module = modules[path]
-            rule = _closed_form_rule(module, set(names))
+            rule = self._forced.get(path) or _closed_form_rule(module, set(names))
             self.handlers.append(_Handler(module, path, names, rule))
-        uses: dict[str, int] = {}
+        uses_count: dict[str, int] = {}
         for h in self.handlers:
             for g in h.names.values():
-                uses[g] = uses.get(g, 0) + fired[h.path]
-        self.shared = {g for g, n in uses.items() if n > 1}
+                uses_count[g] = uses_count.get(g, 0) + len(trace.calls.get(h.path, []))
+        self.shared = {g for g, n in uses_count.items() if n > 1}
 
     # Recording ----------------------------------------------------------------------------------
     @contextmanager
-    def recording(self, batch_size: int) -> Iterator[None]:
-        """Record the inputs and outputs of every handled module during a forward of
-        ``batch_size`` rows.
+    def recording(self, batch_size: int | None = None) -> Iterator[None]:
+        """Record the inputs and outputs of every handled module during a forward.
 
-        An output without the batch dimension, or with a leading dimension of 1 broadcast over
-        the batch (position embeddings of Hugging Face's ``position_ids`` of shape (1, T), a
-        learned query), is expanded to the batch, so its gradient is per input.
+        Each output is handed on as a clone (same shape, dtype and strides), so that an in-place
+        op downstream (ReLU(inplace=True), x += ...) cannot rewrite the tensor whose gradient we
+        take; the module's return value is otherwise unchanged.
         """
         assert self.handlers is not None, "call plan() first"
-        self._batch_size = batch_size
         hooks = []
         for h in self.handlers:
 
@@ -224,29 +863,15 @@ class PerInputEngine:
                     return None
                 leaves, spec = tree_flatten((args, kwargs))
                 versions = [x._version if isinstance(x, Tensor) else -1 for x in leaves]
-                # Clone outputs so that an in-place op downstream (ReLU(inplace=True), x += ...)
-                # cannot rewrite the tensor whose gradient we ask for.
-                # We keep the original and hand a clone downstream. An output without the batch
-                # dimension (position embeddings, a learned query) is shared by all inputs: expand
-                # it to the batch so that its gradient stays separable per input.
                 flat, out_spec = tree_flatten(out)
                 idx = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
-                B = self._batch_size
-                modes, kept = [], []
+                kept = [flat[i] for i in idx]
+                new = list(flat)
                 for i in idx:
-                    t = flat[i]
-                    mode = (
-                        0
-                        if t.ndim and t.shape[0] == B
-                        else (1 if t.ndim and t.shape[0] == 1 else 2)
-                    )
-                    if mode:
-                        t = (t if mode == 1 else t.unsqueeze(0)).expand(B, *t.shape[mode == 1 :])
-                    modes.append(mode)
-                    kept.append(t)
-                    flat[i] = t.clone()
-                h.calls.append(_Call(leaves, spec, versions, kept, idx, modes))
-                return tree_unflatten(flat, out_spec)
+                    new[i] = flat[i].clone()
+                rebuilt = tree_unflatten(new, out_spec)
+                h.calls.append(_Call(leaves, spec, versions, kept, idx, _shapes(flat)))
+                return rebuilt if type(rebuilt) is type(out) else None
 
             hooks.append(h.module.register_forward_hook(hook, with_kwargs=True))
         self._active = True
@@ -256,12 +881,157 @@ class PerInputEngine:
             self._active = False
             for hk in hooks:
                 hk.remove()
+        if batch_size is not None:
+            self._batch_size = batch_size
+
+    def finish_recording(self, batch_size: int) -> bool:
+        """Find the batch dimension of every recorded tensor (by comparing the planned shapes
+        with this batch's). On later batches: False when the structure does not match the plan
+        (plan again with this batch, then record again)."""
+        assert self.handlers is not None and self._trace is not None
+        self._batch_size = B = batch_size
+        if self._dims_known:
+            return self.same_layout(B)
+        trace = self._trace
+        for h in self.handlers:
+            planned = trace.calls.get(h.path, [])
+            comparable = bool(trace.rows) and trace.rows != B and len(planned) == len(h.calls)
+            for j, c in enumerate(h.calls):
+                full = _shapes(c.leaves)
+                if comparable:
+                    small, small_out = planned[j]
+                    small = small + [None] * (len(full) - len(small))
+                    small_out = small_out + [None] * (len(c.out_shapes) - len(small_out))
+                    c.leaf_dims = [_batch_dim(f, s, B, trace.rows) for f, s in zip(full, small)]
+                    c.out_dims = [
+                        _batch_dim(c.out_shapes[i], small_out[i], B, trace.rows) for i in c.out_idx
+                    ]
+                else:
+                    c.leaf_dims = [_guess_dim(f, B) for f in full]
+                    c.out_dims = [_guess_dim(c.out_shapes[i], B) for i in c.out_idx]
+        self._dims_known = True
+        self._route()
+        self._dims = {
+            (h.path, j): (list(c.leaf_dims), list(c.out_dims), _shapes(c.leaves), c.out_shapes)
+            for h in self.handlers
+            for j, c in enumerate(h.calls)
+        }
+        return True
+
+    def _route(self) -> None:
+        """Per handler: its rule if every call's layout suits it, else vjp; the whole-model route
+        for parameters of a module with an output shared by all inputs or of unknown layout."""
+        assert self.handlers is not None
+        keep = []
+        for h in self.handlers:
+            rule = _RULES[h.rule]
+            vjp_ok = all(_RULES["vjp"].layout_ok(h.module, c) for c in h.calls) and h.calls
+            if not vjp_ok:
+                self._to_model_route(h, "an output without a batch dimension or of unknown layout")
+                continue
+            if h.rule not in ("vjp", "loop") and not all(
+                rule.layout_ok(h.module, c) for c in h.calls
+            ):
+                h.rule = "vjp"
+            keep.append(h)
+        self.handlers = [h for h in keep if h.names]
+
+    def _to_model_route(self, h: _Handler, why: str) -> None:
+        names = set(h.names.values())
+        self.model_route |= names
+        for other in self.handlers or []:
+            other.names = {k: v for k, v in other.names.items() if v not in names}
+        logger.info(
+            "lightning_fisher: per-input gradients of module %r (%s) by the whole-model route: %s.",
+            h.path or type(h.module).__name__,
+            ", ".join(sorted(names)),
+            why,
+        )
+        self.log.append(f"{h.path}: model ({why})")
+
+    def same_layout(self, batch_size: int) -> bool:
+        """For batches after the first: every recorded call matches the stored layout."""
+        assert self.handlers is not None
+        for h in self.handlers:
+            n = sum(1 for k in self._dims if k[0] == h.path)
+            if len(h.calls) != n:
+                return False
+            for j, c in enumerate(h.calls):
+                leaf_dims, out_dims, leaf_shapes, out_shapes = self._dims[(h.path, j)]
+                full = _shapes(c.leaves)
+                if len(full) != len(leaf_shapes):
+                    return False
+                pairs = [*zip(full, leaf_shapes, leaf_dims)]
+                pairs += [(c.out_shapes[i], out_shapes[i], d) for i, d in zip(c.out_idx, out_dims)]
+                for now, then, d in pairs:
+                    if (now is None) != (then is None):
+                        return False
+                    if now is None:
+                        continue
+                    if len(now) != len(then):
+                        return False
+                    if d is not None and d >= 0 and now[d] != batch_size:
+                        return False
+                    if d is None and now != then:
+                        return False
+                c.leaf_dims, c.out_dims = list(leaf_dims), list(out_dims)
+        return True
+
+    def structure_key(self) -> Any:
+        assert self.handlers is not None
+        return (
+            tuple(sorted(self.model_route)),
+            tuple((h.path, h.rule, tuple(h.names.items()), len(h.calls)) for h in self.handlers),
+            id(self._trace),
+        )
 
     def reset(self) -> None:
         for h in self.handlers or []:
             h.calls.clear()
 
     # Accumulation -------------------------------------------------------------------------------
+    def _dtype(self) -> torch.dtype:
+        return torch.promote_types(next(iter(self.params.values())).dtype, torch.float32)
+
+    def _check_versions(self) -> None:
+        for h in self.handlers or []:
+            for c in h.calls:
+                for leaf, version in zip(c.leaves, c.versions):
+                    if isinstance(leaf, Tensor) and leaf._version != version:
+                        raise FisherInputError(
+                            f"The input of module {h.path!r} was modified in place after the module "
+                            "ran; per-input gradients would be wrong. Avoid in-place ops on layer "
+                            "inputs."
+                        )
+
+    def _output_grads(
+        self, logits: Tensor, cot: Tensor
+    ) -> list[tuple[_Handler, _Call, list[Tensor]]]:
+        calls = [(h, c) for h in self.handlers or [] for c in h.calls]
+        outputs = [o for _, c in calls for o in c.outputs]
+        if not outputs:
+            return []
+        grads = torch.autograd.grad(
+            logits,
+            outputs,
+            grad_outputs=cot,
+            retain_graph=True,
+            allow_unused=True,
+            is_grads_batched=True,
+        )
+        it = iter(grads)
+        out = []
+        for h, c in calls:
+            gs = [next(it) for _ in c.outputs]
+            gs = [
+                torch.zeros((cot.shape[0], *o.shape), dtype=o.dtype, device=o.device)
+                if g is None
+                else g
+                for g, o in zip(gs, c.outputs)
+            ]
+            out.append((h, c, gs))
+        return out
+
     def accumulate(
         self, logits: Tensor, cotangents: Tensor, acc: dict[str, Tensor], weight: float = 1.0
     ) -> None:
@@ -272,41 +1042,20 @@ class PerInputEngine:
         """
         assert self.handlers is not None
         self._batch_size = logits.shape[0]
-        calls = [(h, c) for h in self.handlers for c in h.calls]
-        for h, c in calls:
-            for leaf, version in zip(c.leaves, c.versions):
-                if isinstance(leaf, Tensor) and leaf._version != version:
-                    raise RuntimeError(
-                        f"The input of module {h.path!r} was modified in place after the module ran; "
-                        "per-input gradients would be wrong. Avoid in-place ops on layer inputs."
-                    )
-        outputs = [o for _, c in calls for o in c.outputs]
-        if not outputs:
-            return
-        per_column = sum(o.numel() * 4 for o in outputs) + cotangents[0].numel() * 4
-        k_chunk = max(1, int(self.max_bytes // max(per_column, 1)))
-        for start in range(0, cotangents.shape[0], k_chunk):
-            cot = cotangents[start : start + k_chunk]
-            grads = torch.autograd.grad(
-                logits,
-                outputs,
-                grad_outputs=cot,
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            it = iter(grads)
-            grad_map: list[tuple[_Handler, _Call, list[Tensor]]] = []
-            for h, c in calls:
-                gs = [next(it) for _ in c.outputs]
-                gs = [
-                    torch.zeros((cot.shape[0], *o.shape), dtype=o.dtype, device=o.device)
-                    if g is None
-                    else g
-                    for g, o in zip(gs, c.outputs)
-                ]
-                grad_map.append((h, c, gs))
-            self._accumulate_chunk(grad_map, acc, weight)
+        self._check_versions()
+        calls = [c for h in self.handlers for c in h.calls]
+        if calls:
+            per_column = sum(o.numel() * 4 for c in calls for o in c.outputs)
+            per_column += cotangents[0].numel() * 4
+            k_chunk = max(1, int(self.max_bytes // max(per_column, 1)))
+            for start in range(0, cotangents.shape[0], k_chunk):
+                cot = cotangents[start : start + k_chunk]
+                self._accumulate_chunk(self._output_grads(logits, cot), acc, weight)
+        if self.model_route:
+            self._model_route_sum_squares(logits, cotangents, acc, weight)
+
+    def _ctx(self, h: _Handler, c: _Call, gs: list[Tensor], names: dict[str, str]) -> _Ctx:
+        return _Ctx(self, h, c, gs, names, self._dtype())
 
     def _accumulate_chunk(
         self,
@@ -317,7 +1066,7 @@ class PerInputEngine:
         for h, c, gs in grad_map:
             single = {loc: g for loc, g in h.names.items() if g not in self.shared}
             if single:
-                self._sum_squares(h, c, gs, single, acc, weight)
+                _RULES[h.rule].sum_squares(self._ctx(h, c, gs, single), acc, weight)
         if not self.shared:
             return
         # Shared parameters: per-input gradients summed over every use, then squared.
@@ -326,6 +1075,8 @@ class PerInputEngine:
             uses = [
                 (h, c, gs, loc) for h, c, gs in grad_map for loc, g in h.names.items() if g == name
             ]
+            if not uses:
+                continue
             K = uses[0][2][0].shape[0]
             numel = self.params[name].numel()
             chunk = max(1, int(self.max_bytes // (8 * K * numel * len(uses))))
@@ -333,273 +1084,235 @@ class PerInputEngine:
                 hi = min(B, lo + chunk)
                 total = None
                 for h, c, gs, loc in uses:
-                    part = self._per_input(h, c, gs, {loc: name}, lo, hi)[name]
+                    ctx = self._ctx(h, c, gs, {loc: name})
+                    part = _RULES[h.rule].per_input(ctx, lo, hi)[name]
                     total = part if total is None else total + part
                 assert total is not None
                 acc[name] += weight * total.pow(2).sum((0, 1))
 
-    # Rules --------------------------------------------------------------------------------------
-    def _sum_squares(
-        self,
-        h: _Handler,
-        c: _Call,
-        gs: list[Tensor],
-        names: dict[str, str],
-        acc: dict[str, Tensor],
-        weight: float,
+    # The whole-model route ------------------------------------------------------------------------
+    def _model_route_per_input(
+        self, logits: Tensor, cot: Tensor, lo: int, hi: int
+    ) -> dict[str, Tensor]:
+        """Per-input gradients (hi - lo, K, *shape) of the whole-model-route parameters: each
+        column restricted to one input, through one backward of the batch's graph."""
+        names = sorted(self.model_route)
+        params = [self.params[n] for n in names]
+        K, b = cot.shape[0], hi - lo
+        sep = torch.zeros((b, K, *cot.shape[1:]), dtype=cot.dtype, device=cot.device)
+        rows = torch.arange(b, device=cot.device)
+        sep[rows, :, lo + rows] = cot[:, lo:hi].transpose(0, 1)
+        sep = sep.reshape(b * K, *cot.shape[1:])
+        if self._batched_model_route:
+            grads = torch.autograd.grad(
+                logits, params, sep, retain_graph=True, allow_unused=True, is_grads_batched=True
+            )
+        else:
+            cols = [
+                torch.autograd.grad(logits, params, s, retain_graph=True, allow_unused=True)
+                for s in sep
+            ]
+            grads = tuple(
+                None if cols[0][j] is None else torch.stack([col[j] for col in cols])  # type: ignore[misc]
+                for j in range(len(params))
+            )
+        dtype = self._dtype()
+        return {
+            n: (torch.zeros((b * K, *p.shape), dtype=dtype, device=p.device) if g is None else g)
+            .to(dtype)
+            .reshape(b, K, *p.shape)
+            for n, p, g in zip(names, params, grads)
+        }
+
+    def _model_route_chunk(self, cot: Tensor) -> int:
+        numel = sum(self.params[n].numel() for n in self.model_route)
+        per = 8 * cot.shape[0] * (numel + cot[0].numel())
+        return max(1, int(self.max_bytes // max(1, per)))
+
+    def _model_route_sum_squares(
+        self, logits: Tensor, cot: Tensor, acc: dict[str, Tensor], weight: float
     ) -> None:
-        g = gs[0]
-        if h.rule in ("linear", "conv"):
-            self._matmul_sum_squares(h, c, g, names, acc, weight)
-            return
-        if h.rule == "embedding":
-            self._embedding_sum_squares(h, c, g, names, acc, weight)
-            return
-        B, K = self._batch_size, g.shape[0]
-        numel = sum(self.params[n].numel() for n in names.values())
-        chunk = max(1, int(self.max_bytes // (8 * K * numel)))
+        B = logits.shape[0]
+        chunk = self._model_route_chunk(cot)
         for lo in range(0, B, chunk):
-            per = self._per_input(h, c, gs, names, lo, min(B, lo + chunk))
-            for name, t in per.items():
+            for name, t in self._model_route_per_input(logits, cot, lo, min(B, lo + chunk)).items():
                 acc[name] += weight * t.pow(2).sum((0, 1))
 
-    def _input(self, h: _Handler, c: _Call) -> Tensor:
-        args, kwargs = tree_unflatten(c.leaves, c.spec)
-        x = args[0] if args else next(iter(kwargs.values()))
-        if any(c.broadcast):  # shared input (e.g. position ids): the same for every row
-            x = x if x.ndim and x.shape[0] == 1 and c.broadcast[0] == 1 else x.unsqueeze(0)
-            x = x.expand(self._batch_size, *x.shape[1:])
-        if x.shape[0] != self._batch_size:
-            raise RuntimeError(
-                f"Module {h.path!r} received an input of shape {tuple(x.shape)} whose first dimension "
-                f"is not the batch size {self._batch_size}; per-input gradients need batch-first inputs."
-            )
-        return x.detach()
+    # Self-verification ----------------------------------------------------------------------------
+    def verify(self, logits: Tensor) -> None:
+        """Prove the per-input gradients on this batch (once per traced structure).
 
-    def _per_input(
-        self, h: _Handler, c: _Call, gs: list[Tensor], names: dict[str, str], lo: int, hi: int
-    ) -> dict[str, Tensor]:
-        """Per-input gradients for inputs ``lo:hi``, each shaped ``(hi - lo, K, *param.shape)``."""
-        dtype = torch.promote_types(next(iter(self.params.values())).dtype, torch.float32)
-        if h.rule in ("linear", "conv"):
-            gl, cols = self._unfolded(h, c, gs[0], lo, hi, dtype)
-            out = {}
-            if "weight" in names:
-                w = torch.einsum("kbol,bil->bkoi", gl, cols)
-                out[names["weight"]] = w.reshape(*w.shape[:2], *self.params[names["weight"]].shape)
-            if "bias" in names:
-                out[names["bias"]] = gl.sum(-1).transpose(0, 1)
-            return out
-        if h.rule == "norm":
-            return self._norm_per_input(h, c, gs[0], names, lo, hi, dtype)
-        if h.rule == "embedding":
-            idx = self._input(h, c)[lo:hi]
-            g = gs[0][:, lo:hi].to(dtype)
-            m: nn.Embedding = h.module  # type: ignore[assignment]
-            b, K = idx.shape[0], g.shape[0]
-            dense = torch.zeros(
-                b, K, m.num_embeddings, m.embedding_dim, dtype=dtype, device=g.device
-            )
-            flat_idx = idx.reshape(b, -1)
-            gk = g.reshape(K, b, -1, m.embedding_dim).transpose(0, 1)  # (b, K, S, D)
-            if m.padding_idx is not None:
-                gk = gk * (flat_idx != m.padding_idx)[:, None, :, None]
-            dense.scatter_add_(2, flat_idx[:, None, :, None].expand_as(gk), gk)
-            return {names["weight"]: dense}
-        return self._vjp_per_input(h, c, gs, names, lo, hi, dtype)
-
-    def _unfolded(
-        self, h: _Handler, c: _Call, g: Tensor, lo: int, hi: int, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        """Linear and Conv as matrix products over L positions: output gradients ``gl`` of shape
-        (K, b, O, L) and inputs ``cols`` of shape (b, I, L) such that input x's weight gradient for
-        column k is gl[k, x] @ cols[x]^T (L = 1 for a Linear without sequence dimensions, the
-        sequence for one with, the output pixels of a convolution)."""
-        m: Any = h.module
-        a = self._input(h, c)[lo:hi].to(dtype)
-        g = g[:, lo:hi].to(dtype)
-        K, b = g.shape[0], g.shape[1]
-        if h.rule == "linear":
-            cols = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
-            return g.reshape(K, b, -1, g.shape[-1]).transpose(2, 3), cols
-        if isinstance(m, nn.Conv1d):
-            a = a.unsqueeze(2)
-            ks, st, pd, dl = (1, *m.kernel_size), (1, *m.stride), (0, *m.padding), (1, *m.dilation)
-        else:
-            ks, st, pd, dl = m.kernel_size, m.stride, m.padding, m.dilation
-        cols = F.unfold(a, ks, dilation=dl, padding=pd, stride=st)  # (b, Cin*k, L)
-        return g.reshape(K, b, g.shape[2], -1), cols
-
-    def _matmul_sum_squares(
-        self,
-        h: _Handler,
-        c: _Call,
-        g: Tensor,
-        names: dict[str, str],
-        acc: dict[str, Tensor],
-        weight: float,
-    ) -> None:
-        """sum_x sum_k (gl[k,x] @ cols[x]^T)^2 for a Linear or Conv weight, by the cheaper of two
-        exact routes:
-
-        * direct, K L O I per input: materialise the per-input gradients of a chunk of inputs,
-          square and sum;
-        * Gram, L^2 O I per input, when L < K: (G U^T)^2 summed over k equals
-          sum_{l,m} (sum_k G_ol G_om) U_il U_im, one (O x b L^2) @ (b L^2 x I) product. L = 1 (a
-          Linear without sequence dimensions, a convolution with one output pixel) folds the
-          columns: (sum_k g^2)^T @ a^2.
+        With Rademacher signs s_x and a Gaussian cotangent u (both from a generator of their own,
+        so the estimate's random draws are unchanged), compare per parameter
+        sum_x s_x J_x^T u_x, built from the per-input gradients the accumulation uses, with one
+        ordinary backward of the cotangent s_x u_x. A failing or raising route is replaced by the
+        next one and checked again.
         """
-        B, K = self._batch_size, g.shape[0]
-        dtype = acc[next(iter(names.values()))].dtype
-        n_out = g.shape[-1] if h.rule == "linear" else g.shape[2]
-        L = g[0, 0].numel() // n_out
-        n_in = cast(Tensor, h.module.weight).numel() // n_out
-        gram = L < K
-        per_input = (n_out + n_in) * L * L if gram else K * n_out * n_in + n_in * L
-        chunk = max(1, int(self.max_bytes // (8 * per_input)))
-        for lo in range(0, B, chunk):
-            gl, cols = self._unfolded(h, c, g, lo, min(B, lo + chunk), dtype)
-            # Per input and column, the bias gradient is gl summed over positions.
-            g2 = (gl.squeeze(-1) if L == 1 else gl.sum(-1)).square().sum(0)  # (b, O)
-            if "weight" in names:
-                if L == 1:
-                    w = g2.T @ cols.squeeze(-1).square()
-                elif gram:
-                    ggt = torch.einsum("kbol,kbom->oblm", gl, gl).reshape(n_out, -1)
-                    uut = torch.einsum("bil,bim->blmi", cols, cols).reshape(-1, n_in)
-                    w = ggt @ uut
-                else:
-                    w = torch.einsum("kbol,bil->bkoi", gl, cols).square_().sum((0, 1))
-                acc[names["weight"]].add_(w.view_as(acc[names["weight"]]), alpha=weight)
-            if "bias" in names:
-                acc[names["bias"]].add_(g2.sum(0), alpha=weight)
-
-    def _norm_per_input(
-        self,
-        h: _Handler,
-        c: _Call,
-        g: Tensor,
-        names: dict[str, str],
-        lo: int,
-        hi: int,
-        dtype: torch.dtype,
-    ) -> dict[str, Tensor]:
-        """Affine parameters of LayerNorm, GroupNorm and BatchNorm (running statistics).
-
-        y = weight * x_hat + bias with x_hat independent of the parameters, so an input's gradient
-        is sum(g * x_hat) for the weight and sum(g) for the bias, the sums running over every
-        dimension the parameter is broadcast along (positions for LayerNorm, space for the others).
-        """
-        m: Any = h.module
-        x = self._input(h, c)[lo:hi].to(dtype)
-        g = g[:, lo:hi].to(dtype)  # (K, b, *x.shape[1:])
-        if isinstance(m, nn.LayerNorm):
-            trailing = len(m.normalized_shape)
-            var, mean = torch.var_mean(x, tuple(range(-trailing, 0)), unbiased=False, keepdim=True)
-            xh = (x - mean) * torch.rsqrt(var + m.eps)
-            dims = tuple(range(2, g.ndim - trailing))
-        elif isinstance(m, nn.GroupNorm):
-            xg = x.reshape(x.shape[0], m.num_groups, -1)
-            var, mean = torch.var_mean(xg, -1, unbiased=False, keepdim=True)
-            xh = ((xg - mean) * torch.rsqrt(var + m.eps)).reshape(x.shape)
-            dims = tuple(range(3, g.ndim))
-        else:
-            assert m.running_mean is not None and m.running_var is not None
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            mean, var = (
-                m.running_mean.to(dtype).reshape(shape),
-                m.running_var.to(dtype).reshape(shape),
+        assert self.handlers is not None
+        key = self.structure_key()
+        if key in self._verified:
+            return
+        B = logits.shape[0]
+        R = min(B, VERIFY_ROWS)
+        gen = torch.Generator(device=logits.device).manual_seed(_VERIFY_SEED)
+        u = torch.randn(logits.shape, generator=gen, device=logits.device, dtype=logits.dtype)
+        u[R:] = 0
+        s = torch.randint(0, 2, (B,), generator=gen, device=logits.device).to(logits.dtype) * 2 - 1
+        signed = u * s.reshape(B, *([1] * (logits.ndim - 1)))
+        names = list(self.params)
+        calls = [c for h in self.handlers for c in h.calls]
+        outputs = [o for c in calls for o in c.outputs]
+        params: list[Tensor] = [self.params[n] for n in names]
+        # One backward with two columns: u to the recorded outputs (the engine's input), s u to
+        # the parameters (the reference); one plain backward each where that cannot be batched.
+        try:
+            both = torch.autograd.grad(
+                logits,
+                outputs + params,
+                torch.stack([u, signed]),
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
             )
-            xh = (x - mean) * torch.rsqrt(var + m.eps)
-            dims = tuple(range(3, g.ndim))
+            out_grads = [None if g is None else g[:1] for g in both[: len(outputs)]]
+            ref_grads = [None if g is None else g[1] for g in both[len(outputs) :]]
+        except RuntimeError as err:
+            if _is_oom(err):
+                raise
+            out_grads = (
+                [
+                    None if g is None else g.unsqueeze(0)
+                    for g in torch.autograd.grad(
+                        logits, outputs, u, retain_graph=True, allow_unused=True
+                    )
+                ]
+                if outputs
+                else []
+            )
+            ref_grads = list(
+                torch.autograd.grad(logits, params, signed, retain_graph=True, allow_unused=True)
+            )
+        it = iter(out_grads)
+        self._verify_grads = {
+            id(c): [
+                torch.zeros((1, *o.shape), dtype=o.dtype, device=o.device) if g is None else g
+                for g, o in zip((next(it) for _ in c.outputs), c.outputs)
+            ]
+            for c in calls
+        }
+        dtype = self._dtype()
+        ref = {
+            n: (torch.zeros_like(self.params[n], dtype=dtype) if g is None else g.to(dtype))
+            for n, g in zip(names, ref_grads)
+        }
+        if not all(bool(torch.isfinite(g).all()) for g in ref.values()):
+            return  # NaN/Inf gradients: the pass reports them at the end; check a later batch
+        rtol = VERIFY_RTOL.get(logits.dtype, 1e-4)
+        for _ in range(8):
+            got, scale, errors = self._signed_sums(logits, u.unsqueeze(0), s, R)
+            bad: dict[str, str] = dict(errors)
+            # Round-off floor: a gradient that is zero but for round-off (a key bias under
+            # softmax attention) is compared with the scale of the whole model's gradients.
+            floor = 100 * torch.finfo(dtype).eps * max(math.sqrt(v) for v in scale.values())
+            for n in names:
+                if n in bad:
+                    continue
+                diff = float((got[n] - ref[n]).norm())
+                tol = rtol * (float(ref[n].norm()) + math.sqrt(scale[n])) + floor + 1e-30
+                if diff > tol or math.isnan(diff):
+                    bad[n] = (
+                        f"per-input gradients off by {diff / max(tol / rtol, 1e-30):.2g} (relative)"
+                    )
+            if not bad:
+                self._verified.add(self.structure_key())
+                return
+            self._fall_back(bad)
+        raise FisherInputError("The per-input gradients could not be verified.")
 
-        def reduce(t: Tensor) -> Tensor:  # (K, b, ...) -> (b, K, *param.shape)
-            return (t.sum(dims) if dims else t).transpose(0, 1)
+    def _fall_back(self, bad: dict[str, str]) -> None:
+        assert self.handlers is not None
+        failing = [h for h in self.handlers if any(n in bad for n in h.names.values())]
+        in_model = [n for n in bad if n in self.model_route]
+        if in_model:
+            if self._batched_model_route:
+                self._batched_model_route = False
+                logger.info(
+                    "lightning_fisher: the whole-model route failed its check with a batched "
+                    "backward (%s); one backward per column from now on.",
+                    bad[in_model[0]],
+                )
+                return
+            modules = sorted({n.rpartition(".")[0] or "<the model>" for n in in_model})
+            raise FisherInputError(
+                f"No per-input route gives correct gradients for module(s) {', '.join(modules[:5])} "
+                f"(parameters {', '.join(sorted(in_model)[:5])}): "
+                f"{bad[in_model[0]]}. The model does not seem to treat the inputs of a batch "
+                "independently (or hides where they are). Use method='hutchinson' (one ordinary "
+                "backward per batch, always correct) or method='batched'."
+            )
+        for h in failing:
+            why = next(bad[n] for n in h.names.values() if n in bad)
+            nxt = _NEXT[h.rule]
+            if nxt == "model":
+                self._forced_model |= set(h.names.values())
+                self._to_model_route(h, f"the loop over inputs failed its check ({why})")
+                continue
+            logger.info(
+                "lightning_fisher: module %r (%s) failed the per-input check with rule %r (%s); "
+                "using %r instead.",
+                h.path or type(h.module).__name__,
+                type(h.module).__name__,
+                h.rule,
+                why,
+                nxt,
+            )
+            self.log.append(f"{h.path}: {h.rule} -> {nxt} ({why})")
+            h.rule = nxt
+            self._forced[h.path] = nxt
+        self.handlers = [h for h in self.handlers if h.names]
 
-        out = {}
-        if "weight" in names:
-            out[names["weight"]] = reduce(g * xh)
-        if "bias" in names:
-            out[names["bias"]] = reduce(g)
-        return out
+    def _signed_sums(
+        self, logits: Tensor, u: Tensor, s: Tensor, rows: int
+    ) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
+        """sum_b s_b g_b per parameter from the engine's per-input gradients g_b for the single
+        column ``u``; the sums of ||g_b||^2 (the scale of round-off); parameters whose route
+        raised, with the error."""
+        dtype = self._dtype()
+        got = {
+            n: torch.zeros(p.shape, dtype=dtype, device=p.device) for n, p in self.params.items()
+        }
+        scale = dict.fromkeys(self.params, 0.0)
+        errors: dict[str, str] = {}
+        B = self._batch_size = rows  # the rules see the first ``rows`` inputs (u is 0 beyond)
+        sd = s[:rows].to(dtype)
 
-    def _embedding_sum_squares(
-        self,
-        h: _Handler,
-        c: _Call,
-        g: Tensor,
-        names: dict[str, str],
-        acc: dict[str, Tensor],
-        weight: float,
-    ) -> None:
-        m: nn.Embedding = h.module  # type: ignore[assignment]
-        idx = self._input(h, c)
-        K, B, D, V = g.shape[0], idx.shape[0], m.embedding_dim, m.num_embeddings
-        name = names["weight"]
-        tok = idx.reshape(B, -1)
-        gk = g.reshape(K, B, -1, D).to(acc[name].dtype)
-        keep = (
-            torch.ones_like(tok, dtype=torch.bool)
-            if m.padding_idx is None
-            else tok != m.padding_idx
-        )
-        # Per (column, input, token id): sum the rows of g, square, and add into the token's row.
-        unit = torch.arange(K * B, device=tok.device).reshape(K, B, 1)
-        key = (unit * V + tok.unsqueeze(0)).expand(K, B, tok.shape[1])[keep.expand(K, -1, -1)]
-        rows = gk[keep.expand(K, -1, -1)]
-        uniq, inv = torch.unique(key, return_inverse=True)
-        sums = torch.zeros(uniq.numel(), D, dtype=rows.dtype, device=rows.device).index_add_(
-            0, inv, rows
-        )
-        acc[name].index_add_(0, uniq % V, weight * sums.pow(2))
+        def add(per: dict[str, Tensor], lo: int) -> None:
+            for n, t in per.items():
+                t = t[:, 0].detach()
+                sign = sd[lo : lo + t.shape[0]].reshape(-1, *([1] * (t.ndim - 1)))
+                got[n] += (sign * t).sum(0)
+                scale[n] += float(t.pow(2).sum())
 
-    def _vjp_per_input(
-        self,
-        h: _Handler,
-        c: _Call,
-        gs: list[Tensor],
-        names: dict[str, str],
-        lo: int,
-        hi: int,
-        dtype: torch.dtype,
-    ) -> dict[str, Tensor]:
-        from torch.func import functional_call, vjp, vmap
-
-        B = self._batch_size
-        leaves = [x.detach() if isinstance(x, Tensor) else x for x in c.leaves]
-        shared = any(c.broadcast)
-        batched = [
-            i
-            for i, x in enumerate(leaves)
-            if not shared and isinstance(x, Tensor) and x.ndim > 0 and x.shape[0] == B
-        ]
-        modules = dict(h.module.named_modules())
-        primals = {}
-        for loc in names:
-            owner, _, attr = loc.rpartition(".")
-            primals[loc] = getattr(modules[owner], attr).detach()
-
-        def one(vals: list[Tensor], cots: list[Tensor]) -> dict[str, Tensor]:
-            def f(p: dict[str, Tensor]) -> tuple[Tensor, ...]:
-                ls = list(leaves)
-                for i, v in zip(batched, vals):
-                    ls[i] = v.unsqueeze(0)
-                args, kwargs = tree_unflatten(ls, c.spec)
-                out = functional_call(h.module, p, tuple(args), kwargs, strict=False)
-                flat = tree_flatten(out)[0]
-                return tuple(flat[i] for i in c.out_idx)
-
-            pullback = vjp(f, primals)[1]
-            # A batch-first output of one row takes a (1, ...) cotangent; a shared one without
-            # batch dimension takes the row's slice as it is.
-            return vmap(
-                lambda *cs: pullback(
-                    tuple(x if m == 2 else x.unsqueeze(0) for x, m in zip(cs, modes))
-                )[0]
-            )(*cots)
-
-        modes = c.broadcast or [0] * len(c.outputs)
-        vals = [leaves[i][lo:hi] for i in batched]
-        cots = [g[:, lo:hi] for g in gs]
-        per = vmap(one, in_dims=(0, 1))(vals, cots)
-        return {names[loc]: t.to(dtype) for loc, t in per.items()}
+        grad_map = [(h, c, self._verify_grads[id(c)]) for h in self.handlers or [] for c in h.calls]
+        for h, c, gs in grad_map:
+            ctx = self._ctx(h, c, gs, dict(h.names))
+            try:
+                part, size = _RULES[h.rule].signed_sum(ctx, sd)
+                for n, t in part.items():
+                    got[n] += t
+                    scale[n] += size[n]
+            except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as err:
+                if _is_oom(err):
+                    raise
+                msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                errors.update(dict.fromkeys(h.names.values(), msg))
+        if self.model_route:
+            chunk = self._model_route_chunk(u)
+            try:
+                for lo in range(0, B, chunk):
+                    add(self._model_route_per_input(logits, u, lo, min(B, lo + chunk)), lo)
+            except (RuntimeError, NotImplementedError) as err:
+                if _is_oom(err) or not self._batched_model_route:
+                    raise
+                errors.update(dict.fromkeys(self.model_route, f"{type(err).__name__}: {err}"))
+        return got, scale, errors
