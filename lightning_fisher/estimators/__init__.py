@@ -14,8 +14,10 @@ from .batched import BatchedEstimator
 from .empirical import EmpiricalEstimator
 from .exact import ExactEstimator
 from .hutchinson import HutchinsonEstimator, HutchinsonLowerEstimator, HutchinsonUpperEstimator
+from .lower import LowerEstimator
 from .sample import SampleEstimator
 from .squisher import fisher_from_optimizer
+from .upper import UpperEstimator
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls
@@ -27,6 +29,8 @@ ESTIMATORS: dict[str, type[Estimator]] = {
         HutchinsonEstimator,
         HutchinsonUpperEstimator,
         HutchinsonLowerEstimator,
+        UpperEstimator,
+        LowerEstimator,
     )
 }
 METHODS = tuple(ESTIMATORS)
@@ -63,15 +67,18 @@ def estimate_fisher(
             submodule's mode; BatchNorm statistics are left untouched.
         dataloader: any iterable of batches: ``(x, y)`` tuples, dicts (Hugging Face style) or tensors.
         method: ``exact``, ``sample``, ``empirical``, ``batched``, ``hutchinson`` (unbiased F),
-            ``hutchinson_dg`` (upper bound) or ``hutchinson_lr`` (lower bound).
+            ``hutchinson_dg`` (upper bound) or ``hutchinson_lr`` (lower bound), both unbiased
+            estimates, or the deterministic bounds ``upper`` (diag of (1/N) sum_x J^T diag(p) J,
+            C columns per input) and ``lower`` (top-``rank`` eigenpairs of I(p), ``rank``
+            columns per input; its result carries a ``certificate`` on its gap to F).
         max_samples: use ``n`` random inputs only (EXACT(n)); all data if ``None``.
         mc_samples: label draws per input for ``sample``.
         probes: probe vectors per batch for the ``hutchinson*`` methods.
         output_fn: ``output_fn(model, batch) -> output`` when calling ``model`` on the batch is not
             how the logits are obtained.
-        rank: number k of eigenpairs of I(p) in ``hutchinson_lr``.
+        rank: number k of eigenpairs of I(p) in ``hutchinson_lr`` and ``lower``.
         probe_distribution: ``rademacher`` (CV <= sqrt 2) or ``gaussian``.
-        eigen_method: ``auto``, ``eigh`` or ``power`` for ``hutchinson_lr``.
+        eigen_method: ``auto``, ``eigh`` or ``power`` for ``hutchinson_lr`` and ``lower``.
         classes: restrict the classes that count (the active head of a task-incremental model).
         shift_labels: causal LMs: logits at position t predict the token at t + 1.
         param_filter: keep only parameters whose name passes this predicate.
@@ -82,7 +89,8 @@ def estimate_fisher(
         progress: show a progress bar (``None``: on interactive terminals for multi-batch passes).
         sync_distributed: under ``torch.distributed``, sum over ranks so that every rank gets the
             Fisher of the union of the shards.
-        exact_max_classes: raise ``exact``'s refusal threshold for large class counts.
+        exact_max_classes: raise the refusal threshold of ``exact`` and ``upper`` for large
+            class counts.
 
     Returns:
         A ``FisherDiagonal`` with one float32 tensor per trainable parameter.
@@ -132,7 +140,20 @@ def estimate_fishers(
     ``options`` are those of :func:`estimate_fisher` and apply to all. Each result equals what
     ``estimate_fisher`` returns for that method and options alone; only the forwards are shared.
     """
-    return run_passes(model, dataloader, build_estimators(methods, **options))
+    estimators = build_estimators(methods, **options)
+    return finish_passes(estimators, run_passes(model, dataloader, estimators))
+
+
+def finish_passes(
+    estimators: Sequence[Estimator], results: list[FisherDiagonal]
+) -> list[FisherDiagonal]:
+    """Let each estimator complete its result after the pass (``lower`` attaches its
+    certificate); callers of ``run_passes`` call this on what it returns."""
+    for estimator, fd in zip(estimators, results):
+        finish = getattr(estimator, "finish", None)
+        if finish is not None:
+            finish(fd)
+    return results
 
 
 def build_estimators(methods: Sequence[str | Mapping[str, Any]], **options: Any) -> list[Estimator]:
@@ -158,4 +179,11 @@ def build_estimators(methods: Sequence[str | Mapping[str, Any]], **options: Any)
     return estimators
 
 
-__all__ = ["ESTIMATORS", "METHODS", "estimate_fisher", "estimate_fishers", "fisher_from_optimizer"]
+__all__ = [
+    "ESTIMATORS",
+    "METHODS",
+    "estimate_fisher",
+    "estimate_fishers",
+    "finish_passes",
+    "fisher_from_optimizer",
+]
