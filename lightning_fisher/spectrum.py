@@ -150,10 +150,16 @@ class LanczosResult:
 
 
 def _lanczos_tridiagonal(
-    matvec: Matvec, q0: Tensor, iters: int, basis_dtype: torch.dtype, tol: float
+    matvec: Matvec,
+    q0: Tensor,
+    iters: int,
+    basis_dtype: torch.dtype,
+    tol: float,
+    stop: Callable[[list[float], list[float], float], bool] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, float]:
     """m-step Lanczos from the unit vector q0 with full reorthogonalisation (twice, "twice is
-    enough"). Returns alpha (m), beta (m - 1) in float64, the basis Q (m x P) and the last beta."""
+    enough"). Returns alpha (m), beta (m - 1) in float64, the basis Q (m x P) and the last beta.
+    ``stop(alphas, betas, beta)``, checked after every step, ends the iteration early."""
     dim = q0.numel()
     m = min(iters, dim)
     Q = torch.zeros(m, dim, dtype=basis_dtype, device=q0.device)
@@ -177,6 +183,8 @@ def _lanczos_tridiagonal(
             break
         if beta <= tol * max(scale, 1e-300):
             beta_last = 0.0  # invariant subspace: the Ritz values are eigenvalues
+            break
+        if stop is not None and stop(alphas, betas, beta):
             break
         betas.append(beta)
         Q[j + 1] = w / beta
@@ -206,6 +214,7 @@ def lanczos(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
     tol: float = 1e-10,
+    rtol: float | None = None,
     return_vectors: bool = False,
     start: Tensor | None = None,
 ) -> LanczosResult:
@@ -221,6 +230,8 @@ def lanczos(
         dtype: of the Krylov basis (float64 by default; float32 halves its memory on large
             models); the tridiagonal matrix is always float64.
         tol: relative breakdown threshold on beta (an invariant subspace was found).
+        rtol: stop early once every one of the top k Ritz residuals is at most ``rtol`` times
+            the largest Ritz value (``None``: run all ``iters`` steps).
         return_vectors: also return the k Ritz vectors (k x dim).
     """
     if not isinstance(k, int) or k < 1:
@@ -235,7 +246,17 @@ def lanczos(
         start = torch.randn(dim, generator=gen, dtype=torch.float64)
     q0 = start.to(device=device, dtype=dtype)
     q0 = q0 / torch.linalg.vector_norm(q0)
-    alpha, beta, Q, beta_last = _lanczos_tridiagonal(matvec, q0, m, dtype, tol)
+
+    def converged(alphas: list[float], betas: list[float], beta: float) -> bool:
+        if rtol is None or len(alphas) < k:
+            return False
+        a = torch.tensor(alphas, dtype=torch.float64)
+        b = torch.tensor(betas, dtype=torch.float64)
+        theta, S = _tridiagonal_eigh(a, b)
+        top = theta.argsort(descending=True)[:k]
+        return bool((beta * S[-1, top].abs() <= rtol * theta[top[0]].abs()).all())
+
+    alpha, beta, Q, beta_last = _lanczos_tridiagonal(matvec, q0, m, dtype, tol, converged)
     theta, S = _tridiagonal_eigh(alpha, beta)
     order = theta.argsort(descending=True)
     top = order[:k]
@@ -259,6 +280,7 @@ def top_eigenvalues(
     iters: int | None = None,
     *,
     seed: int = 0,
+    rtol: float | None = 1e-8,
     dtype: torch.dtype | None = None,
     output_fn: OutputFn | None = None,
     classes: ClassSelector | None = None,
@@ -267,15 +289,16 @@ def top_eigenvalues(
     max_batches: int | None = None,
 ) -> LanczosResult:
     """The ``k`` largest eigenvalues of F = (1/N) sum_x J^T I(p) J of ``model`` on
-    ``dataloader`` by Lanczos on exact Fisher-vector products (``iters`` products, each one pass
-    over the loader). ``dtype`` of the Krylov basis: float64 unless the model has more than
+    ``dataloader`` by Lanczos on exact Fisher-vector products (at most ``iters`` products, each
+    one pass over the loader; fewer once the top-k residuals are below ``rtol`` times the
+    largest value). ``dtype`` of the Krylov basis: float64 unless the model has more than
     10 million trainable parameters (then float32)."""
     op = FisherOperator(
         model, dataloader, output_fn, classes, shift_labels, param_filter, max_batches
     )
     if dtype is None:
         dtype = torch.float64 if op.dim <= 10_000_000 else torch.float32
-    return lanczos(op.matvec, op.dim, k, iters, seed=seed, device=op.device, dtype=dtype)
+    return lanczos(op.matvec, op.dim, k, iters, seed=seed, device=op.device, dtype=dtype, rtol=rtol)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from lightning_fisher.diagnostics import (
     lower_relative_difference,
     order_violations,
 )
+from lightning_fisher.estimators.lower import kernel_spectrum
 
 
 def assert_close(fd: lf.FisherDiagonal, model: nn.Module, flat_ref: torch.Tensor) -> None:
@@ -208,6 +209,23 @@ def test_upper_refuses_too_many_classes_unless_allowed() -> None:
     assert lf.estimate_fisher(c.model, c.loader, method="upper", exact_max_classes=4).trace() > 0
 
 
+def test_rank_1_spectrum_by_the_secular_equation_matches_eigh() -> None:
+    gen = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(40, 30, generator=gen, dtype=torch.float64) * 3, -1)
+    p[0] = 0.0
+    p[0, :2] = 0.5  # a tie at the top: the secular route hands this row to eigh
+    p[1] = torch.full((30,), 1 / 30, dtype=torch.float64)  # all equal
+    for q in (p, p.float()):
+        got = kernel_spectrum(q, 1, "auto")
+        want = kernel_spectrum(q, 1, "eigh")
+        tol = 1e-12 if q.dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=tol)
+        torch.testing.assert_close(got[2], want[2], rtol=0, atol=tol)
+        # Eigenvectors up to sign (and within the eigenspace of a tie): compare v v^T lambda.
+        outer = [vals[..., None] * vecs @ vecs.transpose(-1, -2) for vals, vecs, _ in (got, want)]
+        torch.testing.assert_close(outer[0], outer[1], rtol=0, atol=10 * tol)
+
+
 def test_lower_by_power_iteration_matches_eigh_for_many_classes() -> None:
     gen = torch.Generator().manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 70)).double()
@@ -216,8 +234,10 @@ def test_lower_by_power_iteration_matches_eigh_for_many_classes() -> None:
     for k in (1, 2):
         power = lf.estimate_fisher(model, loader, method="lower", rank=k, eigen_method="power")
         eigh = lf.estimate_fisher(model, loader, method="lower", rank=k, eigen_method="eigh")
+        auto = lf.estimate_fisher(model, loader, method="lower", rank=k)  # k = 1: secular
         for name in eigh:
             torch.testing.assert_close(power[name], eigh[name], rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(auto[name], eigh[name], rtol=1e-5, atol=1e-9)
         assert power.certificate is not None and eigh.certificate is not None
         assert power.certificate["tail_eigen_mass"] == pytest.approx(
             eigh.certificate["tail_eigen_mass"], rel=1e-6

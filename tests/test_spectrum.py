@@ -48,6 +48,10 @@ def test_lanczos_with_fewer_steps_than_the_dimension() -> None:
         res.vectors @ A - res.eigenvalues[:, None] * res.vectors, dim=1
     )
     torch.testing.assert_close(resid, res.residuals, rtol=1e-6, atol=1e-10)
+    # With a residual tolerance it stops as soon as the top 3 have converged.
+    early = lf.lanczos(lambda v: A @ v, 300, k=3, iters=40, rtol=1e-6)
+    assert early.iterations < 40 and (early.residuals <= 1e-6 * 50).all()
+    torch.testing.assert_close(early.eigenvalues, res.eigenvalues, rtol=1e-6, atol=0)
 
 
 def test_lanczos_refuses_bad_arguments() -> None:

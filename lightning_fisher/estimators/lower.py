@@ -25,16 +25,77 @@ from ..kernel import EIGH_MAX_CLASSES, softmax_fisher, top_eigenpairs
 from ..outputs import FisherInputError, ModelOutputs
 from .base import Estimator, FisherOptions
 
+#: ``lower`` with rank 1 and ``eigen_method="auto"`` solves the secular equation above this many
+#: classes (below, batched ``eigh`` is as fast).
+SECULAR_MIN_CLASSES = 16
+
+
+def _secular_root(p2: Tensor, lo: Tensor, hi: Tensor, iters: int = 64) -> Tensor:
+    """The root in (lo, hi) of g(t) = sum_i p_i^2 / (p_i - t) - 1, by bisection.
+
+    g increases from -inf to +inf between consecutive distinct probabilities (its poles), so
+    each such interval holds exactly one eigenvalue of diag(p) - p p^T; 64 halvings reach the
+    float64 resolution of the interval."""
+    p = p2
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        g = (p * p / (p - mid.unsqueeze(-1))).sum(-1) - 1
+        up = g > 0  # root below mid
+        hi = torch.where(up, mid, hi)
+        lo = torch.where(up, lo, mid)
+    return (lo + hi) / 2
+
+
+def _top1_secular(p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """lambda_1, v_1 and lambda_2 of I(p) in O(C) per row, from the secular equation of the
+    rank-one downdate: lambda is an eigenvalue iff sum_i p_i^2 / (p_i - lambda) = 1, with
+    p_(2) < lambda_1 < p_(1) < ... and eigenvector v_i proportional to p_i / (p_i - lambda).
+    Returns them with a mask of the rows whose eigenpair passed a residual check (ties and
+    near-ties among the largest probabilities do not, and go to ``eigh``)."""
+    pd = p.double()
+    top = pd.topk(min(3, pd.shape[-1]), dim=-1).values
+    third = top[..., 2] if top.shape[-1] > 2 else torch.zeros_like(top[..., 0])
+    lam1 = _secular_root(pd, top[..., 1], top[..., 0])
+    lam2 = _secular_root(pd, third, top[..., 1])
+    with torch.no_grad():
+        v = pd / (pd - lam1.unsqueeze(-1))
+        v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+        iv = pd * v - pd * (pd * v).sum(-1, keepdim=True)
+        resid = (iv - lam1.unsqueeze(-1) * v).abs().amax(-1)
+        ok = torch.isfinite(resid) & (resid <= 1e-11) & (top[..., 0] - top[..., 1] > 1e-12)
+        ok &= (top.shape[-1] < 3) | (top[..., 1] - third > 1e-12)
+    return lam1, v, lam2, ok
+
 
 def kernel_spectrum(p: Tensor, k: int, method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """The top-``k`` eigenpairs of I(p) and the next eigenvalue, for every row of ``p``.
 
     Returns ``(values (..., k) descending, vectors (..., C, k), next (...))`` where ``next`` is
-    lambda_{k+1} (0 when k + 1 = C: the smallest eigenvalue of I(p) is 0). Dense ``eigh`` in
-    float64 up to ``EIGH_MAX_CLASSES`` classes (or with ``method="eigh"``), subspace iteration
-    on O(C) matvecs above.
+    lambda_{k+1} (0 when k + 1 = C: the smallest eigenvalue of I(p) is 0). ``method="auto"``:
+    for k = 1 above ``SECULAR_MIN_CLASSES`` classes the secular equation (O(C) per row, rows
+    failing its residual check redone by ``eigh``), else dense ``eigh`` in float64 up to
+    ``EIGH_MAX_CLASSES`` classes and subspace iteration on O(C) matvecs above; ``"eigh"`` and
+    ``"power"`` force one of the latter.
     """
     C = p.shape[-1]
+    if method == "auto" and k == 1 and C > SECULAR_MIN_CLASSES:
+        # The top pair by the secular equation (O(C) per input, the cost of `empirical`'s
+        # column); rows that fail its residual check are redone by eigh.
+        lam1, v1, lam2, ok = _top1_secular(p)
+        if not bool(ok.all()):
+            bad = ~ok
+            vals, vecs, nxt = kernel_spectrum(p[bad], 1, "eigh")
+            lam1, v1, lam2 = lam1.clone(), v1.clone(), lam2.clone()
+            lam1[bad], v1[bad], lam2[bad] = (
+                vals[..., 0].double(),
+                vecs[..., 0].double(),
+                nxt.double(),
+            )
+        return (
+            lam1.clamp_min(0).unsqueeze(-1).to(p.dtype),
+            v1.unsqueeze(-1).to(p.dtype),
+            lam2.clamp_min(0).to(p.dtype),
+        )
     if method == "auto":
         method = "eigh" if C <= EIGH_MAX_CLASSES else "power"
     if method == "eigh":
