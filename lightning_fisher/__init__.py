@@ -2,7 +2,8 @@
 
 Estimators and math are plain torch (no Lightning import needed); the callbacks (``EWC``,
 ``FisherTraceRegularizer``, ``FisherDiagnostics``, ...) are imported lazily from
-``lightning_fisher.callbacks``.
+``lightning_fisher.callbacks``. ``top_eigenvalues`` and ``spectral_density`` give the Fisher's
+spectrum in parameter space from exact Fisher-vector products (``FisherOperator``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from ._version import __version__
 from .estimators import METHODS, estimate_fisher, estimate_fishers, fisher_from_optimizer
 from .fisher_diagonal import FisherDiagonal
 from .outputs import FisherInputError
+from .spectrum import FisherOperator, lanczos, spectral_density, top_eigenvalues
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the callbacks load on first use
     from .callbacks import EWC, FisherDiagnostics, FisherMonitor, FisherTraceRegularizer
@@ -36,9 +38,13 @@ __all__ = [
     "FisherDiagonal",
     "FisherInputError",
     "FisherMonitor",
+    "FisherOperator",
     "FisherTraceRegularizer",
     "__version__",
     "estimate_fisher",
     "estimate_fishers",
     "fisher_from_optimizer",
+    "lanczos",
+    "spectral_density",
+    "top_eigenvalues",
 ]

@@ -23,6 +23,10 @@ class FisherDiagonal(Mapping[str, Tensor]):
         n_samples: number of inputs N the estimate averaged over.
         method: the estimator's name (``exact``, ``sample``, ``hutchinson``, ...).
         options: the estimator's options (``max_samples``, ``mc_samples``, ``probes``, ...).
+        certificate: what the computation proves about the estimate's distance to F (``lower``
+            attaches the kernel-space spectrum of its gap: tail eigenvalue mass, the largest
+            dropped eigenvalue, ...; see docs/math.md), or ``None``. Saved and loaded with the
+            tensors; a scaled or summed diagonal no longer carries it.
     """
 
     def __init__(
@@ -31,11 +35,15 @@ class FisherDiagonal(Mapping[str, Tensor]):
         n_samples: int = 0,
         method: str = "unknown",
         options: Mapping[str, Any] | None = None,
+        certificate: Mapping[str, Any] | None = None,
     ) -> None:
         self._tensors: dict[str, Tensor] = {k: v.detach().float() for k, v in tensors.items()}
         self.n_samples = int(n_samples)
         self.method = method
         self.options: dict[str, Any] = dict(options or {})
+        self.certificate: dict[str, Any] | None = (
+            dict(certificate) if certificate is not None else None
+        )
 
     # Mapping protocol -------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Tensor:
@@ -125,6 +133,7 @@ class FisherDiagonal(Mapping[str, Tensor]):
             self.n_samples,
             self.method,
             self.options,
+            self.certificate,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -134,11 +143,18 @@ class FisherDiagonal(Mapping[str, Tensor]):
             "n_samples": self.n_samples,
             "method": self.method,
             "options": dict(self.options),
+            "certificate": None if self.certificate is None else dict(self.certificate),
         }
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> FisherDiagonal:
-        return cls(state["tensors"], state["n_samples"], state["method"], state.get("options"))
+        return cls(
+            state["tensors"],
+            state["n_samples"],
+            state["method"],
+            state.get("options"),
+            state.get("certificate"),
+        )
 
     @classmethod
     def zeros_like(cls, model: nn.Module, method: str = "zeros") -> FisherDiagonal:
@@ -177,7 +193,8 @@ class FisherDiagonal(Mapping[str, Tensor]):
 
     # Files ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write a safetensors file; method, n_samples and options go in its metadata."""
+        """Write a safetensors file; method, n_samples, options and the certificate go in its
+        metadata."""
         from safetensors.torch import save_file
 
         meta = {
@@ -187,6 +204,8 @@ class FisherDiagonal(Mapping[str, Tensor]):
             "options": json.dumps(self.options, default=str),
             "order": json.dumps(list(self._tensors)),  # safetensors sorts keys; keep ours
         }
+        if self.certificate is not None:
+            meta["certificate"] = json.dumps(self.certificate)
         save_file(
             {k: v.contiguous().cpu() for k, v in self._tensors.items()},
             os.fspath(path),
@@ -209,4 +228,5 @@ class FisherDiagonal(Mapping[str, Tensor]):
             n_samples=int(meta.get("n_samples", 0)),
             method=meta.get("method", "unknown"),
             options=json.loads(meta.get("options", "{}")),
+            certificate=json.loads(meta["certificate"]) if "certificate" in meta else None,
         )

@@ -8,23 +8,36 @@ logs all of it during training.
 
 from __future__ import annotations
 
-from .figures import figure_to_rgb, plot_bounds_history, plot_layer_density, save_png
+from .figures import (
+    figure_to_rgb,
+    plot_bounds_history,
+    plot_layer_density,
+    plot_spectral_density,
+    plot_spectrum,
+    save_png,
+)
 from .statistics import (
     DEFAULT_METHODS,
     DiagnosticsResult,
+    certificate_scalars,
     compute_diagnostics,
     empirical_gap,
     fraction_below,
     kernel_summary,
     layer_values,
     log10_layer_values,
+    lower_gap_bound,
+    lower_relative_difference,
     mean_fisher,
+    order_violations,
     probe_cv,
+    spectrum_scalars,
 )
 
 __all__ = [
     "DEFAULT_METHODS",
     "DiagnosticsResult",
+    "certificate_scalars",
     "compute_diagnostics",
     "empirical_gap",
     "figure_to_rgb",
@@ -32,9 +45,15 @@ __all__ = [
     "kernel_summary",
     "layer_values",
     "log10_layer_values",
+    "lower_gap_bound",
+    "lower_relative_difference",
     "mean_fisher",
+    "order_violations",
     "plot_bounds_history",
     "plot_layer_density",
+    "plot_spectral_density",
+    "plot_spectrum",
     "probe_cv",
     "save_png",
+    "spectrum_scalars",
 ]

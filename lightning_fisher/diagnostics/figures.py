@@ -215,6 +215,64 @@ def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step")
     return fig
 
 
+def plot_spectral_density(density: Any, ax: Any = None, label: str | None = None) -> Figure:
+    """The SLQ spectral density of F (a ``SpectralDensity``) on a log axis, with a band of
+    +-2 standard errors over the random starts; the share of eigenvalues below the density's
+    floor (zero for practical purposes) is given in the legend. Draws on ``ax`` if given."""
+    if ax is None:
+        fig = Figure(figsize=(6.5, 4.2))
+        fig.subplots_adjust(left=0.11, right=0.97, bottom=0.13, top=0.91)
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+    grid = density.grid.numpy()
+    mean = density.density.numpy()
+    se = density.density_se.numpy()
+    n = density.per_start.shape[0]
+    text = label or f"SLQ, {n} starts (band: +-2 s.e.)"
+    ax.fill_between(
+        grid, np.clip(mean - 2 * se, 0, None), mean + 2 * se, color="tab:blue", alpha=0.25
+    )
+    ax.plot(grid, mean, color="tab:blue", label=text)
+    ax.axvline(density.floor, color="0.4", ls=":", lw=1)
+    ax.plot(
+        [], [], " ", label=f"{density.mass_below:.1%} of the spectrum below {density.floor:.1e}"
+    )
+    ax.set_xscale("log")
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("eigenvalue of F")
+    ax.set_ylabel("density per decade")
+    ax.set_title("Spectral density of the Fisher", y=1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_spectrum(top: Any, density: Any = None) -> Figure:
+    """The top-k eigenvalues of F (a ``LanczosResult``) on a log scale, with their Lanczos
+    residuals as error bars; with a ``SpectralDensity``, its plot beside them."""
+    panels = 2 if density is not None else 1
+    fig = Figure(figsize=(5.5 * panels, 4.2))
+    fig.subplots_adjust(left=0.09, right=0.98, bottom=0.13, top=0.91, wspace=0.25)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    ax = axes[0]
+    values = top.eigenvalues.double().numpy()
+    res = top.residuals.double().numpy()
+    idx = np.arange(1, values.size + 1)
+    ax.errorbar(idx, values, yerr=res, fmt="o", color="black", ms=4, capsize=3)
+    ax.vlines(idx, values.min() * 0.5 if values.min() > 0 else 0, values, color="0.6", lw=1)
+    if (values > 0).all():
+        ax.set_yscale("log")
+    ax.set_xticks(idx)
+    ax.set_xlabel("index k")
+    ax.set_ylabel("eigenvalue lambda_k of F")
+    ax.set_title(f"Top eigenvalues of F (Lanczos, {top.iterations} steps)", y=1.0)
+    ax.grid(alpha=0.3, which="both")
+    if density is not None:
+        plot_spectral_density(density, ax=axes[1])
+    return fig
+
+
 def figure_to_rgb(fig: Figure, dpi: int = 100) -> np.ndarray:
     """The figure rendered to an ``(H, W, 3)`` uint8 array."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

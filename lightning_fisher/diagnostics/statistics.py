@@ -32,7 +32,14 @@ from ..estimators import METHODS, build_estimators
 from ..estimators.base import _all_reduce, eval_mode, run_passes
 from ..fisher_diagonal import FisherDiagonal
 from ..kernel import kernel_statistics
-from ..outputs import ClassSelector, ModelOutputs, OutputFn, model_outputs, move_batch
+from ..outputs import (
+    ClassSelector,
+    FisherInputError,
+    ModelOutputs,
+    OutputFn,
+    model_outputs,
+    move_batch,
+)
 
 #: Methods ``compute_diagnostics`` runs unless told otherwise: F, its upper and lower bound, and E.
 DEFAULT_METHODS: tuple[str, ...] = ("hutchinson", "hutchinson_dg", "hutchinson_lr", "empirical")
@@ -392,3 +399,118 @@ def _by_layer(traces: Mapping[str, float]) -> dict[str, float]:
     for name, value in traces.items():
         out[layer_of(name)] = out.get(layer_of(name), 0.0) + value
     return out
+
+
+def _check_same_parameters(*fds: Mapping[str, Tensor]) -> None:
+    first = fds[0]
+    for other in fds[1:]:
+        if set(other) != set(first) or any(other[k].shape != first[k].shape for k in first):
+            raise ValueError("The Fisher diagonals cover different parameters.")
+
+
+def order_violations(
+    upper: Mapping[str, Tensor],
+    fisher: Mapping[str, Tensor],
+    lower: Mapping[str, Tensor],
+    rtol: float = 1e-5,
+    atol: float | None = None,
+) -> dict[str, int]:
+    """Entries where upper >= F >= lower fails beyond float tolerance.
+
+    Entry i breaks ``upper >= F`` when F_i - U_i > rtol max(U_i, F_i) + atol, and
+    ``F >= lower`` when L_i - F_i > rtol max(F_i, L_i) + atol; ``atol`` defaults to
+    1e-6 max_j F_j (float32 sums of squares lose about that much on entries far below the
+    largest). Deterministic bounds never break the order in exact arithmetic, so any count
+    above zero is a defect (or a too tight tolerance); Hutchinson estimates of the bounds break
+    it by noise. Returns ``{"upper": n, "lower": n, "total": n}``.
+    """
+    _check_same_parameters(upper, fisher, lower)
+    if atol is None:
+        atol = 1e-6 * max((float(t.abs().max()) for t in fisher.values() if t.numel()), default=0)
+    above = below = 0
+    for k in fisher:
+        u, f, lo = upper[k].double(), fisher[k].double(), lower[k].double()
+        above += int(((f - u) > rtol * torch.maximum(u.abs(), f.abs()) + atol).sum())
+        below += int(((lo - f) > rtol * torch.maximum(f.abs(), lo.abs()) + atol).sum())
+    return {"upper": above, "lower": below, "total": above + below}
+
+
+def lower_relative_difference(
+    lower: Mapping[str, Tensor], fisher: Mapping[str, Tensor], floor: float = 1e-6
+) -> float:
+    """max_i |L_i - F_i| / F_i over the entries with F_i > ``floor`` x max_j F_j (entries that
+    are zero for practical purposes have no meaningful relative difference). 0 means L = F."""
+    _check_same_parameters(lower, fisher)
+    top = max((float(t.abs().max()) for t in fisher.values() if t.numel()), default=0.0)
+    if top <= 0:
+        return 0.0
+    worst = 0.0
+    for k in fisher:
+        f, lo = fisher[k].double(), lower[k].double()
+        keep = f > floor * top
+        if keep.any():
+            worst = max(worst, float(((lo[keep] - f[keep]).abs() / f[keep]).max()))
+    return worst
+
+
+def lower_gap_bound(
+    lower: FisherDiagonal,
+    gram: Mapping[str, Tensor],
+    upper: Mapping[str, Tensor] | None = None,
+) -> FisherDiagonal:
+    """An entrywise bound B on the gap of a ``lower`` estimate: 0 <= F_i - L_i <= B_i.
+
+    B = c Gamma with c = ``lower.certificate["tail_eigenvalue_max"]`` (the largest dropped
+    eigenvalue of I(p) over the inputs) and ``gram`` the diagonal of
+    Gamma = (1/N) sum_x J_x^T (I - 1 1^T / C) J_x on the same inputs; with ``upper`` (the
+    deterministic upper bound on the same inputs) B = min(c Gamma, U - L). The proof is in
+    docs/math.md.
+    """
+    cert = lower.certificate
+    if cert is None or "tail_eigenvalue_max" not in cert:
+        raise FisherInputError(
+            f"lower_gap_bound needs a `lower` estimate with its certificate; got method "
+            f"{lower.method!r} with certificate {cert!r}."
+        )
+    _check_same_parameters(lower, gram)
+    c = float(cert["tail_eigenvalue_max"])
+    bound = {k: c * gram[k].double() for k in lower}
+    if upper is not None:
+        _check_same_parameters(lower, upper)
+        bound = {
+            k: torch.minimum(b, (upper[k].double() - lower[k].double()).clamp_min(0))
+            for k, b in bound.items()
+        }
+    return FisherDiagonal(bound, lower.n_samples, "lower_gap_bound", {"c": c})
+
+
+def certificate_scalars(fd: FisherDiagonal, prefix: str = "certificate") -> dict[str, float]:
+    """The numbers of ``fd.certificate`` as floats named ``<prefix>/<key>`` (for loggers);
+    empty when the estimate carries no certificate."""
+    if fd.certificate is None:
+        return {}
+    return {
+        f"{prefix}/{k}" if prefix else k: float(v)
+        for k, v in fd.certificate.items()
+        if isinstance(v, (int, float))
+    }
+
+
+def spectrum_scalars(
+    top: Any = None, density: Any = None, prefix: str = "spectrum"
+) -> dict[str, float]:
+    """Scalars of the parameter-space spectrum: ``lambda_1 .. lambda_k`` and their Lanczos
+    residuals from a ``LanczosResult`` (``top``), and from a ``SpectralDensity`` the SLQ
+    ``mean`` (estimate of tr(F) / P) with its standard error and ``mass_below`` (share of
+    eigenvalues below the density's floor)."""
+    out: dict[str, float] = {}
+    if top is not None:
+        for i, (value, res) in enumerate(zip(top.eigenvalues.tolist(), top.residuals.tolist())):
+            out[f"lambda_{i + 1}"] = value
+            out[f"residual_{i + 1}"] = res
+        out["lanczos_iterations"] = float(top.iterations)
+    if density is not None:
+        out["slq_mean"] = density.mean
+        out["slq_mean_se"] = density.mean_se
+        out["slq_mass_below"] = density.mass_below
+    return {f"{prefix}/{k}" if prefix else k: v for k, v in out.items()}

@@ -14,8 +14,10 @@ from .batched import BatchedEstimator
 from .empirical import EmpiricalEstimator
 from .exact import ExactEstimator
 from .hutchinson import HutchinsonEstimator, HutchinsonLowerEstimator, HutchinsonUpperEstimator
+from .lower import LowerEstimator
 from .sample import SampleEstimator
 from .squisher import fisher_from_optimizer
+from .upper import UpperEstimator
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     cls.name: cls
@@ -27,6 +29,8 @@ ESTIMATORS: dict[str, type[Estimator]] = {
         HutchinsonEstimator,
         HutchinsonUpperEstimator,
         HutchinsonLowerEstimator,
+        UpperEstimator,
+        LowerEstimator,
     )
 }
 METHODS = tuple(ESTIMATORS)
@@ -65,15 +69,18 @@ def estimate_fisher(
             submodule's mode; BatchNorm statistics are left untouched.
         dataloader: any iterable of batches: ``(x, y)`` tuples, dicts (Hugging Face style) or tensors.
         method: ``exact``, ``sample``, ``empirical``, ``batched``, ``hutchinson`` (unbiased F),
-            ``hutchinson_dg`` (upper bound) or ``hutchinson_lr`` (lower bound).
+            ``hutchinson_dg`` (upper bound) or ``hutchinson_lr`` (lower bound), both unbiased
+            estimates, or the deterministic bounds ``upper`` (diag of (1/N) sum_x J^T diag(p) J,
+            C columns per input) and ``lower`` (top-``rank`` eigenpairs of I(p), ``rank``
+            columns per input; its result carries a ``certificate`` on its gap to F).
         max_samples: use ``n`` random inputs only (EXACT(n)); all data if ``None``.
         mc_samples: label draws per input for ``sample``.
         probes: probe vectors per batch for the ``hutchinson*`` methods.
         output_fn: ``output_fn(model, batch) -> output`` when calling ``model`` on the batch is not
             how the logits are obtained.
-        rank: number k of eigenpairs of I(p) in ``hutchinson_lr``.
+        rank: number k of eigenpairs of I(p) in ``hutchinson_lr`` and ``lower``.
         probe_distribution: ``rademacher`` (CV <= sqrt 2) or ``gaussian``.
-        eigen_method: ``auto``, ``eigh`` or ``power`` for ``hutchinson_lr``.
+        eigen_method: ``auto``, ``eigh`` or ``power`` for ``hutchinson_lr`` and ``lower``.
         classes: restrict the classes that count (the active head of a task-incremental model).
         shift_labels: causal LMs: logits at position t predict the token at t + 1.
         param_filter: keep only parameters whose name passes this predicate.
@@ -84,8 +91,9 @@ def estimate_fisher(
         progress: show a progress bar (``None``: on interactive terminals for multi-batch passes).
         sync_distributed: under ``torch.distributed``, sum over ranks so that every rank gets the
             Fisher of the union of the shards.
-        exact_max_classes: raise ``exact``'s refusal threshold for large class counts.
-        verify: per-input methods (``exact``, ``sample``, ``empirical``) check their per-input
+        exact_max_classes: raise the refusal threshold of ``exact`` and ``upper`` for large
+            class counts.
+        verify: per-input methods (``exact``, ``sample``, ``empirical``, ``upper``, ``lower``) check their per-input
             gradients on the first batch of each traced structure: with random signs s_x, the
             signed sum sum_x s_x J_x^T u_x must equal one ordinary backward of the cotangent
             s_x u_x. A layer rule that fails is replaced by a slower correct route (logged);
@@ -168,4 +176,10 @@ def build_estimators(methods: Sequence[str | Mapping[str, Any]], **options: Any)
     return estimators
 
 
-__all__ = ["ESTIMATORS", "METHODS", "estimate_fisher", "estimate_fishers", "fisher_from_optimizer"]
+__all__ = [
+    "ESTIMATORS",
+    "METHODS",
+    "estimate_fisher",
+    "estimate_fishers",
+    "fisher_from_optimizer",
+]

@@ -97,6 +97,9 @@ class Estimator:
     def normaliser(self, n_inputs: int, n_batches: int) -> float:
         return float(n_inputs)
 
+    def finish(self, fd: FisherDiagonal) -> None:
+        """Complete the estimate after the pass (``lower`` attaches its certificate)."""
+
 
 def trainable_parameters(
     model: nn.Module, param_filter: Callable[[str], bool] | None = None
@@ -419,11 +422,11 @@ def run_passes(
         torch._foreach_mul_(values, 1.0 / e.normaliser(n_inputs, n_batches))  # ours: in place
         options = e.options.public(e.option_names)
         options["seed"] = e.options.seed
-        results.append(
-            FisherDiagonal(
-                dict(zip(names, values)), n_samples=n_inputs, method=e.name, options=options
-            )
+        fd = FisherDiagonal(
+            dict(zip(names, values)), n_samples=n_inputs, method=e.name, options=options
         )
+        e.finish(fd)
+        results.append(fd)
     if limit is not None and rows < limit:
         import warnings
 

@@ -1,0 +1,36 @@
+"""UPPER: the deterministic upper bound U_i = (1/N) sum_x sum_c p_c(x) (J_x^T e_c)_i^2.
+
+U is the diagonal of (1/N) sum_x J_x^T diag(p) J_x. Since diag(p) - I(p) = p p^T is positive
+semi-definite, U - F = (1/N) sum_x (J_x^T p)(J_x^T p)^T is too, so U >= F entry by entry. The
+columns sqrt(p_c) e_c (one per class) give sum_c (J^T sqrt(p_c) e_c)^2 = the summand above.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..outputs import FisherInputError, ModelOutputs
+from .base import Estimator
+from .exact import EXACT_MAX_CLASSES
+
+
+class UpperEstimator(Estimator):
+    name = "upper"
+    per_input = True
+    option_names = ("max_samples",)
+
+    def validate(self, n_classes: int) -> None:
+        limit = self.options.extra.get("exact_max_classes", EXACT_MAX_CLASSES)
+        if n_classes > limit:
+            raise FisherInputError(
+                f"`upper` needs one backward column per class and the output has {n_classes} "
+                f"classes (more than {limit}). Use method='hutchinson_dg' (an unbiased estimate "
+                "of the same bound, one backward per batch and probe), or raise the limit with "
+                "`exact_max_classes=` if you really want C columns."
+            )
+
+    def columns(
+        self, out: ModelOutputs, p: Tensor, generator: torch.Generator
+    ) -> tuple[Tensor, float]:
+        return torch.diag_embed(p.clamp_min(0).sqrt()).movedim(-1, 0), 1.0
