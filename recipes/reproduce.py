@@ -192,6 +192,27 @@ def row_rank(method: str, methods: list[str]) -> tuple[int, int]:
     return (len(ROW_ORDER), methods.index(method) if method in methods else 0)
 
 
+def missing_estimator(name: str) -> str | None:
+    """The ``lf.estimate_fisher`` method a row needs and this lightning_fisher lacks, if any."""
+    from lightning_fisher.estimators import METHODS
+
+    estimator = TABLE_METHODS.get(split_method(name)[0], (None, {}))[0]
+    if estimator in (None, "squisher") or estimator in METHODS:
+        return None
+    return estimator
+
+
+def default_methods() -> list[str]:
+    """PRIORITY without the rows whose estimator is missing (said on stdout)."""
+    rows = []
+    for m in PRIORITY:
+        if (missing := missing_estimator(m)) is None:
+            rows.append(m)
+        else:
+            print(f"skipping {m}: lf.estimate_fisher has no method {missing!r} here", flush=True)
+    return rows
+
+
 def check_methods(methods: Iterable[str]) -> None:
     """Refuse, before any cell runs, a row this version of lightning_fisher cannot compute."""
     from lightning_fisher.estimators import METHODS
@@ -203,10 +224,9 @@ def check_methods(methods: Iterable[str]) -> None:
                 f"error: unknown method {name!r}; choose from {', '.join(TABLE_METHODS)} "
                 "(optionally with a Fisher batch size, e.g. BATCHED[b=8])."
             )
-        estimator = TABLE_METHODS[base][0]
-        if estimator not in (None, "squisher") and estimator not in METHODS:
+        if (missing := missing_estimator(name)) is not None:
             raise SystemExit(
-                f"error: {name} needs lf.estimate_fisher(method={estimator!r}), which this "
+                f"error: {name} needs lf.estimate_fisher(method={missing!r}), which this "
                 f"version of lightning_fisher lacks (it has {', '.join(METHODS)})."
             )
 
@@ -626,8 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         choices=list(ROW_ORDER),
-        default=list(PRIORITY),
-        help="in priority order: a time-limited run completes the first ones first",
+        help="in priority order: a time-limited run completes the first ones first (default: "
+        "every row whose estimator this lightning_fisher has, NONE and EXACT first)",
     )
     p.add_argument(
         "--step", type=float, default=1.0, help="decades between neighbouring lambdas searched"
@@ -760,6 +780,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides["reset_optimizer"] = True
     if args.class_order is not None:
         overrides["class_order"] = args.class_order
+    if args.methods is None:
+        args.methods = default_methods()
     check_methods(args.methods)
     config = BENCHMARKS[args.benchmark]
     cfg = load_config(config, **overrides)

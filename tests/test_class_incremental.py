@@ -249,3 +249,18 @@ def test_class_incremental_reproduction_writes_its_own_report(tmp_path: Path) ->
     assert "class-incremental" in md and "EXACT vs EMPIRICAL" in md
     # A task-incremental report of the same data keeps its own name and settings.
     assert not (tmp_path / "reproduce_class_incremental_split_mnist_permuted.json").exists()
+
+
+def test_the_default_rows_leave_out_those_whose_estimator_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import lightning_fisher.estimators as est
+
+    monkeypatch.setattr(
+        est, "METHODS", tuple(m for m in est.METHODS if m not in ("lower", "upper"))
+    )
+    rows = reproduce.default_methods()
+    assert rows == [m for m in reproduce.PRIORITY if m not in ("LOWER", "UPPER")]
+    assert "skipping LOWER" in capsys.readouterr().out
+    monkeypatch.setattr(est, "METHODS", (*est.METHODS, "lower", "upper"))
+    assert reproduce.default_methods() == list(reproduce.PRIORITY)
