@@ -324,7 +324,8 @@ def run_continual(cfg: RecipeConfig, tasks: list[Task] | None = None) -> dict[st
         if cfg.trace_ratio_to is not None:
             trace_ratios.append(trace_ratio(cfg, module, ewc, loader))
         evaluate(module, tasks, t, acc, head)
-    matrix = acc.compute() * 100.0
+    # torchmetrics squeezes a 1 x 1 result to a scalar: keep the matrix's shape for one task.
+    matrix = acc.compute().reshape(len(tasks), len(tasks)) * 100.0
     return {
         "matrix": matrix.tolist(),
         "avg_acc": float(average_accuracy(matrix)),

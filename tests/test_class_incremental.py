@@ -264,3 +264,12 @@ def test_the_default_rows_leave_out_those_whose_estimator_is_missing(
     assert "skipping LOWER" in capsys.readouterr().out
     monkeypatch.setattr(est, "METHODS", (*est.METHODS, "lower", "upper"))
     assert reproduce.default_methods() == list(reproduce.PRIORITY)
+
+
+@pytest.mark.parametrize("scenario", ["task", "class"])
+def test_a_single_task_run_reports_a_one_by_one_matrix(scenario: str) -> None:
+    cfg = load_config("split_digits", scenario=scenario, method="NONE", **_tiny(n_tasks=1))
+    result = run_continual(cfg)
+    assert len(result["matrix"]) == 1 and len(result["matrix"][0]) == 1
+    assert result["avg_acc"] == pytest.approx(result["matrix"][0][0])
+    assert result["forgetting"] == 0 and result["bwt"] == 0
