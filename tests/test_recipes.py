@@ -347,6 +347,8 @@ def test_reproduce_writes_reports_and_resumes_without_rerunning(tmp_path: Path) 
         "20",
         "--accelerator",
         "cpu",
+        "--threads",
+        "1",  # tiny models: more threads only spin on a shared CPU
         "--results-dir",
         str(tmp_path),
     ]
@@ -370,7 +372,8 @@ def test_reproduce_writes_reports_and_resumes_without_rerunning(tmp_path: Path) 
 
 def test_reproduce_builds_each_seeds_tasks_under_a_permuted_class_order(tmp_path: Path) -> None:
     argv = ["--benchmark", "split_digits", "--methods", "NONE", "--seeds", "2", "--iters", "2"]
-    argv += ["--max-train-per-task", "20", "--accelerator", "cpu", "--results-dir", str(tmp_path)]
+    argv += ["--max-train-per-task", "20", "--accelerator", "cpu", "--threads", "1"]
+    argv += ["--results-dir", str(tmp_path)]
     reproduce._TASKS.clear()
     reproduce.main([*argv, "--class-order", "permuted"])
     orders = sorted(
