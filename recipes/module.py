@@ -17,7 +17,9 @@ class TaskIncrementalModule(L.LightningModule):
 
     Set ``active_classes`` before each ``trainer.fit`` (the runner does). Labels are global class
     indices; they are re-indexed into the active units for the loss, so the network's inactive
-    units get no gradient from the data (multi-head, task-incremental protocol).
+    units get no gradient from the data (multi-head, task-incremental protocol). With every class
+    of the benchmark active the loss is the plain cross-entropy over the whole output layer (one
+    head, class-incremental).
 
     Args:
         net: a classifier returning logits over every class of the benchmark.

@@ -3,12 +3,19 @@
     python -m recipes.reproduce --benchmark split_mnist --data-dir ../shared/data --workers 12
     python -m recipes.reproduce --benchmark split_cifar10 --data-dir ../shared/data --workers 8 \\
         --seeds 3 --span 2 --centers-from benchmarks/results/reproduce_split_mnist.json
+    python -m recipes.reproduce --benchmark class_incremental_split_mnist \\
+        --data-dir ../shared/data --workers 16 --threads 1 --accelerator cpu
 
-Protocol per method (every EWC row of DESIGN §6, plus NONE):
+The ``class_incremental_*`` benchmarks run the same protocol with one 10-way head (every class
+active in training, in the Fisher and in the evaluation); their reports are named after the
+benchmark and compare the Fisher methods with each other (nothing is published for them).
 
-1. search: seed 0 over lambda = 10^(c - span) .. 10^(c + span) (step 10x) around the method's
-   centre c; while the best lambda sits at an edge of what was tried, the grid grows one step that
-   way (``--max-extend`` times), so the chosen lambda is bracketed;
+Protocol per method (every EWC row, plus NONE):
+
+1. search: seed 0 over lambda = 10^(c - span * step) .. 10^(c + span * step) (``--step`` decades
+   apart, 1 by default) around the method's centre c; while the best lambda sits at an edge of
+   what was tried, the grid grows one step that way (``--max-extend`` times), so the chosen lambda
+   is bracketed;
 2. final: the best lambda on ``--seeds`` fresh seeds (1..S), which give the reported mean and
    standard error (seed 0 only selects lambda, so the mean carries no selection bias).
 
@@ -18,10 +25,14 @@ Split MNIST and CIFAR-10; ``--class-order sorted`` for 0-1, 2-3, ...); the defau
 
 Every finished cell is appended to ``<name>.cells.jsonl`` at once; a rerun skips cells already
 there (same settings), so a killed or time-limited run resumes where it stopped. After every cell
-the report is rewritten: ``<name>.json`` (DESIGN §6 rows: method, best_lambda, mean_acc, sem,
-n_seeds, fisher_seconds), ``<name>.md`` and ``<name>_lambda.png`` (accuracy against lambda per
+the report is rewritten: ``<name>.json`` (rows: method, best_lambda, mean_acc, sem, n_seeds,
+fisher_seconds; ``comparisons``: EXACT vs EMPIRICAL, EXACT vs BATCHED and LOWER vs EXACT, paired
+over the seeds they share), ``<name>.md`` and ``<name>_lambda.png`` (accuracy against lambda per
 method). With ``--budget-minutes`` no cell starts after the budget and the report says ``partial``.
 Cells run in ``--workers`` processes sharing one GPU; each preloads its data on the device once.
+
+A method name ``M[b=K]`` (e.g. ``BATCHED[b=8]``) is method ``M`` with a Fisher batch size of ``K``
+(``benchmarks/batched_lambda_scaling.py`` uses these).
 """
 
 from __future__ import annotations
@@ -31,10 +42,11 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -44,14 +56,22 @@ import torch
 import lightning_fisher as lf
 
 from .data import Task, load_arrays
-from .runner import build_tasks, load_config, quiet_lightning, run_continual
+from .runner import TABLE_METHODS, build_tasks, load_config, quiet_lightning, run_continual
 
+#: benchmark -> its config in recipes/configs
 BENCHMARKS = {
     "split_mnist": "split_mnist",
     "split_cifar10": "split_cifar10",
     "split_digits": "split_digits",
+    "class_incremental_split_mnist": "class_incremental_split_mnist",
+    "class_incremental_split_cifar10": "class_incremental_split_cifar10",
 }
-#: DESIGN §1, average accuracy (percent) at each method's best lambda.
+#: report names that do not follow ``reproduce_<benchmark>[_permuted]``
+REPORT_NAMES = {
+    "class_incremental_split_mnist": "class_incremental_split_mnist",
+    "class_incremental_split_cifar10": "class_incremental_split_cifar10",
+}
+#: van de Ven (2025), task-incremental, average accuracy (percent) at each method's best lambda.
 PUBLISHED = {
     "split_mnist": {
         "EXACT": 99.12,
@@ -70,6 +90,8 @@ PUBLISHED = {
         "NONE": 69.53,
     },
     "split_digits": {},  # not published: a quick check of the pipeline
+    "class_incremental_split_mnist": {},
+    "class_incremental_split_cifar10": {},
 }
 ROW_ORDER = (
     "EXACT",
@@ -79,6 +101,8 @@ ROW_ORDER = (
     "BATCHED",
     "HUTCHINSON",
     "SQUISHER",
+    "LOWER",
+    "UPPER",
     "NONE",
 )
 #: default run order: the baseline and the rows the acceptance compares first
@@ -91,13 +115,16 @@ PRIORITY = (
     "SAMPLE",
     "HUTCHINSON",
     "SQUISHER",
+    "LOWER",
+    "UPPER",
 )
 #: log10 of the lambda each search starts around: DESIGN §1's published ranges for the data-pass
 #: estimators (HUTCHINSON is unbiased for EXACT's F, so the same scale). The Squisher's is not
 #: published for this protocol; a short CPU run of Split MNIST found 1e4 good and 1e6 diverging
 #: (Adam's second moment also holds the squared EWC gradient, so under online EWC each task's
-#: Squisher grows with lambda times the previous one until it overflows).
-CENTRES = {
+#: Squisher grows with lambda times the previous one until it overflows). LOWER and UPPER bound
+#: EXACT's F from below and above (with a two-unit head LOWER is F), so EXACT's scale.
+CENTRES: dict[str, float] = {
     "EXACT": 5,
     "EXACT(n=500)": 5,
     "SAMPLE": 5,
@@ -105,7 +132,24 @@ CENTRES = {
     "EMPIRICAL": 8,
     "BATCHED": 11,
     "SQUISHER": 4,
+    "LOWER": 5,
+    "UPPER": 5,
 }
+#: Class-incremental centres: four decades above the task-incremental ones, as van de Ven's code
+#: defaults for Split MNIST (EWC lambda 1e9 class-incremental against 1e5 task-incremental,
+#: params/param_values.py of GMvandeVen/continual-learning): holding an old task against a single
+#: head trained on the new classes alone takes a far stronger penalty. The Squisher's grows less
+#: (its online feedback overflows at large lambda). The driver widens each search (``--span``,
+#: ``--max-extend``) until the best lambda is bracketed.
+CLASS_IL_CENTRES: dict[str, float] = {**{m: c + 4 for m, c in CENTRES.items()}, "SQUISHER": 6}
+BENCHMARK_CENTRES = {
+    "class_incremental_split_mnist": CLASS_IL_CENTRES,
+    "class_incremental_split_cifar10": CLASS_IL_CENTRES,
+}
+#: pairs whose difference the reports state in words (first minus second)
+COMPARISONS = (("EXACT", "EMPIRICAL"), ("EXACT", "BATCHED"), ("LOWER", "EXACT"))
+#: ``M[b=K]``: method M with a Fisher batch size of K
+FISHER_BATCH_VARIANT = re.compile(r"^(?P<method>.+)\[b=(?P<b>[0-9]+)\]$")
 SEARCH_SEED = 0
 #: config fields that change a cell's result; the cells file keeps one settings object per line.
 SETTING_KEYS = (
@@ -121,11 +165,70 @@ SETTING_KEYS = (
 )
 #: result-changing fields added later: in the settings only when they differ from these defaults,
 #: so cells recorded before they existed still match.
-OPTIONAL_SETTING_KEYS = {"class_order": "sorted"}
+OPTIONAL_SETTING_KEYS: dict[str, Any] = {
+    "class_order": "sorted",
+    "scenario": "task",
+    "trace_ratio_to": None,
+}
 
 
 def cell_key(method: str, lam: float, seed: int) -> tuple[str, float, int]:
     return (method, float(f"{lam:.6g}"), seed)
+
+
+def split_method(name: str) -> tuple[str, dict[str, Any]]:
+    """A row name -> (the table method, config overrides): ``BATCHED[b=8]`` is ``BATCHED`` with
+    ``fisher_batch_size=8``; a plain table name has no overrides."""
+    m = FISHER_BATCH_VARIANT.match(name)
+    if m:
+        return m["method"], {"fisher_batch_size": int(m["b"])}
+    return name, {}
+
+
+def row_rank(method: str, methods: list[str]) -> tuple[int, int]:
+    """Table order: the published rows first, then other names in the order given."""
+    if method in ROW_ORDER:
+        return (ROW_ORDER.index(method), 0)
+    return (len(ROW_ORDER), methods.index(method) if method in methods else 0)
+
+
+def missing_estimator(name: str) -> str | None:
+    """The ``lf.estimate_fisher`` method a row needs and this lightning_fisher lacks, if any."""
+    from lightning_fisher.estimators import METHODS
+
+    estimator = TABLE_METHODS.get(split_method(name)[0], (None, {}))[0]
+    if estimator in (None, "squisher") or estimator in METHODS:
+        return None
+    return estimator
+
+
+def default_methods() -> list[str]:
+    """PRIORITY without the rows whose estimator is missing (said on stdout)."""
+    rows = []
+    for m in PRIORITY:
+        if (missing := missing_estimator(m)) is None:
+            rows.append(m)
+        else:
+            print(f"skipping {m}: lf.estimate_fisher has no method {missing!r} here", flush=True)
+    return rows
+
+
+def check_methods(methods: Iterable[str]) -> None:
+    """Refuse, before any cell runs, a row this version of lightning_fisher cannot compute."""
+    from lightning_fisher.estimators import METHODS
+
+    for name in methods:
+        base, _ = split_method(name)
+        if base not in TABLE_METHODS:
+            raise SystemExit(
+                f"error: unknown method {name!r}; choose from {', '.join(TABLE_METHODS)} "
+                "(optionally with a Fisher batch size, e.g. BATCHED[b=8])."
+            )
+        if (missing := missing_estimator(name)) is not None:
+            raise SystemExit(
+                f"error: {name} needs lf.estimate_fisher(method={missing!r}), which this "
+                f"version of lightning_fisher lacks (it has {', '.join(METHODS)})."
+            )
 
 
 # Workers ----------------------------------------------------------------------------------------
@@ -145,8 +248,13 @@ def run_cell(
     config: str, overrides: dict[str, Any], method: str, lam: float, seed: int
 ) -> dict[str, Any]:
     """One run (a process-wide cache keeps each data set's task tensors, loaded once)."""
+    base, extra = split_method(method)
     cfg = load_config(
-        config, **overrides, method=method, lam=0.0 if method == "NONE" else lam, seed=seed
+        config,
+        **{**overrides, **extra},
+        method=base,
+        lam=0.0 if base == "NONE" else lam,
+        seed=seed,
     )
     # A per-seed class order makes the tasks themselves depend on the seed.
     per_seed = seed if cfg.class_order == "permuted" else None
@@ -170,6 +278,7 @@ def run_cell(
         "matrix": result["matrix"],
         "fisher_seconds": sum(fisher) / len(fisher) if fisher else None,
         "train_seconds": result["train_seconds"],
+        **({"trace_ratios": result["trace_ratios"]} if result["trace_ratios"] else {}),
     }
 
 
@@ -186,18 +295,24 @@ class Plan:
         max_extend: int,
         lambdas: list[float] | None,
         reuse_search_seed: bool = False,
+        step: float = 1.0,
     ) -> None:
+        if not step > 0:
+            raise SystemExit(f"error: --step must be a positive number of decades; got {step}.")
         self.methods = list(methods)
         first = SEARCH_SEED if reuse_search_seed else SEARCH_SEED + 1
         self.final_seeds = list(range(first, first + seeds))
         self.centres, self.span, self.max_extend, self.lambdas = centres, span, max_extend, lambdas
+        self.step = step
         self.done: dict[tuple[str, float, int], dict[str, Any]] = {}
 
     def window(self, method: str) -> list[float]:
         if self.lambdas:
             return [float(f"{x:.6g}") for x in self.lambdas]
         c = self.centres[method]
-        return [float(f"{10.0 ** (c + k):.6g}") for k in range(-self.span, self.span + 1)]
+        return [
+            float(f"{10.0 ** (c + k * self.step):.6g}") for k in range(-self.span, self.span + 1)
+        ]
 
     def search(self, method: str) -> dict[float, float]:
         """lambda -> average accuracy at the search seed (-inf for a failed run)."""
@@ -225,7 +340,8 @@ class Plan:
         lo, hi = min(tried), max(tried)
         extended = len(tried) - len(window)
         if extended < self.max_extend and not self.lambdas and best in (lo, hi):
-            nxt = best / 10 if best == lo else best * 10
+            factor = 10.0**self.step
+            nxt = best / factor if best == lo else best * factor
             return [cell_key(method, nxt, SEARCH_SEED)], False
         return [cell_key(method, best, s) for s in self.final_seeds], True
 
@@ -237,12 +353,24 @@ class Plan:
         # within a method the search comes first (it unlocks the seeds).
         return sorted(cells, key=lambda c: (self.methods.index(c[0]), c[2] != SEARCH_SEED))
 
+    def final_runs(self, method: str) -> list[dict[str, Any]]:
+        """The finished cells of the method's final seeds at its best lambda (empty while the
+        search is still running)."""
+        cells, searched = self.needed(method)
+        return [self.done[c] for c in cells if c in self.done] if searched else []
+
+    def final_accs(self, method: str) -> dict[int, float]:
+        """Seed -> average accuracy at the best lambda (failed runs left out)."""
+        return {
+            r["seed"]: r["avg_acc"] for r in self.final_runs(method) if r["avg_acc"] is not None
+        }
+
     def rows(self) -> list[dict[str, Any]]:
         rows = []
-        for m in sorted(self.methods, key=ROW_ORDER.index):
-            cells, searched = self.needed(m)
+        for m in sorted(self.methods, key=lambda m: row_rank(m, self.methods)):
+            _, searched = self.needed(m)
             best = 0.0 if m == "NONE" else self.best_lambda(m)
-            runs = [self.done[c] for c in cells if c in self.done] if searched else []
+            runs = self.final_runs(m)
             accs = [r["avg_acc"] for r in runs if r["avg_acc"] is not None]
             fisher = [
                 r["fisher_seconds"]
@@ -301,6 +429,79 @@ def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _mean_sem(xs: list[float]) -> tuple[float, float | None]:
+    n = len(xs)
+    mean = sum(xs) / n
+    sem = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1) / n) if n > 1 else None
+    return mean, sem
+
+
+def compare(plan: Plan, a: str, b: str) -> dict[str, Any] | None:
+    """``a`` against ``b`` at their best lambdas, in numbers and in one sentence.
+
+    Over the final seeds both have, the difference is the mean of the per-seed differences
+    d_s = acc_a(s) - acc_b(s) with standard error sd(d) / sqrt(n) (paired: both rows use the same
+    seeds, hence the same task splits); with fewer than two shared seeds it is the difference of
+    the means with sqrt(sem_a^2 + sem_b^2). It counts as a difference when |d| > 2 s.e.
+    ``None`` while either row has no finished seed.
+    """
+    xa, xb = plan.final_accs(a), plan.final_accs(b)
+    if not xa or not xb:
+        return None
+    mean_a, sem_a = _mean_sem(list(xa.values()))
+    mean_b, sem_b = _mean_sem(list(xb.values()))
+    shared = sorted(set(xa) & set(xb))
+    if len(shared) >= 2:
+        diff, se = _mean_sem([xa[s] - xb[s] for s in shared])
+        paired, higher = True, sum(xa[s] > xb[s] for s in shared)
+    else:
+        diff = mean_a - mean_b
+        se = None if sem_a is None or sem_b is None else math.hypot(sem_a, sem_b)
+        paired, higher = False, None
+    exceeds = se is not None and abs(diff) > 2 * se
+    rows = {r["method"]: r for r in plan.rows()}
+    fisher = {m: rows[m]["fisher_seconds"] for m in (a, b, "EMPIRICAL") if m in rows}
+
+    def acc(mean: float, sem: float | None, n: int) -> str:
+        return f"{mean:.2f}" + ("" if sem is None else f" ± {sem:.2f}") + f" ({n} seeds)"
+
+    how = (
+        f"paired over the {len(shared)} seeds both ran, {a} higher on {higher} of them"
+        if paired
+        else "difference of the means (not paired: fewer than two shared seeds)"
+    )
+    if se is None:
+        verdict = "too few seeds for a standard error, so no conclusion"
+    elif exceeds:
+        verdict = f"the difference exceeds 2 s.e.: {a} is {'above' if diff > 0 else 'below'} {b}"
+    else:
+        verdict = f"within 2 s.e.: {a} and {b} are not told apart with these seeds"
+    sentence = (
+        f"{a} vs {b}: {a} {acc(mean_a, sem_a, len(xa))}, {b} {acc(mean_b, sem_b, len(xb))}; "
+        f"{a} - {b} = {diff:+.2f}" + ("" if se is None else f" ± {se:.2f}") + f" points ({how}); "
+        f"{verdict}."
+    )
+    costs = [f"{m} {fisher[m]:.3g} s" for m in fisher if fisher[m] is not None]
+    if a == "LOWER" and len(costs) > 1:
+        sentence += " Fisher time per task boundary: " + ", ".join(costs) + "."
+    return {
+        "a": a,
+        "b": b,
+        "mean_a": mean_a,
+        "sem_a": sem_a,
+        "mean_b": mean_b,
+        "sem_b": sem_b,
+        "diff": diff,
+        "se": se,
+        "paired": paired,
+        "n_shared_seeds": len(shared),
+        "a_higher_on": higher,
+        "exceeds_2se": exceeds,
+        "fisher_seconds": fisher,
+        "sentence": sentence,
+    }
+
+
 def write_report(
     plan: Plan,
     benchmark: str,
@@ -318,8 +519,10 @@ def write_report(
         r["diff_to_published"] = None if p is None or r["mean_acc"] is None else r["mean_acc"] - p
     grid = sorted(
         ({k: v for k, v in r.items() if k != "matrix"} for r in plan.done.values()),
-        key=lambda r: (ROW_ORDER.index(r["method"]), r["lam"], r["seed"]),
+        key=lambda r: (row_rank(r["method"], plan.methods), r["lam"], r["seed"]),
     )
+    comparisons = [c for a, b in COMPARISONS if (c := compare(plan, a, b)) is not None]
+    class_il = settings.get("scenario") == "class"
     doc = {
         "command": command,
         "device": device_name(),
@@ -327,10 +530,18 @@ def write_report(
         "settings": settings,
         "partial": partial,
         "rows": rows,
+        "comparisons": comparisons,
         "grid": grid,
         "notes": (
             "mean_acc: average test accuracy over the 5 tasks after the last one (percent), mean over "
             "fresh seeds at the lambda chosen on seed 0; sem: standard error of that mean; "
+            + (
+                "class-incremental: one head, every class active in training, in the Fisher and "
+                "in the evaluation (a test input is classified among all classes); "
+                if class_il
+                else ""
+            )
+            + "comparisons: paired over the seeds both rows ran; "
             "fisher_seconds: mean wall time of one Fisher computation (one per task boundary). "
             "Adam's state is carried across tasks unless settings.reset_optimizer is true."
             + (
@@ -344,13 +555,21 @@ def write_report(
     (out / f"{name}.json").write_text(json.dumps(doc, indent=2))
     lines = [
         f"{'Partial results (budget reached). ' if partial else ''}Average accuracy (%) over the 5 "
-        f"tasks, task-incremental, {settings['iters']} iterations per task, Adam "
+        f"tasks, "
+        + (
+            "class-incremental (one head, all classes active in training, Fisher and test)"
+            if class_il
+            else "task-incremental"
+        )
+        + f", {settings['iters']} iterations per task, Adam "
         f"{'reset per task' if settings['reset_optimizer'] else 'carried across tasks'}"
         f"{', class order ' + settings['class_order'] if 'class_order' in settings else ''}; mean ± "
         f"s.e.m. over seeds {plan.final_seeds} at the best lambda (chosen on seed {SEARCH_SEED}).",
         "",
-        "| method | best lambda | accuracy (%) | seeds | published (%) | Fisher time (s) |",
-        "|---|---|---|---|---|---|",
+        "| method | best lambda | accuracy (%) | seeds |"
+        + (" published (%) |" if published else "")
+        + " Fisher time (s) |",
+        "|---|---|---|---|" + ("---|" if published else "") + "---|",
     ]
     for r in rows:
         lam = "—" if r["best_lambda"] is None else f"1e{math.log10(r['best_lambda']):.0f}"
@@ -358,9 +577,12 @@ def write_report(
             lam += " (edge)"
         acc = _fmt(r["mean_acc"], ".2f") + ("" if r["sem"] is None else f" ± {r['sem']:.2f}")
         lines.append(
-            f"| {r['method']} | {lam} | {acc} | {r['n_seeds']} | {_fmt(r['published_acc'], '.2f')} | "
-            f"{_fmt(r['fisher_seconds'], '.3f')} |"
+            f"| {r['method']} | {lam} | {acc} | {r['n_seeds']} | "
+            + (f"{_fmt(r['published_acc'], '.2f')} | " if published else "")
+            + f"{_fmt(r['fisher_seconds'], '.3f')} |"
         )
+    if comparisons:
+        lines += [""] + [f"- {c['sentence']}" for c in comparisons]
     lines += ["", f"Device: {doc['device']}."]
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot_lambda(plan, rows, out / f"{name}_lambda.png", benchmark)
@@ -377,8 +599,8 @@ def plot_lambda(plan: Plan, rows: list[dict[str, Any]], path: Path, benchmark: s
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m in ROW_ORDER:
-        tried = plan.search(m) if m in plan.methods and m != "NONE" else {}
+    for m in sorted(plan.methods, key=lambda m: row_rank(m, plan.methods)):
+        tried = plan.search(m) if m != "NONE" else {}
         if tried:
             lams = sorted(x for x in tried if math.isfinite(tried[x]))
             ax.plot(lams, [tried[x] for x in lams], marker="o", ms=3, label=m)
@@ -424,8 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         choices=list(ROW_ORDER),
-        default=list(PRIORITY),
-        help="in priority order: a time-limited run completes the first ones first",
+        help="in priority order: a time-limited run completes the first ones first (default: "
+        "every row whose estimator this lightning_fisher has, NONE and EXACT first)",
+    )
+    p.add_argument(
+        "--step", type=float, default=1.0, help="decades between neighbouring lambdas searched"
     )
     p.add_argument("--seeds", type=int, default=5, help="fresh seeds at the best lambda")
     p.add_argument(
@@ -474,13 +699,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--name",
         help="report name (default reproduce_<benchmark>, with _permuted under --class-order "
-        "permuted, the configs' default)",
+        "permuted, the configs' default; the class_incremental_* benchmarks' own name)",
     )
     return p
 
 
 def centres(args: argparse.Namespace) -> dict[str, float]:
-    out: dict[str, float] = dict(CENTRES)
+    out: dict[str, float] = dict(BENCHMARK_CENTRES.get(args.benchmark, CENTRES))
     if args.centres_from:
         prev = Path(args.centres_from)
         if not prev.exists():
@@ -489,8 +714,57 @@ def centres(args: argparse.Namespace) -> dict[str, float]:
             )
         for row in json.loads(prev.read_text())["rows"]:
             if row.get("best_lambda"):
-                out[row["method"]] = round(math.log10(row["best_lambda"]))
+                step = args.step
+                out[row["method"]] = round(math.log10(row["best_lambda"]) / step) * step
     return out
+
+
+def execute(
+    plan: Plan,
+    config: str,
+    overrides: dict[str, Any],
+    workers: int,
+    threads: int,
+    over_budget: Callable[[], bool],
+    record: Callable[[dict[str, Any]], None],
+) -> None:
+    """Run the plan's cells until none is left (or the budget is over), ``workers`` at a time,
+    handing each finished cell to ``record`` (which must add it to ``plan.done``)."""
+    if workers <= 1:
+        _init_worker(threads)
+        while (todo := plan.todo()) and not over_budget():
+            m, lam, seed = todo[0]
+            record(run_cell(config, overrides, m, lam, seed))
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # CUDA cannot be forked
+    with ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
+        running: dict[Future[dict[str, Any]], tuple[str, float, int]] = {}
+        while True:
+            if not over_budget():
+                for c in plan.todo():
+                    if len(running) >= workers:
+                        break
+                    if c not in running.values():
+                        running[pool.submit(run_cell, config, overrides, *c)] = c
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                running.pop(fut)
+                record(fut.result())
+
+
+def settings_of(cfg: Any) -> dict[str, Any]:
+    """The result-changing settings of a config, as the cells file records them."""
+    settings = {k: getattr(cfg, k) for k in SETTING_KEYS}
+    settings.update(
+        {k: getattr(cfg, k) for k, d in OPTIONAL_SETTING_KEYS.items() if getattr(cfg, k) != d}
+    )
+    return settings
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -506,15 +780,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         overrides["reset_optimizer"] = True
     if args.class_order is not None:
         overrides["class_order"] = args.class_order
+    if args.methods is None:
+        args.methods = default_methods()
+    check_methods(args.methods)
     config = BENCHMARKS[args.benchmark]
     cfg = load_config(config, **overrides)
-    settings = {k: getattr(cfg, k) for k in SETTING_KEYS}
-    settings.update(
-        {k: getattr(cfg, k) for k, d in OPTIONAL_SETTING_KEYS.items() if getattr(cfg, k) != d}
-    )
+    settings = settings_of(cfg)
     # Runs under van de Ven's per-seed class pairs and under the sorted pairs are separate tables.
     suffix = "_permuted" if cfg.class_order == "permuted" else ""
-    name = args.name or f"reproduce_{args.benchmark}{suffix}"
+    name = args.name or REPORT_NAMES.get(args.benchmark, f"reproduce_{args.benchmark}{suffix}")
     out = Path(args.results_dir)
     cells_path = out / f"{name}.cells.jsonl"
     plan = Plan(
@@ -525,6 +799,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.max_extend,
         args.lambdas,
         args.reuse_search_seed,
+        args.step,
     )
     plan.done = read_cells(cells_path, settings)
     command = "python -m recipes.reproduce " + shlex.join(sys.argv[1:] if argv is None else argv)
@@ -555,32 +830,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_report(plan, args.benchmark, out, name, settings, command, partial=bool(plan.todo()))
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
-    if args.workers <= 1:
-        _init_worker(threads)
-        while (todo := plan.todo()) and not over_budget():
-            m, lam, seed = todo[0]
-            record(run_cell(config, overrides, m, lam, seed))
-    else:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("spawn")  # CUDA cannot be forked
-        with ProcessPoolExecutor(
-            args.workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
-        ) as pool:
-            running: dict[Future[dict[str, Any]], tuple[str, float, int]] = {}
-            while True:
-                if not over_budget():
-                    for c in plan.todo():
-                        if len(running) >= args.workers:
-                            break
-                        if c not in running.values():
-                            running[pool.submit(run_cell, config, overrides, *c)] = c
-                if not running:
-                    break
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    running.pop(fut)
-                    record(fut.result())
+    execute(plan, config, overrides, args.workers, threads, over_budget, record)
     partial = bool(plan.todo())
     write_report(plan, args.benchmark, out, name, settings, command, partial)
     print((out / f"{name}.md").read_text())

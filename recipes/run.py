@@ -3,7 +3,9 @@
     python -m recipes.run --config split_mnist --data-dir ../shared/data --method EXACT --lam 1e5
 
 ``--config`` takes a YAML path or the name of a file in ``recipes/configs`` (``split_digits``,
-``split_mnist``, ``split_cifar10``); every config field can be overridden by its flag. Prints the
+``split_mnist``, ``split_cifar10``, and the class-incremental ``class_incremental_split_mnist`` and
+``class_incremental_split_cifar10``); every config field can be overridden by its flag (e.g.
+``--scenario class`` for one head with every class active). Prints the
 accuracy matrix, average accuracy, forgetting and backward transfer, and writes them as JSON to
 ``<output-dir>/results.json``.
 """
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config",
         default="split_digits",
-        help="YAML config path or a name in recipes/configs (split_digits, split_mnist, split_cifar10)",
+        help="YAML config path or a name in recipes/configs (split_digits, split_mnist, "
+        "split_cifar10, class_incremental_split_mnist, class_incremental_split_cifar10)",
     )
     hints = typing.get_type_hints(RecipeConfig)
     for f in dataclasses.fields(RecipeConfig):

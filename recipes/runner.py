@@ -3,6 +3,11 @@
 ``run_continual(config)`` is what the CLI (``python -m recipes.run``), the demo and the reproduction
 grid call. Each task is one ``trainer.fit``; the same ``lf.EWC`` callback instance is passed to every
 task's trainer, so it consolidates at the end of each fit and penalises drift on the next ones.
+
+Two scenarios (the config's ``scenario``): ``task`` (task-incremental, multi-head: the loss, the
+Fisher and the evaluation see only a task's own output units) and ``class`` (class-incremental,
+one head: every output unit is active in training, in the Fisher and in the evaluation, so a test
+input must be told apart from every class of the benchmark).
 """
 
 from __future__ import annotations
@@ -41,7 +46,12 @@ TABLE_METHODS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "BATCHED": ("batched", {}),
     "HUTCHINSON": ("hutchinson", {}),
     "SQUISHER": ("squisher", {}),
+    "LOWER": ("lower", {"rank": 1}),
+    "UPPER": ("upper", {}),
 }
+#: options that ``lf.EWC`` takes itself; the other method options go to ``lf.estimate_fisher``
+EWC_OPTIONS = ("max_samples", "mc_samples", "probes")
+SCENARIOS = ("task", "class")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -58,19 +68,25 @@ class RecipeConfig:
     channels: list[int] = field(default_factory=lambda: [20, 20, 40, 80, 160])  # ResNet widths
     normalise: bool = False  # per-channel standardisation with the training set's statistics
     classes_per_task: int = 2
+    # "task": task-incremental, only the current task's output units are active (multi-head);
+    # "class": class-incremental, one head with every class active in training, Fisher and test.
+    scenario: str = "task"
     # Which classes form each task: "sorted" (0-1, 2-3, ...), "permuted" (a random permutation
     # per seed, as van de Ven's code does for every seed but 0; see data.permuted_class_order),
     # or an explicit comma-separated order such as "4,6,0,5,3,9,2,7,8,1".
     class_order: str = "sorted"
     n_tasks: int | None = None  # first n tasks only (all if None)
     max_train_per_task: int | None = None  # subsample training data (quick runs, tests)
-    method: str = "NONE"  # a row of TABLE_METHODS (EXACT, EXACT(n=500), ..., SQUISHER)
+    method: str = "NONE"  # a row of TABLE_METHODS (EXACT, EXACT(n=500), ..., LOWER, UPPER)
     lam: float = 0.0  # EWC strength lambda
     mode: str = "online"  # online | separate
     gamma: float = 1.0  # online EWC decay
     iters: int = 2000  # optimizer steps per task
     batch_size: int = 128
     fisher_batch_size: int = 256  # batch size of the Fisher pass (BATCHED: its mini-batch size)
+    # At each task boundary also estimate this reference method's Fisher (e.g. "exact") on the
+    # same network and data, and record tr(F_ewc) / tr(F_reference) in ``trace_ratios``.
+    trace_ratio_to: str | None = None
     lr: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
@@ -166,26 +182,63 @@ def build_net(cfg: RecipeConfig, tasks: list[Task]) -> nn.Module:
     raise ValueError(f"Unknown model {cfg.model!r}; choose mlp or resnet18.")
 
 
+def check_scenario(cfg: RecipeConfig) -> None:
+    if cfg.scenario not in SCENARIOS:
+        raise lf.FisherInputError(
+            f"Unknown scenario {cfg.scenario!r}; choose 'task' (task-incremental, one active head "
+            f"per task) or 'class' (class-incremental, every class active)."
+        )
+
+
+def fisher_classes(cfg: RecipeConfig, module: TaskIncrementalModule) -> Any:
+    """The classes a Fisher pass counts: the finished task's units (task-incremental), or every
+    unit (``None``, class-incremental)."""
+    if cfg.scenario == "class":
+        return None
+    return lambda batch: module.active_classes
+
+
 def make_ewc(cfg: RecipeConfig, module: TaskIncrementalModule) -> Any:
     """The ``lf.EWC`` callback of the config's method, or ``None`` for ``NONE``."""
     if cfg.method not in TABLE_METHODS:
         raise ValueError(
             f"Unknown method {cfg.method!r}; choose one of {', '.join(TABLE_METHODS)}."
         )
+    check_scenario(cfg)
     method, options = TABLE_METHODS[cfg.method]
     if method is None:
         return None
+    own = {k: v for k, v in options.items() if k in EWC_OPTIONS}
+    estimator = {k: v for k, v in options.items() if k not in EWC_OPTIONS}
     return lf.EWC(
         lam=cfg.lam,
         method=method,
         mode=cfg.mode,
         gamma=cfg.gamma,
-        # Only the finished task's output units count, as in the multi-head protocol.
-        classes=lambda batch: module.active_classes,
-        fisher_kwargs={"seed": cfg.seed},
+        classes=fisher_classes(cfg, module),
+        fisher_kwargs={"seed": cfg.seed, **estimator},
         log_penalty=cfg.logger != "none",  # logging costs a reduction per step
-        **options,
+        **own,
     )
+
+
+def trace_ratio(
+    cfg: RecipeConfig, module: TaskIncrementalModule, ewc: Any, loader: Any
+) -> float | None:
+    """tr(F_ewc) / tr(F_ref) at a task boundary: the estimate EWC just consolidated (before the
+    online sum) against ``cfg.trace_ratio_to``'s estimate on the same network and data."""
+    if ewc is None or ewc.last_fisher is None or cfg.trace_ratio_to is None:
+        return None
+    reference = lf.estimate_fisher(
+        module,
+        loader,
+        method=cfg.trace_ratio_to,
+        classes=fisher_classes(cfg, module),
+        seed=cfg.seed,
+        progress=False,
+    )
+    ref = float(reference.trace())
+    return float(ewc.last_fisher.trace()) / ref if ref > 0 else None
 
 
 def make_logger(cfg: RecipeConfig, task: int) -> Any:
@@ -200,13 +253,23 @@ def make_logger(cfg: RecipeConfig, task: int) -> Any:
     raise ValueError(f"Unknown logger {cfg.logger!r}; choose none, csv or tensorboard.")
 
 
+def all_classes(tasks: list[Task]) -> tuple[int, ...]:
+    """Every class of the benchmark (the single head of the class-incremental scenario)."""
+    return tuple(range(max(max(t.classes) for t in tasks) + 1))
+
+
 def evaluate(
-    module: TaskIncrementalModule, tasks: list[Task], after: int, acc: AccuracyMatrix
+    module: TaskIncrementalModule,
+    tasks: list[Task],
+    after: int,
+    acc: AccuracyMatrix,
+    head: tuple[int, ...] | None = None,
 ) -> None:
-    """Accuracy on the test set of every task seen so far, each within its own head."""
+    """Accuracy on the test set of every task seen so far: within each task's own head
+    (``head=None``, task-incremental), or among the classes ``head`` (class-incremental: all)."""
     module.to(tasks[0].x_test.device)  # Lightning moves the module back to the CPU after fit
     for j, task in enumerate(tasks[: after + 1]):
-        preds = module.task_predictions(task.x_test, task.classes)
+        preds = module.task_predictions(task.x_test, task.classes if head is None else head)
         acc.update(after, j, preds.cpu(), task.y_test.cpu())
 
 
@@ -214,11 +277,14 @@ def run_continual(cfg: RecipeConfig, tasks: list[Task] | None = None) -> dict[st
     """Train on the tasks in sequence and return the metrics.
 
     Returns a dict with ``matrix`` (R[i][j], percent), ``avg_acc``, ``forgetting``, ``bwt``
-    (percent points), ``fisher_seconds`` (one entry per consolidation), ``train_seconds``, and the
-    final ``ewc`` callback (``None`` without EWC) under ``callback`` and the trained
+    (percent points), ``fisher_seconds`` (one entry per consolidation), ``train_seconds``,
+    ``trace_ratios`` (one per consolidation when ``cfg.trace_ratio_to`` is set, else empty), and
+    the final ``ewc`` callback (``None`` without EWC) under ``callback`` and the trained
     ``TaskIncrementalModule`` under ``module``.
     """
+    check_scenario(cfg)
     tasks = tasks if tasks is not None else build_tasks(cfg)
+    head = all_classes(tasks) if cfg.scenario == "class" else None
     L.seed_everything(cfg.seed, workers=False, verbose=False)
     module = TaskIncrementalModule(
         build_net(cfg, tasks), cfg.lr, (cfg.beta1, cfg.beta2), cfg.reset_optimizer
@@ -226,11 +292,13 @@ def run_continual(cfg: RecipeConfig, tasks: list[Task] | None = None) -> dict[st
     ewc = make_ewc(cfg, module)
     acc = AccuracyMatrix(len(tasks))
     fisher_seconds: list[float] = []
+    trace_ratios: list[float | None] = []
     train_seconds = 0.0
     for t, task in enumerate(tasks):
-        module.active_classes = task.classes
+        module.active_classes = task.classes if head is None else head
+        loader = task_loader(task.x_train, task.y_train, cfg.fisher_batch_size)
         if ewc is not None:
-            ewc.dataloader = task_loader(task.x_train, task.y_train, cfg.fisher_batch_size)
+            ewc.dataloader = loader
         trainer = L.Trainer(
             accelerator=cfg.accelerator,
             devices=1,
@@ -252,8 +320,12 @@ def run_continual(cfg: RecipeConfig, tasks: list[Task] | None = None) -> dict[st
         train_seconds += time.perf_counter() - start
         if ewc is not None:
             fisher_seconds.append(ewc.fisher_seconds)  # the consolidation ran inside fit
-        evaluate(module, tasks, t, acc)
-    matrix = acc.compute() * 100.0
+        module.to(task.x_train.device)  # Lightning moves the module back to the CPU after fit
+        if cfg.trace_ratio_to is not None:
+            trace_ratios.append(trace_ratio(cfg, module, ewc, loader))
+        evaluate(module, tasks, t, acc, head)
+    # torchmetrics squeezes a 1 x 1 result to a scalar: keep the matrix's shape for one task.
+    matrix = acc.compute().reshape(len(tasks), len(tasks)) * 100.0
     return {
         "matrix": matrix.tolist(),
         "avg_acc": float(average_accuracy(matrix)),
@@ -261,6 +333,7 @@ def run_continual(cfg: RecipeConfig, tasks: list[Task] | None = None) -> dict[st
         "bwt": float(backward_transfer(matrix)),
         "fisher_seconds": fisher_seconds,
         "train_seconds": train_seconds - sum(fisher_seconds),
+        "trace_ratios": trace_ratios,
         "callback": ewc,
         "module": module,
     }

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import lightning_fisher as lf
 from recipes import data as rdata
 from recipes import demo, reproduce, run
 from recipes.metrics import (
@@ -346,6 +347,8 @@ def test_reproduce_writes_reports_and_resumes_without_rerunning(tmp_path: Path) 
         "20",
         "--accelerator",
         "cpu",
+        "--threads",
+        "1",  # tiny models: more threads only spin on a shared CPU
         "--results-dir",
         str(tmp_path),
     ]
@@ -369,7 +372,8 @@ def test_reproduce_writes_reports_and_resumes_without_rerunning(tmp_path: Path) 
 
 def test_reproduce_builds_each_seeds_tasks_under_a_permuted_class_order(tmp_path: Path) -> None:
     argv = ["--benchmark", "split_digits", "--methods", "NONE", "--seeds", "2", "--iters", "2"]
-    argv += ["--max-train-per-task", "20", "--accelerator", "cpu", "--results-dir", str(tmp_path)]
+    argv += ["--max-train-per-task", "20", "--accelerator", "cpu", "--threads", "1"]
+    argv += ["--results-dir", str(tmp_path)]
     reproduce._TASKS.clear()
     reproduce.main([*argv, "--class-order", "permuted"])
     orders = sorted(
@@ -419,3 +423,123 @@ def test_demo_prints_a_table_and_saves_both_figures(
         assert name in printed
     for fig in ("accuracy_matrix.png", "fisher_density.png"):
         assert (tmp_path / fig).stat().st_size > 0
+
+
+# BATCHED's lambda law ---------------------------------------------------------------------------
+def _scaling_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "batched_lambda_scaling.py"
+    spec = importlib.util.spec_from_file_location("batched_lambda_scaling", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trace_ratio_is_recorded_from_the_network_at_each_boundary() -> None:
+    # With b = 1, BATCHED is EMPIRICAL: at the last boundary (no training after it) the recorded
+    # ratio must be tr(EMPIRICAL) / tr(EXACT) of the final network on the last task's data.
+    from recipes.data import task_loader
+    from recipes.runner import build_tasks
+
+    cfg = load_config(
+        "split_digits",
+        method="BATCHED",
+        fisher_batch_size=1,
+        trace_ratio_to="exact",
+        lam=10.0,
+        iters=10,
+        n_tasks=2,
+        max_train_per_task=50,
+        accelerator="cpu",
+    )
+    tasks = build_tasks(cfg)
+    result = run_continual(cfg, tasks)
+    assert len(result["trace_ratios"]) == 2
+    module, last = result["module"], tasks[-1]
+    loader = task_loader(last.x_train, last.y_train, 7)
+    kw = {"classes": list(last.classes), "progress": False}
+    empirical = lf.estimate_fisher(module, loader, "empirical", **kw).trace()
+    exact = lf.estimate_fisher(module, loader, "exact", **kw).trace()
+    assert result["trace_ratios"][-1] == pytest.approx(empirical / exact, rel=1e-4)
+    assert result["trace_ratios"][0] != pytest.approx(result["trace_ratios"][1])
+
+
+def test_least_squares_slope_and_its_standard_error_match_numpy() -> None:
+    scaling = _scaling_module()
+    x = [0.0, 0.9, 1.5, 2.1, 2.7]
+    y = [9.8, 10.9, 11.4, 12.2, 12.6]
+    fit = scaling.least_squares(x, y)
+    (slope, intercept), cov = np.polyfit(x, y, 1, cov="unscaled")
+    rss = float(np.sum((np.polyval([slope, intercept], x) - np.array(y)) ** 2))
+    assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+    assert fit["slope_se"] == pytest.approx(math.sqrt(cov[0, 0] * rss / (len(x) - 2)))
+    assert scaling.least_squares([0.0, 1.0], [1.0, 3.0])["slope_se"] is None
+
+
+def test_plan_searches_on_a_finer_grid_and_brackets_the_best_lambda() -> None:
+    plan = reproduce.Plan(
+        ["BATCHED[b=8]"],
+        seeds=1,
+        centres={"BATCHED[b=8]": 3.0},
+        span=1,
+        max_extend=8,
+        lambdas=None,
+        step=0.5,
+    )
+    assert plan.window("BATCHED[b=8]") == [float(f"{10**x:.6g}") for x in (2.5, 3.0, 3.5)]
+    while todo := plan.todo():
+        for method, lam, seed in todo:
+            plan.done[(method, lam, seed)] = {
+                "avg_acc": 90 - (math.log10(lam) - 4.5) ** 2,
+                "fisher_seconds": 0.1,
+                "seed": seed,
+            }
+    (row,) = plan.rows()
+    assert row["best_lambda"] == pytest.approx(10**4.5, rel=1e-5) and row["lambda_bracketed"]
+    assert reproduce.split_method("BATCHED[b=8]") == ("BATCHED", {"fisher_batch_size": 8})
+    assert reproduce.split_method("EXACT(n=500)") == ("EXACT(n=500)", {})
+
+
+def test_batched_lambda_scaling_writes_rows_fit_and_figure_and_resumes(tmp_path: Path) -> None:
+    scaling = _scaling_module()
+    argv = ["--config", "split_digits", "--batch-sizes", "1", "4", "16", "--lambdas", "1", "1e4"]
+    argv += ["--seeds", "1", "--iters", "2", "--max-train-per-task", "30", "--n-tasks", "2"]
+    argv += ["--accelerator", "cpu", "--threads", "1", "--results-dir", str(tmp_path)]
+    out = scaling.main(argv)
+    assert not out["partial"]
+    report = json.loads((tmp_path / "batched_lambda_scaling.json").read_text())
+    assert {"command", "device", "versions", "rows", "fit"} <= set(report)
+    rows = report["rows"]
+    assert [r["batch_size"] for r in rows] == [1, 4, 16]
+    for r in rows:
+        assert {"batch_size", "best_lambda", "mean_acc", "trace_ratio_to_exact", "n_seeds"} <= set(
+            r
+        )
+        assert r["n_seeds"] == 1 and r["best_lambda"] in (1.0, 1e4)
+        # The ratio is the mean over the boundaries of the final seed's run at the best lambda.
+        (cell,) = [
+            g
+            for g in report["grid"]
+            if g["method"] == f"BATCHED[b={r['batch_size']}]" and g["seed"] == 1
+        ]
+        assert cell["lam"] == r["best_lambda"] and len(cell["trace_ratios"]) == 2
+        assert r["trace_ratio_to_exact"] == pytest.approx(sum(cell["trace_ratios"]) / 2)
+    # A larger Fisher batch averages gradients first: less of EXACT's trace is left.
+    ratios = [r["trace_ratio_to_exact"] for r in rows]
+    assert ratios[0] > ratios[1] > ratios[2]
+    # The fit is the least-squares line through the rows, in log10.
+    logb = [math.log10(r["batch_size"]) for r in rows]
+    alpha = np.polyfit(logb, [math.log10(r["best_lambda"]) for r in rows], 1)[0]
+    beta = np.polyfit(logb, [-math.log10(r["trace_ratio_to_exact"]) for r in rows], 1)[0]
+    assert report["fit"]["alpha"] == pytest.approx(alpha, abs=1e-9)
+    assert report["fit"]["beta"] == pytest.approx(beta)
+    assert report["fit"]["n_points"] == 3 and report["fit"]["alpha_se"] is not None
+    md = (tmp_path / "batched_lambda_scaling.md").read_text()
+    assert md.count("\n| ") == 1 + 3 and "alpha =" in md  # header and one row per b
+    assert (tmp_path / "batched_lambda_scaling.png").stat().st_size > 0
+    cells = (tmp_path / "batched_lambda_scaling.cells.jsonl").read_text().splitlines()
+    assert len(cells) == 3 * (2 + 1)
+    scaling.main(argv)
+    assert (tmp_path / "batched_lambda_scaling.cells.jsonl").read_text().splitlines() == cells
