@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .estimators import METHODS, estimate_fisher, estimate_fishers, fisher_from_optimizer
+from .ewc import ElasticWeightConsolidation
 from .fisher_diagonal import FisherDiagonal
 from .outputs import FisherInputError
 
@@ -32,6 +33,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "EWC",
     "METHODS",
+    "ElasticWeightConsolidation",
     "FisherDiagnostics",
     "FisherDiagonal",
     "FisherInputError",
