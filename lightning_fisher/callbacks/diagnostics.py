@@ -127,14 +127,16 @@ class FisherDiagnostics(Callback):
         prefix: str = "fisher",
         name: str | None = None,
     ) -> None:
-        for name, value in (
+        for option, value in (
             ("every_n_epochs", every_n_epochs),
             ("every_n_steps", every_n_steps),
             ("max_batches", max_batches),
             ("figure_every_n", figure_every_n),
         ):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise FisherInputError(f"{name} must be a positive integer or None; got {value!r}.")
+                raise FisherInputError(
+                    f"{option} must be a positive integer or None; got {value!r}."
+                )
         if every_n_epochs is None and every_n_steps is None:
             raise FisherInputError(
                 "Set every_n_epochs or every_n_steps; with neither nothing is ever logged."
