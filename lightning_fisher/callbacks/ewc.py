@@ -64,6 +64,11 @@ class EWC(Callback):
     update equals the one from ``loss + ewc.penalty(module)``. With fp16 AMP and an optimizer that
     unscales inside ``step`` (fused Adam), the added gradient is multiplied by the loss scale.
 
+    The state, the penalty and its gradient are those of
+    :class:`lightning_fisher.ElasticWeightConsolidation` (the attribute :attr:`core`), which a
+    training loop without Lightning can use directly; this callback decides when to consolidate
+    and on which data, when to add the gradient, and what to log.
+
     Memory: per consolidated parameter a float32 Fisher, an anchor and a workspace buffer (both in
     the parameter's dtype); separate mode keeps a Fisher and an anchor per task. Cost per optimizer
     step and task: two in-place passes over the parameters (``work = theta - theta*``, then
