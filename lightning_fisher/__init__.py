@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .estimators import METHODS, estimate_fisher, estimate_fishers, fisher_from_optimizer
+from .ewc import ElasticWeightConsolidation
 from .fisher_diagonal import FisherDiagonal
 from .outputs import FisherInputError
 from .spectrum import FisherOperator, lanczos, spectral_density, top_eigenvalues
@@ -34,6 +35,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "EWC",
     "METHODS",
+    "ElasticWeightConsolidation",
     "FisherDiagnostics",
     "FisherDiagonal",
     "FisherInputError",

@@ -13,8 +13,8 @@ v is ``autograd.grad`` of the logits with ``grad_outputs = L(p) xi`` (not detach
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -91,6 +91,66 @@ def fisher_trace_penalty(
     return total / (probes * n)
 
 
+def fisher_trace_penalty_grads(
+    model: nn.Module,
+    batches: Sequence[Any],
+    params: Sequence[Tensor],
+    alpha: float,
+    probes: int = 1,
+    *,
+    output_fn: OutputFn | None = None,
+    classes: ClassSelector | None = None,
+    probe_distribution: str = "rademacher",
+    generator: torch.Generator | None = None,
+    param_filter: Callable[[str], bool] | None = None,
+    forward_context: Callable[[], AbstractContextManager[Any]] = nullcontext,
+) -> tuple[list[Tensor], Tensor]:
+    """The gradient of ``alpha * mean_b R_b`` over ``params``, and ``mean_b R_b``, where R_b is
+    :func:`fisher_trace_penalty` on micro-batch b (averaged like a loss over the micro-batches of
+    one optimizer step).
+
+    Each micro-batch costs a forward, a backward with ``create_graph`` per probe and a
+    double-backward; one graph at a time is alive. BatchNorm running statistics are restored
+    afterwards (the forwards run in the model's current mode).
+
+    Args:
+        model: the classifier.
+        batches: the micro-batches of the step (on the model's device).
+        params: the parameters to differentiate; a parameter R does not reach gets zeros.
+        alpha: strength of the penalty.
+        probes, output_fn, classes, probe_distribution, generator, param_filter: as for
+            :func:`fisher_trace_penalty` (one generator draws the probes of all micro-batches).
+        forward_context: a context manager factory for each forward (e.g. an autocast).
+
+    Returns:
+        ``(grads, trace)``: one tensor per parameter (its dtype) and the float64 scalar mean of R.
+    """
+    device = params[0].device if params else torch.device("cpu")
+    grads = [torch.zeros_like(p) for p in params]
+    trace = torch.zeros((), dtype=torch.float64, device=device)
+    if not batches:
+        return grads, trace
+    with frozen_norm_statistics(model):
+        for batch in batches:
+            with forward_context():
+                r = fisher_trace_penalty(
+                    model,
+                    batch,
+                    probes,
+                    output_fn=output_fn,
+                    classes=classes,
+                    probe_distribution=probe_distribution,
+                    generator=generator,
+                    param_filter=param_filter,
+                )
+            parts = torch.autograd.grad(r * (alpha / len(batches)), params, allow_unused=True)
+            for acc, part in zip(grads, parts):
+                if part is not None:
+                    acc += part
+            trace += r.detach().double() / len(batches)
+    return grads, trace
+
+
 @contextmanager
 def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
     """Restore every BatchNorm running statistic afterwards, so that an extra forward in train
@@ -109,4 +169,4 @@ def frozen_norm_statistics(model: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
-__all__ = ["fisher_trace_penalty", "frozen_norm_statistics"]
+__all__ = ["fisher_trace_penalty", "fisher_trace_penalty_grads", "frozen_norm_statistics"]

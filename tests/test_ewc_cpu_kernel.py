@@ -12,9 +12,9 @@ import torch
 from lit_helpers import loader, max_diff, params, task_classes, trainer
 from test_ewc import SETTINGS, after_task0, ewc
 
-from lightning_fisher.callbacks import _cpu_kernel
+from lightning_fisher import _ewc_fused_cpu
 
-needs_kernel = pytest.mark.skipif(_cpu_kernel.load() is None, reason="no C compiler")
+needs_kernel = pytest.mark.skipif(_ewc_fused_cpu.load() is None, reason="no C compiler")
 
 
 @pytest.fixture
@@ -28,13 +28,13 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Counts the kernel's calls (patched in after it is built)."""
-    kernel, seen = _cpu_kernel.load(), []
+    kernel, seen = _ewc_fused_cpu.load(), []
 
     def counted(*args: Any) -> None:
         seen.append(1)
         kernel(*args)  # type: ignore[misc]
 
-    monkeypatch.setattr(_cpu_kernel, "_kernel", counted)
+    monkeypatch.setattr(_ewc_fused_cpu, "_kernel", counted)
     return seen
 
 
@@ -49,18 +49,18 @@ def test_kernel_rounds_like_separate_torch_ops() -> None:
     for lam in (100.0, 0.1, 3.0 * 2.0**16):
         expected = g + (f * lam) * (p - a)  # autograd's order for the explicit loss
         out = g.clone()
-        kernel = _cpu_kernel.load()
+        kernel = _ewc_fused_cpu.load()
         assert kernel is not None
         kernel(out.data_ptr(), f.data_ptr(), p.data_ptr(), a.data_ptr(), lam, n)
         assert torch.equal(out, expected)
 
 
 def test_fits_only_dense_contiguous_float32_cpu() -> None:
-    assert _cpu_kernel.fits(torch.zeros(3, 4))
-    assert not _cpu_kernel.fits(torch.zeros(3, 4).t())
-    assert not _cpu_kernel.fits(torch.zeros(3, dtype=torch.float64))
-    assert not _cpu_kernel.fits(torch.zeros(3, dtype=torch.bfloat16))
-    assert not _cpu_kernel.fits(torch.zeros(3, 3).to_sparse())
+    assert _ewc_fused_cpu.fits(torch.zeros(3, 4))
+    assert not _ewc_fused_cpu.fits(torch.zeros(3, 4).t())
+    assert not _ewc_fused_cpu.fits(torch.zeros(3, dtype=torch.float64))
+    assert not _ewc_fused_cpu.fits(torch.zeros(3, dtype=torch.bfloat16))
+    assert not _ewc_fused_cpu.fits(torch.zeros(3, 3).to_sparse())
 
 
 def routes(setting: str, **kw: Any) -> tuple[float, float]:
@@ -102,7 +102,7 @@ def test_kernel_route_equals_explicit_loss(
 def test_without_compiler_falls_back_with_a_warning(
     monkeypatch: pytest.MonkeyPatch, one_thread: None
 ) -> None:
-    monkeypatch.setattr(_cpu_kernel, "load", lambda: None)
+    monkeypatch.setattr(_ewc_fused_cpu, "load", lambda: None)
     with pytest.warns(UserWarning, match="no C compiler"):
         routes_diff, effect = routes("sgd", cpu_kernel=True)
     assert routes_diff <= 1e-6 < effect / 100

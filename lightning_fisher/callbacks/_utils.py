@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import numbers
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import (
     BatchSampler,
@@ -257,3 +261,72 @@ def all_reduce_mean_(tensors: list[Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
+
+
+def adopt_old_state_key(
+    trainer: pl.Trainer,
+    callback: pl.Callback,
+    checkpoint: dict[str, Any],
+    base: str,
+    settings: Mapping[str, Any],
+    *,
+    into_state: bool = False,
+) -> list[str]:
+    """Move ``callback``'s state in ``checkpoint`` from a key of older versions to its
+    ``state_key``; returns the keys of this kind that no callback of the Trainer claims.
+
+    Older versions put settings in the key (``base{'method': 'exact', ...}``), so a changed
+    setting dropped the state silently. The state moves when its own key is absent and exactly
+    one old key has ``settings`` (or the only unclaimed key of this kind is an old one). With
+    ``into_state`` the old key's settings are copied into the moved state.
+    """
+    states = checkpoint.get("callbacks")
+    if not isinstance(states, dict) or callback.state_key in states:
+        return []
+    kind = type(callback)
+    claimed = {cb.state_key for cb in getattr(trainer, "callbacks", []) if isinstance(cb, kind)}
+    old_prefix = base + "{"
+    unclaimed = [
+        k
+        for k in states
+        if isinstance(k, str)
+        and (k == base or k.startswith((base + "[", old_prefix)))
+        and k not in claimed
+    ]
+    old = {
+        k: _old_key_settings(k, len(base), tuple(settings))
+        for k in unclaimed
+        if k.startswith(old_prefix)
+    }
+    same = [k for k, v in old.items() if v == dict(settings)]
+    if len(same) == 1 or (len(old) == 1 and len(unclaimed) == 1):
+        key = same[0] if same else next(iter(old))
+        state = states.pop(key)
+        states[callback.state_key] = {**old[key], **state} if into_state else state
+        return []
+    return unclaimed
+
+
+def _old_key_settings(key: str, start: int, names: tuple[str, ...]) -> dict[str, Any]:
+    """The ``names`` settings of an old key such as ``EWC{'method': 'exact', 'mode': 'online'}``."""
+    try:
+        value = ast.literal_eval(key[start:])
+    except (ValueError, SyntaxError):
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    return {k: value[k] for k in names if k in value}
+
+
+@contextmanager
+def plain_warnings_on_rank_zero() -> Iterator[None]:
+    """Re-emit the warnings raised in the block (by the plain-torch code a callback calls) with
+    ``rank_zero_warn``, so that under DDP they appear once."""
+    caught: list[warnings.WarningMessage] | None = None
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for w in caught or []:
+            rank_zero_warn(str(w.message), category=w.category)

@@ -16,6 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
+from typing_extensions import override
 
 from ..diagnostics import (
     DEFAULT_METHODS,
@@ -28,7 +29,7 @@ from ..diagnostics import (
     save_png,
 )
 from ..diagnostics.statistics import check_methods
-from ..outputs import ClassSelector, OutputFn
+from ..outputs import ClassSelector, FisherInputError, OutputFn
 from ._utils import check_dataloader, fisher_loader, log_metrics, refuse_sharded_strategy
 
 #: Sub-folder of a ``CSVLogger``'s log directory that receives the PNG figures.
@@ -103,10 +104,13 @@ class FisherDiagnostics(Callback):
         figure_every_n: also draw figures at the first and every n-th evaluation (``None``: only at
             the end of training).
         prefix: first component of every logged name.
+        name: distinguishes several instances in one Trainer: the checkpoint key is
+            ``"FisherDiagnostics"``, or ``"FisherDiagnostics[<name>]"`` with a name.
     """
 
     def __init__(
         self,
+        *,
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
         dataloader: str | Iterable[Any] = "val",
@@ -121,27 +125,30 @@ class FisherDiagnostics(Callback):
         histograms: bool = True,
         figure_every_n: int | None = None,
         prefix: str = "fisher",
+        name: str | None = None,
     ) -> None:
-        for name, value in (
+        for option, value in (
             ("every_n_epochs", every_n_epochs),
             ("every_n_steps", every_n_steps),
             ("max_batches", max_batches),
             ("figure_every_n", figure_every_n),
         ):
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None; got {value!r}.")
+                raise FisherInputError(
+                    f"{option} must be a positive integer or None; got {value!r}."
+                )
         if every_n_epochs is None and every_n_steps is None:
-            raise ValueError(
+            raise FisherInputError(
                 "Set every_n_epochs or every_n_steps; with neither nothing is ever logged."
             )
         if isinstance(dataloader, str) and dataloader not in ("val", "train"):
-            raise ValueError(
+            raise FisherInputError(
                 f"dataloader must be 'val', 'train' or an iterable of batches; got {dataloader!r}."
             )
         if not isinstance(probes, int) or probes < 1:
-            raise ValueError(f"probes must be a positive integer; got {probes!r}.")
+            raise FisherInputError(f"probes must be a positive integer; got {probes!r}.")
         if not threshold > 0:
-            raise ValueError(f"threshold must be positive; got {threshold!r}.")
+            raise FisherInputError(f"threshold must be positive; got {threshold!r}.")
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.dataloader = dataloader
@@ -171,11 +178,23 @@ class FisherDiagnostics(Callback):
         self._fit_steps = 0
         self._warned: set[str] = set()
         check_dataloader("FisherDiagnostics", None if isinstance(dataloader, str) else dataloader)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise FisherInputError(
+                f"FisherDiagnostics: name must be a non-empty string or None; got {name!r}."
+            )
+        self.name = name
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return "FisherDiagnostics" if self.name is None else f"FisherDiagnostics[{self.name}]"
 
     # Hooks --------------------------------------------------------------------------------------
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "FisherDiagnostics")
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not (self._restored and trainer.ckpt_path is not None):
             self.fit_index += 1  # a fit resumed from a checkpoint keeps the index it had
@@ -188,6 +207,7 @@ class FisherDiagnostics(Callback):
                 "the diagnostics use the training dataloader.",
             )
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After a checkpoint's loops are restored: the cumulative count continues from here.
         self._step_base = (self.cumulative_step, trainer.global_step)
@@ -197,11 +217,13 @@ class FisherDiagnostics(Callback):
         self.cumulative_step = base + trainer.global_step - start
         return self.cumulative_step
 
+    @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
     ) -> None:
         self._fit_steps += 1
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -209,16 +231,19 @@ class FisherDiagnostics(Callback):
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0:
             self._evaluate(trainer, pl_module)
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._sync_step(trainer)
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._evaluate(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         evaluated = self._last_eval is not None and self._last_eval[0] == self.fit_index
         if self.last is not None and evaluated and self._figures_eval != self._last_eval:
             self._log_figures(trainer, self.last)
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._fit_steps and trainer.ckpt_path is None:
             rank_zero_warn(
@@ -231,6 +256,7 @@ class FisherDiagnostics(Callback):
             )
 
     # State --------------------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "history": [dict(h) for h in self.history],
@@ -239,6 +265,7 @@ class FisherDiagnostics(Callback):
             "last_eval": list(self._last_eval) if self._last_eval is not None else None,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h) for h in state_dict.get("history", [])]
         if "fit_index" in state_dict:

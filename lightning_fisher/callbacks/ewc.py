@@ -5,57 +5,45 @@ Penalty, over the consolidated tasks t with Fisher diagonals F_t and anchors the
     P(theta) = (lambda / 2) sum_t sum_i F_t,i (theta_i - theta*_t,i)^2,
     grad P   = lambda sum_t F_t (theta - theta*_t).
 
-``mode="separate"`` keeps one (F_t, theta*_t) per task; ``mode="online"`` keeps one pair, updated
-as F <- gamma F + F_new and theta* <- theta_new.
+The state and the math live in :class:`lightning_fisher.ewc.ElasticWeightConsolidation`; this
+callback decides when to consolidate (and on which data), when to add the gradient, and logs.
 """
 
 from __future__ import annotations
 
-import ast
 import math
 import os
 import time
-import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from ..estimators import METHODS, estimate_fisher, fisher_from_optimizer
+from ..ewc import ElasticWeightConsolidation
 from ..fisher_diagonal import FisherDiagonal
 from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of
-from . import _cpu_kernel
 from ._utils import (
+    adopt_old_state_key,
     check_dataloader,
     check_fisher_options,
     fisher_loader,
     grad_scale,
     log_metrics,
+    plain_warnings_on_rank_zero,
     refuse_sharded_strategy,
     training_finished,
     world_size,
 )
 
-MODES = ("online", "separate")
-#: per task: parameters, their Fisher, anchors and workspace buffers
-_Terms = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
 APPLY = ("grad", "loss")
 #: optimizers whose state holds Adam's ``exp_avg_sq`` (what the Squisher reads)
 SQUISHER_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
-#: checkpoint state keys written before the key became stable: ``EWC{'method': .., 'mode': ..}``
-_OLD_KEY_PREFIX = "EWC{"
-
-
-@dataclass
-class _Task:
-    """One consolidated (Fisher, anchor) pair; tensors live on the parameters' device."""
-
-    fisher: FisherDiagonal
-    anchor: dict[str, Tensor]
 
 
 class EWC(Callback):
@@ -75,6 +63,11 @@ class EWC(Callback):
     accumulation, the DDP all-reduce and AMP unscaling, and before gradient clipping, so the
     update equals the one from ``loss + ewc.penalty(module)``. With fp16 AMP and an optimizer that
     unscales inside ``step`` (fused Adam), the added gradient is multiplied by the loss scale.
+
+    The state, the penalty and its gradient are those of
+    :class:`lightning_fisher.ElasticWeightConsolidation` (the attribute :attr:`core`), which a
+    training loop without Lightning can use directly; this callback decides when to consolidate
+    and on which data, when to add the gradient, and what to log.
 
     Memory: per consolidated parameter a float32 Fisher, an anchor and a workspace buffer (both in
     the parameter's dtype); separate mode keeps a Fisher and an anchor per task. Cost per optimizer
@@ -147,6 +140,7 @@ class EWC(Callback):
 
     def __init__(
         self,
+        *,
         lam: float,
         method: str = "exact",
         mode: str = "online",
@@ -154,7 +148,6 @@ class EWC(Callback):
         max_samples: int | None = None,
         mc_samples: int = 1,
         probes: int = 1,
-        *,
         apply: str = "grad",
         dataloader: Iterable[Any] | None = None,
         classes: ClassSelector | None = None,
@@ -168,30 +161,24 @@ class EWC(Callback):
         cpu_kernel: bool = False,
         name: str | None = None,
     ) -> None:
-        if not (math.isfinite(lam) and lam >= 0):
-            raise ValueError(f"EWC: lam must be a finite number >= 0; got {lam!r}.")
         if method != "squisher" and method not in METHODS:
-            raise ValueError(
+            raise FisherInputError(
                 f"EWC: unknown Fisher method {method!r}; choose one of {', '.join(METHODS)} or 'squisher'."
             )
-        if mode not in MODES:
-            raise ValueError(f"EWC: mode must be 'online' or 'separate'; got {mode!r}.")
-        if not (math.isfinite(gamma) and gamma >= 0):
-            raise ValueError(f"EWC: gamma must be a finite number >= 0; got {gamma!r}.")
+        #: the plain-torch state and penalty this callback drives
+        self.core = ElasticWeightConsolidation(
+            lam=lam, mode=mode, gamma=gamma, method=method, cpu_kernel=cpu_kernel
+        )
         if apply not in APPLY:
-            raise ValueError(
+            raise FisherInputError(
                 f"EWC: apply must be 'grad' (the callback adds the penalty gradient) or 'loss' (you "
                 f"add `ewc.penalty(module)` to your loss); got {apply!r}."
             )
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"EWC: batch_size must be positive; got {batch_size}.")
+            raise FisherInputError(f"EWC: batch_size must be positive; got {batch_size}.")
         if name is not None and (not isinstance(name, str) or not name):
-            raise ValueError(f"EWC: name must be a non-empty string or None; got {name!r}.")
+            raise FisherInputError(f"EWC: name must be a non-empty string or None; got {name!r}.")
         check_dataloader("EWC", dataloader)
-        self.lam = float(lam)
-        self.method = method
-        self.mode = mode
-        self.gamma = float(gamma)
         self.apply = apply
         self.dataloader = dataloader
         self.consolidate_on_fit_end = consolidate_on_fit_end
@@ -199,7 +186,6 @@ class EWC(Callback):
         self.batch_size = batch_size
         self.bias_correction = bias_correction
         self.log_penalty = log_penalty
-        self.cpu_kernel = cpu_kernel
         self.name = name
         self.fisher_kwargs: dict[str, Any] = {
             "max_samples": max_samples,
@@ -210,8 +196,6 @@ class EWC(Callback):
             **dict(fisher_kwargs or {}),
         }
         check_fisher_options("EWC", self.fisher_kwargs)
-        self._tasks: list[_Task] = []
-        self.task_count = 0
         self._steps_since = 0  # optimizer steps since the last consolidation
         self._trained = False  # on_train_start ran in the current fit
         self._fit_steps = 0  # optimizer steps in the current fit
@@ -221,25 +205,57 @@ class EWC(Callback):
         self._epoch_task: Any = None  # datamodule task id seen at the start of the epoch
         self._micro_batch: int | None = None
         self._module: nn.Module | None = None
-        self._terms_cache: dict[int, list[_Terms]] = {}
-        #: per cached parameter list: whether F, theta, theta* suit the C kernel
-        self._kernel_fits: dict[int, bool] = {}
         #: the latest estimate (before online accumulation) and how long it took
         self.last_fisher: FisherDiagonal | None = None
         self.fisher_seconds = 0.0
 
-    # Read access -----------------------------------------------------------------------------
+    # Read access (the core's state and settings) ----------------------------------------------
+    @property
+    def lam(self) -> float:
+        """Penalty strength lambda."""
+        return self.core.lam
+
+    @lam.setter
+    def lam(self, value: float) -> None:
+        if isinstance(value, bool) or not (math.isfinite(value) and value >= 0):
+            raise FisherInputError(f"EWC: lam must be a finite number >= 0; got {value!r}.")
+        self.core.lam = float(value)
+
+    @property
+    def method(self) -> str:
+        method = self.core.method
+        assert method is not None  # set at construction, never cleared
+        return method
+
+    @property
+    def mode(self) -> str:
+        return self.core.mode
+
+    @property
+    def gamma(self) -> float:
+        return self.core.gamma
+
+    @property
+    def cpu_kernel(self) -> bool:
+        return self.core.cpu_kernel
+
+    @property
+    def task_count(self) -> int:
+        """Number of consolidated tasks."""
+        return self.core.task_count
+
     @property
     def fishers(self) -> list[FisherDiagonal]:
         """The stored Fisher diagonals: one in online mode, one per task in separate mode."""
-        return [t.fisher for t in self._tasks]
+        return self.core.fishers
 
     @property
     def anchors(self) -> list[dict[str, Tensor]]:
         """The stored anchor parameters theta*, matching :attr:`fishers`."""
-        return [t.anchor for t in self._tasks]
+        return self.core.anchors
 
     @property
+    @override
     def state_key(self) -> str:
         return "EWC" if self.name is None else f"EWC[{self.name}]"
 
@@ -247,19 +263,7 @@ class EWC(Callback):
     def penalty(self, module: nn.Module) -> Tensor:
         """(lam / 2) sum_t sum_i F_t,i (theta_i - theta*_t,i)^2, differentiable in ``module``'s
         parameters (zero before the first consolidation)."""
-        params = dict(module.named_parameters())
-        device = next(iter(params.values())).device if params else torch.device("cpu")
-        self._to_device(device)
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        for task in self._tasks:
-            for name, f in task.fisher.items():
-                if name not in params:
-                    raise FisherInputError(
-                        f"EWC: consolidated parameter {name!r} is not a parameter of this module; "
-                        "the penalty needs the module the Fisher was estimated on."
-                    )
-                total = total + (f * (params[name] - task.anchor[name]).pow(2)).sum()
-        return 0.5 * self.lam * total
+        return self.core.penalty(module)
 
     # Consolidation ---------------------------------------------------------------------------
     def consolidate(
@@ -287,27 +291,10 @@ class EWC(Callback):
         trainer = getattr(module, "_trainer", None)
         if fisher is None:
             fisher = self._estimate(module, trainer, dataloader, optimizer)
-        params = {n: p for n, p in module.named_parameters()}
-        fisher.check_matches(module)
-        for name, t in fisher.items():
-            if not torch.isfinite(t).all():
-                raise FisherInputError(
-                    f"EWC: the Fisher of {name!r} has NaN/Inf entries; nothing was consolidated. "
-                    "Check the model and data for NaN/Inf (or fp16 overflow)."
-                )
-        device = next(iter(params.values())).device
-        fisher = fisher.to(device)
+        fisher = self.core.consolidate(fisher, module)
         self.fisher_seconds = time.perf_counter() - start
         self.last_fisher = fisher
-        if self.mode == "online" and self._tasks:
-            # Parameters new since the last task (a new head) count as zero on the old side.
-            combined = self._tasks[0].fisher.scale(self.gamma) + fisher
-            self._tasks = [_Task(combined, self._anchor(params, combined))]
-        else:
-            self._tasks.append(_Task(fisher, self._anchor(params, fisher)))
-        self.task_count += 1
         self._steps_since = 0
-        self._invalidate_caches()
         if trainer is not None:
             log_metrics(
                 trainer,
@@ -369,28 +356,19 @@ class EWC(Callback):
         # Adam's exp_avg_sq tracks the squared mean gradient of the global batch.
         return self._micro_batch * accumulate * world_size()
 
-    @staticmethod
-    def _anchor(params: Mapping[str, Tensor], fisher: FisherDiagonal) -> dict[str, Tensor]:
-        return {n: params[n].detach().clone() for n in fisher}
-
-    def _to_device(self, device: torch.device) -> None:
-        for task in self._tasks:
-            if any(t.device != device for t in task.anchor.values()):
-                task.fisher = task.fisher.to(device)
-                task.anchor = {k: v.to(device) for k, v in task.anchor.items()}
-                self._invalidate_caches()
-
     # Lightning hooks -------------------------------------------------------------------------
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.EWC")
         self._module = pl_module  # lets load_state_dict check names before touching state
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = False
         self._fit_steps = 0
         self._pending_save_step = None
         self._logged_penalty = None
-        self._invalidate_caches()
+        self.core.invalidate_caches()
         if self.method == "squisher":
             wrong = [
                 type(o).__name__
@@ -402,18 +380,20 @@ class EWC(Callback):
                     f"EWC(method='squisher') reads Adam's `exp_avg_sq`, but the optimizer is "
                     f"{', '.join(wrong)}; use Adam or AdamW (or NAdam, RAdam), or another `method`."
                 )
-        if self.cpu_kernel and pl_module.device.type == "cpu" and _cpu_kernel.load() is None:
-            # compiled here, not inside the first training step
-            warnings.warn(
+        if (
+            self.cpu_kernel
+            and pl_module.device.type == "cpu"
+            and not self.core.prepare_cpu_kernel()  # compiled here, not in the first step
+        ):
+            rank_zero_warn(
                 "EWC(cpu_kernel=True): no C compiler could build the kernel; using PyTorch's ops "
-                "(same result, one more pass over the parameters).",
-                stacklevel=2,
+                "(same result, one more pass over the parameters)."
             )
-        if self._tasks:
-            for task in self._tasks:
-                task.fisher.check_matches(pl_module)
-            self._to_device(pl_module.device)
+        if self.core.fishers:
+            self.core.check_matches(pl_module)
+            self.core.to(pl_module.device)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -423,6 +403,7 @@ class EWC(Callback):
             except FisherInputError:
                 self._micro_batch = None
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -442,6 +423,7 @@ class EWC(Callback):
                     "ewc/penalty_ratio", penalty / value, on_step=True, on_epoch=False, batch_size=1
                 )
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         task = self._task_id(trainer)
         if (
@@ -450,14 +432,14 @@ class EWC(Callback):
             and task != self._epoch_task
             and self._steps_since
         ):
-            warnings.warn(
+            rank_zero_warn(
                 f"EWC: the task changed ({self._epoch_task!r} -> {task!r}) after the previous task's "
                 "data was replaced, so it was not consolidated. Change `task_id` before "
-                "`on_train_epoch_end` of the task's last epoch, or call `ewc.consolidate(...)`.",
-                stacklevel=2,
+                "`on_train_epoch_end` of the task's last epoch, or call `ewc.consolidate(...)`."
             )
         self._epoch_task = task
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         task = self._task_id(trainer)
         if task is None or self._epoch_task is None or task == self._epoch_task:
@@ -466,9 +448,11 @@ class EWC(Callback):
             self._consolidate_in_hook(pl_module)
         self._epoch_task = task
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = True
 
+    @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -484,6 +468,7 @@ class EWC(Callback):
         else:
             self._pending_save_step = trainer.global_step
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.consolidate_on_fit_end and self._steps_since:
             self._consolidate_in_hook(pl_module)
@@ -493,6 +478,7 @@ class EWC(Callback):
                 self._rewrite_checkpoints_of_this_step(trainer)
         self._pending_save_step = None
 
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._fit_steps and trainer.ckpt_path is None:
             self._warn_no_step(trainer)
@@ -510,14 +496,13 @@ class EWC(Callback):
             pl_module.to(device)
 
     def _warn_no_step(self, trainer: pl.Trainer) -> None:
-        warnings.warn(
+        rank_zero_warn(
             "EWC: this fit made no training step (the Trainer is at epoch "
             f"{trainer.current_epoch}, global step {trainer.global_step}; max_epochs="
             f"{trainer.max_epochs}, max_steps={trainer.max_steps}), so its task was neither "
             "trained nor consolidated. A Trainer that reached its limits does not train again: "
             "build a new Trainer for each task (the callbacks can be reused), or raise "
-            "max_epochs/max_steps before calling fit again.",
-            stacklevel=2,
+            "max_epochs/max_steps before calling fit again."
         )
 
     def _consolidate_in_hook(self, pl_module: pl.LightningModule) -> None:
@@ -546,121 +531,33 @@ class EWC(Callback):
             for path in trainer.strategy.broadcast(chosen):
                 trainer.save_checkpoint(path)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         self._steps_since += 1
         self._fit_steps += 1
-        if not self._tasks or self.lam == 0:
+        if not self.core.fishers or self.lam == 0:
             return
         # Computing the penalty's value costs extra passes: do it only when Lightning logs.
         every = max(1, getattr(trainer, "log_every_n_steps", 50))
         log = self.log_penalty and (trainer.global_step + 1) % every == 0
+        penalty: Tensor | None
         if self.apply == "loss":
-            if log:
-                with torch.no_grad():
-                    explicit = self.penalty(pl_module)
-                self._logged_penalty = float(explicit)
-                pl_module.log("ewc/penalty", explicit, on_step=True, on_epoch=False, batch_size=1)
-            return
-        scale = grad_scale(trainer, optimizer) * self.lam
-        value: Tensor | None = None
-        with torch.no_grad():
-            for params, fishers, anchors, work in self._terms(pl_module, optimizer):
-                grads = []
-                for p in params:
-                    if p.grad is None:  # the explicit-loss route would give it a gradient too
-                        p.grad = torch.zeros_like(p)
-                    grads.append(p.grad)
-                if not log and self._cpu_kernel_add(grads, fishers, params, anchors, scale):
-                    continue
-                # work = theta - theta* in place on a persistent workspace (no allocation per step).
-                if params[0].device.type == "cpu":
-                    # Memory-bound on CPU: one pass (read theta, theta*, write work) instead of a
-                    # copy and a subtraction.
-                    for w, p, a in zip(work, params, anchors):
-                        torch.sub(p, a, out=w)
-                else:  # the multi-tensor CUDA kernels: two launches instead of one per tensor
-                    torch._foreach_copy_(work, params)
-                    torch._foreach_sub_(work, anchors)
-                # grad += (scale F) (theta - theta*): scale times F first, as in the loss's gradient
-                torch._foreach_addcmul_(grads, fishers, work, value=scale)
-                if log:
-                    squares = torch._foreach_mul(work, work)
-                    torch._foreach_mul_(squares, fishers)  # F (theta - theta*)^2 >= 0
-                    part = torch.stack(torch._foreach_norm(squares, 1)).float().sum()
-                    value = part if value is None else value + part
-        if log:
-            total = value if value is not None else torch.zeros((), device=pl_module.device)
-            penalty = 0.5 * self.lam * total
+            if not log:
+                return
+            with torch.no_grad():
+                penalty = self.core.penalty(pl_module)
+        else:
+            penalty = self.core.add_penalty_grad(
+                pl_module,
+                optimizer=optimizer,
+                scale=grad_scale(trainer, optimizer),
+                with_penalty=log,
+            )
+        if log and penalty is not None:
             self._logged_penalty = float(penalty)
             pl_module.log("ewc/penalty", penalty, on_step=True, on_epoch=False, batch_size=1)
-
-    def _cpu_kernel_add(
-        self,
-        grads: list[Tensor],
-        fishers: list[Tensor],
-        params: list[Tensor],
-        anchors: list[Tensor],
-        scale: float,
-    ) -> bool:
-        """grads += (scale F) (theta - theta*) in one pass with the C kernel; ``False`` (nothing
-        added) where it does not apply."""
-        if not self.cpu_kernel or torch.get_num_threads() != 1:
-            return False  # ATen's ops use the other threads; the kernel would not
-        kernel = _cpu_kernel.load()
-        if kernel is None:
-            return False
-        key = id(params)
-        if key not in self._kernel_fits:  # F, theta, theta* are fixed while the cache lives
-            self._kernel_fits[key] = all(
-                _cpu_kernel.fits(t) and t.shape == p.shape
-                for p, f, a in zip(params, fishers, anchors)
-                for t in (p, f, a)
-            )
-        # grads are new tensors at every step (zero_grad sets them to None)
-        if not self._kernel_fits[key] or not all(
-            _cpu_kernel.fits(g) and g.shape == p.shape for g, p in zip(grads, params)
-        ):
-            return False
-        for g, f, p, a in zip(grads, fishers, params, anchors):
-            kernel(g.data_ptr(), f.data_ptr(), p.data_ptr(), a.data_ptr(), scale, g.numel())
-        return True
-
-    def _invalidate_caches(self) -> None:
-        """Forget the per-optimizer terms and kernel checks (F, theta* or the device changed)."""
-        self._terms_cache.clear()
-        self._kernel_fits.clear()
-
-    def _terms(
-        self, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> list[_Terms]:
-        """Per task: the optimizer's trainable parameters that have a Fisher, with F, theta* and
-        a workspace buffer per parameter (shared by the tasks)."""
-        key = id(optimizer)
-        if key not in self._terms_cache:
-            self._to_device(pl_module.device)
-            names = {id(p): n for n, p in pl_module.named_parameters()}
-            owned: list[Tensor] = [
-                p
-                for g in optimizer.param_groups
-                for p in g["params"]
-                if p.requires_grad and id(p) in names
-            ]
-            work = {id(p): torch.empty_like(p) for p in owned}
-            terms: list[_Terms] = []
-            for task in self._tasks:
-                ps = [p for p in owned if names[id(p)] in task.fisher]
-                terms.append(
-                    (
-                        ps,
-                        [task.fisher[names[id(p)]] for p in ps],
-                        [task.anchor[names[id(p)]] for p in ps],
-                        [work[id(p)] for p in ps],
-                    )
-                )
-            self._terms_cache[key] = terms
-        return self._terms_cache[key]
 
     def _task_id(self, trainer: pl.Trainer) -> Any:
         if self.task_attr is None:
@@ -669,46 +566,28 @@ class EWC(Callback):
         return getattr(datamodule, self.task_attr, None) if datamodule is not None else None
 
     # Checkpoints -----------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "method": self.method,
-            "mode": self.mode,
-            "gamma": self.gamma,
-            "task_count": self.task_count,
+            **self.core.state_dict(),
             "steps_since_consolidation": self._steps_since,
             "epoch_task": self._epoch_task if isinstance(self._epoch_task, (int, str)) else None,
-            "tasks": [
-                {
-                    "fisher": t.fisher.state_dict(),
-                    "anchor": {k: v.clone() for k, v in t.anchor.items()},
-                }
-                for t in self._tasks
-            ],
         }
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         """Move this callback's state from a key of older versions (which held ``method`` and
         ``mode``) to the current key, or refuse EWC state no EWC callback of the Trainer claims."""
-        states = checkpoint.get("callbacks")
-        if not isinstance(states, dict) or self.state_key in states:
-            return
-        claimed = {cb.state_key for cb in getattr(trainer, "callbacks", []) if isinstance(cb, EWC)}
-        unclaimed = [
-            k
-            for k in states
-            if isinstance(k, str)
-            and (k == "EWC" or k.startswith(("EWC[", _OLD_KEY_PREFIX)))
-            and k not in claimed
-        ]
-        old = {k: _old_key_settings(k) for k in unclaimed if k.startswith(_OLD_KEY_PREFIX)}
-        same = [k for k, v in old.items() if v == {"method": self.method, "mode": self.mode}]
-        if len(same) == 1 or (len(old) == 1 and len(unclaimed) == 1):
-            key = same[0] if same else next(iter(old))
-            # The old key held the method; the old state held the mode.
-            states[self.state_key] = {**old[key], **states.pop(key)}
-            return
+        unclaimed = adopt_old_state_key(
+            trainer,
+            self,
+            checkpoint,
+            "EWC",
+            {"method": self.method, "mode": self.mode},
+            into_state=True,  # the old key held the method; the old state held the mode
+        )
         if unclaimed:
             raise FisherInputError(
                 f"EWC: the checkpoint holds EWC state under {unclaimed}, but this callback's key "
@@ -716,74 +595,13 @@ class EWC(Callback):
                 "checkpoint was written with."
             )
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        method = state_dict.get("method", self.method)
-        if method != self.method:
-            raise FisherInputError(
-                f"EWC: the checkpoint's Fisher diagonals were estimated with method={method!r}, "
-                f"but this callback has method={self.method!r}. The methods' scales differ (and "
-                f"lambda with them), so they are not mixed: resume with EWC(method={method!r}, ...)."
-            )
-        mode = state_dict.get("mode", self.mode)
-        if mode not in MODES:
-            raise FisherInputError(f"EWC: corrupt checkpoint state: unknown mode {mode!r}.")
-        if mode == "online" and self.mode == "separate" and int(state_dict["task_count"]) > 1:
-            raise FisherInputError(
-                "EWC: the checkpoint holds mode='online' state (one Fisher summed over "
-                f"{state_dict['task_count']} tasks), which cannot be split into the per-task "
-                "Fishers of mode='separate'; resume with EWC(mode='online', ...)."
-            )
-        tasks = []
-        for entry in state_dict["tasks"]:
-            fisher = FisherDiagonal.from_state_dict(entry["fisher"])
-            anchor = dict(entry["anchor"])
-            if set(anchor) != set(fisher):
-                raise ValueError("EWC: corrupt checkpoint state: anchor and Fisher names differ.")
-            if self._module is not None:
-                try:
-                    fisher.check_matches(self._module)
-                except ValueError as err:
-                    raise FisherInputError(
-                        f"EWC: cannot restore the checkpoint's EWC state: {err} Resume with the "
-                        "model the checkpoint was written from."
-                    ) from None
-            tasks.append(_Task(fisher, anchor))
-        if mode == "separate" and self.mode == "online" and len(tasks) > 1:
-            n_tasks, tasks = len(tasks), [self._as_online(tasks)]
-            warnings.warn(
-                f"EWC: converted the checkpoint's mode='separate' state ({n_tasks} tasks) to "
-                f"mode='online': F = sum_t gamma^(T-t) F_t with gamma={self.gamma}, anchored at "
-                "the latest task.",
-                stacklevel=2,
-            )
-        # Replace the state only once everything is validated.
-        self._tasks = tasks
-        self.task_count = int(state_dict["task_count"])
-        self._steps_since = int(state_dict["steps_since_consolidation"])
+        steps_since = int(state_dict["steps_since_consolidation"])
+        with plain_warnings_on_rank_zero():
+            self.core.load_state_dict(state_dict, self._module)
+        self._steps_since = steps_since
         self._epoch_task = state_dict.get("epoch_task")
-        self._invalidate_caches()
-
-    def _as_online(self, tasks: list[_Task]) -> _Task:
-        """What online EWC keeps from the same per-task estimates: F = sum_t gamma^(T-t) F_t (a
-        parameter a task has no entry for counts as zero there), anchored at each parameter's
-        latest anchor."""
-        combined = tasks[0].fisher
-        anchor = dict(tasks[0].anchor)
-        for task in tasks[1:]:
-            combined = combined.scale(self.gamma) + task.fisher
-            anchor.update(task.anchor)
-        return _Task(combined, {n: anchor[n] for n in combined})
-
-
-def _old_key_settings(key: str) -> dict[str, Any]:
-    """``{'method': .., 'mode': ..}`` from a key ``EWC{'method': 'exact', 'mode': 'online'}``."""
-    try:
-        value = ast.literal_eval(key[len("EWC") :])
-    except (ValueError, SyntaxError):
-        return {}
-    if not isinstance(value, dict):
-        return {}
-    return {k: value[k] for k in ("method", "mode") if k in value}
 
 
 def _written_at(path: str, step: int) -> bool:

@@ -9,11 +9,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from ..estimators import METHODS, estimate_fisher
 from ..fisher_diagonal import FisherDiagonal
 from ..outputs import ClassSelector, FisherInputError, OutputFn
 from ._utils import (
+    adopt_old_state_key,
     check_dataloader,
     check_fisher_options,
     fisher_loader,
@@ -49,14 +52,19 @@ class FisherMonitor(Callback):
         save_dir: if set, rank 0 saves every estimate there as ``fisher-step=<step>.safetensors``.
         on_estimate: ``on_estimate(trainer, pl_module, fisher)`` called after every estimate.
         fisher_kwargs: further keyword arguments of ``lf.estimate_fisher``.
+        name: distinguishes several monitors in one Trainer: the checkpoint key is
+            ``"FisherMonitor"``, or ``"FisherMonitor[<name>]"`` with a name. The key does not
+            depend on the other settings, so a resumed run with another ``method`` or schedule
+            keeps the history; state that older versions keyed by ``method`` and ``every_n_*`` is
+            read too.
     """
 
     def __init__(
         self,
+        *,
         method: str = "hutchinson",
         every_n_epochs: int | None = 1,
         every_n_steps: int | None = None,
-        *,
         dataloader: Iterable[Any] | None = None,
         max_samples: int | None = None,
         max_batches: int | None = None,
@@ -68,18 +76,28 @@ class FisherMonitor(Callback):
         save_dir: str | os.PathLike[str] | None = None,
         on_estimate: Callable[[pl.Trainer, pl.LightningModule, FisherDiagonal], None] | None = None,
         fisher_kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
     ) -> None:
         if method not in METHODS:
-            raise ValueError(
+            raise FisherInputError(
                 f"FisherMonitor: unknown method {method!r}; choose one of {', '.join(METHODS)}."
             )
-        for name, value in (("every_n_epochs", every_n_epochs), ("every_n_steps", every_n_steps)):
-            if value is not None and value < 1:
-                raise ValueError(
-                    f"FisherMonitor: {name} must be a positive integer or None; got {value!r}."
+        for option, value in (
+            ("every_n_epochs", every_n_epochs),
+            ("every_n_steps", every_n_steps),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise FisherInputError(
+                    f"FisherMonitor: {option} must be a positive integer or None; got {value!r}."
                 )
         if every_n_epochs is None and every_n_steps is None:
-            raise ValueError("FisherMonitor: set `every_n_epochs` or `every_n_steps`.")
+            raise FisherInputError("FisherMonitor: set `every_n_epochs` or `every_n_steps`.")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise FisherInputError(
+                f"FisherMonitor: name must be a non-empty string or None; got {name!r}."
+            )
         check_dataloader("FisherMonitor", dataloader)
         self.method = method
         self.every_n_epochs = None if every_n_steps is not None else every_n_epochs
@@ -88,6 +106,7 @@ class FisherMonitor(Callback):
         self.log_layer_traces = log_layer_traces
         self.save_dir = save_dir
         self.on_estimate = on_estimate
+        self.name = name
         self.fisher_kwargs: dict[str, Any] = {
             "max_samples": max_samples,
             "max_batches": max_batches,
@@ -106,10 +125,29 @@ class FisherMonitor(Callback):
         self._module: pl.LightningModule | None = None
 
     @property
+    @override
     def state_key(self) -> str:
-        return self._generate_state_key(
-            method=self.method, every_n_epochs=self.every_n_epochs, every_n_steps=self.every_n_steps
-        )
+        return "FisherMonitor" if self.name is None else f"FisherMonitor[{self.name}]"
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Read state that older versions keyed by ``method`` and ``every_n_*``; warn about
+        monitor state no monitor of the Trainer claims."""
+        settings = {
+            "method": self.method,
+            "every_n_epochs": self.every_n_epochs,
+            "every_n_steps": self.every_n_steps,
+        }
+        unclaimed = adopt_old_state_key(trainer, self, checkpoint, "FisherMonitor", settings)
+        if unclaimed:
+            rank_zero_warn(
+                f"FisherMonitor: the checkpoint holds FisherMonitor state under {unclaimed}, but "
+                f"this callback's key is {self.state_key!r} (name={self.name!r}), so it starts "
+                "without the checkpoint's estimate and history; construct it with the `name=` the "
+                "checkpoint was written with to restore them."
+            )
 
     def estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> FisherDiagonal:
         """Run the Fisher pass now, keep the result in :attr:`fisher` and log it."""
@@ -135,10 +173,12 @@ class FisherMonitor(Callback):
             self.on_estimate(trainer, pl_module, fd)
         return fd
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.FisherMonitor")
         self._module = pl_module
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
             self.every_n_epochs is not None
@@ -146,6 +186,7 @@ class FisherMonitor(Callback):
         ):
             self.estimate(trainer, pl_module)
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -164,6 +205,7 @@ class FisherMonitor(Callback):
         ):
             self.estimate(trainer, pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "fisher": self.fisher.state_dict() if self.fisher is not None else None,
@@ -172,6 +214,7 @@ class FisherMonitor(Callback):
             "history": [list(h) for h in self.history],
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         fisher = state_dict.get("fisher")
         fd = FisherDiagonal.from_state_dict(fisher) if fisher is not None else None

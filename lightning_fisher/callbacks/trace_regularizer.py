@@ -15,9 +15,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
-from ..outputs import ClassSelector, OutputFn
-from ..regularizers import fisher_trace_penalty, frozen_norm_statistics
+from ..outputs import ClassSelector, FisherInputError, OutputFn
+from ..regularizers import fisher_trace_penalty_grads
 from ._utils import all_reduce_mean_, grad_scale, refuse_sharded_strategy
 
 
@@ -48,44 +49,53 @@ class FisherTraceRegularizer(Callback):
             draws the same probes.
         param_filter: regularise the trace over these parameters only (by name).
         log: log ``fisher_trace/estimate`` (R) and ``fisher_trace/penalty`` (alpha R).
+        name: distinguishes several instances in one Trainer: the checkpoint key is
+            ``"FisherTraceRegularizer"``, or ``"FisherTraceRegularizer[<name>]"`` with a name.
     """
 
     def __init__(
         self,
+        *,
         alpha: float,
         probes: int = 1,
         every_n_steps: int = 1,
-        *,
         output_fn: OutputFn | None = None,
         classes: ClassSelector | None = None,
         probe_distribution: str = "rademacher",
         seed: int = 0,
         param_filter: Callable[[str], bool] | None = None,
         log: bool = True,
+        name: str | None = None,
     ) -> None:
         if not (math.isfinite(alpha) and alpha >= 0):
-            raise ValueError(
+            raise FisherInputError(
                 f"FisherTraceRegularizer: alpha must be a finite number >= 0; got {alpha!r}."
             )
         if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-            raise ValueError(f"FisherTraceRegularizer: probes must be at least 1; got {probes!r}.")
+            raise FisherInputError(
+                f"FisherTraceRegularizer: probes must be at least 1; got {probes!r}."
+            )
         if (
             isinstance(every_n_steps, bool)
             or not isinstance(every_n_steps, int)
             or every_n_steps < 1
         ):
-            raise ValueError(
+            raise FisherInputError(
                 f"FisherTraceRegularizer: every_n_steps must be at least 1; got {every_n_steps!r}."
             )
         if probe_distribution not in ("rademacher", "gaussian"):
-            raise ValueError(
+            raise FisherInputError(
                 f"FisherTraceRegularizer: probe_distribution must be 'rademacher' or 'gaussian'; "
                 f"got {probe_distribution!r}."
             )
         if param_filter is not None and not callable(param_filter):
-            raise ValueError(
+            raise FisherInputError(
                 "FisherTraceRegularizer: param_filter must be a callable name -> bool or None; "
                 f"got {type(param_filter).__name__}."
+            )
+        if name is not None and (not isinstance(name, str) or not name):
+            raise FisherInputError(
+                f"FisherTraceRegularizer: name must be a non-empty string or None; got {name!r}."
             )
         self.alpha = float(alpha)
         self.probes = probes
@@ -96,10 +106,17 @@ class FisherTraceRegularizer(Callback):
         self.seed = seed
         self.param_filter = param_filter
         self.log = log
+        self.name = name
         self._pending: list[Any] = []
         #: regularised optimizer steps so far, and the latest trace estimate R
         self.applied_steps = 0
         self.last_trace: float | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        base = "FisherTraceRegularizer"
+        return base if self.name is None else f"{base}[{self.name}]"
 
     def probe_generator(self, step: int, rank: int, device: torch.device) -> torch.Generator:
         """The generator whose draws give the probes of optimizer step ``step`` on ``rank``."""
@@ -107,18 +124,21 @@ class FisherTraceRegularizer(Callback):
         generator.manual_seed(((self.seed * 1_000_003 + step) * 65_537 + rank) % 2**63)
         return generator
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.FisherTraceRegularizer")
 
     def _due(self, trainer: pl.Trainer) -> bool:
         return self.alpha > 0 and trainer.global_step % self.every_n_steps == 0
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._due(trainer):
             self._pending.append(batch)  # already on the device; a reference, not a copy
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -127,29 +147,19 @@ class FisherTraceRegularizer(Callback):
             return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         generator = self.probe_generator(trainer.global_step, trainer.global_rank, pl_module.device)
-        extra = [torch.zeros_like(p) for p in params]
-        trace = torch.zeros((), dtype=torch.float64, device=pl_module.device)
-        with frozen_norm_statistics(pl_module):
-            for batch in batches:
-                with trainer.precision_plugin.forward_context():
-                    r = fisher_trace_penalty(
-                        pl_module,
-                        batch,
-                        self.probes,
-                        output_fn=self.output_fn,
-                        classes=self.classes,
-                        probe_distribution=self.probe_distribution,
-                        generator=generator,
-                        param_filter=self.param_filter,
-                    )
-                # The loss averages micro-batches, so the penalty does too.
-                grads = torch.autograd.grad(
-                    r * (self.alpha / len(batches)), params, allow_unused=True
-                )
-                for e, g in zip(extra, grads):
-                    if g is not None:
-                        e += g
-                trace += r.detach().double() / len(batches)
+        extra, trace = fisher_trace_penalty_grads(
+            pl_module,
+            batches,
+            params,
+            self.alpha,
+            self.probes,
+            output_fn=self.output_fn,
+            classes=self.classes,
+            probe_distribution=self.probe_distribution,
+            generator=generator,
+            param_filter=self.param_filter,
+            forward_context=trainer.precision_plugin.forward_context,
+        )
         all_reduce_mean_([*extra, trace])  # DDP averages the loss gradient over ranks
         scale = grad_scale(trainer, optimizer)
         with torch.no_grad():
@@ -171,9 +181,11 @@ class FisherTraceRegularizer(Callback):
                 batch_size=1,
             )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"applied_steps": self.applied_steps, "last_trace": self.last_trace}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied_steps = int(state_dict["applied_steps"])
         self.last_trace = state_dict.get("last_trace")

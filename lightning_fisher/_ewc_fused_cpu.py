@@ -1,4 +1,5 @@
-"""A one-pass C kernel for EWC's gradient update on CPU (``EWC(cpu_kernel=True)``).
+"""A fused one-pass C loop for EWC's gradient update on CPU (``cpu_kernel=True`` of
+``lf.ElasticWeightConsolidation`` and ``lf.EWC``).
 
 For float32 tensors of ``n`` elements it computes, element by element,
 
