@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _json as strict_json
+
 
 class FisherDiagonal(Mapping[str, Tensor]):
     """A Fisher diagonal keyed by parameter name, with how it was computed.
@@ -184,8 +186,8 @@ class FisherDiagonal(Mapping[str, Tensor]):
             "format": "lightning-fisher/1",
             "method": self.method,
             "n_samples": str(self.n_samples),
-            "options": json.dumps(self.options, default=str),
-            "order": json.dumps(list(self._tensors)),  # safetensors sorts keys; keep ours
+            "options": strict_json.dumps(self.options, default=str),
+            "order": strict_json.dumps(list(self._tensors)),  # safetensors sorts keys; keep ours
         }
         save_file(
             {k: v.contiguous().cpu() for k, v in self._tensors.items()},

@@ -9,13 +9,14 @@ Runs in about a minute on two CPU cores: scikit-learn's bundled 8x8 digits, no d
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_fisher import _json as strict_json
 
 from .runner import load_config, quiet_lightning, run_continual
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(format_table(results))
     plot_matrices(results, out / "accuracy_matrix.png")
     plot_fisher_density(fishers, out / "fisher_density.png")
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.json").write_text(strict_json.dumps(results, indent=2))
     print(
         f"\nFigures: {out / 'accuracy_matrix.png'}, {out / 'fisher_density.png'}; "
         f"numbers: {out / 'results.json'} ({time.perf_counter() - start:.0f} s)"

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 import lightning_fisher as lf
+from lightning_fisher import _json as strict_json
 from lightning_fisher.diagnostics.statistics import empirical_gap, fraction_below, probe_cv
 from lightning_fisher.hf import block_values, text_batches
 
@@ -374,7 +375,7 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> Path:
         "rows": rows,
     }
     path = out / "bounds_study.json"
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(strict_json.dumps(payload, indent=2))
     (out / "bounds_study.md").write_text(markdown(payload))
     return path
 
@@ -403,10 +404,10 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"Command: `{payload['command']}`  ",
         f"Device: {payload['device']}  ",
-        f"Settings: {json.dumps(payload['settings'])}  ",
+        f"Settings: {strict_json.dumps(payload['settings'])}  ",
         "Per data set: "
         + "; ".join(
-            f"{name}: {json.dumps(info.get('settings', {}))}, eval accuracy "
+            f"{name}: {strict_json.dumps(info.get('settings', {}))}, eval accuracy "
             f"{info.get('eval_acc_pretrained', float('nan')):.1f}% -> "
             f"{info.get('eval_acc_finetuned', float('nan')):.1f}%"
             for name, info in payload.get("datasets", {}).items()
@@ -549,7 +550,7 @@ def merge(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
         "command": " && ".join(dict.fromkeys(p["command"] for p in parts)),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bounds_study.json").write_text(json.dumps(payload, indent=2))
+    (out / "bounds_study.json").write_text(strict_json.dumps(payload, indent=2))
     (out / "bounds_study.md").write_text(markdown(payload))
     return payload
 

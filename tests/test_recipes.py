@@ -30,6 +30,15 @@ from recipes.runner import load_config, run_continual
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+def strict_loads(text: str) -> object:
+    """``json.loads`` that refuses NaN and Infinity, as strict JSON readers do."""
+
+    def refuse(token: str) -> object:
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny models: intra-op threads only add spinning overhead on a shared CPU.
@@ -303,9 +312,11 @@ def test_cli_overrides_the_config_and_writes_results(tmp_path: Path) -> None:
             str(tmp_path),
         ]
     )
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = strict_loads((tmp_path / "results.json").read_text())
     assert saved["config"]["hidden"] == [16] and saved["config"]["method"] == "HUTCHINSON"
     assert saved["avg_acc"] == pytest.approx(result["avg_acc"])
+    # The matrix's cell (0, 1) was never evaluated (NaN in memory): strict JSON writes null.
+    assert math.isnan(result["matrix"][0][1]) and saved["matrix"][0][1] is None
 
 
 # Reproduction runner ----------------------------------------------------------------------------
