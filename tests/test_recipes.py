@@ -430,3 +430,11 @@ def test_demo_prints_a_table_and_saves_both_figures(
         assert name in printed
     for fig in ("accuracy_matrix.png", "fisher_density.png"):
         assert (tmp_path / fig).stat().st_size > 0
+    # Each EWC run prints the time of every Fisher computation (one per task boundary).
+    for r in results:
+        if r["method"] != "NONE":
+            assert len(r["fisher_seconds"]) == 5
+            assert demo.format_fisher_times(r["fisher_seconds"]) in printed
+    saved = strict_loads((tmp_path / "results.json").read_text())
+    assert [r["avg_acc"] for r in saved] == pytest.approx([r["avg_acc"] for r in results])
+    assert saved[0]["matrix"][0][1] is None  # a cell never evaluated: null, not NaN
