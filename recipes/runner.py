@@ -253,7 +253,8 @@ def run_continual(cfg: RecipeConfig, tasks: list[Task] | None = None) -> dict[st
         if ewc is not None:
             fisher_seconds.append(ewc.fisher_seconds)  # the consolidation ran inside fit
         evaluate(module, tasks, t, acc)
-    matrix = acc.compute() * 100.0
+    # torchmetrics squeezes a one-element result to a scalar: keep the T x T shape for T = 1 too.
+    matrix = acc.compute().reshape(len(tasks), len(tasks)) * 100.0
     return {
         "matrix": matrix.tolist(),
         "avg_acc": float(average_accuracy(matrix)),

@@ -243,6 +243,12 @@ def test_split_digits_recipe_runs_and_consolidates_every_task(method: str) -> No
         assert (f.sum(dim=1) > 0).all()
 
 
+def test_a_single_task_run_reports_a_one_by_one_matrix() -> None:
+    result = run_continual(load_config("split_digits", iters=3, n_tasks=1, accelerator="cpu"))
+    _check_result(result, 1)
+    assert result["forgetting"] == 0.0 and result["bwt"] == 0.0
+
+
 def test_ewc_keeps_the_weights_the_first_task_relies_on() -> None:
     # Same seed, so both runs leave task 0 with the same weights; only EWC pulls them back later.
     kw = {"lam": 1e4, "iters": 60, "n_tasks": 3, "mode": "separate", "accelerator": "cpu"}
