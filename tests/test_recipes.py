@@ -425,6 +425,16 @@ def test_reproduce_writes_a_partial_report_when_out_of_budget(tmp_path: Path) ->
     assert json.loads((tmp_path / "reproduce_split_digits.json").read_text())["partial"] is True
 
 
+def test_lambda_scale_relates_the_estimators_traces() -> None:
+    from recipes import lambda_scale
+
+    (row,) = lambda_scale.main(["--steps", "3", "--batch-sizes", "1", "8"])
+    # b = 1: BATCHED is the empirical Fisher itself.
+    assert row["b_batched_over_empirical"][1] == pytest.approx(1.0, rel=1e-4)
+    assert row["b_batched_over_empirical"][8] > 0 and 0 < row["mean_eps"] < 1
+    assert row["empirical_over_exact"] > 0
+
+
 # Demo -------------------------------------------------------------------------------------------
 def test_demo_prints_a_table_and_saves_both_figures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
