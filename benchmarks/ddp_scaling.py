@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import socket
@@ -254,6 +253,7 @@ def main() -> None:
 
     import lightning_fisher as lf
     import lightning_fisher.callbacks.ewc
+    from lightning_fisher import _json as strict_json
 
     runs = {w: run_world(w, cfg) for w in sorted(args.gpus)}
     # The reference: one process (this one, no process group) on all the data.
@@ -314,7 +314,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.write_text(strict_json.dumps(report, indent=2) + "\n")
     lines = [
         "# DDP scaling of the Fisher pass (EXACT, MLP " + "-".join(map(str, cfg.dims)) + ")",
         "",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import json
 import os
 import platform
 import statistics
@@ -46,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import mlp
 
 import lightning_fisher as lf
+from lightning_fisher import _json as strict_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -233,7 +233,7 @@ def goal_text(rows: list[dict[str, Any]]) -> str:
 def write_report(report: dict[str, Any], name: str = "diagnostics_overhead") -> None:
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
-        json.dump(report, f, indent=2)
+        strict_json.dump(report, f, indent=2)
     lines = [
         "# FisherDiagnostics overhead",
         "",
@@ -309,7 +309,7 @@ def main() -> None:
                 "options": setting,
             }
         )
-        print(json.dumps(rows[-1]), flush=True)
+        print(strict_json.dumps(rows[-1]), flush=True)
     command = "python benchmarks/diagnostics_overhead.py" + " ".join(
         [""] + [a for a in sys.argv[1:]]
     )

@@ -60,6 +60,7 @@ from bench_models import MINILM, mlp
 from exact_diagonal import device_name, versions
 
 import lightning_fisher as lf
+from lightning_fisher import _json as strict_json
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NAME = "ewc_overhead"
@@ -472,13 +473,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = []
     for precision in args.precisions:
         rows.append(overhead_row(args, precision))
-        print(json.dumps(rows[-1]), flush=True)
+        print(strict_json.dumps(rows[-1]), flush=True)
     checks = []
     for precision in args.check_precisions:
         # fused AdamW unscales inside step(): EWC must add its gradient at the loss scale
         for optimizer in ("adamw", "adamw-fused") if precision == "16-mixed" else ("adamw",):
             checks.append(route_check(args, precision, optimizer))
-            print(json.dumps(checks[-1]), flush=True)
+            print(strict_json.dumps(checks[-1]), flush=True)
     path = args.out + ".json"
     old: dict[str, Any] = {}
     if os.path.exists(path):
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
-        json.dump(report, f, indent=2)
+        strict_json.dump(report, f, indent=2)
     write_markdown(args.out + ".md", report)
     return report
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import math
 import os
 import platform
@@ -58,6 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import LogitsOnly, ReducedResNet18, ResNet18, bert_classifier, mlp
 
 import lightning_fisher as lf
+from lightning_fisher import _json as strict_json
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 Diag = dict[str, Tensor]
@@ -791,7 +791,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, name + ".json"), "w") as f:
-        json.dump(
+        strict_json.dump(
             report,
             f,
             indent=1,

@@ -21,7 +21,6 @@ It writes ``benchmarks/results/hf_fisher_timing_<device type>.json`` and ``.md``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the package and 
     sys.path.insert(0, str(ROOT))
 
 import lightning_fisher as lf  # noqa: E402
+from lightning_fisher import _json as strict_json  # noqa: E402
 from lightning_fisher.hf import text_batches  # noqa: E402
 from recipes.neuromanifold_bounds import load_minilm, load_texts  # noqa: E402
 
@@ -166,7 +166,7 @@ def write(result: dict[str, Any], out: Path, command: str) -> Path:
     }
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"hf_fisher_timing_{device.type}.json"
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(strict_json.dumps(payload, indent=2))
     head = ["implementation", "seconds", "s / 1000 inputs", "ratio_to_step", "peak MiB"]
     lines = [
         f"# Fisher timing on all-MiniLM-L6-v2 ({payload['device']})",

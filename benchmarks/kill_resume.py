@@ -45,7 +45,6 @@ the foreground.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import platform
@@ -379,13 +378,14 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
+    from lightning_fisher import _json as strict_json
 
     def resumed(r: dict[str, Any]) -> str:
         if r["resumed_from_task"] is None:
             return "no checkpoint yet: restart"
         return f"task {r['resumed_from_task']}, step {r['resumed_from_task_step']}"
 
-    (RESULTS / "kill_resume.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / "kill_resume.json").write_text(strict_json.dumps(report, indent=2) + "\n")
     lines = [
         "# Kill and resume (3-task EWC run, SIGKILL, resume from last.ckpt)",
         "",

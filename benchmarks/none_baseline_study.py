@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: recipes/ imports
     sys.path.insert(0, str(ROOT))
 
+from lightning_fisher import _json as strict_json  # noqa: E402
 from recipes.data import permuted_class_order  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         "rows": rows,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "none_baseline_study.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / "none_baseline_study.json").write_text(strict_json.dumps(doc, indent=2) + "\n")
     lines = [
         "| variant | what differs | accuracy (%) | seeds | vs published 85.41 | forgetting | device |",
         "|---|---|---|---|---|---|---|",

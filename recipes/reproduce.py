@@ -54,6 +54,7 @@ from typing import Any
 import torch
 
 import lightning_fisher as lf
+from lightning_fisher import _json as strict_json
 
 from .data import Task, load_arrays
 from .runner import TABLE_METHODS, build_tasks, load_config, quiet_lightning, run_continual
@@ -552,7 +553,7 @@ def write_report(
         ),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(doc, indent=2))
+    (out / f"{name}.json").write_text(strict_json.dumps(doc, indent=2))
     lines = [
         f"{'Partial results (budget reached). ' if partial else ''}Average accuracy (%) over the 5 "
         f"tasks, "
@@ -820,7 +821,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         plan.done[cell_key(result["method"], result["lam"], result["seed"])] = result
         out.mkdir(parents=True, exist_ok=True)
         with cells_path.open("a") as f:
-            f.write(json.dumps(result) + "\n")
+            f.write(strict_json.dumps(result) + "\n")
         print(
             f"[{time.monotonic() - start:7.0f}s] {result['method']:>13} lam={result['lam']:<8.0e} "
             f"seed={result['seed']} acc={_fmt(result['avg_acc'], '.2f')} "

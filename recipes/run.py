@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import types
 import typing
 from pathlib import Path
 from typing import Any
+
+from lightning_fisher import _json as strict_json
 
 from .data import DataNotFoundError
 from .runner import TABLE_METHODS, RecipeConfig, load_config, quiet_lightning, run_continual
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(
-        json.dumps({"config": dataclasses.asdict(cfg), **result}, indent=2)
+        strict_json.dumps({"config": dataclasses.asdict(cfg), **result}, indent=2)
     )
     return result
 

