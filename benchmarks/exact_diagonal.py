@@ -186,6 +186,28 @@ def ours(
     return dict(fd.items())
 
 
+def verify_pass_ratio(
+    case: Case, method: str, mem: float, batches: int, repeats: int, device: torch.device
+) -> float:
+    """Seconds of a pass over ``batches`` batches (the case's batch, repeated) with the
+    self-check over seconds without it: the check runs once per pass, so this is its cost in a
+    pass of that length. Medians of interleaved rounds."""
+    loader = [case.batch()] * batches
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(repeats + 1):
+        for verify in (True, False):
+            t0 = time.perf_counter()
+            lf.estimate_fisher(
+                case.model, loader, method=method, max_memory_mib=mem, progress=False, verify=verify
+            )
+            sync(device)
+            if r:  # the first round warms up
+                times[verify].append(time.perf_counter() - t0)
+    ratio = statistics.median(times[True]) / statistics.median(times[False])
+    print(f"  verify on/off, {method}, pass of {batches} batches: {ratio:.3f}", flush=True)
+    return ratio
+
+
 def train_step(case: Case) -> Callable[[], Any]:
     model = copy.deepcopy(case.model).train()  # BatchNorm statistics of the case stay untouched
 
@@ -638,6 +660,13 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> list
         print(f"  {impl:28s} skipped: {why}", flush=True)
     for row in rows:
         row["setting"] = case.note or f"N={N}"
+    if args.verify_rows and rows:
+        methods = ["exact"] + (["empirical"] if "empirical" in extra else [])
+        rows[0]["verify_pass_ratio"] = {
+            method: verify_pass_ratio(case, method, mem, args.verify_batches, args.repeats, device)
+            for method in methods
+            if args.only is None or f"ours-{method}" in args.only
+        }
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -697,13 +726,19 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         )
     lines += ["", "Settings: " + "; ".join(f"{m}: {s}" for m, s in report["settings"].items()), ""]
     if report.get("verify_overhead"):
+        cols = list(next(iter(report["verify_overhead"].values())))
         lines += [
             "Self-verification (one extra backward on the first batch of a pass): seconds with "
-            "`verify=True` (the default) over seconds with `verify=False`:",
+            "`verify=True` (the default) over seconds with `verify=False`, for a pass over the "
+            "benchmark's one batch and for a pass over that batch repeated (the check runs once "
+            "per pass):",
             "",
-            "| model / method | ratio |",
-            "|---|---:|",
-            *(f"| {k} | {v:.3f} |" for k, v in report["verify_overhead"].items()),
+            "| model / method | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+            "|---|" + "---:|" * len(cols),
+            *(
+                f"| {k} | " + " | ".join(fmt(v.get(c), ".3f") for c in cols) + " |"
+                for k, v in report["verify_overhead"].items()
+            ),
             "",
         ]
     with open(path, "w") as f:
@@ -744,6 +779,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_false",
         help="leave out the verify=False rows (self-verification overhead)",
     )
+    ap.add_argument(
+        "--verify-batches",
+        type=int,
+        default=8,
+        help="batches of the pass whose self-check overhead is also reported",
+    )
     ap.add_argument("--out", default=None, help="report name (default exact_diagonal_<cpu|gpu>)")
     ap.add_argument(
         "--threads",
@@ -772,11 +813,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"   ({time.time() - t0:.0f} s so far)", flush=True)
     overhead = {}
     for m in args.models:
-        sec = {r["implementation"]: r["seconds"] for r in rows if r["model"] == m}
+        model_rows = [r for r in rows if r["model"] == m]
+        sec = {r["implementation"]: r["seconds"] for r in model_rows}
+        passes = model_rows[0].get("verify_pass_ratio", {}) if model_rows else {}
         for method in ("exact", "empirical"):
             on, off = sec.get(f"ours-{method}"), sec.get(f"ours-{method}-noverify")
             if on and off:
-                overhead[f"{m}/{method}"] = round(on / off, 3)
+                overhead[f"{m}/{method}"] = {
+                    "one_batch": round(on / off, 3),
+                    f"pass_of_{args.verify_batches}": (
+                        round(passes[method], 3) if method in passes else None
+                    ),
+                }
     report = {
         "name": name,
         "verify_overhead": overhead,

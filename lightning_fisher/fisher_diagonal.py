@@ -207,7 +207,7 @@ class FisherDiagonal(Mapping[str, Tensor]):
             "order": strict_json.dumps(list(self._tensors)),  # safetensors sorts keys; keep ours
         }
         if self.certificate is not None:
-            meta["certificate"] = json.dumps(self.certificate)
+            meta["certificate"] = strict_json.dumps(self.certificate)
         save_file(
             {k: v.contiguous().cpu() for k, v in self._tensors.items()},
             os.fspath(path),

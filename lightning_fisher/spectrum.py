@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .estimators.base import eval_mode, trainable_parameters
-from .kernel import softmax_fisher_matvec
+from .kernel import probabilities, softmax_fisher_matvec
 from .outputs import ClassSelector, FisherInputError, OutputFn, model_outputs, move_batch
 
 Matvec = Callable[[Tensor], Tensor]
@@ -108,8 +108,8 @@ class FisherOperator:
                 (jv,) = torch.autograd.grad(
                     [g for g, _ in used], u, grad_outputs=[t for _, t in used]
                 )
-                p = torch.softmax(z.detach().to(self.dtype), -1)
-                w = softmax_fisher_matvec(p, jv.to(self.dtype)) * out.mask.unsqueeze(-1)
+                p = probabilities(z)
+                w = softmax_fisher_matvec(p, jv.to(p.dtype)) * out.mask.unsqueeze(-1)
                 grads = torch.autograd.grad(
                     z, params, grad_outputs=w.to(z.dtype), allow_unused=True
                 )

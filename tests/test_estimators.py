@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import Case, make_case
 from reference import dense_fisher, per_label_grads, unflatten
+from torch import nn
 
 import lightning_fisher as lf
 
@@ -208,3 +211,22 @@ def test_one_pass_for_several_methods_equals_separate_passes() -> None:
         assert all(torch.equal(fd[k], alone[k]) for k in alone)
     with pytest.raises(ValueError, match="Per-method options"):
         lf.estimate_fishers(c.model, c.loader, [{"method": "exact", "classes": [0]}])
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical", "sample", "lower", "upper", "batched"])
+def test_confident_float32_model_matches_its_float64_twin(method: str) -> None:
+    """1 - p_c is below float32's resolution near 1 for a confident prediction (p_c = 1 - 1e-6):
+    the cotangents must still be accurate, so a float32 model gives its float64 twin's Fisher."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[2].bias.copy_(torch.tensor([14.0, 0.0, 0.0]))  # p_0 about 1 - 2e-6 on every input
+    x, y = torch.randn(16, 6), torch.zeros(16, dtype=torch.long)
+    got = lf.estimate_fisher(model, [(x, y)], method=method, progress=False)
+    want = lf.estimate_fisher(
+        copy.deepcopy(model).double(), [(x.double(), y)], method, progress=False
+    )
+    assert 1e-7 < float(torch.softmax(model(x), -1)[:, 1:].sum(-1).max()) < 1e-5
+    for name, w in want.items():
+        rel = float((got[name].double() - w).abs().max() / w.abs().max())
+        assert rel < 1e-4, (name, rel)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
 from ..fisher_diagonal import FisherDiagonal
+from ..kernel import probabilities
 from ..outputs import (
     IGNORE_INDEX,
     ClassSelector,
@@ -366,9 +367,7 @@ def run_passes(
                 engine.verify(out.logits)
             if observe is not None:
                 observe(out)
-            p = torch.softmax(
-                out.logits.detach().to(torch.promote_types(out.logits.dtype, torch.float32)), -1
-            )
+            p = probabilities(out.logits)
             mask = out.mask.unsqueeze(-1)
             for e, acc, gen in zip(estimators, accs, generators):
                 if e.per_input:
