@@ -299,7 +299,10 @@ class _MatmulRule(_Rule):
         got, scale = {}, {}
         if "weight" in ctx.names:
             n = ctx.names["weight"]
-            got[n] = torch.einsum("bol,bil->oi", g, cols).reshape(ctx.param("weight").shape)
+            # sum over inputs and positions of the outer products, as one (O x BL) @ (BL x I)
+            flat_g = g.permute(1, 0, 2).reshape(g.shape[1], -1)
+            flat_u = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
+            got[n] = (flat_g @ flat_u).reshape(ctx.param("weight").shape)
             scale[n] = float((gl[0].pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum())
         if "bias" in ctx.names:
             n = ctx.names["bias"]
@@ -1205,7 +1208,8 @@ class PerInputEngine:
             n: (torch.zeros_like(self.params[n], dtype=dtype) if g is None else g.to(dtype))
             for n, g in zip(names, ref_grads)
         }
-        if not all(bool(torch.isfinite(g).all()) for g in ref.values()):
+        ref_norms = dict(zip(names, torch.stack(torch._foreach_norm(list(ref.values()))).tolist()))
+        if not all(math.isfinite(v) for v in ref_norms.values()):
             return  # NaN/Inf gradients: the pass reports them at the end; check a later batch
         rtol = VERIFY_RTOL.get(logits.dtype, 1e-4)
         for _ in range(8):
@@ -1214,11 +1218,11 @@ class PerInputEngine:
             # Round-off floor: a gradient that is zero but for round-off (a key bias under
             # softmax attention) is compared with the scale of the whole model's gradients.
             floor = 100 * torch.finfo(dtype).eps * max(math.sqrt(v) for v in scale.values())
-            for n in names:
+            diffs = torch._foreach_sub([got[n] for n in names], [ref[n] for n in names])
+            for n, diff in zip(names, torch.stack(torch._foreach_norm(diffs)).tolist()):
                 if n in bad:
                     continue
-                diff = float((got[n] - ref[n]).norm())
-                tol = rtol * (float(ref[n].norm()) + math.sqrt(scale[n])) + floor + 1e-30
+                tol = rtol * (ref_norms[n] + math.sqrt(scale[n])) + floor + 1e-30
                 if diff > tol or math.isnan(diff):
                     bad[n] = (
                         f"per-input gradients off by {diff / max(tol / rtol, 1e-30):.2g} (relative)"
