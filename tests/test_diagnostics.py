@@ -418,7 +418,8 @@ def test_bounds_figure_says_when_the_order_is_broken() -> None:
     left, right = fig.axes
     labels = {line.get_label() for line in left.get_lines()}
     assert {"order broken, within 2 s.e.", "order broken, beyond 2 s.e."} <= labels
-    (note,) = [t.get_text() for t in left.texts]
+    note = left.get_legend().get_title().get_text()
+    assert "Hutchinson" in note and "broken" in note
     assert "2 within 2 s.e. (probe noise)" in note and "1 beyond 2 s.e." in note
     assert len(left.collections) >= 4 and len(right.collections) >= 1  # the +-2 s.e. bands
     # Deterministic bounds: no band, no marker, and the note says the order holds.
@@ -433,5 +434,6 @@ def test_bounds_figure_says_when_the_order_is_broken() -> None:
     ]
     assert order_breaks(det) == {"noise": [], "beyond": [], "unknown": []}
     left = plot_bounds_history(det).axes[0]
-    assert "lower <= F <= upper at every evaluation" in left.texts[0].get_text()
+    note = left.get_legend().get_title().get_text()
+    assert "deterministic" in note and "lower <= F <= upper at every evaluation" in note
     assert "F  (exact)" in {line.get_label() for line in left.get_lines()}

@@ -240,7 +240,7 @@ def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step")
     marker = "o" if len(history) <= 30 else None
     b = bound_series(history)
     if np.isfinite(b["upper"]).any() and np.isfinite(b["lower"]).any():
-        left.fill_between(xs, b["lower"], b["upper"], color="0.85", label="between the bounds")
+        left.fill_between(xs, b["lower"], b["upper"], color="#f2ecd8", label="between the bounds")
     for method, (label, color, ls) in _STYLES.items():
         ys = series(f"{method}/trace")
         if not np.isfinite(ys).any():
@@ -282,10 +282,8 @@ def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step")
     left.set_ylabel("trace of the Fisher diagonal")
     left.set_title("Fisher trace and its bounds", y=1.0)
     left.grid(alpha=0.3, which="both")
-    left.legend(fontsize=8)
-    note = _order_note(history, breaks)
-    if note:
-        left.text(0.01, 0.01, note, transform=left.transAxes, fontsize=7, va="bottom", color="0.2")
+    # The note heads the legend, so it never overlaps the traces or the legend entries.
+    left.legend(fontsize=8, title=_order_note(history, breaks) or None, title_fontsize=7)
 
     for key, label, color in (
         ("bounds/lower_over_f", "tr(lower) / tr(F)", "tab:blue"),
@@ -324,6 +322,7 @@ def _order_note(history: Sequence[Mapping[str, float]], breaks: Mapping[str, Any
     n_noise, n_beyond, n_unknown = (len(breaks[k]) for k in ("noise", "beyond", "unknown"))
     if not (n_noise or n_beyond or n_unknown):
         return text + "; lower <= F <= upper at every evaluation"
+    text += "\norder lower <= F <= upper broken"
     parts = []
     if n_noise:
         parts.append(f"{n_noise} within 2 s.e. (probe noise)")
@@ -331,7 +330,7 @@ def _order_note(history: Sequence[Mapping[str, float]], breaks: Mapping[str, Any
         parts.append(f"{n_beyond} beyond 2 s.e.")
     if n_unknown:
         parts.append(f"{n_unknown} without s.e.")
-    return text + "; order lower <= F <= upper broken: " + ", ".join(parts)
+    return text + ": " + ", ".join(parts)
 
 
 def plot_spectral_density(density: Any, ax: Any = None, label: str | None = None) -> Figure:
