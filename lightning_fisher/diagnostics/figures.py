@@ -16,16 +16,27 @@ import numpy as np
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .statistics import LOWER, UPPER, layer_values
+from .statistics import (
+    DETERMINISTIC,
+    HUTCHINSON_LOWER,
+    HUTCHINSON_UPPER,
+    LOWER,
+    UPPER,
+    layer_values,
+)
 
 #: How each method is drawn in the bounds figure: label, colour, line style.
 _STYLES: dict[str, tuple[str, str, str]] = {
-    UPPER: ("upper bound  tr J'diag(p)J  (hutchinson_dg)", "tab:red", "-"),
+    UPPER: ("upper bound  tr J'diag(p)J  (deterministic)", "tab:red", "-"),
+    HUTCHINSON_UPPER: ("upper bound  tr J'diag(p)J  (hutchinson_dg)", "tab:red", "-"),
     "exact": ("F  (exact)", "black", "-"),
     "hutchinson": ("F  (hutchinson)", "black", "-"),
-    LOWER: ("lower bound  tr J'λvv'J  (hutchinson_lr)", "tab:blue", "-"),
+    LOWER: ("lower bound  tr J'λvv'J  (deterministic)", "tab:blue", "-"),
+    HUTCHINSON_LOWER: ("lower bound  tr J'λvv'J  (hutchinson_lr)", "tab:blue", "-"),
     "empirical": ("empirical Fisher", "tab:green", "--"),
 }
+#: Methods without probe noise (their traces have no standard error).
+DETERMINISTIC_METHODS = frozenset(DETERMINISTIC.values())
 
 #: Margins (figure fractions) that fit the tick labels, axis labels and titles of the figures below.
 _DENSITY_MARGINS = {"left": 0.075, "right": 0.975, "bottom": 0.1, "top": 0.935}
@@ -148,28 +159,98 @@ def _layer_colors(n: int) -> list[Any]:
     return [cmap(i) for i in range(n)]
 
 
+def _series(history: Sequence[Mapping[str, float]], key: str) -> np.ndarray:
+    return np.array([h.get(key, np.nan) for h in history], dtype=float)
+
+
+def _first_finite(history: Sequence[Mapping[str, float]], keys: Sequence[str]) -> np.ndarray:
+    """Per evaluation, the value of the first key present (the deterministic bound before its
+    Hutchinson estimate)."""
+    out = np.full(len(history), np.nan)
+    for key in reversed(keys):
+        ys = _series(history, key)
+        out = np.where(np.isfinite(ys), ys, out)
+    return out
+
+
+def bound_series(history: Sequence[Mapping[str, float]]) -> dict[str, np.ndarray]:
+    """Per evaluation, the traces of lower, F and upper and their standard errors (0 for a
+    deterministic value, NaN when unknown): keys ``lower``, ``f``, ``upper`` and ``<key>_se``."""
+    out: dict[str, np.ndarray] = {}
+    for key, methods in (
+        ("lower", (LOWER, HUTCHINSON_LOWER)),
+        ("f", ("exact", "hutchinson")),
+        ("upper", (UPPER, HUTCHINSON_UPPER)),
+    ):
+        value = np.full(len(history), np.nan)
+        se = np.full(len(history), np.nan)
+        for m in reversed(methods):
+            ys = _series(history, f"{m}/trace")
+            es = (
+                np.zeros(len(history))
+                if m in DETERMINISTIC_METHODS
+                else _series(history, f"{m}/trace_se")
+            )
+            here = np.isfinite(ys)
+            value, se = np.where(here, ys, value), np.where(here, es, se)
+        out[key], out[f"{key}_se"] = value, se
+    return out
+
+
+def order_breaks(history: Sequence[Mapping[str, float]], rtol: float = 1e-5) -> dict[str, Any]:
+    """Evaluations where the traces break lower <= F <= upper, split by the noise of the
+    estimates: ``noise`` (the excess is at most 2 standard errors of the difference, traces
+    treated as independent), ``beyond`` (more than 2 s.e., or any break of deterministic
+    traces beyond ``rtol``) and ``unknown`` (no standard error: ``probes=1``). Each is a list of
+    ``(index, side)`` with side ``lower`` (lower > F) or ``upper`` (F > upper)."""
+    b = bound_series(history)
+    out: dict[str, list[tuple[int, str]]] = {"noise": [], "beyond": [], "unknown": []}
+    for side, hi, lo in (("lower", "lower", "f"), ("upper", "f", "upper")):
+        excess = b[hi] - b[lo]
+        tol = rtol * np.maximum(np.abs(b[hi]), np.abs(b[lo]))
+        noise = 2 * np.sqrt(b[f"{hi}_se"] ** 2 + b[f"{lo}_se"] ** 2)
+        for i in np.flatnonzero(np.isfinite(excess) & (excess > tol)):
+            if not np.isfinite(noise[i]):
+                out["unknown"].append((int(i), side))
+            elif excess[i] <= max(noise[i], tol[i]):
+                out["noise"].append((int(i), side))
+            else:
+                out["beyond"].append((int(i), side))
+    return out
+
+
 def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step") -> Figure:
     """Traces of the upper bound, F, the lower bound and the empirical Fisher over training (left,
     log scale), and the ratios tr(lower)/tr(F) and tr(F)/tr(upper) (right; 1 means tight).
 
     ``history`` holds one mapping per evaluation with ``x`` (``step`` or ``epoch``) and the
     un-prefixed names of ``DiagnosticsResult.values`` (``<method>/trace``, ``bounds/...``).
+    Stochastic traces and ratios with a standard error (``<method>/trace_se``,
+    ``bounds/<ratio>_se``) get a band of +-2 s.e. Where the plotted traces break
+    lower <= F <= upper the point is marked and the panel says so: an open circle when the
+    break is within 2 s.e. (probe noise), a red cross when it is beyond (see ``order_breaks``).
     """
     fig = Figure(figsize=(11, 4.2))
     left, right = fig.subplots(1, 2, gridspec_kw=_BOUNDS_MARGINS)  # fixed: see plot_layer_density
     xs = np.array([h.get(x, i) for i, h in enumerate(history)], dtype=float)
 
     def series(key: str) -> np.ndarray:
-        return np.array([h.get(key, np.nan) for h in history], dtype=float)
+        return _series(history, key)
 
     marker = "o" if len(history) <= 30 else None
-    upper, lower = series(f"{UPPER}/trace"), series(f"{LOWER}/trace")
-    if np.isfinite(upper).any() and np.isfinite(lower).any():
-        left.fill_between(xs, lower, upper, color="0.85", label="between the bounds")
+    b = bound_series(history)
+    if np.isfinite(b["upper"]).any() and np.isfinite(b["lower"]).any():
+        left.fill_between(xs, b["lower"], b["upper"], color="#f2ecd8", label="between the bounds")
     for method, (label, color, ls) in _STYLES.items():
         ys = series(f"{method}/trace")
-        if np.isfinite(ys).any():
-            left.plot(xs, ys, color=color, ls=ls, marker=marker, ms=3, label=label)
+        if not np.isfinite(ys).any():
+            continue
+        left.plot(xs, ys, color=color, ls=ls, marker=marker, ms=3, label=label)
+        se = series(f"{method}/trace_se")
+        if np.isfinite(se).any():
+            left.fill_between(
+                xs, np.clip(ys - 2 * se, 0, None), ys + 2 * se, color=color, alpha=0.15, lw=0
+            )
     left.set_yscale("log")
     finite = np.concatenate([series(f"{m}/trace") for m in _STYLES])
     finite = finite[np.isfinite(finite) & (finite > 0)]
@@ -187,11 +268,22 @@ def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step")
 
         left.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
         left.yaxis.set_major_formatter(FuncFormatter(_power_of_ten))
+    breaks = order_breaks(history)
+    for kind, style, label in (
+        ("noise", {"mfc": "none", "mec": "tab:orange", "marker": "o", "ms": 9}, "within 2 s.e."),
+        ("beyond", {"color": "red", "marker": "X", "ms": 9}, "beyond 2 s.e."),
+        ("unknown", {"mfc": "none", "mec": "0.3", "marker": "s", "ms": 9}, "no s.e. (probes=1)"),
+    ):
+        if breaks[kind]:
+            idx = [i for i, _ in breaks[kind]]
+            marks = [b[side][i] for i, side in breaks[kind]]
+            left.plot(xs[idx], marks, ls="none", label=f"order broken, {label}", **style)
     left.set_xlabel(x)
     left.set_ylabel("trace of the Fisher diagonal")
     left.set_title("Fisher trace and its bounds", y=1.0)
     left.grid(alpha=0.3, which="both")
-    left.legend(fontsize=8)
+    # The note heads the legend, so it never overlaps the traces or the legend entries.
+    left.legend(fontsize=8, title=_order_note(history, breaks) or None, title_fontsize=7)
 
     for key, label, color in (
         ("bounds/lower_over_f", "tr(lower) / tr(F)", "tab:blue"),
@@ -201,6 +293,11 @@ def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step")
         ys = series(key)
         if np.isfinite(ys).any():
             right.plot(xs, ys, color=color, marker=marker, ms=3, label=label)
+            se = series(f"{key}_se")
+            if np.isfinite(se).any():
+                right.fill_between(
+                    xs, np.clip(ys - 2 * se, 0, None), ys + 2 * se, color=color, alpha=0.15, lw=0
+                )
     right.axhline(1.0, color="0.4", ls=":", lw=1)
     right.set_ylim(bottom=0)
     right.set_xlabel(x)
@@ -213,6 +310,27 @@ def plot_bounds_history(history: Sequence[Mapping[str, float]], x: str = "step")
         for ax in (left, right):
             ax.set_xlim(xs[0] - 1, xs[0] + 1)
     return fig
+
+
+def _order_note(history: Sequence[Mapping[str, float]], breaks: Mapping[str, Any]) -> str:
+    """One line on how the bounds were computed and whether the plotted order holds."""
+    det = [h.get("bounds/deterministic") for h in history]
+    if not any(v is not None for v in det):
+        return ""
+    kinds = {"deterministic" if v else "Hutchinson" for v in det if v is not None}
+    text = "bounds: " + " and ".join(sorted(kinds))
+    n_noise, n_beyond, n_unknown = (len(breaks[k]) for k in ("noise", "beyond", "unknown"))
+    if not (n_noise or n_beyond or n_unknown):
+        return text + "; lower <= F <= upper at every evaluation"
+    text += "\norder lower <= F <= upper broken"
+    parts = []
+    if n_noise:
+        parts.append(f"{n_noise} within 2 s.e. (probe noise)")
+    if n_beyond:
+        parts.append(f"{n_beyond} beyond 2 s.e.")
+    if n_unknown:
+        parts.append(f"{n_unknown} without s.e.")
+    return text + ": " + ", ".join(parts)
 
 
 def plot_spectral_density(density: Any, ax: Any = None, label: str | None = None) -> Figure:

@@ -5,16 +5,22 @@ and summarises them:
 
 * traces, global and per layer (a layer is a parameter's name without its last component), for
   every method;
-* the bound ratios tr(lower) / tr(F) and tr(F) / tr(upper), with lower = ``hutchinson_lr``
-  (J^T lambda_1 v_1 v_1^T J), upper = ``hutchinson_dg`` (J^T diag(p) J) and F = ``exact`` if asked
-  for, else ``hutchinson``; both ratios lie in [0, 1] in expectation (Sun 2026);
+* the bound ratios tr(lower) / tr(F) and tr(F) / tr(upper), lower = (1/N) sum_x J^T Lambda_k J
+  (the top-k eigenpairs of I(p)), upper = (1/N) sum_x J^T diag(p) J; both lie in [0, 1].
+  With at most ``deterministic_bounds_max_classes`` classes the bounds and F are computed
+  exactly (``upper``, ``lower`` with its certificate, ``exact``: the order lower <= F <= upper
+  holds entry by entry and for C = 2 lower = F); above it by their unbiased Hutchinson
+  estimates (``hutchinson_dg``, ``hutchinson_lr``, ``hutchinson``), whose traces carry
+  standard errors over the probes;
 * kernel-space statistics over the inputs (``kernel_summary``);
 * per layer, the fraction of diagonal entries of F below a threshold (``fraction_below``);
 * the coefficient of variation over probes (``probe_cv``) of the Hutchinson estimators, measured
   from ``probes`` one-probe estimates with seeds ``seed, seed + 1, ...``, whose mean is the logged
   estimate;
 * the relative gap between the empirical Fisher E and F, sum_i |E_i - F_i| / sum_i F_i
-  (``empirical_gap``).
+  (``empirical_gap``);
+* optionally the parameter-space spectrum of F on the same batches: its top-k eigenvalues by
+  Lanczos and its spectral density by stochastic Lanczos quadrature (``lightning_fisher.spectrum``).
 """
 
 from __future__ import annotations
@@ -40,12 +46,21 @@ from ..outputs import (
     model_outputs,
     move_batch,
 )
+from ..spectrum import LanczosResult, SpectralDensity, spectral_density, top_eigenvalues
 
-#: Methods ``compute_diagnostics`` runs unless told otherwise: F, its upper and lower bound, and E.
+#: Methods ``compute_diagnostics`` runs unless told otherwise: F, its upper and lower bound, and E
+#: (with few classes the first three are replaced by their deterministic counterparts).
 DEFAULT_METHODS: tuple[str, ...] = ("hutchinson", "hutchinson_dg", "hutchinson_lr", "empirical")
 #: Estimators whose randomness is a probe vector, so that a CV over probes is meaningful.
 PROBE_METHODS = frozenset({"hutchinson", "hutchinson_dg", "hutchinson_lr"})
-UPPER, LOWER = "hutchinson_dg", "hutchinson_lr"
+#: The deterministic bounds, and their unbiased Hutchinson estimates.
+UPPER, LOWER = "upper", "lower"
+HUTCHINSON_UPPER, HUTCHINSON_LOWER = "hutchinson_dg", "hutchinson_lr"
+#: What each stochastic method becomes when the bounds are computed deterministically.
+DETERMINISTIC = {"hutchinson": "exact", HUTCHINSON_UPPER: UPPER, HUTCHINSON_LOWER: LOWER}
+#: Default of ``deterministic_bounds_max_classes``: ``exact`` and ``upper`` cost C backward
+#: columns per input, affordable on a diagnostics subset up to a few dozen classes.
+DETERMINISTIC_BOUNDS_MAX_CLASSES = 32
 #: ``kernel_summary`` handles at most this many probabilities (rows x classes) at once.
 KERNEL_CHUNK_ELEMENTS = 1 << 20
 
@@ -243,15 +258,19 @@ class DiagnosticsResult:
 
     Attributes:
         fishers: method -> Fisher diagonal (for probe methods, the mean of the one-probe estimates).
-        values: global statistics, ``name -> value`` without prefix (``hutchinson/trace``, ...).
+        values: global statistics, ``name -> value`` without prefix (``exact/trace``, ...).
         reference: the method taken as F (``exact`` or ``hutchinson``), or ``None``.
         layers: one row per layer: ``layer``, ``numel``, ``frac_below`` and ``trace/<method>``.
+        spectrum: the top eigenvalues of F by Lanczos (``LanczosResult``), when asked for.
+        density: the SLQ spectral density of F (``SpectralDensity``), when asked for.
     """
 
     fishers: dict[str, FisherDiagonal]
     values: dict[str, float]
     reference: str | None
     layers: list[dict[str, Any]] = field(default_factory=list)
+    spectrum: LanczosResult | None = None
+    density: SpectralDensity | None = None
 
     def scalars(self, prefix: str = "fisher") -> dict[str, float]:
         """Global and per-layer scalars (``<method>/trace/<layer>``, ``frac_below/<layer>``), each
@@ -283,6 +302,43 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     return methods
 
 
+def resolve_methods(
+    methods: Sequence[str], n_classes: int, deterministic_bounds_max_classes: int | None
+) -> tuple[str, ...]:
+    """The methods a diagnostics pass runs for ``n_classes`` classes: with at most
+    ``deterministic_bounds_max_classes`` (``None`` or 0: never) the stochastic ``hutchinson``,
+    ``hutchinson_dg`` and ``hutchinson_lr`` become ``exact``, ``upper`` and ``lower``; every
+    other method runs as named."""
+    limit = deterministic_bounds_max_classes or 0
+    if n_classes > limit:
+        return tuple(methods)
+    return tuple(dict.fromkeys(DETERMINISTIC.get(m, m) for m in methods))
+
+
+def count_classes(
+    model: nn.Module,
+    batches: Iterable[Any],
+    output_fn: OutputFn | None = None,
+    classes: ClassSelector | None = None,
+    shift_labels: bool = False,
+) -> int:
+    """C, the number of classes that count, from one forward of the first batch."""
+    first = next(iter(batches), None)
+    if first is None:
+        raise FisherInputError("The dataloader gave no batches; the diagnostics need at least one.")
+    device = next(model.parameters()).device
+    with eval_mode(model), torch.no_grad():
+        out = model_outputs(model, move_batch(first, device), output_fn, classes, shift_labels)
+    return int(out.logits.shape[-1])
+
+
+def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+
+
 def compute_diagnostics(
     model: nn.Module,
     dataloader: Iterable[Any],
@@ -295,28 +351,76 @@ def compute_diagnostics(
     classes: ClassSelector | None = None,
     kernel: bool = True,
     shift_labels: bool = False,
+    *,
+    deterministic_bounds_max_classes: int | None = DETERMINISTIC_BOUNDS_MAX_CLASSES,
+    rank: int = 1,
+    n_classes: int | None = None,
+    eigenvalues: int = 0,
+    lanczos_iters: int | None = None,
+    density: bool = False,
+    slq_starts: int = 4,
+    slq_iters: int = 30,
 ) -> DiagnosticsResult:
     """Estimate the Fisher with every method in ``methods`` and summarise it (see module doc).
 
-    Probe methods (``hutchinson*``) run ``probes`` times with ``probes=1`` and seeds
-    ``seed + i``; their logged estimate is the mean, so ``probes`` trades cost for noise and a
-    CV needs ``probes >= 2``. Other methods run once with ``seed``. Every pass stops after
-    ``max_batches`` batches. The names in ``DiagnosticsResult.values`` are ``<method>/trace``,
-    ``<method>/cv``, ``<method>/cv_max``, ``<method>/cv_trace``, ``bounds/lower_over_f``,
-    ``bounds/f_over_upper``, ``kernel/<statistic>`` (see ``kernel_summary``),
-    ``frac_below/min_layer``, ``frac_below/max_layer``, ``empirical/rel_gap`` and
-    ``empirical/trace_ratio``; ``DiagnosticsResult.scalars`` adds the per-layer
-    ``<method>/trace/<layer>`` and ``frac_below/<layer>``.
+    With C <= ``deterministic_bounds_max_classes`` classes (``None`` or 0: never) the
+    stochastic ``hutchinson``, ``hutchinson_dg`` and ``hutchinson_lr`` in ``methods`` run as
+    ``exact``, ``upper`` and ``lower`` (rank ``rank``); C is read from one forward of the first
+    batch unless ``n_classes`` gives it. Probe methods (``hutchinson*``) run ``probes`` times
+    with ``probes=1`` and seeds ``seed + i``; their logged estimate is the mean, so ``probes``
+    trades cost for noise and a CV and a standard error need ``probes >= 2``. Other methods run
+    once with ``seed``. Every pass stops after ``max_batches`` batches.
+
+    The names in ``DiagnosticsResult.values``:
+
+    * ``<method>/trace``; for probe methods with ``probes >= 2`` also ``<method>/trace_se``
+      (standard error of the mean over probes, s/sqrt(P)), ``<method>/cv``, ``<method>/cv_max``,
+      ``<method>/cv_trace``;
+    * ``n_classes``, ``bounds/deterministic`` (1 or 0), ``bounds/lower_over_f``,
+      ``bounds/f_over_upper`` and, when a side is stochastic, ``bounds/lower_over_f_se`` /
+      ``bounds/f_over_upper_se`` (first-order propagation of the traces' standard errors,
+      treated as independent); with all three deterministic, ``bounds/order_violations``
+      (entries where U >= F >= L fails beyond float tolerance: 0 unless something is wrong) and
+      ``bounds/lower_f_rel_diff`` (max_i |L_i - F_i| / F_i; 0 up to rounding for C = 2);
+    * ``certificate/<key>`` for a deterministic ``lower`` (see ``LowerEstimator.certificate``);
+    * ``kernel/<statistic>`` (see ``kernel_summary``), ``frac_below/min_layer``,
+      ``frac_below/max_layer``, ``empirical/rel_gap``, ``empirical/trace_ratio``;
+    * with ``eigenvalues=k`` (k >= 1): ``eig_1`` .. ``eig_k``, the k largest eigenvalues of F
+      on the same batches by Lanczos on exact Fisher-vector products (``lanczos_iters`` steps at
+      most, each one pass over the batches), their residuals ``eig_residual_<i>`` and
+      ``eig_iterations``;
+    * with ``density=True``: the SLQ spectral density of F (``slq_starts`` Rademacher starts x
+      ``slq_iters`` products) summarised as ``spectral_mean`` (tr(F) / P) with
+      ``spectral_mean_se``, ``spectral_trace`` (its estimate of tr(F)) and
+      ``spectral_mass_below`` (share of eigenvalues below 1e-8 x the largest).
+
+    ``DiagnosticsResult.scalars`` adds the per-layer ``<method>/trace/<layer>`` and
+    ``frac_below/<layer>``.
     """
     methods = check_methods(methods)
     if probes < 1:
         raise ValueError(f"probes must be at least 1; got {probes}.")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be positive or None; got {max_batches}.")
+    _check_positive("rank", rank)
+    if not isinstance(eigenvalues, int) or isinstance(eigenvalues, bool) or eigenvalues < 0:
+        raise ValueError(f"eigenvalues must be a non-negative integer; got {eigenvalues!r}.")
+    _check_positive("lanczos_iters", lanczos_iters, allow_none=True)
+    _check_positive("slq_starts", slq_starts)
+    _check_positive("slq_iters", slq_iters)
     if max_batches is not None:
         # Every pass sees the same batches (a shuffling loader would give each method its own, and
         # the ratios would compare different data), and the loader is iterated once, not per pass.
         dataloader = list(itertools.islice(dataloader, max_batches))
+    elif iter(dataloader) is dataloader:  # a one-shot iterator: keep its batches for every pass
+        dataloader = list(dataloader)
+    wants_deterministic = bool(deterministic_bounds_max_classes) and any(
+        m in DETERMINISTIC for m in methods
+    )
+    if n_classes is None and wants_deterministic:
+        n_classes = count_classes(model, dataloader, output_fn, classes, shift_labels)
+    if n_classes is not None:
+        methods = resolve_methods(methods, n_classes, deterministic_bounds_max_classes)
     common: dict[str, Any] = {
         "output_fn": output_fn,
         "classes": classes,
@@ -326,8 +430,9 @@ def compute_diagnostics(
     # One pass over the data for every method and probe: the forwards are shared (also with the
     # kernel statistics), the backwards batched, and each estimate equals its own
     # `estimate_fisher` with the same seed.
-    specs = [
+    specs: list[dict[str, Any]] = [
         {"method": m, "seed": seed + i, "probes": 1}
+        | ({"rank": rank} if m in (LOWER, HUTCHINSON_LOWER) else {})
         for m in methods
         for i in range(probes if m in PROBE_METHODS else 1)
     ]
@@ -342,6 +447,7 @@ def compute_diagnostics(
     fishers: dict[str, FisherDiagonal] = {}
     traces: dict[str, dict[str, float]] = {}
     s: dict[str, float] = {}
+    se: dict[str, float] = {}  # standard error of each method's trace (0: deterministic)
     for method in methods:
         mine = [i for i, spec in enumerate(specs) if spec["method"] == method]
         fds = [runs[i] for i in mine]
@@ -354,32 +460,85 @@ def compute_diagnostics(
                 per_probe = [sum(run_traces[i].values()) for i in mine]
                 for k, v in probe_cv(fds, per_probe, fishers[method]).items():
                     s[f"{method}/{k}"] = v
+                std = float(torch.tensor(per_probe, dtype=torch.float64).std())
+                se[method] = std / math.sqrt(probes)
+                s[f"{method}/trace_se"] = se[method]
+            else:
+                se[method] = float("nan")
         else:
             fishers[method], traces[method] = fds[0], run_traces[mine[0]]
+            se[method] = 0.0
     totals = {m: float(sum(t.values())) for m, t in traces.items()}
     for method in fishers:
         s[f"{method}/trace"] = totals[method]
 
     reference = "exact" if "exact" in fishers else "hutchinson" if "hutchinson" in fishers else None
+    upper = next((m for m in (UPPER, HUTCHINSON_UPPER) if m in fishers), None)
+    lower = next((m for m in (LOWER, HUTCHINSON_LOWER) if m in fishers), None)
+    if n_classes is not None:
+        s["n_classes"] = float(n_classes)
+    if upper is not None or lower is not None:
+        s["bounds/deterministic"] = float(
+            reference == "exact" and upper in (UPPER, None) and lower in (LOWER, None)
+        )
     if reference is not None:
         tr_f = totals[reference]
-        if LOWER in fishers:
-            s["bounds/lower_over_f"] = totals[LOWER] / tr_f if tr_f > 0 else float("nan")
-        if UPPER in fishers:
-            tr_u = totals[UPPER]
-            s["bounds/f_over_upper"] = tr_f / tr_u if tr_u > 0 else float("nan")
+        if lower is not None:
+            ratio = totals[lower] / tr_f if tr_f > 0 else float("nan")
+            s["bounds/lower_over_f"] = ratio
+            if se[lower] or se[reference]:
+                s["bounds/lower_over_f_se"] = _ratio_se(
+                    ratio, totals[lower], se[lower], tr_f, se[reference]
+                )
+        if upper is not None:
+            tr_u = totals[upper]
+            ratio = tr_f / tr_u if tr_u > 0 else float("nan")
+            s["bounds/f_over_upper"] = ratio
+            if se[upper] or se[reference]:
+                s["bounds/f_over_upper_se"] = _ratio_se(ratio, tr_f, se[reference], tr_u, se[upper])
+        if reference == "exact" and upper == UPPER and lower == LOWER:
+            f = fishers["exact"]
+            s["bounds/order_violations"] = float(
+                order_violations(fishers[UPPER], f, fishers[LOWER])["total"]
+            )
+            s["bounds/lower_f_rel_diff"] = lower_relative_difference(fishers[LOWER], f)
         if "empirical" in fishers:
             gap = empirical_gap(
                 fishers["empirical"], fishers[reference], (totals["empirical"], tr_f)
             )
             for k, v in gap.items():
                 s[f"empirical/{k}"] = v
+    if LOWER in fishers:
+        s.update(certificate_scalars(fishers[LOWER], "certificate"))
     below = fraction_below(fishers[reference or methods[0]], threshold)
     s["frac_below/min_layer"] = min(below.values())
     s["frac_below/max_layer"] = max(below.values())
     if kernel_sums is not None:
         stats = kernel_sums.summary()
         s.update({f"kernel/{k}": v for k, v in stats.items() if k != "n_inputs"})
+
+    spectrum = dens = None
+    spec_kw: dict[str, Any] = {
+        "seed": seed,
+        "output_fn": output_fn,
+        "classes": classes,
+        "shift_labels": shift_labels,
+        "max_batches": max_batches,
+    }
+    if eigenvalues:
+        spectrum = top_eigenvalues(model, dataloader, eigenvalues, lanczos_iters, **spec_kw)
+        for i, (value, res) in enumerate(
+            zip(spectrum.eigenvalues.tolist(), spectrum.residuals.tolist()), 1
+        ):
+            s[f"eig_{i}"] = value
+            s[f"eig_residual_{i}"] = res
+        s["eig_iterations"] = float(spectrum.iterations)
+    if density:
+        dens = spectral_density(model, dataloader, slq_starts, slq_iters, **spec_kw)
+        s["spectral_mean"] = dens.mean
+        s["spectral_mean_se"] = dens.mean_se
+        s["spectral_trace"] = dens.mean * dens.dim
+        s["spectral_mass_below"] = dens.mass_below
 
     numel: dict[str, int] = {}
     for name, t in fishers[methods[0]].items():
@@ -390,7 +549,17 @@ def compute_diagnostics(
         | {f"trace/{m}": layer_traces[m][layer] for m in fishers}
         for layer in numel
     ]
-    return DiagnosticsResult(fishers, {k: float(v) for k, v in s.items()}, reference, layers)
+    return DiagnosticsResult(
+        fishers, {k: float(v) for k, v in s.items()}, reference, layers, spectrum, dens
+    )
+
+
+def _ratio_se(ratio: float, a: float, se_a: float, b: float, se_b: float) -> float:
+    """Standard error of a / b by first-order propagation, a and b independent:
+    se(a / b) = |a / b| sqrt((se_a / a)^2 + (se_b / b)^2)."""
+    if not (a > 0 and b > 0):
+        return float("nan")
+    return abs(ratio) * math.sqrt((se_a / a) ** 2 + (se_b / b) ** 2)
 
 
 def _by_layer(traces: Mapping[str, float]) -> dict[str, float]:
