@@ -1,4 +1,4 @@
-"""Models of the exact-diagonal benchmark (issue #7): MLPs, the reduced ResNet-18, ResNet-18, BERT.
+"""Models of the exact-diagonal benchmark: MLPs, the reduced ResNet-18, ResNet-18, BERT.
 
 Plain torch, no torchvision: ResNet-18 is written out here (ImageNet layout: 7x7 stem, max-pool,
 stages of 64-128-256-512 channels, two basic blocks each), the reduced ResNet-18 comes from

@@ -1,4 +1,4 @@
-"""Example ``FisherDiagnostics`` figures for the docs, from a short real run (issue #4).
+"""Example ``FisherDiagnostics`` figures for the docs, from a short real run.
 
     python benchmarks/diagnostics_figures.py      # -> docs/assets/diagnostics_*.png
 

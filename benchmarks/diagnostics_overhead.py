@@ -1,4 +1,4 @@
-"""Overhead of ``FisherDiagnostics`` as a fraction of training time (issue #4, DESIGN §6).
+"""Overhead of ``FisherDiagnostics`` as a fraction of training time.
 
     python benchmarks/diagnostics_overhead.py      # -> results/diagnostics_overhead.{json,md}
 
@@ -218,12 +218,12 @@ HISTORY = (
 
 
 def goal_text(rows: list[dict[str, Any]]) -> str:
-    """Issue #4's goal (default settings <= 5% of training time), met or not, from the rows."""
+    """The goal (default settings <= 5% of training time), met or not, from the rows."""
     default = next(r for r in rows if r["setting"].startswith("default"))
     met = [r["setting"].split(" (")[0] for r in rows if r["fraction"] <= 0.05]
     hooks, e2e = default["fraction"], default["fraction_end_to_end"]
     return (
-        f"Goal (issue #4): at the default settings, at most 5% of training time. In the hooks: "
+        f"Goal: at the default settings, at most 5% of training time. In the hooks: "
         f"{hooks:.1%}, {'met' if hooks <= 0.05 else 'not met'}; end to end: {e2e:.1%} "
         f"({'within' if e2e <= 0.05 else 'above'} 5%, one noisy repeat). "
         + (f"Settings within 5% in the hooks: {', '.join(met)}." if met else "")

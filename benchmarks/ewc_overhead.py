@@ -1,6 +1,6 @@
-"""EWC overhead per training step, and the EWC-update-equals-explicit-loss check (issue #3).
+"""EWC overhead per training step, and the EWC-update-equals-explicit-loss check.
 
-Writes ``results/ewc_overhead.{json,md}`` (DESIGN §6: one row per setting with ``device``,
+Writes ``results/ewc_overhead.{json,md}`` (one row per setting with ``device``,
 ``model``, ``precision`` and ``ratio`` = step time with EWC / step time without). Rows of earlier
 runs on other devices or settings are kept, so the CPU and GPU runs share one report::
 

@@ -1,4 +1,4 @@
-"""Issue #5: why our Split MNIST "no EWC" (NONE) row is above van de Ven's published 85.41.
+"""Why our Split MNIST "no EWC" (NONE) row is above van de Ven's published 85.41.
 
 Collects the NONE cells that ``python -m recipes.reproduce --methods NONE`` wrote for each
 candidate protocol difference, writes ``benchmarks/results/none_baseline_study.json`` and prints

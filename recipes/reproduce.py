@@ -119,7 +119,7 @@ PRIORITY = (
     "LOWER",
     "UPPER",
 )
-#: log10 of the lambda each search starts around: DESIGN §1's published ranges for the data-pass
+#: log10 of the lambda each search starts around: the published ranges for the data-pass
 #: estimators (HUTCHINSON is unbiased for EXACT's F, so the same scale). The Squisher's is not
 #: published for this protocol; a short CPU run of Split MNIST found 1e4 good and 1e6 diverging
 #: (Adam's second moment also holds the squared EWC gradient, so under online EWC each task's

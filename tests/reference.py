@@ -1,7 +1,7 @@
 """Brute-force dense Fisher: full per-input Jacobians of tiny models, in float64.
 
 Everything here is deliberately naive (a Python loop over inputs, dense C x P Jacobians) so that it
-is obviously the formula of DESIGN §2-3.
+is obviously the formula of docs/math.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every deterministic estimator equals its formula on a brute-force dense Fisher (DESIGN §3)."""
+"""Every deterministic estimator equals its formula on a brute-force dense Fisher."""
 
 from __future__ import annotations
 

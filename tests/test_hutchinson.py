@@ -1,4 +1,4 @@
-"""The Hutchinson estimators are unbiased for F and its bounds, with bounded CV (DESIGN §3)."""
+"""The Hutchinson estimators are unbiased for F and its bounds, with bounded CV."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Spectral facts of I(p) = diag(p) - pp^T (DESIGN §3) on random p."""
+"""Spectral facts of I(p) = diag(p) - pp^T on random p."""
 
 from __future__ import annotations
 

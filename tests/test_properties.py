@@ -301,7 +301,7 @@ def test_nan_or_inf_in_inputs_or_weights_is_a_clear_error(
 def test_ewc_penalty_gradient_and_checkpoint_state(
     n_tasks: int, mode: str, gamma: float, lam: float, seed: int
 ) -> None:
-    """Whatever the tasks, mode and gamma: the penalty and its gradient follow DESIGN §4, and a
+    """Whatever the tasks, mode and gamma: the penalty and its gradient follow docs/math.md, and a
     state round trip is bitwise."""
     model = mlp(3, 4, 3, seed, torch.float64)
     gen = torch.Generator().manual_seed(seed)

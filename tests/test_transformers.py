@@ -1,4 +1,4 @@
-"""Hugging Face models: sequence classifiers, causal LMs at token level, LoRA adapters (issue #6).
+"""Hugging Face models: sequence classifiers, causal LMs at token level, LoRA adapters.
 
 Every model is a tiny randomly initialised BERT / GPT-2 built here (no download); the brute-force
 dense Fisher of ``reference.py`` is the ground truth.

@@ -1,7 +1,7 @@
 """MkDocs hook: put benchmark tables from ``benchmarks/results/`` into the pages that present them.
 
 A page line ``<!-- benchmark-table: NAME -->`` becomes ``benchmarks/results/NAME.md`` followed by
-the command that produced it (from ``NAME.json``, DESIGN §6), or a clearly marked notice when the
+the command that produced it (from ``NAME.json``), or a clearly marked notice when the
 benchmark has not been run yet, so the docs never hold a stale copy of a result. A line
 ``<!-- benchmark-figure: NAME -->`` embeds ``benchmarks/results/NAME.png`` (inline, since it lies
 outside ``docs/``), or nothing when there is no such figure.
