@@ -28,11 +28,11 @@ from .statistics import (
 #: How each method is drawn in the bounds figure: label, colour, line style.
 _STYLES: dict[str, tuple[str, str, str]] = {
     UPPER: ("upper bound  tr J'diag(p)J  (deterministic)", "tab:red", "-"),
-    HUTCHINSON_UPPER: ("upper bound  tr J'diag(p)J  (hutchinson_dg)", "tab:red", "-"),
+    HUTCHINSON_UPPER: ("upper bound  tr J'diag(p)J  (hutchinson_upper)", "tab:red", "-"),
     "exact": ("F  (exact)", "black", "-"),
     "hutchinson": ("F  (hutchinson)", "black", "-"),
     LOWER: ("lower bound  tr J'λvv'J  (deterministic)", "tab:blue", "-"),
-    HUTCHINSON_LOWER: ("lower bound  tr J'λvv'J  (hutchinson_lr)", "tab:blue", "-"),
+    HUTCHINSON_LOWER: ("lower bound  tr J'λvv'J  (hutchinson_lower)", "tab:blue", "-"),
     "empirical": ("empirical Fisher", "tab:green", "--"),
 }
 #: Methods without probe noise (their traces have no standard error).

@@ -15,9 +15,6 @@ from ..kernel import softmax_fisher_sqrt
 from ..outputs import FisherInputError, ModelOutputs
 from .base import Estimator
 
-#: Above this many classes ``exact`` refuses to run (C backward columns per input).
-EXACT_MAX_CLASSES = 1024
-
 
 class ExactEstimator(Estimator):
     name = "exact"
@@ -25,7 +22,7 @@ class ExactEstimator(Estimator):
     option_names = ("max_samples",)
 
     def validate(self, n_classes: int) -> None:
-        limit = self.options.extra.get("exact_max_classes", EXACT_MAX_CLASSES)
+        limit = self.options.exact_max_classes
         if n_classes > limit:
             raise FisherInputError(
                 f"`exact` needs one backward column per class and the output has {n_classes} classes "

@@ -12,7 +12,6 @@ from torch import Tensor
 
 from ..outputs import FisherInputError, ModelOutputs
 from .base import Estimator
-from .exact import EXACT_MAX_CLASSES
 
 
 class UpperEstimator(Estimator):
@@ -21,11 +20,11 @@ class UpperEstimator(Estimator):
     option_names = ("max_samples",)
 
     def validate(self, n_classes: int) -> None:
-        limit = self.options.extra.get("exact_max_classes", EXACT_MAX_CLASSES)
+        limit = self.options.exact_max_classes
         if n_classes > limit:
             raise FisherInputError(
                 f"`upper` needs one backward column per class and the output has {n_classes} "
-                f"classes (more than {limit}). Use method='hutchinson_dg' (an unbiased estimate "
+                f"classes (more than {limit}). Use method='hutchinson_upper' (an unbiased estimate "
                 "of the same bound, one backward per batch and probe), or raise the limit with "
                 "`exact_max_classes=` if you really want C columns."
             )
