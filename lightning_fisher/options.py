@@ -113,10 +113,6 @@ class FisherOptions:
         """The values of ``keys`` (what an estimate records of its options)."""
         return {k: getattr(self, k) for k in keys}
 
-    def as_dict(self) -> dict[str, Any]:
-        """Every option by name (shallow: callables and selectors are not copied)."""
-        return {k: getattr(self, k) for k in self.names()}
-
 
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
