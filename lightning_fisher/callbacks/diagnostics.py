@@ -128,7 +128,8 @@ class FisherDiagnostics(Callback):
         eigenvalues: log the k largest eigenvalues of F (0: off).
         lanczos_iters: Lanczos steps for them at most (default max(2k + 20, 40)).
         spectral_density: log the SLQ spectral density of F.
-        slq_starts, slq_iters: random starts and Lanczos steps of the density.
+        slq_starts: random starts of the density.
+        slq_iters: Lanczos steps per start of the density.
         fisher_options: a ``lf.FisherOptions`` for the estimators' other options
             (``param_filter``, ``max_memory_mib``, ``ignore_index``, ...); ``output_fn``,
             ``classes`` and ``shift_labels`` above override its own when set.

@@ -111,13 +111,15 @@ class EWC(Callback):
         mode: ``"online"`` (one Fisher, F <- gamma F + F_new, anchor <- theta_new) or
             ``"separate"`` (one Fisher and anchor per task).
         gamma: decay of the old Fisher in online mode.
-        max_samples, mc_samples, probes, classes, output_fn: shortcuts for the
-            ``FisherOptions`` of the same names (``None``: keep ``fisher_options``' value):
-            EXACT(n) on ``n`` random inputs, label draws per input for ``sample``, probes per
-            batch for the ``hutchinson*`` methods, the active classes of a task-incremental
-            (multi-head) model (a sequence of class indices or a callable ``classes(batch)``),
-            ``output_fn(module, batch) -> logits`` if calling the module is not how the logits
-            are obtained.
+        max_samples: EXACT(n): estimate on ``n`` random inputs. This and the next four are
+            shortcuts for the ``FisherOptions`` of the same names (``None``: keep
+            ``fisher_options``' value).
+        mc_samples: label draws per input for ``method="sample"``.
+        probes: probes per batch for the ``hutchinson*`` methods.
+        classes: active classes of a task-incremental (multi-head) model: a sequence of class
+            indices or a callable ``classes(batch)`` returning them.
+        output_fn: ``output_fn(module, batch) -> logits`` if calling the module is not how the
+            logits are obtained.
         apply: ``"grad"`` adds the penalty gradient to ``.grad`` (the default); ``"loss"`` adds
             nothing, for users who add :meth:`penalty` to their loss themselves.
         dataloader: data for the Fisher pass; default: the trainer's training dataloader (the

@@ -43,9 +43,15 @@ class FisherMonitor(Callback):
             workers.
         dataloader: data for the pass; default: the trainer's training dataloader (each rank's
             shard under DDP, all-reduced to the Fisher of the union).
-        max_samples, max_batches, probes, mc_samples, classes, output_fn: shortcuts for the
-            ``FisherOptions`` of the same names (``None``: keep ``fisher_options``' value).
-            ``max_batches`` stops each pass early (cheap periodic estimates).
+        max_samples: estimate on ``n`` random inputs (EXACT(n)). This and the next five are
+            shortcuts for the ``FisherOptions`` of the same names (``None``: keep
+            ``fisher_options``' value).
+        max_batches: stop the pass after this many batches (cheap periodic estimates).
+        probes: probes per batch for the ``hutchinson*`` methods.
+        mc_samples: label draws per input for ``sample``.
+        classes: active classes of a multi-head model (sequence or ``classes(batch)``).
+        output_fn: ``output_fn(module, batch) -> logits`` when calling the module is not how the
+            logits are obtained.
         log_layer_traces: also log one trace per module.
         save_dir: if set, rank 0 saves every estimate there as ``fisher-step=<step>.safetensors``.
         on_estimate: ``on_estimate(trainer, pl_module, fisher)`` called after every estimate.

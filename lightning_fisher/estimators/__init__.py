@@ -57,8 +57,9 @@ def estimate_fisher(
             ``exp_avg_sq`` of ``optimizer``, no data pass). ``hutchinson_dg`` and
             ``hutchinson_lr`` are deprecated names of the two bound estimates.
         options: a ``FisherOptions`` (see it for every option and its default).
-        optimizer, batch_size, bias_correction: the context of ``squisher`` (see
-            ``fisher_from_optimizer``); ignored by the other methods.
+        optimizer: the Adam/AdamW optimizer ``squisher`` reads (ignored by the other methods).
+        batch_size: the training batch size B of ``squisher`` (F = B * exp_avg_sq).
+        bias_correction: whether ``squisher`` bias-corrects ``exp_avg_sq``.
         **overrides: options by name (``max_samples=``, ``probes=``, ``seed=``, ...), applied on
             top of ``options``.
 
