@@ -135,6 +135,12 @@ def check_method(who: str, method: str, *, data_pass: bool) -> str:
     return info.name
 
 
+def check_name(who: str, name: Any) -> None:
+    """Raise a ``FisherInputError`` for a callback ``name`` that is not a non-empty string or None."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise FisherInputError(f"{who}: name must be a non-empty string or None; got {name!r}.")
+
+
 def check_dataloader(who: str, loader: Any) -> None:
     """Raise a ``FisherInputError`` for a Fisher dataloader that is not iterable or is empty."""
     if loader is None:

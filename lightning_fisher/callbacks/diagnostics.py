@@ -33,7 +33,13 @@ from ..diagnostics import (
 from ..diagnostics.statistics import DETERMINISTIC_BOUNDS_MAX_CLASSES, check_methods
 from ..options import FisherOptions
 from ..outputs import ClassSelector, FisherInputError, OutputFn
-from ._utils import check_dataloader, fisher_loader, log_metrics, refuse_sharded_strategy
+from ._utils import (
+    check_dataloader,
+    check_name,
+    fisher_loader,
+    log_metrics,
+    refuse_sharded_strategy,
+)
 
 #: Sub-folder of a ``CSVLogger``'s log directory that receives the PNG figures.
 CSV_FIGURE_DIR = "fisher_diagnostics"
@@ -238,10 +244,7 @@ class FisherDiagnostics(Callback):
         self._fit_steps = 0
         self._warned: set[str] = set()
         check_dataloader("FisherDiagnostics", None if isinstance(dataloader, str) else dataloader)
-        if name is not None and (not isinstance(name, str) or not name):
-            raise FisherInputError(
-                f"FisherDiagnostics: name must be a non-empty string or None; got {name!r}."
-            )
+        check_name("FisherDiagnostics", name)
         self.name = name
 
     @property

@@ -34,6 +34,7 @@ from ._utils import (
     build_fisher_options,
     check_dataloader,
     check_method,
+    check_name,
     fisher_loader,
     grad_scale,
     log_metrics,
@@ -180,8 +181,7 @@ class EWC(Callback):
             )
         if batch_size is not None and batch_size < 1:
             raise FisherInputError(f"EWC: batch_size must be positive; got {batch_size}.")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise FisherInputError(f"EWC: name must be a non-empty string or None; got {name!r}.")
+        check_name("EWC", name)
         check_dataloader("EWC", dataloader)
         self.apply = apply
         self.dataloader = dataloader

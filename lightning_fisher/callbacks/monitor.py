@@ -21,6 +21,7 @@ from ._utils import (
     build_fisher_options,
     check_dataloader,
     check_method,
+    check_name,
     fisher_loader,
     log_metrics,
     refuse_sharded_strategy,
@@ -98,10 +99,7 @@ class FisherMonitor(Callback):
                 )
         if every_n_epochs is None and every_n_steps is None:
             raise FisherInputError("FisherMonitor: set `every_n_epochs` or `every_n_steps`.")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise FisherInputError(
-                f"FisherMonitor: name must be a non-empty string or None; got {name!r}."
-            )
+        check_name("FisherMonitor", name)
         check_dataloader("FisherMonitor", dataloader)
         self.method = method
         self.every_n_epochs = None if every_n_steps is not None else every_n_epochs
