@@ -6,7 +6,7 @@ search lambda on seed 0 (bracketed, ``--step`` decades apart) and run the best l
 seeds. At every task boundary of every cell the EXACT Fisher of the same trained network on the
 same data is computed too, and tr(BATCHED_b) / tr(EXACT) is recorded. One command, resumable:
 
-    python benchmarks/batched_lambda_scaling.py --data-dir ../shared/data --workers 16 \\
+    python -m benchmarks.batched_lambda_scaling --data-dir ../shared/data --workers 16 \\
         --threads 1 --accelerator cpu
 
 writes ``benchmarks/results/batched_lambda_scaling.{json,md,png}`` (and its ``.cells.jsonl``,
@@ -28,13 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: recipes/ imports
-    sys.path.insert(0, str(ROOT))
+from recipes import reproduce
+from recipes.data import load_arrays
+from recipes.runner import load_config, quiet_lightning
 
-from recipes import reproduce  # noqa: E402
-from recipes.data import load_arrays  # noqa: E402
-from recipes.runner import load_config, quiet_lightning  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 NAME = "batched_lambda_scaling"
 BATCH_SIZES = (1, 8, 32, 128, 512)
@@ -278,7 +276,7 @@ def plot(rows: list[dict[str, Any]], fit: dict[str, Any], path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python benchmarks/batched_lambda_scaling.py", description=__doc__.split("\n")[0]
+        prog="python -m benchmarks.batched_lambda_scaling", description=__doc__.split("\n")[0]
     )
     p.add_argument("--config", default="split_mnist", help="recipe config (task-incremental)")
     p.add_argument("--data-dir", default="../shared/data")
@@ -341,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.results_dir)
     cells_path = out / f"{args.name}.cells.jsonl"
     plan.done = reproduce.read_cells(cells_path, settings)
-    command = "python benchmarks/batched_lambda_scaling.py " + shlex.join(
+    command = "python -m benchmarks.batched_lambda_scaling " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
     try:

@@ -18,11 +18,11 @@ throughput and the speedup over one GPU (goals: 1.8x on 2 GPUs, 3.4x on 4).
 
 GPU (one command, a 4-GPU host)::
 
-    NCCL_NVLS_ENABLE=0 python benchmarks/ddp_scaling.py
+    NCCL_NVLS_ENABLE=0 python -m benchmarks.ddp_scaling
 
 CPU smoke run (gloo, 2 processes, tiny sizes; what CI runs)::
 
-    python benchmarks/ddp_scaling.py --cpu --gpus 1 2 --tiny --out /tmp/ddp_scaling.json
+    python -m benchmarks.ddp_scaling --cpu --gpus 1 2 --tiny --out /tmp/ddp_scaling.json
 
 FSDP is not supported: the callbacks refuse it at setup with a clear error (see
 ``lightning_fisher.callbacks._utils.refuse_sharded_strategy``).
@@ -47,6 +47,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from benchmarks.common import max_rel_diff
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -207,16 +209,6 @@ def tensors_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    """max over parameters of max|a - b| / max|b|."""
-    return max(
-        float(
-            (a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp_min(1e-30)
-        )
-        for k in b
-    )
-
-
 def run_world(world: int, cfg: Config) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         # CPU runs fork (the workers inherit the driver's imports); CUDA needs fresh processes.
@@ -299,7 +291,7 @@ def main() -> None:
             }
         )
     gpu = "cpu (gloo)" if cfg.cpu else torch.cuda.get_device_name(0)
-    command = ("" if cfg.cpu else "NCCL_NVLS_ENABLE=0 ") + "python benchmarks/ddp_scaling.py "
+    command = ("" if cfg.cpu else "NCCL_NVLS_ENABLE=0 ") + "python -m benchmarks.ddp_scaling "
     command += " ".join(sys.argv[1:])
     report = {
         "command": command.strip(),

@@ -1,6 +1,6 @@
 """Example ``FisherDiagnostics`` figures for the docs, from a short real run.
 
-    python benchmarks/diagnostics_figures.py      # -> docs/assets/diagnostics_*.png
+    python -m benchmarks.diagnostics_figures      # -> docs/assets/diagnostics_*.png
 
 Trains the MLP 784-400-400-10 on all ten MNIST digits (Adam lr 1e-3, batch 128, ``--steps``
 steps) with ``FisherDiagnostics(every_n_steps=...)`` and a ``CSVLogger``, saves the final Fisher
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from typing import Any
@@ -23,11 +22,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import mlp
-from diagnostics_overhead import DEFAULT_DATA, read_idx
-
 import lightning_fisher as lf
+from benchmarks.bench_models import mlp
+from benchmarks.common import read_idx
+from benchmarks.diagnostics_overhead import DEFAULT_DATA
 from lightning_fisher.cli import main as cli
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "assets")

@@ -1,6 +1,6 @@
 """Overhead of ``FisherDiagnostics`` as a fraction of training time.
 
-    python benchmarks/diagnostics_overhead.py      # -> results/diagnostics_overhead.{json,md}
+    python -m benchmarks.diagnostics_overhead      # -> results/diagnostics_overhead.{json,md}
 
 Setting: the first task of Split MNIST (digits 0 and 1, 12,665 training images) on the MLP
 784-400-400-10 with a multi-head output (only the task's two units count), Adam lr 1e-3, batch
@@ -24,7 +24,6 @@ disturbs less than wall-clock time; the wall-clock fraction is reported next to 
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import platform
 import statistics
@@ -41,10 +40,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import mlp
-
 import lightning_fisher as lf
+from benchmarks.bench_models import mlp
+from benchmarks.common import read_idx, versions
 from lightning_fisher import _json as strict_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,17 +50,6 @@ RESULTS = os.path.join(HERE, "results")
 DEFAULT_DATA = os.path.join(HERE, "..", "..", "shared", "data", "mnist")
 MODEL = "mlp-784-400-400-10 (Split MNIST task 1, multi-head)"
 TASK = (0, 1)
-
-
-def read_idx(path: str) -> np.ndarray:
-    """An IDX file (gzipped): magic 0x0000 0x08 ndim, big-endian uint32 sizes, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if data[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path} is not an unsigned-byte IDX file.")
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def task_data(root: str, split: str) -> TensorDataset:
@@ -172,19 +159,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "lighter (probes=1: no CV)": {"probes": 1},
     "every third epoch (every_n_epochs=3)": {"every_n_epochs": 3},
 }
-
-
-def versions() -> dict[str, str]:
-    import lightning
-    import matplotlib
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "matplotlib": matplotlib.__version__,
-        "lightning_fisher": lf.__version__,
-    }
 
 
 #: Where the time goes (profiled with cProfile and torch.profiler on one evaluation of the default
@@ -310,13 +284,13 @@ def main() -> None:
             }
         )
         print(strict_json.dumps(rows[-1]), flush=True)
-    command = "python benchmarks/diagnostics_overhead.py" + " ".join(
+    command = "python -m benchmarks.diagnostics_overhead" + " ".join(
         [""] + [a for a in sys.argv[1:]]
     )
     report = {
         "command": command.strip(),
         "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores shared, {args.threads} torch thread)",
-        "versions": versions(),
+        "versions": versions("matplotlib"),
         "note": (
             f"Split MNIST task 1 (digits 0/1), batch 128, Adam 1e-3, {args.steps} steps (epochs of 99 steps), CSVLogger, "
             "diagnostics on the validation loader (batch 128) with the active head `classes=[0, 1]`. "

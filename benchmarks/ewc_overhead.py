@@ -4,8 +4,8 @@ Writes ``results/ewc_overhead.{json,md}`` (one row per setting with ``device``,
 ``model``, ``precision`` and ``ratio`` = step time with EWC / step time without). Rows of earlier
 runs on other devices or settings are kept, so the CPU and GPU runs share one report::
 
-    python benchmarks/ewc_overhead.py --device cpu                                   # MLP, 32-true
-    python benchmarks/ewc_overhead.py --device cuda --precisions 16-mixed bf16-mixed # BERT, 22.7M
+    python -m benchmarks.ewc_overhead --device cpu                                   # MLP, 32-true
+    python -m benchmarks.ewc_overhead --device cuda --precisions 16-mixed bf16-mixed # BERT, 22.7M
 
 CPU: van de Ven's MLP 784-400-400-10, batch 128. GPU: a BERT classifier with MiniLM-L6's sizes
 (6 layers, width 384, 22.7M parameters, random weights, Hugging Face ``transformers``), batch 32 of
@@ -55,11 +55,9 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import MINILM, mlp
-from exact_diagonal import device_name, versions
-
 import lightning_fisher as lf
+from benchmarks.bench_models import MINILM, mlp
+from benchmarks.common import device_name, versions
 from lightning_fisher import _json as strict_json
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

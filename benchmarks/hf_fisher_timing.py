@@ -13,7 +13,7 @@ Each row gives the seconds for ``n_inputs`` inputs (``seconds``, median of ``--r
 the peak memory allocated (CUDA only). Needs ``torch``, ``transformers`` and this package; not
 ``datasets`` (AG News is read with the ``csv`` module). Run from the repository root::
 
-    python benchmarks/hf_fisher_timing.py --model-dir <all-MiniLM-L6-v2 folder> --device cuda
+    python -m benchmarks.hf_fisher_timing --model-dir <all-MiniLM-L6-v2 folder> --device cuda
 
 It writes ``benchmarks/results/hf_fisher_timing_<device type>.json`` and ``.md``.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,14 +31,13 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: the package and recipes/ import
-    sys.path.insert(0, str(ROOT))
+import lightning_fisher as lf
+from benchmarks.common import device_name
+from lightning_fisher import _json as strict_json
+from lightning_fisher.hf import text_batches
+from recipes.neuromanifold_bounds import load_minilm, load_texts
 
-import lightning_fisher as lf  # noqa: E402
-from lightning_fisher import _json as strict_json  # noqa: E402
-from lightning_fisher.hf import text_batches  # noqa: E402
-from recipes.neuromanifold_bounds import load_minilm, load_texts  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sync(device: torch.device) -> None:
@@ -136,12 +134,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows, "device": device}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def write(result: dict[str, Any], out: Path, command: str) -> Path:
     """``hf_fisher_timing_<device type>.json`` and ``.md`` under ``out``."""
     import transformers
@@ -216,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(args.seed)
     result = run(args)
-    command = "python benchmarks/hf_fisher_timing.py " + " ".join(
+    command = "python -m benchmarks.hf_fisher_timing " + " ".join(
         sys.argv[1:] if argv is None else list(argv)
     )
     return write(result, Path(args.out), command.strip())

@@ -34,9 +34,9 @@ Rules that make the resume exact (the checks below rely on them):
 
 Usage::
 
-    python benchmarks/kill_resume.py                 # 10 random kill points, writes the report
-    python benchmarks/kill_resume.py --points 3      # fewer
-    python benchmarks/kill_resume.py --worker DIR [--kill train:1:5 | --kill fisher:2:1 | ...]
+    python -m benchmarks.kill_resume                 # 10 random kill points, writes the report
+    python -m benchmarks.kill_resume --points 3      # fewer
+    python -m benchmarks.kill_resume --worker DIR [--kill train:1:5 | --kill fisher:2:1 | ...]
 
 Workers are forked children of the driver (POSIX), killed with SIGKILL; ``--worker`` runs one in
 the foreground.
@@ -356,7 +356,7 @@ def main() -> None:
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             rows = sorted(pool.map(one, enumerate(points)), key=lambda r: r.pop("_order"))
     report = {
-        "command": f"python benchmarks/kill_resume.py --points {args.points} --seed {args.seed}",
+        "command": f"python -m benchmarks.kill_resume --points {args.points} --seed {args.seed}",
         "device": f"cpu ({platform.processor() or platform.machine()})",
         "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
         "setup": {

@@ -8,7 +8,7 @@ the tables of ``none_baseline_study.md`` (whose conclusions are written by hand)
         nice -n 10 taskset -c 1 python -m recipes.reproduce --benchmark split_mnist \\
             --data-dir ../shared/data --methods NONE --workers 1 --threads 1 --accelerator cpu \\
             --results-dir /tmp/nonestudy --name <name> <flags>
-    python benchmarks/none_baseline_study.py --cells-dir /tmp/nonestudy
+    python -m benchmarks.none_baseline_study --cells-dir /tmp/nonestudy
 
 The GPU rows of the committed reproduction reports (``reproduce_split_mnist*.json``) are added
 as reference rows.
@@ -20,18 +20,15 @@ import argparse
 import json
 import math
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script from anywhere: recipes/ imports
-    sys.path.insert(0, str(ROOT))
+from lightning_fisher import _json as strict_json
+from recipes.data import permuted_class_order
 
-from lightning_fisher import _json as strict_json  # noqa: E402
-from recipes.data import permuted_class_order  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS = Path(__file__).parent / "results"
 PUBLISHED = 85.41  # van de Ven (2025), Split MNIST, no EWC, mean over seeds 1-30
@@ -149,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = read_none(cells_path)
         rows.append(row(name, what, report["command"], cells, report["device"]))
     doc = {
-        "command": "python benchmarks/none_baseline_study.py --cells-dir /tmp/nonestudy",
+        "command": "python -m benchmarks.none_baseline_study --cells-dir /tmp/nonestudy",
         "device": args.device,
         "versions": {
             "python": platform.python_version(),

@@ -2,7 +2,7 @@
 
 Run in an environment with curvlinops (and scipy), with this package importable::
 
-    PYTHONPATH=. python benchmarks/spectrum_timing.py   # -> results/spectrum_cpu.{json,md}
+    PYTHONPATH=. python -m benchmarks.spectrum_timing   # -> results/spectrum_cpu.{json,md}
 
 For every model, one fixed data set of ``--n`` random inputs in batches of ``--batch-size``:
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.metadata as md
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_fisher as lf
+from benchmarks.common import versions
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -148,17 +148,6 @@ def run_fast_lanczos(model: nn.Module, batches: list[Any], k: int, ncv: int) -> 
     return evals.double().sort(descending=True).values[:k], ncv
 
 
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("torch", "lightning", "scipy", "curvlinops-for-pytorch", "lightning-fisher"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    out["lightning-fisher"] = out["lightning-fisher"] or lf.__version__
-    return out
-
-
 def write_markdown(report: dict[str, Any], path: str) -> None:
     rows = report["rows"]
     k, n = report["settings"]["k"], rows[0]["n_inputs"]
@@ -259,11 +248,11 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(row), flush=True)
     report = {
         "name": os.path.basename(args.out),
-        "command": "PYTHONPATH=. python benchmarks/spectrum_timing.py "
+        "command": "PYTHONPATH=. python -m benchmarks.spectrum_timing "
         + " ".join(argv if argv is not None else sys.argv[1:]),
         "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads)",
-        "versions": versions(),
+        "versions": versions("scipy", "curvlinops-for-pytorch"),
         "settings": {
             "k": args.k,
             "iters": args.iters,

@@ -11,9 +11,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .estimators import METHODS, estimate_fisher, estimate_fishers, fisher_from_optimizer
+from .estimators import (
+    METHODS,
+    REGISTRY,
+    EstimatorInfo,
+    estimate_fisher,
+    estimate_fishers,
+    fisher_from_optimizer,
+)
 from .ewc import ElasticWeightConsolidation
 from .fisher_diagonal import FisherDiagonal
+from .options import FisherOptions
 from .outputs import FisherInputError
 from .spectrum import FisherOperator, lanczos, spectral_density, top_eigenvalues
 
@@ -35,12 +43,15 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "EWC",
     "METHODS",
+    "REGISTRY",
     "ElasticWeightConsolidation",
+    "EstimatorInfo",
     "FisherDiagnostics",
     "FisherDiagonal",
     "FisherInputError",
     "FisherMonitor",
     "FisherOperator",
+    "FisherOptions",
     "FisherTraceRegularizer",
     "__version__",
     "estimate_fisher",

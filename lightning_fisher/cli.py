@@ -5,6 +5,7 @@ saved ``FisherDiagonal``, the per-layer density of log10 of its diagonal (the fi
 ``FisherDiagnostics`` logs) to ``DIR/<file stem>_layer_density.png`` and prints a per-layer table
 (entries, trace, fraction below the threshold). ``--history metrics.csv`` also draws the bounds over
 training from the ``metrics.csv`` of a ``CSVLogger`` that ``FisherDiagnostics`` wrote to.
+``lightning-fisher methods`` lists the registered estimators (also in ``--help``).
 """
 
 from __future__ import annotations
@@ -96,9 +97,22 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods(args: argparse.Namespace) -> int:
+    from .estimators.registry import help_text
+
+    print("Fisher estimators (method=...):")
+    print(help_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .estimators.registry import help_text
+
     parser = argparse.ArgumentParser(
-        prog="lightning-fisher", description="Fisher information tools."
+        prog="lightning-fisher",
+        description="Fisher information tools.",
+        epilog="Fisher estimators (method=...):\n" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"lightning-fisher {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dpi", type=int, default=110, help="resolution of the PNG files (default 110)"
     )
     render.set_defaults(func=_render)
+    methods = sub.add_parser(
+        "methods",
+        help="list the Fisher estimators: cost, labels, deterministic or stochastic",
+        description="List the registered Fisher estimators.",
+    )
+    methods.set_defaults(func=_methods)
     return parser
 
 

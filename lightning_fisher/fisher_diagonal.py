@@ -158,19 +158,6 @@ class FisherDiagonal(Mapping[str, Tensor]):
             state.get("certificate"),
         )
 
-    @classmethod
-    def zeros_like(cls, model: nn.Module, method: str = "zeros") -> FisherDiagonal:
-        """Zeros for every trainable parameter of ``model``."""
-        return cls(
-            {
-                n: torch.zeros_like(p, dtype=torch.float32)
-                for n, p in model.named_parameters()
-                if p.requires_grad
-            },
-            0,
-            method,
-        )
-
     def check_matches(self, model: nn.Module) -> None:
         """Raise a clear error if names or shapes differ from ``model``'s parameters."""
         params = dict(model.named_parameters())

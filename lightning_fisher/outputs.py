@@ -49,10 +49,6 @@ class ModelOutputs:
     label_error: str | None = None
 
     @property
-    def batch_size(self) -> int:
-        return self.logits.shape[0]
-
-    @property
     def n_classes(self) -> int:
         return self.logits.shape[-1]
 

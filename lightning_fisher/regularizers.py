@@ -118,8 +118,13 @@ def fisher_trace_penalty_grads(
         batches: the micro-batches of the step (on the model's device).
         params: the parameters to differentiate; a parameter R does not reach gets zeros.
         alpha: strength of the penalty.
-        probes, output_fn, classes, probe_distribution, generator, param_filter: as for
-            :func:`fisher_trace_penalty` (one generator draws the probes of all micro-batches).
+        probes: as for :func:`fisher_trace_penalty`.
+        output_fn: as for :func:`fisher_trace_penalty`.
+        classes: as for :func:`fisher_trace_penalty`.
+        probe_distribution: as for :func:`fisher_trace_penalty`.
+        generator: as for :func:`fisher_trace_penalty` (one generator draws the probes of all
+            micro-batches).
+        param_filter: as for :func:`fisher_trace_penalty`.
         forward_context: a context manager factory for each forward (e.g. an autocast).
 
     Returns:

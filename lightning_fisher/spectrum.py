@@ -296,9 +296,16 @@ def top_eigenvalues(
     op = FisherOperator(
         model, dataloader, output_fn, classes, shift_labels, param_filter, max_batches
     )
-    if dtype is None:
-        dtype = torch.float64 if op.dim <= 10_000_000 else torch.float32
+    dtype = krylov_dtype(op, dtype)
     return lanczos(op.matvec, op.dim, k, iters, seed=seed, device=op.device, dtype=dtype, rtol=rtol)
+
+
+def krylov_dtype(op: FisherOperator, dtype: torch.dtype | None) -> torch.dtype:
+    """``dtype``, or by default float64 for the Krylov basis unless the model has more than 10
+    million trainable parameters (then float32: the basis holds ``iters`` parameter vectors)."""
+    if dtype is not None:
+        return dtype
+    return torch.float64 if op.dim <= 10_000_000 else torch.float32
 
 
 @dataclass
@@ -430,8 +437,7 @@ def spectral_density(
     op = FisherOperator(
         model, dataloader, output_fn, classes, shift_labels, param_filter, max_batches
     )
-    if dtype is None:
-        dtype = torch.float64 if op.dim <= 10_000_000 else torch.float32
+    dtype = krylov_dtype(op, dtype)
     nodes, weights = slq_nodes(
         op.matvec, op.dim, starts, iters, seed=seed, device=op.device, dtype=dtype
     )

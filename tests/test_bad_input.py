@@ -65,7 +65,7 @@ def test_model_without_trainable_parameters() -> None:
 
 def test_unknown_method_lists_the_choices() -> None:
     case = make_case("mlp")
-    with pytest.raises(ValueError, match="hutchinson_lr"):
+    with pytest.raises(ValueError, match="hutchinson_lower"):
         lf.estimate_fisher(case.model, case.loader, method="diag")
 
 

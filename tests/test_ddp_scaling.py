@@ -16,15 +16,16 @@ from lit_helpers import Classifier
 
 import lightning_fisher as lf
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "ddp_scaling.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_ddp_scaling_script_two_gloo_processes(tmp_path: Path) -> None:
     out = tmp_path / "ddp.json"
-    cmd = [sys.executable, str(SCRIPT), "--cpu", "--gpus", "2", "--tiny", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "benchmarks.ddp_scaling", "--cpu", "--gpus", "2", "--tiny"]
+    cmd += ["--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {"command", "device", "versions", "rows"} <= report.keys()

@@ -47,7 +47,7 @@ def mlp_case():  # type: ignore[no-untyped-def]
 def test_traces_are_estimate_fisher_with_the_same_seeds(mlp_case) -> None:  # type: ignore[no-untyped-def]
     model, loader = mlp_case.model, mlp_case.loader
     res = compute_diagnostics(model, loader, probes=3, max_batches=2, seed=7, **HUTCHINSON)
-    for method in ("hutchinson", "hutchinson_dg", "hutchinson_lr"):
+    for method in ("hutchinson", "hutchinson_upper", "hutchinson_lower"):
         runs = [
             lf.estimate_fisher(model, loader, method, probes=1, seed=7 + i, max_batches=2)
             for i in range(3)
@@ -80,7 +80,7 @@ def test_bound_ratios_order_the_exact_fisher(mlp_case) -> None:  # type: ignore[
     res = compute_diagnostics(
         mlp_case.model,
         mlp_case.loader,
-        ("exact", "hutchinson_dg", "hutchinson_lr", "empirical"),
+        ("exact", "hutchinson_upper", "hutchinson_lower", "empirical"),
         probes=16,
         max_batches=None,
         **HUTCHINSON,
@@ -91,9 +91,9 @@ def test_bound_ratios_order_the_exact_fisher(mlp_case) -> None:  # type: ignore[
     assert 0 < res.values["bounds/lower_over_f"] < 1
     assert 0 < res.values["bounds/f_over_upper"] < 1
     assert (
-        res.values["hutchinson_lr/trace"]
+        res.values["hutchinson_lower/trace"]
         <= res.values["exact/trace"]
-        <= res.values["hutchinson_dg/trace"]
+        <= res.values["hutchinson_upper/trace"]
     )
 
 
@@ -103,7 +103,7 @@ def test_two_classes_lower_bound_equals_fisher() -> None:
     res = compute_diagnostics(
         case.model,
         case.loader,
-        ("exact", "hutchinson_lr"),
+        ("exact", "hutchinson_lower"),
         probes=64,
         max_batches=None,
         kernel=False,
@@ -315,7 +315,7 @@ def test_deterministic_bounds_below_the_class_limit(mlp_case) -> None:  # type: 
     assert not any(k.startswith("hutchinson") for k in v)
     assert "bounds/lower_over_f_se" not in v  # nothing stochastic, no standard error
     # rank 2 keeps more of I(p): a tighter lower bound, still below F.
-    two = compute_diagnostics(model, loader, ("hutchinson_lr", "exact"), rank=2, max_batches=2)
+    two = compute_diagnostics(model, loader, ("hutchinson_lower", "exact"), rank=2, max_batches=2)
     assert v["bounds/lower_over_f"] < two.values["bounds/lower_over_f"] <= 1
     assert two.values["certificate/rank"] == 2.0
 
@@ -323,9 +323,9 @@ def test_deterministic_bounds_below_the_class_limit(mlp_case) -> None:  # type: 
     above = compute_diagnostics(
         model, loader, probes=3, max_batches=2, deterministic_bounds_max_classes=3
     )
-    assert set(above.fishers) == {"hutchinson", "hutchinson_dg", "hutchinson_lr", "empirical"}
+    assert set(above.fishers) == {"hutchinson", "hutchinson_upper", "hutchinson_lower", "empirical"}
     assert above.values["bounds/deterministic"] == 0.0
-    for method in ("hutchinson", "hutchinson_dg", "hutchinson_lr"):
+    for method in ("hutchinson", "hutchinson_upper", "hutchinson_lower"):
         runs = [
             lf.estimate_fisher(model, loader, method, probes=1, seed=i, max_batches=2).trace()
             for i in range(3)
@@ -333,9 +333,10 @@ def test_deterministic_bounds_below_the_class_limit(mlp_case) -> None:  # type: 
         want_se = float(torch.tensor(runs, dtype=torch.float64).std()) / 3**0.5
         assert above.values[f"{method}/trace_se"] == pytest.approx(want_se, rel=1e-5)
     r, a, b = (
-        above.values[k] for k in ("bounds/lower_over_f", "hutchinson_lr/trace", "hutchinson/trace")
+        above.values[k]
+        for k in ("bounds/lower_over_f", "hutchinson_lower/trace", "hutchinson/trace")
     )
-    sa, sb = above.values["hutchinson_lr/trace_se"], above.values["hutchinson/trace_se"]
+    sa, sb = above.values["hutchinson_lower/trace_se"], above.values["hutchinson/trace_se"]
     assert above.values["bounds/lower_over_f_se"] == pytest.approx(
         r * ((sa / a) ** 2 + (sb / b) ** 2) ** 0.5, rel=1e-9
     )
@@ -391,12 +392,12 @@ def test_bounds_figure_says_when_the_order_is_broken() -> None:
     def row(step: int, lower: float, f: float, upper: float, se: float) -> dict[str, float]:
         return {
             "step": float(step),
-            "hutchinson_lr/trace": lower,
+            "hutchinson_lower/trace": lower,
             "hutchinson/trace": f,
-            "hutchinson_dg/trace": upper,
-            "hutchinson_lr/trace_se": se,
+            "hutchinson_upper/trace": upper,
+            "hutchinson_lower/trace_se": se,
             "hutchinson/trace_se": se,
-            "hutchinson_dg/trace_se": se,
+            "hutchinson_upper/trace_se": se,
             "bounds/lower_over_f": lower / f,
             "bounds/lower_over_f_se": 0.05,
             "bounds/deterministic": 0.0,

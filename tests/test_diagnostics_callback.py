@@ -25,7 +25,7 @@ from lightning_fisher.callbacks.diagnostics import CSV_FIGURE_DIR
 #: Names every evaluation logs for the tiny model below (layers ``net.0`` and ``net.2``).
 EXPECTED = [
     f"fisher/{m}/trace{layer}"
-    for m in ("hutchinson", "hutchinson_dg", "hutchinson_lr", "empirical")
+    for m in ("hutchinson", "hutchinson_upper", "hutchinson_lower", "empirical")
     for layer in ("", "/net.0", "/net.2")
 ] + [
     "fisher/bounds/lower_over_f",
@@ -112,7 +112,7 @@ def test_csv_logger_values_are_right_and_figures_are_pngs(tmp_path: Path) -> Non
 
     # The last evaluation saw the final weights: the logged traces are estimate_fisher's, same seeds.
     _, val = loaders()
-    for method in ("hutchinson", "hutchinson_dg", "hutchinson_lr"):
+    for method in ("hutchinson", "hutchinson_upper", "hutchinson_lower"):
         runs = [
             lf.estimate_fisher(model, val, method, probes=1, seed=5 + i, max_batches=2)
             for i in range(3)
@@ -131,7 +131,7 @@ def test_csv_logger_values_are_right_and_figures_are_pngs(tmp_path: Path) -> Non
     for row in rows:
         lower, f, upper = (
             float(row[f"fisher/{m}/trace"])
-            for m in ("hutchinson_lr", "hutchinson", "hutchinson_dg")
+            for m in ("hutchinson_lower", "hutchinson", "hutchinson_upper")
         )
         assert lower <= f <= upper
         assert 0 < float(row["fisher/bounds/lower_over_f"]) <= 1

@@ -200,7 +200,7 @@ def test_one_pass_for_several_methods_equals_separate_passes() -> None:
         "empirical",
         {"method": "hutchinson", "seed": 3},
         {"method": "hutchinson", "seed": 4},
-        {"method": "hutchinson_lr", "seed": 3, "rank": 2},
+        {"method": "hutchinson_lower", "seed": 3, "rank": 2},
         {"method": "sample", "seed": 5, "mc_samples": 2},
     ]
     together = lf.estimate_fishers(c.model, c.loader, specs)

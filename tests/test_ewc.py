@@ -4,8 +4,6 @@ checkpoint round trips, multi-head continual learning and clear errors that keep
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -360,8 +358,7 @@ def test_logged_penalty_is_the_penalty_at_the_step() -> None:
 
 
 def test_overhead_benchmark_runs_and_its_routes_agree(tmp_path: Any) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import ewc_overhead
+    from benchmarks import ewc_overhead
 
     out = tmp_path / "ewc_overhead"
     report = ewc_overhead.main(

@@ -48,7 +48,7 @@ def flat_ref(case: Case, kernel: str, rank: int = 1) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("method", "kernel"),
-    [("hutchinson", "fisher"), ("hutchinson_dg", "dg"), ("hutchinson_lr", "lr")],
+    [("hutchinson", "fisher"), ("hutchinson_upper", "dg"), ("hutchinson_lower", "lr")],
 )
 @pytest.mark.parametrize(
     ("name", "n"), [("mlp", PROBES), ("cnn", 200), ("transformer_tokens", 150)]
@@ -66,7 +66,7 @@ def test_mean_over_probes_converges_to_its_target(
 def test_rank_two_lower_bound_is_larger_than_rank_one() -> None:
     case = make_case("mlp")
     want1, want2 = flat_ref(case, "lr", 1), flat_ref(case, "lr", 2)
-    assert_unbiased(per_probe(case, "hutchinson_lr", 300, rank=2), want2)
+    assert_unbiased(per_probe(case, "hutchinson_lower", 300, rank=2), want2)
     assert want2.sum() > want1.sum()
 
 
@@ -106,12 +106,12 @@ def test_bounds_order_and_binary_lower_bound_equals_fisher() -> None:
     assert (lower <= f + 1e-12).all() and (f <= upper + 1e-12).all()
     est = {
         m: per_probe(case, m, 100).mean(0).sum()
-        for m in ("hutchinson_lr", "hutchinson", "hutchinson_dg")
+        for m in ("hutchinson_lower", "hutchinson", "hutchinson_upper")
     }
-    assert est["hutchinson_lr"] < est["hutchinson"] < est["hutchinson_dg"]
+    assert est["hutchinson_lower"] < est["hutchinson"] < est["hutchinson_upper"]
     binary = make_case("mlp", n_classes=2)
     torch.testing.assert_close(flat_ref(binary, "lr"), flat_ref(binary, "fisher"))
-    assert_unbiased(per_probe(binary, "hutchinson_lr", 300), flat_ref(binary, "fisher"))
+    assert_unbiased(per_probe(binary, "hutchinson_lower", 300), flat_ref(binary, "fisher"))
 
 
 def test_the_p_instead_of_sqrt_p_variant_is_biased() -> None:
@@ -140,7 +140,7 @@ def test_batched_probe_backward_equals_one_backward_per_probe(kind, monkeypatch)
     """All probes of all Hutchinson estimators go through one backward with is_grads_batched;
     a model whose backward cannot be batched gets one backward per probe, with the same sums."""
     case = make_case(kind, dtype=torch.float64)
-    methods = ["hutchinson", "hutchinson_dg", {"method": "hutchinson_lr", "probes": 3}]
+    methods = ["hutchinson", "hutchinson_upper", {"method": "hutchinson_lower", "probes": 3}]
     batched = lf.estimate_fishers(case.model, case.loader, methods, probes=2, seed=5)
     grad = torch.autograd.grad
     calls = []
@@ -157,6 +157,6 @@ def test_batched_probe_backward_equals_one_backward_per_probe(kind, monkeypatch)
     for a, b in zip(batched, looped):
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-12, atol=1e-300)
-    single = lf.estimate_fisher(case.model, case.loader, "hutchinson_dg", probes=2, seed=5)
+    single = lf.estimate_fisher(case.model, case.loader, "hutchinson_upper", probes=2, seed=5)
     for name in single:
         torch.testing.assert_close(batched[1][name], single[name], rtol=1e-12, atol=1e-300)

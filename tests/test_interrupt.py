@@ -80,7 +80,7 @@ def test_interrupted_consolidation_keeps_state_modes_and_statistics(
     assert ewc.task_count == 1
     before = copy.deepcopy(ewc.state_dict())
     modes, weights = snapshot(model)
-    ewc.fisher_kwargs["output_fn"] = failing_output_fn(exc, at_call)
+    ewc.fisher_options.output_fn = failing_output_fn(exc, at_call)
     with pytest.raises(exc):
         ewc.consolidate(model, data())
     assert kill_resume.bitwise_equal(ewc.state_dict(), before)
@@ -88,7 +88,7 @@ def test_interrupted_consolidation_keeps_state_modes_and_statistics(
     assert kill_resume.bitwise_equal(model.state_dict(), weights)  # BatchNorm statistics too
     assert hooks(model) == 0
     # The callback still works after the interruption, and gives what an uninterrupted one gives.
-    ewc.fisher_kwargs["output_fn"] = None
+    ewc.fisher_options.output_fn = None
     ewc.consolidate(model, data())
     clean = lf.EWC(lam=1.0, method=method)
     clean.consolidate(model, data())
@@ -123,7 +123,7 @@ def test_interrupted_consolidation_in_a_fit_keeps_previous_task() -> None:
     trainer([ewc]).fit(model, loader(0))
     before = copy.deepcopy(ewc.state_dict())
     model.active = task_classes(1)
-    ewc.fisher_kwargs["classes"] = task_classes(1)
+    ewc.fisher_options.classes = task_classes(1)
     switch["raise"] = True
     with pytest.raises(UserError):
         trainer([ewc]).fit(model, loader(1))
@@ -144,7 +144,7 @@ def test_interrupted_monitor_keeps_previous_estimate(exc: type[BaseException]) -
     previous = dict(monitor.fisher)  # type: ignore[arg-type]
     step = monitor.step
     modes, weights = snapshot(model)
-    monitor.fisher_kwargs["output_fn"] = failing_output_fn(exc, 1)
+    monitor.fisher_options.output_fn = failing_output_fn(exc, 1)
     with pytest.raises(exc):
         monitor.estimate(fit, model)
     assert kill_resume.bitwise_equal(dict(monitor.fisher), previous)  # type: ignore[arg-type]

@@ -8,7 +8,6 @@ writes the report); CI runs two kill points of it here.
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,8 @@ from lit_helpers import Classifier, loader, params, task_classes, trainer
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import lightning_fisher as lf
+from benchmarks import kill_resume
 from lightning_fisher.callbacks._utils import fixed_order
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import kill_resume
 
 
 @pytest.mark.slow

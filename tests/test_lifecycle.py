@@ -62,7 +62,7 @@ def fit_task(
     **kw: Any,
 ) -> pl.Trainer:
     model.active = task_classes(task)
-    cb.fisher_kwargs["classes"] = task_classes(task)
+    cb.fisher_options.classes = task_classes(task)
     options: dict[str, Any] = {"max_epochs": 2, "deterministic": True}
     options.update(kw)
     if any(isinstance(c, ModelCheckpoint) for c in extra or []):
@@ -330,7 +330,7 @@ class CountSteps(pl.Callback):
         (lambda: ewc(fisher_kwargs={"probs": 2}), "unknown Fisher estimator option"),
         (lambda: ewc(mc_samples=0), "mc_samples"),
         (lambda: ewc(method="hutchinson", fisher_kwargs={"probe_distribution": "normal"}), "probe"),
-        (lambda: ewc(method="hutchinson_lr", fisher_kwargs={"rank": 0}), "rank"),
+        (lambda: ewc(method="hutchinson_lower", fisher_kwargs={"rank": 0}), "rank"),
         (lambda: ewc(max_samples=-3), "max_samples"),
         (lambda: ewc(dataloader=DataLoader(TensorDataset(torch.zeros(0, 5)))), "empty"),
         (lambda: lf.FisherMonitor(fisher_kwargs={"max_batch": 1}), "unknown Fisher estimator"),

@@ -83,7 +83,7 @@ def test_empty_loader_and_bad_arguments() -> None:
         trainer([mon]).fit(Classifier(), loader(0))
     assert mon.fisher is None
     for kw, match in (
-        ({"method": "squish"}, "unknown method"),
+        ({"method": "squish"}, "unknown Fisher method"),
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"every_n_epochs": None}, "every_n_steps"),
     ):

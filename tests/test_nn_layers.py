@@ -190,8 +190,8 @@ def test_hutchinson_family_is_unbiased_with_bounded_variance(name: str) -> None:
     built, ref = case(name)
     targets = {
         "hutchinson": ref.exact(),
-        "hutchinson_dg": ref.upper(),
-        "hutchinson_lr": ref.lower(rank=1),
+        "hutchinson_upper": ref.upper(),
+        "hutchinson_lower": ref.lower(rank=1),
     }
     specs = [{"method": m, "seed": s} for m in targets for s in range(N_PROBES)]
     results = lf.estimate_fishers(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ast
-import inspect
-import numbers
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +21,8 @@ from torch.utils.data import (
     Sampler,
 )
 
+from ..estimators import DATA_METHODS, REGISTRY, lookup
+from ..options import FisherOptions
 from ..outputs import FisherInputError
 
 
@@ -101,68 +101,44 @@ def fixed_order(loader: Any, seed: int = 0) -> Any:
     )
 
 
-def check_fisher_options(who: str, options: Mapping[str, Any]) -> None:
-    """Raise a ``FisherInputError`` for an option ``lf.estimate_fisher`` does not know or a value it
-    would refuse, so that a typo surfaces when the callback is built, not after a task trained."""
-    from ..estimators import estimate_fisher
+def build_fisher_options(
+    who: str,
+    options: FisherOptions | None,
+    conveniences: Mapping[str, Any],
+    fisher_kwargs: Mapping[str, Any] | None,
+) -> FisherOptions:
+    """The callback's ``FisherOptions``: ``options``, then the keyword ``conveniences`` that are
+    not ``None``, then ``fisher_kwargs``; a name that is not an option or a value it refuses
+    raises a ``FisherInputError`` when the callback is built, not after a task trained."""
+    overrides = {k: v for k, v in conveniences.items() if v is not None}
+    overrides.update(fisher_kwargs or {})
+    try:
+        return FisherOptions.build(options, **overrides)
+    except FisherInputError as err:
+        raise FisherInputError(f"{who}: {err}") from None
 
-    known = set(inspect.signature(estimate_fisher).parameters) - {"model", "dataloader", "method"}
-    unknown = sorted(set(options) - known)
-    if unknown:
+
+def check_method(who: str, method: str, *, data_pass: bool) -> str:
+    """The registered name of ``method`` (deprecated aliases resolve with a warning); with
+    ``data_pass``, a method that reads no data is refused."""
+    try:
+        info = lookup(method)
+    except FisherInputError:
         raise FisherInputError(
-            f"{who}: unknown Fisher estimator option(s) {unknown}; the options of "
-            f"`lf.estimate_fisher` are {sorted(known)}."
+            f"{who}: unknown Fisher method {method!r}; choose one of "
+            f"{', '.join(DATA_METHODS if data_pass else REGISTRY)}."
+        ) from None
+    if data_pass and not info.data_pass:
+        raise FisherInputError(
+            f"{who}: method={info.name!r} reads no data; choose one of {', '.join(DATA_METHODS)}."
         )
+    return info.name
 
-    def positive_int(name: str, allow_none: bool) -> None:
-        value = options.get(name)
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            expected = "a positive integer or None" if allow_none else "a positive integer"
-            raise FisherInputError(f"{who}: {name} must be {expected}; got {value!r}.")
 
-    for name in ("mc_samples", "probes", "rank"):
-        if name in options:
-            positive_int(name, allow_none=False)
-    for name in ("max_samples", "max_batches", "exact_max_classes"):
-        if name in options:
-            positive_int(name, allow_none=True)
-    choices = {
-        "probe_distribution": ("rademacher", "gaussian"),
-        "eigen_method": ("auto", "eigh", "power"),
-    }
-    for name, allowed in choices.items():
-        if name in options and options[name] not in allowed:
-            raise FisherInputError(
-                f"{who}: {name} must be one of {', '.join(map(repr, allowed))}; "
-                f"got {options[name]!r}."
-            )
-    memory = options.get("max_memory_mib", 1.0)
-    if isinstance(memory, bool) or not isinstance(memory, numbers.Real) or not float(memory) > 0:
-        raise FisherInputError(f"{who}: max_memory_mib must be a positive number; got {memory!r}.")
-    seed = options.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise FisherInputError(f"{who}: seed must be an integer; got {seed!r}.")
-    for name in ("output_fn", "param_filter"):
-        value = options.get(name)
-        if value is not None and not callable(value):
-            raise FisherInputError(
-                f"{who}: {name} must be a callable or None; got {type(value).__name__}."
-            )
-    classes = options.get("classes")
-    if classes is not None and not callable(classes):
-        try:
-            indices = [int(c) for c in classes]
-        except (TypeError, ValueError):
-            raise FisherInputError(
-                f"{who}: classes must be a sequence of class indices or a callable "
-                f"classes(batch); got {classes!r}."
-            ) from None
-        if not indices or min(indices) < 0:
-            raise FisherInputError(
-                f"{who}: classes must list at least one class index >= 0; got {classes!r}."
-            )
+def check_name(who: str, name: Any) -> None:
+    """Raise a ``FisherInputError`` for a callback ``name`` that is not a non-empty string or None."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise FisherInputError(f"{who}: name must be a non-empty string or None; got {name!r}.")
 
 
 def check_dataloader(who: str, loader: Any) -> None:

@@ -31,8 +31,15 @@ from ..diagnostics import (
     save_png,
 )
 from ..diagnostics.statistics import DETERMINISTIC_BOUNDS_MAX_CLASSES, check_methods
+from ..options import FisherOptions
 from ..outputs import ClassSelector, FisherInputError, OutputFn
-from ._utils import check_dataloader, fisher_loader, log_metrics, refuse_sharded_strategy
+from ._utils import (
+    check_dataloader,
+    check_name,
+    fisher_loader,
+    log_metrics,
+    refuse_sharded_strategy,
+)
 
 #: Sub-folder of a ``CSVLogger``'s log directory that receives the PNG figures.
 CSV_FIGURE_DIR = "fisher_diagnostics"
@@ -49,7 +56,7 @@ class FisherDiagnostics(Callback):
     * ``<prefix>/bounds/lower_over_f`` = tr(lower) / tr(F) and ``<prefix>/bounds/f_over_upper`` =
       tr(F) / tr(upper). With at most ``deterministic_bounds_max_classes`` classes the bounds
       and F are deterministic (``upper``, ``lower`` of rank ``rank``, ``exact`` replace
-      ``hutchinson_dg``, ``hutchinson_lr``, ``hutchinson`` in ``methods``), with
+      ``hutchinson_upper``, ``hutchinson_lower``, ``hutchinson`` in ``methods``), with
       ``<prefix>/certificate/...`` (the lower bound's certificate),
       ``<prefix>/bounds/order_violations`` (0) and ``<prefix>/bounds/lower_f_rel_diff`` (0 for two
       classes); above it the Hutchinson estimates, with standard errors over the probes
@@ -106,7 +113,7 @@ class FisherDiagnostics(Callback):
         max_batches: batches of that loader per evaluation and method (``None``: all).
         probes: one-probe estimates per ``hutchinson*`` method; their mean is logged and, with 2
             or more, their coefficient of variation.
-        methods: estimators to run (any of ``lf.METHODS``); F is ``exact`` when listed, else
+        methods: estimators to run (any data-pass method of ``lf.METHODS``); F is ``exact`` when listed, else
             ``hutchinson``.
         threshold: entries below it count as negligible in ``frac_below``.
         seed: seed of the probes (and of ``sample``'s label draws).
@@ -127,7 +134,11 @@ class FisherDiagnostics(Callback):
         eigenvalues: log the k largest eigenvalues of F (0: off).
         lanczos_iters: Lanczos steps for them at most (default max(2k + 20, 40)).
         spectral_density: log the SLQ spectral density of F.
-        slq_starts, slq_iters: random starts and Lanczos steps of the density.
+        slq_starts: random starts of the density.
+        slq_iters: Lanczos steps per start of the density.
+        fisher_options: a ``lf.FisherOptions`` for the estimators' other options
+            (``param_filter``, ``max_memory_mib``, ``ignore_index``, ...); ``output_fn``,
+            ``classes`` and ``shift_labels`` above override its own when set.
     """
 
     def __init__(
@@ -155,6 +166,7 @@ class FisherDiagnostics(Callback):
         spectral_density: bool = False,
         slq_starts: int = 4,
         slq_iters: int = 30,
+        fisher_options: FisherOptions | None = None,
     ) -> None:
         for option, value in (
             ("every_n_epochs", every_n_epochs),
@@ -209,6 +221,13 @@ class FisherDiagnostics(Callback):
         self.spectral_density = spectral_density
         self.slq_starts = slq_starts
         self.slq_iters = slq_iters
+        if fisher_options is not None and not isinstance(fisher_options, FisherOptions):
+            raise FisherInputError(
+                "FisherDiagnostics: fisher_options must be a FisherOptions or None; got "
+                f"{type(fisher_options).__name__}."
+            )
+        #: the estimators' other options (``param_filter``, ``max_memory_mib``, ...)
+        self.fisher_options = fisher_options
         self._n_classes: int | None = None  # read at the first evaluation
         #: one entry per evaluation: ``step``, ``epoch`` and the global statistics (no prefix).
         self.history: list[dict[str, float]] = []
@@ -225,10 +244,7 @@ class FisherDiagnostics(Callback):
         self._fit_steps = 0
         self._warned: set[str] = set()
         check_dataloader("FisherDiagnostics", None if isinstance(dataloader, str) else dataloader)
-        if name is not None and (not isinstance(name, str) or not name):
-            raise FisherInputError(
-                f"FisherDiagnostics: name must be a non-empty string or None; got {name!r}."
-            )
+        check_name("FisherDiagnostics", name)
         self.name = name
 
     @property
@@ -355,6 +371,7 @@ class FisherDiagnostics(Callback):
                 density=self.spectral_density,
                 slq_starts=self.slq_starts,
                 slq_iters=self.slq_iters,
+                options=self.fisher_options,
             )
         if "n_classes" in result.values and self.classes is None:  # a selector may change C
             self._n_classes = int(result.values["n_classes"])

@@ -24,14 +24,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from ..estimators import METHODS, estimate_fisher, fisher_from_optimizer
+from ..estimators import estimate_fisher, lookup
 from ..ewc import ElasticWeightConsolidation
 from ..fisher_diagonal import FisherDiagonal
+from ..options import FisherOptions
 from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of
 from ._utils import (
     adopt_old_state_key,
+    build_fisher_options,
     check_dataloader,
-    check_fisher_options,
+    check_method,
+    check_name,
     fisher_loader,
     grad_scale,
     log_metrics,
@@ -104,22 +107,24 @@ class EWC(Callback):
             about b times larger. For ``squisher`` search its own range: Adam's second moment
             also holds EWC's own gradient, so under online EWC a large lambda feeds back and
             overflows.
-        method: any ``lf.estimate_fisher`` method, or ``"squisher"`` (Adam's ``exp_avg_sq`` via
-            ``lf.fisher_from_optimizer``, no data pass).
+        method: any registered method (``lf.METHODS``); ``"squisher"`` reads Adam's
+            ``exp_avg_sq`` from the trainer's optimizer (no data pass).
         mode: ``"online"`` (one Fisher, F <- gamma F + F_new, anchor <- theta_new) or
             ``"separate"`` (one Fisher and anchor per task).
         gamma: decay of the old Fisher in online mode.
-        max_samples: EXACT(n): estimate on ``n`` random inputs.
+        max_samples: EXACT(n): estimate on ``n`` random inputs. This and the next four are
+            shortcuts for the ``FisherOptions`` of the same names (``None``: keep
+            ``fisher_options``' value).
         mc_samples: label draws per input for ``method="sample"``.
         probes: probes per batch for the ``hutchinson*`` methods.
-        apply: ``"grad"`` adds the penalty gradient to ``.grad`` (the default); ``"loss"`` adds
-            nothing, for users who add :meth:`penalty` to their loss themselves.
-        dataloader: data for the Fisher pass; default: the trainer's training dataloader (the
-            finished task's data; under DDP each rank's shard).
         classes: active classes of a task-incremental (multi-head) model: a sequence of class
             indices or a callable ``classes(batch)`` returning them.
         output_fn: ``output_fn(module, batch) -> logits`` if calling the module is not how the
             logits are obtained.
+        apply: ``"grad"`` adds the penalty gradient to ``.grad`` (the default); ``"loss"`` adds
+            nothing, for users who add :meth:`penalty` to their loss themselves.
+        dataloader: data for the Fisher pass; default: the trainer's training dataloader (the
+            finished task's data; under DDP each rank's shard).
         consolidate_on_fit_end: consolidate after the last optimizer step of every ``fit`` that
             made optimizer steps (before the checkpoints of that step).
         task_attr: name of the datamodule attribute whose change marks a task boundary (checked in
@@ -128,8 +133,10 @@ class EWC(Callback):
             micro-batch size times ``accumulate_grad_batches`` times the number of DDP ranks.
         bias_correction: bias-correct the Squisher's ``exp_avg_sq``.
         log_penalty: log ``ewc/penalty`` and ``ewc/penalty_ratio`` on logging steps.
-        fisher_kwargs: further keyword arguments of ``lf.estimate_fisher`` (``seed``,
-            ``max_batches``, ``param_filter``, ``max_memory_mib``, ...).
+        fisher_kwargs: further options by name (``lf.FisherOptions`` fields: ``seed``,
+            ``max_batches``, ``param_filter``, ``max_memory_mib``, ...); they override the
+            shortcuts.
+        fisher_options: a ``lf.FisherOptions`` the shortcuts and ``fisher_kwargs`` start from.
         cpu_kernel: on CPU, add ``lam F (theta - theta*)`` with a one-pass C kernel (reads each of
             grad, F, theta, theta* once, writes grad once; same roundings as the explicit loss's
             gradient), compiled once per process at ``fit`` start with the system C compiler. Used
@@ -146,8 +153,8 @@ class EWC(Callback):
         mode: str = "online",
         gamma: float = 1.0,
         max_samples: int | None = None,
-        mc_samples: int = 1,
-        probes: int = 1,
+        mc_samples: int | None = None,
+        probes: int | None = None,
         apply: str = "grad",
         dataloader: Iterable[Any] | None = None,
         classes: ClassSelector | None = None,
@@ -158,13 +165,11 @@ class EWC(Callback):
         bias_correction: bool = True,
         log_penalty: bool = True,
         fisher_kwargs: Mapping[str, Any] | None = None,
+        fisher_options: FisherOptions | None = None,
         cpu_kernel: bool = False,
         name: str | None = None,
     ) -> None:
-        if method != "squisher" and method not in METHODS:
-            raise FisherInputError(
-                f"EWC: unknown Fisher method {method!r}; choose one of {', '.join(METHODS)} or 'squisher'."
-            )
+        method = check_method("EWC", method, data_pass=False)
         #: the plain-torch state and penalty this callback drives
         self.core = ElasticWeightConsolidation(
             lam=lam, mode=mode, gamma=gamma, method=method, cpu_kernel=cpu_kernel
@@ -176,8 +181,7 @@ class EWC(Callback):
             )
         if batch_size is not None and batch_size < 1:
             raise FisherInputError(f"EWC: batch_size must be positive; got {batch_size}.")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise FisherInputError(f"EWC: name must be a non-empty string or None; got {name!r}.")
+        check_name("EWC", name)
         check_dataloader("EWC", dataloader)
         self.apply = apply
         self.dataloader = dataloader
@@ -187,15 +191,19 @@ class EWC(Callback):
         self.bias_correction = bias_correction
         self.log_penalty = log_penalty
         self.name = name
-        self.fisher_kwargs: dict[str, Any] = {
-            "max_samples": max_samples,
-            "mc_samples": mc_samples,
-            "probes": probes,
-            "classes": classes,
-            "output_fn": output_fn,
-            **dict(fisher_kwargs or {}),
-        }
-        check_fisher_options("EWC", self.fisher_kwargs)
+        #: the estimator's options (validated; set attributes to change them)
+        self.fisher_options = build_fisher_options(
+            "EWC",
+            fisher_options,
+            {
+                "max_samples": max_samples,
+                "mc_samples": mc_samples,
+                "probes": probes,
+                "classes": classes,
+                "output_fn": output_fn,
+            },
+            fisher_kwargs,
+        )
         self._steps_since = 0  # optimizer steps since the last consolidation
         self._trained = False  # on_train_start ran in the current fit
         self._fit_steps = 0  # optimizer steps in the current fit
@@ -313,7 +321,7 @@ class EWC(Callback):
         dataloader: Iterable[Any] | None,
         optimizer: torch.optim.Optimizer | None,
     ) -> FisherDiagonal:
-        if self.method == "squisher":
+        if not lookup(self.method).data_pass:  # the Squisher: its data is the optimizer's state
             optimizers = (
                 [optimizer]
                 if optimizer is not None
@@ -326,7 +334,15 @@ class EWC(Callback):
                 )
             batch = self._squisher_batch_size(trainer)
             parts = [
-                fisher_from_optimizer(o, module, batch, self.bias_correction) for o in optimizers
+                estimate_fisher(
+                    module,
+                    None,
+                    self.method,
+                    optimizer=o,
+                    batch_size=batch,
+                    bias_correction=self.bias_correction,
+                )
+                for o in optimizers
             ]
             total = parts[0]
             for part in parts[1:]:
@@ -339,7 +355,7 @@ class EWC(Callback):
                     "EWC.consolidate needs a `dataloader` when the module is not attached to a trainer."
                 )
             loader = fisher_loader(trainer, None, "EWC")
-        return estimate_fisher(module, loader, method=self.method, **self.fisher_kwargs)
+        return estimate_fisher(module, loader, self.method, options=self.fisher_options)
 
     def _squisher_batch_size(self, trainer: pl.Trainer | None) -> int:
         if self.batch_size is not None:
@@ -369,7 +385,7 @@ class EWC(Callback):
         self._pending_save_step = None
         self._logged_penalty = None
         self.core.invalidate_caches()
-        if self.method == "squisher":
+        if not lookup(self.method).data_pass:
             wrong = [
                 type(o).__name__
                 for o in trainer.optimizers
@@ -397,7 +413,7 @@ class EWC(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.method == "squisher" and self.batch_size is None:
+        if self.batch_size is None and not lookup(self.method).data_pass:
             try:
                 self._micro_batch = batch_size_of(batch)
             except FisherInputError:

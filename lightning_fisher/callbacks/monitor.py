@@ -12,13 +12,16 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from ..estimators import METHODS, estimate_fisher
+from ..estimators import estimate_fisher
 from ..fisher_diagonal import FisherDiagonal
+from ..options import FisherOptions
 from ..outputs import ClassSelector, FisherInputError, OutputFn
 from ._utils import (
     adopt_old_state_key,
+    build_fisher_options,
     check_dataloader,
-    check_fisher_options,
+    check_method,
+    check_name,
     fisher_loader,
     log_metrics,
     refuse_sharded_strategy,
@@ -41,7 +44,9 @@ class FisherMonitor(Callback):
             workers.
         dataloader: data for the pass; default: the trainer's training dataloader (each rank's
             shard under DDP, all-reduced to the Fisher of the union).
-        max_samples: estimate on ``n`` random inputs (EXACT(n)).
+        max_samples: estimate on ``n`` random inputs (EXACT(n)). This and the next five are
+            shortcuts for the ``FisherOptions`` of the same names (``None``: keep
+            ``fisher_options``' value).
         max_batches: stop the pass after this many batches (cheap periodic estimates).
         probes: probes per batch for the ``hutchinson*`` methods.
         mc_samples: label draws per input for ``sample``.
@@ -51,7 +56,9 @@ class FisherMonitor(Callback):
         log_layer_traces: also log one trace per module.
         save_dir: if set, rank 0 saves every estimate there as ``fisher-step=<step>.safetensors``.
         on_estimate: ``on_estimate(trainer, pl_module, fisher)`` called after every estimate.
-        fisher_kwargs: further keyword arguments of ``lf.estimate_fisher``.
+        fisher_kwargs: further options by name (``lf.FisherOptions`` fields); they override
+            the shortcuts.
+        fisher_options: a ``lf.FisherOptions`` the shortcuts and ``fisher_kwargs`` start from.
         name: distinguishes several monitors in one Trainer: the checkpoint key is
             ``"FisherMonitor"``, or ``"FisherMonitor[<name>]"`` with a name. The key does not
             depend on the other settings, so a resumed run with another ``method`` or schedule
@@ -68,20 +75,18 @@ class FisherMonitor(Callback):
         dataloader: Iterable[Any] | None = None,
         max_samples: int | None = None,
         max_batches: int | None = None,
-        probes: int = 1,
-        mc_samples: int = 1,
+        probes: int | None = None,
+        mc_samples: int | None = None,
         classes: ClassSelector | None = None,
         output_fn: OutputFn | None = None,
         log_layer_traces: bool = True,
         save_dir: str | os.PathLike[str] | None = None,
         on_estimate: Callable[[pl.Trainer, pl.LightningModule, FisherDiagonal], None] | None = None,
         fisher_kwargs: Mapping[str, Any] | None = None,
+        fisher_options: FisherOptions | None = None,
         name: str | None = None,
     ) -> None:
-        if method not in METHODS:
-            raise FisherInputError(
-                f"FisherMonitor: unknown method {method!r}; choose one of {', '.join(METHODS)}."
-            )
+        method = check_method("FisherMonitor", method, data_pass=True)
         for option, value in (
             ("every_n_epochs", every_n_epochs),
             ("every_n_steps", every_n_steps),
@@ -94,10 +99,7 @@ class FisherMonitor(Callback):
                 )
         if every_n_epochs is None and every_n_steps is None:
             raise FisherInputError("FisherMonitor: set `every_n_epochs` or `every_n_steps`.")
-        if name is not None and (not isinstance(name, str) or not name):
-            raise FisherInputError(
-                f"FisherMonitor: name must be a non-empty string or None; got {name!r}."
-            )
+        check_name("FisherMonitor", name)
         check_dataloader("FisherMonitor", dataloader)
         self.method = method
         self.every_n_epochs = None if every_n_steps is not None else every_n_epochs
@@ -107,16 +109,20 @@ class FisherMonitor(Callback):
         self.save_dir = save_dir
         self.on_estimate = on_estimate
         self.name = name
-        self.fisher_kwargs: dict[str, Any] = {
-            "max_samples": max_samples,
-            "max_batches": max_batches,
-            "probes": probes,
-            "mc_samples": mc_samples,
-            "classes": classes,
-            "output_fn": output_fn,
-            **dict(fisher_kwargs or {}),
-        }
-        check_fisher_options("FisherMonitor", self.fisher_kwargs)
+        #: the estimator's options (validated; set attributes to change them)
+        self.fisher_options = build_fisher_options(
+            "FisherMonitor",
+            fisher_options,
+            {
+                "max_samples": max_samples,
+                "max_batches": max_batches,
+                "probes": probes,
+                "mc_samples": mc_samples,
+                "classes": classes,
+                "output_fn": output_fn,
+            },
+            fisher_kwargs,
+        )
         #: the latest estimate, the optimizer step and epoch it was taken at, and (step, trace) of all
         self.fisher: FisherDiagonal | None = None
         self.step: int | None = None
@@ -153,7 +159,7 @@ class FisherMonitor(Callback):
         """Run the Fisher pass now, keep the result in :attr:`fisher` and log it."""
         start = time.perf_counter()
         loader = fisher_loader(trainer, self.dataloader, "FisherMonitor")
-        fd = estimate_fisher(pl_module, loader, method=self.method, **self.fisher_kwargs)
+        fd = estimate_fisher(pl_module, loader, self.method, options=self.fisher_options)
         seconds = time.perf_counter() - start
         self.fisher, self.step, self.epoch = fd, trainer.global_step, trainer.current_epoch
         trace = fd.trace()

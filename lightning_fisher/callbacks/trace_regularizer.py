@@ -19,7 +19,7 @@ from typing_extensions import override
 
 from ..outputs import ClassSelector, FisherInputError, OutputFn
 from ..regularizers import fisher_trace_penalty_grads
-from ._utils import all_reduce_mean_, grad_scale, refuse_sharded_strategy
+from ._utils import all_reduce_mean_, check_name, grad_scale, refuse_sharded_strategy
 
 
 class FisherTraceRegularizer(Callback):
@@ -93,10 +93,7 @@ class FisherTraceRegularizer(Callback):
                 "FisherTraceRegularizer: param_filter must be a callable name -> bool or None; "
                 f"got {type(param_filter).__name__}."
             )
-        if name is not None and (not isinstance(name, str) or not name):
-            raise FisherInputError(
-                f"FisherTraceRegularizer: name must be a non-empty string or None; got {name!r}."
-            )
+        check_name("FisherTraceRegularizer", name)
         self.alpha = float(alpha)
         self.probes = probes
         self.every_n_steps = every_n_steps

@@ -28,11 +28,11 @@ from .statistics import (
 #: How each method is drawn in the bounds figure: label, colour, line style.
 _STYLES: dict[str, tuple[str, str, str]] = {
     UPPER: ("upper bound  tr J'diag(p)J  (deterministic)", "tab:red", "-"),
-    HUTCHINSON_UPPER: ("upper bound  tr J'diag(p)J  (hutchinson_dg)", "tab:red", "-"),
+    HUTCHINSON_UPPER: ("upper bound  tr J'diag(p)J  (hutchinson_upper)", "tab:red", "-"),
     "exact": ("F  (exact)", "black", "-"),
     "hutchinson": ("F  (hutchinson)", "black", "-"),
     LOWER: ("lower bound  tr J'λvv'J  (deterministic)", "tab:blue", "-"),
-    HUTCHINSON_LOWER: ("lower bound  tr J'λvv'J  (hutchinson_lr)", "tab:blue", "-"),
+    HUTCHINSON_LOWER: ("lower bound  tr J'λvv'J  (hutchinson_lower)", "tab:blue", "-"),
     "empirical": ("empirical Fisher", "tab:green", "--"),
 }
 #: Methods without probe noise (their traces have no standard error).
@@ -163,24 +163,15 @@ def _series(history: Sequence[Mapping[str, float]], key: str) -> np.ndarray:
     return np.array([h.get(key, np.nan) for h in history], dtype=float)
 
 
-def _first_finite(history: Sequence[Mapping[str, float]], keys: Sequence[str]) -> np.ndarray:
-    """Per evaluation, the value of the first key present (the deterministic bound before its
-    Hutchinson estimate)."""
-    out = np.full(len(history), np.nan)
-    for key in reversed(keys):
-        ys = _series(history, key)
-        out = np.where(np.isfinite(ys), ys, out)
-    return out
-
-
 def bound_series(history: Sequence[Mapping[str, float]]) -> dict[str, np.ndarray]:
     """Per evaluation, the traces of lower, F and upper and their standard errors (0 for a
     deterministic value, NaN when unknown): keys ``lower``, ``f``, ``upper`` and ``<key>_se``."""
     out: dict[str, np.ndarray] = {}
     for key, methods in (
-        ("lower", (LOWER, HUTCHINSON_LOWER)),
+        # the former names of the Hutchinson bounds last: histories logged before the rename
+        ("lower", (LOWER, HUTCHINSON_LOWER, "hutchinson_lr")),
         ("f", ("exact", "hutchinson")),
-        ("upper", (UPPER, HUTCHINSON_UPPER)),
+        ("upper", (UPPER, HUTCHINSON_UPPER, "hutchinson_dg")),
     ):
         value = np.full(len(history), np.nan)
         se = np.full(len(history), np.nan)

@@ -10,7 +10,7 @@ and summarises them:
   With at most ``deterministic_bounds_max_classes`` classes the bounds and F are computed
   exactly (``upper``, ``lower`` with its certificate, ``exact``: the order lower <= F <= upper
   holds entry by entry and for C = 2 lower = F); above it by their unbiased Hutchinson
-  estimates (``hutchinson_dg``, ``hutchinson_lr``, ``hutchinson``), whose traces carry
+  estimates (``hutchinson_upper``, ``hutchinson_lower``, ``hutchinson``), whose traces carry
   standard errors over the probes;
 * kernel-space statistics over the inputs (``kernel_summary``);
 * per layer, the fraction of diagonal entries of F below a threshold (``fraction_below``);
@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..estimators import METHODS, build_estimators
+from ..estimators import DATA_METHODS, build_estimators, lookup
 from ..estimators.base import _all_reduce, eval_mode, run_passes
 from ..fisher_diagonal import FisherDiagonal
 from ..kernel import kernel_statistics
+from ..options import FisherOptions
 from ..outputs import (
     ClassSelector,
     FisherInputError,
@@ -50,12 +51,17 @@ from ..spectrum import LanczosResult, SpectralDensity, spectral_density, top_eig
 
 #: Methods ``compute_diagnostics`` runs unless told otherwise: F, its upper and lower bound, and E
 #: (with few classes the first three are replaced by their deterministic counterparts).
-DEFAULT_METHODS: tuple[str, ...] = ("hutchinson", "hutchinson_dg", "hutchinson_lr", "empirical")
+DEFAULT_METHODS: tuple[str, ...] = (
+    "hutchinson",
+    "hutchinson_upper",
+    "hutchinson_lower",
+    "empirical",
+)
 #: Estimators whose randomness is a probe vector, so that a CV over probes is meaningful.
-PROBE_METHODS = frozenset({"hutchinson", "hutchinson_dg", "hutchinson_lr"})
+PROBE_METHODS = frozenset({"hutchinson", "hutchinson_upper", "hutchinson_lower"})
 #: The deterministic bounds, and their unbiased Hutchinson estimates.
 UPPER, LOWER = "upper", "lower"
-HUTCHINSON_UPPER, HUTCHINSON_LOWER = "hutchinson_dg", "hutchinson_lr"
+HUTCHINSON_UPPER, HUTCHINSON_LOWER = "hutchinson_upper", "hutchinson_lower"
 #: What each stochastic method becomes when the bounds are computed deterministically.
 DETERMINISTIC = {"hutchinson": "exact", HUTCHINSON_UPPER: UPPER, HUTCHINSON_LOWER: LOWER}
 #: Default of ``deterministic_bounds_max_classes``: ``exact`` and ``upper`` cost C backward
@@ -293,13 +299,25 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     """Validate a list of estimator names; return it as a tuple without repeats."""
     if isinstance(methods, str):
         methods = (methods,)
-    methods = tuple(dict.fromkeys(methods))
     if not methods:
-        raise ValueError("methods is empty; name at least one Fisher estimator.")
-    unknown = [m for m in methods if m not in METHODS]
+        raise FisherInputError("methods is empty; name at least one Fisher estimator.")
+    unknown = []
+    names = []
+    for m in methods:
+        try:
+            info = lookup(m)  # resolves the deprecated names of the bound estimates
+        except FisherInputError:
+            unknown.append(m)
+            continue
+        if not info.data_pass:
+            unknown.append(m)
+        names.append(info.name)
     if unknown:
-        raise ValueError(f"Unknown Fisher method(s) {unknown}; choose from {', '.join(METHODS)}.")
-    return methods
+        raise FisherInputError(
+            f"Unknown Fisher method(s) {unknown} for the diagnostics; choose from "
+            f"{', '.join(DATA_METHODS)}."
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def resolve_methods(
@@ -307,7 +325,7 @@ def resolve_methods(
 ) -> tuple[str, ...]:
     """The methods a diagnostics pass runs for ``n_classes`` classes: with at most
     ``deterministic_bounds_max_classes`` (``None`` or 0: never) the stochastic ``hutchinson``,
-    ``hutchinson_dg`` and ``hutchinson_lr`` become ``exact``, ``upper`` and ``lower``; every
+    ``hutchinson_upper`` and ``hutchinson_lower`` become ``exact``, ``upper`` and ``lower``; every
     other method runs as named."""
     limit = deterministic_bounds_max_classes or 0
     if n_classes > limit:
@@ -360,11 +378,17 @@ def compute_diagnostics(
     density: bool = False,
     slq_starts: int = 4,
     slq_iters: int = 30,
+    options: FisherOptions | None = None,
 ) -> DiagnosticsResult:
     """Estimate the Fisher with every method in ``methods`` and summarise it (see module doc).
 
+    ``options`` (a ``FisherOptions``) gives the estimators' other options (``param_filter``,
+    ``max_memory_mib``, ``ignore_index``, ...); the arguments here override its ``output_fn``,
+    ``classes`` and ``shift_labels`` when set, and always set ``max_batches``, the seeds, the
+    probes and the rank.
+
     With C <= ``deterministic_bounds_max_classes`` classes (``None`` or 0: never) the
-    stochastic ``hutchinson``, ``hutchinson_dg`` and ``hutchinson_lr`` in ``methods`` run as
+    stochastic ``hutchinson``, ``hutchinson_upper`` and ``hutchinson_lower`` in ``methods`` run as
     ``exact``, ``upper`` and ``lower`` (rank ``rank``); C is read from one forward of the first
     batch unless ``n_classes`` gives it. Probe methods (``hutchinson*``) run ``probes`` times
     with ``probes=1`` and seeds ``seed + i``; their logged estimate is the mean, so ``probes``
@@ -414,6 +438,14 @@ def compute_diagnostics(
         dataloader = list(itertools.islice(dataloader, max_batches))
     elif iter(dataloader) is dataloader:  # a one-shot iterator: keep its batches for every pass
         dataloader = list(dataloader)
+    base = FisherOptions.build(options, progress=False, max_batches=max_batches)
+    if output_fn is not None:
+        base.output_fn = output_fn
+    if classes is not None:
+        base.classes = classes
+    if shift_labels:  # causal LMs: position t predicts token t + 1
+        base.shift_labels = True
+    output_fn, classes, shift_labels = base.output_fn, base.classes, base.shift_labels
     wants_deterministic = bool(deterministic_bounds_max_classes) and any(
         m in DETERMINISTIC for m in methods
     )
@@ -421,12 +453,6 @@ def compute_diagnostics(
         n_classes = count_classes(model, dataloader, output_fn, classes, shift_labels)
     if n_classes is not None:
         methods = resolve_methods(methods, n_classes, deterministic_bounds_max_classes)
-    common: dict[str, Any] = {
-        "output_fn": output_fn,
-        "classes": classes,
-        "max_batches": max_batches,
-        "shift_labels": shift_labels,  # causal LMs: position t predicts token t + 1
-    }
     # One pass over the data for every method and probe: the forwards are shared (also with the
     # kernel statistics), the backwards batched, and each estimate equals its own
     # `estimate_fisher` with the same seed.
@@ -436,7 +462,7 @@ def compute_diagnostics(
         for m in methods
         for i in range(probes if m in PROBE_METHODS else 1)
     ]
-    estimators = build_estimators(specs, progress=False, **common)
+    estimators = build_estimators(specs, options=base)
     kernel_sums = _KernelSums(next(model.parameters()).device) if kernel else None
     runs = run_passes(
         model, dataloader, estimators, kernel_sums.add if kernel_sums is not None else None

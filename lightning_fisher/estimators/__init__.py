@@ -2,63 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..fisher_diagonal import FisherDiagonal
-from ..outputs import ClassSelector, OutputFn
-from .base import Estimator, FisherOptions, run_passes
-from .batched import BatchedEstimator
-from .empirical import EmpiricalEstimator
-from .exact import ExactEstimator
-from .hutchinson import HutchinsonEstimator, HutchinsonLowerEstimator, HutchinsonUpperEstimator
-from .lower import LowerEstimator
-from .sample import SampleEstimator
-from .squisher import fisher_from_optimizer
-from .upper import UpperEstimator
+from ..options import FisherOptions
+from ..outputs import FisherInputError
+from .base import Estimator, run_passes
+from .registry import ALIASES, REGISTRY, EstimatorInfo, lookup
+from .squisher import SquisherEstimator, fisher_from_optimizer
 
+#: the data-pass estimator classes by method name
 ESTIMATORS: dict[str, type[Estimator]] = {
-    cls.name: cls
-    for cls in (
-        ExactEstimator,
-        SampleEstimator,
-        EmpiricalEstimator,
-        BatchedEstimator,
-        HutchinsonEstimator,
-        HutchinsonUpperEstimator,
-        HutchinsonLowerEstimator,
-        UpperEstimator,
-        LowerEstimator,
-    )
+    info.name: info.cls  # type: ignore[misc]
+    for info in REGISTRY.values()
+    if info.data_pass
 }
-METHODS = tuple(ESTIMATORS)
+#: every registered method name (``squisher`` included: it reads an optimizer, not data)
+METHODS = tuple(REGISTRY)
+#: the methods that estimate from a pass over data (what the callbacks' data passes run)
+DATA_METHODS = tuple(ESTIMATORS)
 
 
 def estimate_fisher(
     model: nn.Module,
-    dataloader: Iterable[Any],
+    dataloader: Iterable[Any] | None,
     method: str = "exact",
-    max_samples: int | None = None,
-    mc_samples: int = 1,
-    probes: int = 1,
-    output_fn: OutputFn | None = None,
     *,
-    rank: int = 1,
-    probe_distribution: str = "rademacher",
-    eigen_method: str = "auto",
-    classes: ClassSelector | None = None,
-    shift_labels: bool = False,
-    param_filter: Callable[[str], bool] | None = None,
-    max_memory_mib: float = 1024.0,
-    max_batches: int | None = None,
-    seed: int = 0,
-    progress: bool | None = None,
-    sync_distributed: bool = True,
-    exact_max_classes: int | None = None,
-    verify: bool = True,
-    ignore_index: int = -100,
+    options: FisherOptions | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    batch_size: int | None = None,
+    bias_correction: bool = True,
+    **overrides: Any,
 ) -> FisherDiagonal:
     """Estimate the diagonal of the Fisher information of ``model`` on ``dataloader``.
 
@@ -67,119 +45,106 @@ def estimate_fisher(
     Args:
         model: a classifier (any ``nn.Module``); the pass runs in eval mode and restores each
             submodule's mode; BatchNorm statistics are left untouched.
-        dataloader: any iterable of batches: ``(x, y)`` tuples, dicts (Hugging Face style) or tensors.
-        method: ``exact``, ``sample``, ``empirical``, ``batched``, ``hutchinson`` (unbiased F),
-            ``hutchinson_dg`` (upper bound) or ``hutchinson_lr`` (lower bound), both unbiased
-            estimates, or the deterministic bounds ``upper`` (diag of (1/N) sum_x J^T diag(p) J,
-            C columns per input) and ``lower`` (top-``rank`` eigenpairs of I(p), ``rank``
-            columns per input; its result carries a ``certificate`` on its gap to F).
-        max_samples: use ``n`` random inputs only (EXACT(n)); all data if ``None``.
-        mc_samples: label draws per input for ``sample``.
-        probes: probe vectors per batch for the ``hutchinson*`` methods.
-        output_fn: ``output_fn(model, batch) -> output`` when calling ``model`` on the batch is not
-            how the logits are obtained.
-        rank: number k of eigenpairs of I(p) in ``hutchinson_lr`` and ``lower``.
-        probe_distribution: ``rademacher`` (CV <= sqrt 2) or ``gaussian``.
-        eigen_method: ``auto``, ``eigh`` or ``power`` for ``hutchinson_lr`` and ``lower``.
-        classes: restrict the classes that count (the active head of a task-incremental model).
-        shift_labels: causal LMs: logits at position t predict the token at t + 1.
-        param_filter: keep only parameters whose name passes this predicate.
-        max_memory_mib: cap on the memory of materialised per-input gradients (chunks are sized
-            to fit).
-        max_batches: stop after this many batches.
-        seed: seeds label draws, probes and the EXACT(n) subset.
-        progress: show a progress bar (``None``: on interactive terminals for multi-batch passes).
-        sync_distributed: under ``torch.distributed``, sum over ranks so that every rank gets the
-            Fisher of the union of the shards.
-        exact_max_classes: raise the refusal threshold of ``exact`` and ``upper`` for large
-            class counts.
-        verify: per-input methods (``exact``, ``sample``, ``empirical``, ``upper``, ``lower``) check their per-input
-            gradients on the first batch of each traced structure: with random signs s_x, the
-            signed sum sum_x s_x J_x^T u_x must equal one ordinary backward of the cotangent
-            s_x u_x. A layer rule that fails is replaced by a slower correct route (logged);
-            ``False`` skips the check (one backward less).
-        ignore_index: label value of inputs that do not count (PyTorch's and Hugging Face's -100).
+        dataloader: any iterable of batches: ``(x, y)`` tuples, dicts (Hugging Face style) or
+            tensors (``None`` for ``squisher``).
+        method: a registered method (``lf.METHODS``; the table in the docs): ``exact``,
+            ``sample``, ``empirical``, ``batched``, ``hutchinson`` (unbiased F),
+            ``hutchinson_upper`` (upper bound) or ``hutchinson_lower`` (lower bound), both
+            unbiased estimates, the deterministic bounds ``upper`` (diag of
+            (1/N) sum_x J^T diag(p) J, C columns per input) and ``lower`` (top-``rank``
+            eigenpairs of I(p), ``rank`` columns per input; its result carries a
+            ``certificate`` on its gap to F), or ``squisher`` (``batch_size`` times Adam's
+            ``exp_avg_sq`` of ``optimizer``, no data pass). ``hutchinson_dg`` and
+            ``hutchinson_lr`` are deprecated names of the two bound estimates.
+        options: a ``FisherOptions`` (see it for every option and its default).
+        optimizer: the Adam/AdamW optimizer ``squisher`` reads (ignored by the other methods).
+        batch_size: the training batch size B of ``squisher`` (F = B * exp_avg_sq).
+        bias_correction: whether ``squisher`` bias-corrects ``exp_avg_sq``.
+        **overrides: options by name (``max_samples=``, ``probes=``, ``seed=``, ...), applied on
+            top of ``options``.
 
     Returns:
         A ``FisherDiagonal`` with one float32 tensor per trainable parameter.
     """
-    return estimate_fishers(
-        model,
-        dataloader,
-        [method],
-        max_samples=max_samples,
-        mc_samples=mc_samples,
-        probes=probes,
-        output_fn=output_fn,
-        rank=rank,
-        probe_distribution=probe_distribution,
-        eigen_method=eigen_method,
-        classes=classes,
-        shift_labels=shift_labels,
-        param_filter=param_filter,
-        max_memory_mib=max_memory_mib,
-        max_batches=max_batches,
-        seed=seed,
-        progress=progress,
-        sync_distributed=sync_distributed,
-        exact_max_classes=exact_max_classes,
-        verify=verify,
-        ignore_index=ignore_index,
-    )[0]
-
-
-def _check_method(method: str) -> None:
-    if method not in ESTIMATORS:
-        raise ValueError(
-            f"Unknown Fisher method {method!r}. Choose one of {', '.join(METHODS)}, or use "
-            "`fisher_from_optimizer` for the Squisher."
+    info = lookup(method)
+    if not info.data_pass:
+        if overrides:
+            FisherOptions.build(options, **overrides)  # a typo is still an error
+        return SquisherEstimator.from_context(
+            model, optimizer=optimizer, batch_size=batch_size, bias_correction=bias_correction
         )
+    return estimate_fishers(model, dataloader, [info.name], options=options, **overrides)[0]
 
 
 def estimate_fishers(
     model: nn.Module,
-    dataloader: Iterable[Any],
+    dataloader: Iterable[Any] | None,
     methods: Sequence[str | Mapping[str, Any]],
-    **options: Any,
+    *,
+    options: FisherOptions | None = None,
+    **overrides: Any,
 ) -> list[FisherDiagonal]:
     """Several estimates from one pass over the data: one forward per batch, shared by all.
 
     ``methods`` lists method names, or mappings with a ``method`` key and per-estimate overrides
     of the estimator options (``seed``, ``probes``, ``mc_samples``, ``rank``,
-    ``probe_distribution``), e.g. ``[{"method": "hutchinson", "seed": s} for s in range(4)]``.
-    ``options`` are those of :func:`estimate_fisher` and apply to all. Each result equals what
+    ``probe_distribution``, ``eigen_method``), e.g.
+    ``[{"method": "hutchinson", "seed": s} for s in range(4)]``. ``options`` and ``overrides``
+    are those of :func:`estimate_fisher` and apply to all. Each result equals what
     ``estimate_fisher`` returns for that method and options alone; only the forwards are shared.
     """
-    return run_passes(model, dataloader, build_estimators(methods, **options))
+    estimators = build_estimators(methods, options=options, **overrides)
+    if dataloader is None:
+        raise FisherInputError(
+            "estimate_fisher needs a dataloader (an iterable of batches); only "
+            "method='squisher' takes None."
+        )
+    return run_passes(model, dataloader, estimators)
 
 
-def build_estimators(methods: Sequence[str | Mapping[str, Any]], **options: Any) -> list[Estimator]:
-    """The estimators ``estimate_fishers(model, loader, methods, **options)`` runs (for callers
-    that run the pass themselves with ``run_passes``)."""
+#: options that a method mapping of ``estimate_fishers`` may set for its own estimate
+PER_ESTIMATE = ("seed", "probes", "mc_samples", "rank", "probe_distribution", "eigen_method")
+
+
+def build_estimators(
+    methods: Sequence[str | Mapping[str, Any]],
+    *,
+    options: FisherOptions | None = None,
+    **overrides: Any,
+) -> list[Estimator]:
+    """The estimators ``estimate_fishers(model, loader, methods, ...)`` runs (for callers that
+    run the pass themselves with ``run_passes``). Every option is checked here, before data."""
     if not methods:
-        raise ValueError("estimate_fishers needs at least one method.")
-    per_estimate = {"seed", "probes", "mc_samples", "rank", "probe_distribution", "eigen_method"}
+        raise FisherInputError("estimate_fishers needs at least one method.")
+    common = FisherOptions.build(options, **overrides)
     estimators = []
     for spec in methods:
         spec = {"method": spec} if isinstance(spec, str) else dict(spec)
-        method = spec.pop("method")
-        _check_method(method)
-        unknown = set(spec) - per_estimate
-        if unknown:
-            raise ValueError(
-                f"Per-method options may only be {sorted(per_estimate)}; got {sorted(unknown)}."
+        info = lookup(spec.pop("method"))
+        if not info.data_pass:
+            raise FisherInputError(
+                f"method={info.name!r} reads no data; call estimate_fisher(model, None, "
+                f"{info.name!r}, optimizer=..., batch_size=...) for it."
             )
-        merged = {**options, **spec}
-        limit = merged.pop("exact_max_classes", None)
-        extra = {"exact_max_classes": limit} if limit is not None else {}
-        estimators.append(ESTIMATORS[method](FisherOptions(**merged, extra=extra)))
+        unknown = set(spec) - set(PER_ESTIMATE)
+        if unknown:
+            raise FisherInputError(
+                f"Per-method options may only be {sorted(PER_ESTIMATE)}; got {sorted(unknown)}."
+            )
+        estimators.append(ESTIMATORS[info.name](FisherOptions.build(common, **spec)))
     return estimators
 
 
 __all__ = [
+    "ALIASES",
+    "DATA_METHODS",
     "ESTIMATORS",
     "METHODS",
+    "REGISTRY",
+    "EstimatorInfo",
+    "FisherOptions",
     "estimate_fisher",
     "estimate_fishers",
     "fisher_from_optimizer",
+    "lookup",
 ]

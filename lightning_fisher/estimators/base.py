@@ -16,7 +16,6 @@ import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -26,12 +25,10 @@ from torch.utils.data import DataLoader, Subset
 
 from ..fisher_diagonal import FisherDiagonal
 from ..kernel import probabilities
+from ..options import FisherOptions
 from ..outputs import (
-    IGNORE_INDEX,
-    ClassSelector,
     FisherInputError,
     ModelOutputs,
-    OutputFn,
     batch_size_of,
     model_outputs,
     move_batch,
@@ -40,33 +37,6 @@ from ..outputs import (
 from .per_input import PerInputEngine
 
 logger = logging.getLogger("lightning_fisher")
-
-
-@dataclass
-class FisherOptions:
-    """Options every estimator understands (see ``estimate_fisher`` for their meaning)."""
-
-    max_samples: int | None = None
-    mc_samples: int = 1
-    probes: int = 1
-    rank: int = 1
-    probe_distribution: str = "rademacher"
-    eigen_method: str = "auto"
-    output_fn: OutputFn | None = None
-    classes: ClassSelector | None = None
-    shift_labels: bool = False
-    param_filter: Callable[[str], bool] | None = None
-    max_memory_mib: float = 1024.0
-    max_batches: int | None = None
-    seed: int = 0
-    progress: bool | None = None
-    sync_distributed: bool = True
-    verify: bool = True
-    ignore_index: int = IGNORE_INDEX
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def public(self, keys: Iterable[str]) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in keys}
 
 
 class Estimator:

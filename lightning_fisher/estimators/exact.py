@@ -8,6 +8,8 @@ van de Ven's EXACT(n): the same over n random inputs.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor
 
@@ -15,24 +17,31 @@ from ..kernel import softmax_fisher_sqrt
 from ..outputs import FisherInputError, ModelOutputs
 from .base import Estimator
 
-#: Above this many classes ``exact`` refuses to run (C backward columns per input).
-EXACT_MAX_CLASSES = 1024
 
+class ColumnPerClassEstimator(Estimator):
+    """A per-input estimator with about one backward column per class: refused above
+    ``exact_max_classes`` classes, with a message naming the cheaper ``alternatives``."""
 
-class ExactEstimator(Estimator):
-    name = "exact"
     per_input = True
     option_names = ("max_samples",)
+    alternatives: ClassVar[str]
 
     def validate(self, n_classes: int) -> None:
-        limit = self.options.extra.get("exact_max_classes", EXACT_MAX_CLASSES)
+        limit = self.options.exact_max_classes
         if n_classes > limit:
             raise FisherInputError(
-                f"`exact` needs one backward column per class and the output has {n_classes} classes "
-                f"(more than {limit}). Use method='sample' (k draws per input), 'hutchinson' (one "
-                "backward per batch, unbiased), or 'empirical'; or raise the limit with "
-                "`exact_max_classes=` if you really want C columns."
+                f"`{self.name}` needs one backward column per class and the output has "
+                f"{n_classes} classes (more than {limit}). {self.alternatives}; or raise the "
+                "limit with `exact_max_classes=` if you really want C columns."
             )
+
+
+class ExactEstimator(ColumnPerClassEstimator):
+    name = "exact"
+    alternatives = (
+        "Use method='sample' (k draws per input), 'hutchinson' (one backward per batch, "
+        "unbiased), or 'empirical'"
+    )
 
     def columns(
         self, out: ModelOutputs, p: Tensor, generator: torch.Generator

@@ -6,8 +6,8 @@ cross terms between inputs vanish in expectation, so E[v v^T] = sum_x J^T E[u u^
 
 * ``hutchinson``:    u = L(p~) xi = sqrt(p~) * xi - p~ (sqrt(p~) . xi), E[u u^T] = I(p)   -> F
   (equivalently h = sum_y sqrt(p~_y) xi_y log p(y|x)); note sqrt(p~), not p~, makes it unbiased;
-* ``hutchinson_dg``: u = sqrt(p~) * xi,  E[u u^T] = diag(p)  -> J^T diag(p) J >= F (upper bound);
-* ``hutchinson_lr``: u = sum_{j<=k} sqrt(lambda_j) xi_j v_j with (lambda_j, v_j) the top-k
+* ``hutchinson_upper``: u = sqrt(p~) * xi,  E[u u^T] = diag(p)  -> J^T diag(p) J >= F (upper bound);
+* ``hutchinson_lower``: u = sum_{j<=k} sqrt(lambda_j) xi_j v_j with (lambda_j, v_j) the top-k
   eigenpairs of I(p~), E[u u^T] = sum_j lambda_j v_j v_j^T <= I(p)  -> lower bound (= F if C = 2).
 
 p~ is detached. With Rademacher probes each diagonal entry's coefficient of variation is at most
@@ -78,7 +78,7 @@ class HutchinsonEstimator(Estimator):
 class HutchinsonUpperEstimator(HutchinsonEstimator):
     """Unbiased estimate of diag(J^T diag(p) J), an upper bound of F in the Loewner order."""
 
-    name = "hutchinson_dg"
+    name = "hutchinson_upper"
 
     def prepare(self, p: Tensor) -> Any:
         return p.clamp_min(0).sqrt()
@@ -93,7 +93,7 @@ class HutchinsonUpperEstimator(HutchinsonEstimator):
 class HutchinsonLowerEstimator(HutchinsonEstimator):
     """Unbiased estimate of diag(J^T (sum_j lambda_j v_j v_j^T) J), a lower bound of F."""
 
-    name = "hutchinson_lr"
+    name = "hutchinson_lower"
     option_names = ("max_samples", "probes", "probe_distribution", "rank", "eigen_method")
 
     def prepare(self, p: Tensor) -> Any:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..fisher_diagonal import FisherDiagonal
+from ..outputs import FisherInputError
 
 
 def fisher_from_optimizer(
@@ -65,3 +66,28 @@ def fisher_from_optimizer(
         method="squisher",
         options={"batch_size": batch_size, "bias_correction": bias_correction},
     )
+
+
+class SquisherEstimator:
+    """The registered ``squisher`` method: no data pass, its inputs come from context."""
+
+    name = "squisher"
+
+    @staticmethod
+    def from_context(
+        model: nn.Module,
+        *,
+        optimizer: torch.optim.Optimizer | None,
+        batch_size: int | None,
+        bias_correction: bool = True,
+    ) -> FisherDiagonal:
+        """``fisher_from_optimizer(optimizer, model, batch_size, bias_correction)``, refusing a
+        missing optimizer or batch size with a clear error."""
+        if optimizer is None or batch_size is None:
+            raise FisherInputError(
+                "method='squisher' reads Adam's exp_avg_sq instead of data: pass "
+                "`optimizer=` (the Adam/AdamW optimizer of the training) and `batch_size=` "
+                f"(the training batch size B); got optimizer={type(optimizer).__name__}, "
+                f"batch_size={batch_size!r}."
+            )
+        return fisher_from_optimizer(optimizer, model, batch_size, bias_correction)

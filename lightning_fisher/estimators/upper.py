@@ -10,25 +10,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..outputs import FisherInputError, ModelOutputs
-from .base import Estimator
-from .exact import EXACT_MAX_CLASSES
+from ..outputs import ModelOutputs
+from .exact import ColumnPerClassEstimator
 
 
-class UpperEstimator(Estimator):
+class UpperEstimator(ColumnPerClassEstimator):
     name = "upper"
-    per_input = True
-    option_names = ("max_samples",)
-
-    def validate(self, n_classes: int) -> None:
-        limit = self.options.extra.get("exact_max_classes", EXACT_MAX_CLASSES)
-        if n_classes > limit:
-            raise FisherInputError(
-                f"`upper` needs one backward column per class and the output has {n_classes} "
-                f"classes (more than {limit}). Use method='hutchinson_dg' (an unbiased estimate "
-                "of the same bound, one backward per batch and probe), or raise the limit with "
-                "`exact_max_classes=` if you really want C columns."
-            )
+    alternatives = (
+        "Use method='hutchinson_upper' (an unbiased estimate of the same bound, one backward "
+        "per batch and probe)"
+    )
 
     def columns(
         self, out: ModelOutputs, p: Tensor, generator: torch.Generator

@@ -1,0 +1,60 @@
+"""What the benchmarks share: device and version reporting, data readers, error metrics."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata as md
+import os
+import platform
+
+import numpy as np
+import torch
+
+import lightning_fisher as lf
+
+#: the distributions every benchmark reports; a benchmark adds the ones it compares against
+BASE_DISTRIBUTIONS = ("torch", "lightning")
+
+
+def versions(*extra: str) -> dict[str, str | None]:
+    """Python's version and those of torch, lightning, lightning-fisher and ``extra``
+    distributions (``None`` where one is not installed)."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in (*BASE_DISTRIBUTIONS, *extra):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    out["lightning-fisher"] = lf.__version__  # the code that ran, installed or not
+    return out
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """The GPU's name, or the CPU's with its core and torch thread counts."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def max_rel_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """max over parameters of max |got - want| / max |want| (in float64)."""
+    return max(
+        float(
+            (got[k].double() - want[k].double()).abs().max()
+            / want[k].double().abs().max().clamp_min(1e-30)
+        )
+        for k in want
+    )
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (gzipped): magic 0x0000 0x08 ndim, big-endian uint32 sizes, then uint8 data."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an unsigned-byte IDX file.")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
