@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from . import _ewc_fused_cpu
 from .fisher_diagonal import FisherDiagonal
 from .outputs import FisherInputError
+from .sharded import is_dtensor, local_tensor
 
 MODES = ("online", "separate")
 #: per task: parameters, their Fisher, anchors and workspace buffers
@@ -256,6 +257,10 @@ class ElasticWeightConsolidation:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     grads.append(p.grad)
+                if params and is_dtensor(params[0]):
+                    # FSDP2 parameters: the update is elementwise, so each rank updates its shards
+                    params = [local_tensor(p) for p in params]
+                    grads = [local_tensor(g) for g in grads]
                 if not with_penalty and self._fused_add(
                     entry, grads, fishers, params, anchors, step
                 ):
@@ -346,15 +351,15 @@ class ElasticWeightConsolidation:
         owned = [p for p in candidates if p.requires_grad and id(p) in names]
         device = owned[0].device if owned else torch.device("cpu")
         self._to_device(device)
-        work = {id(p): torch.empty_like(p) for p in owned}
+        work = {id(p): torch.empty_like(local_tensor(p)) for p in owned}
         terms: list[_Terms] = []
         for task in self._tasks:
             ps = [p for p in owned if names[id(p)] in task.fisher]
             terms.append(
                 (
                     ps,
-                    [task.fisher[names[id(p)]] for p in ps],
-                    [task.anchor[names[id(p)]] for p in ps],
+                    [local_tensor(task.fisher[names[id(p)]]) for p in ps],
+                    [local_tensor(task.anchor[names[id(p)]]) for p in ps],
                     [work[id(p)] for p in ps],
                 )
             )
