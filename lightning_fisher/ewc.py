@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _ewc_fused_cpu
@@ -211,7 +212,10 @@ class ElasticWeightConsolidation:
                         f"EWC: consolidated parameter {name!r} is not a parameter of this module; "
                         "the penalty needs the module the Fisher was estimated on."
                     )
-                total = total + (f * (params[name] - task.anchor[name]).pow(2)).sum()
+                term = (f * (params[name] - task.anchor[name]).pow(2)).sum()
+                if is_dtensor(term):  # FSDP2: a sum over shards, replicated on every rank
+                    term = term.full_tensor()  # type: ignore[attr-defined]
+                total = total + term
         return 0.5 * self.lam * total
 
     def add_penalty_grad(
@@ -249,6 +253,7 @@ class ElasticWeightConsolidation:
         module = self._module(module)
         step = scale * self.lam
         value: Tensor | None = None
+        mesh: Any = None
         with torch.no_grad():
             entry = self._terms(module, optimizer)
             for params, fishers, anchors, work in entry.terms:
@@ -258,6 +263,7 @@ class ElasticWeightConsolidation:
                         p.grad = torch.zeros_like(p)
                     grads.append(p.grad)
                 if params and is_dtensor(params[0]):
+                    mesh = params[0].device_mesh  # type: ignore[attr-defined]
                     # FSDP2 parameters: the update is elementwise, so each rank updates its shards
                     params = [local_tensor(p) for p in params]
                     grads = [local_tensor(g) for g in grads]
@@ -283,6 +289,8 @@ class ElasticWeightConsolidation:
             return None
         if value is None:
             value = torch.zeros((), dtype=torch.float32, device=entry.device)
+        if mesh is not None:  # each rank summed its own shards
+            dist.all_reduce(value, group=mesh.get_group())
         return 0.5 * self.lam * value
 
     def prepare_cpu_kernel(self) -> bool:

@@ -221,6 +221,15 @@ def run_passes_sharded(
     names = list(params)
     first = next(iter(params.values()))
     device = first.device
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for n, param in params.items():
+        mesh = getattr(param, "device_mesh", None)
+        if mesh is not None and (mesh.ndim != 1 or mesh.size() != world):
+            raise FisherInputError(
+                f"Fisher estimates on sharded models need every parameter sharded over all "
+                f"{world} ranks on a 1-D mesh (FSDP2 data parallelism); {n!r} lives on a mesh of "
+                f"shape {tuple(mesh.shape)} (tensor parallelism or HSDP are not supported)."
+            )
     accs = [
         {
             n: torch.zeros(
@@ -323,8 +332,11 @@ def run_passes_sharded(
         for q, g in zip(all_params, saved_grads):
             q.grad = g
     counts = torch.tensor([float(n_inputs), float(n_batches)], dtype=torch.float64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(counts)
+    if world > 1:
+        # parameters fully_shard left whole (not DTensors) got each rank's own squares
+        whole = [acc[n] for acc in accs for n in names if not is_dtensor(params[n])]
+        for t in [*whole, counts]:
+            dist.all_reduce(t)
     n_inputs, n_batches = int(counts[0].item()), int(counts[1].item())
     if n_batches == 0:
         raise FisherInputError(
