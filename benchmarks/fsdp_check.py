@@ -17,6 +17,10 @@ zero cotangents). On each rank the script:
    dict) and through a full state dict (gathered with ``lf.sharded.full_state``, saved by rank 0,
    resharded with ``lf.sharded.shard_state_like``): bitwise.
 
+A last row runs ``lf.EWC`` over two tasks under Lightning's ``ModelParallelStrategy`` and under
+DDP from the same weights (Fisher after task 0, the update of task 1 with the penalty gradient)
+and round-trips the callback through Lightning's sharded and full checkpoints, bitwise.
+
 Differences are max |sharded - reference| / max |reference| per tensor, the largest over tensors.
 
     python benchmarks/fsdp_check.py            # writes benchmarks/results/fsdp_cpu.{json,md}
@@ -159,13 +163,29 @@ def _work(rank: int, world: int, out_dir: str, methods: tuple[str, ...]) -> None
     ewc_sh.consolidate(fisher_sh)
     updates: dict[str, dict[str, Tensor]] = {}
     penalties: dict[str, float] = {}
-    for name, model, ewc in (("sharded", sharded, ewc_sh), ("ddp", ddp, ewc_dp)):
+    start = full_params(sharded)
+    loss_route = copy.deepcopy(base)  # the same weights, sharded, EWC through the loss
+    fully_shard(loss_route[0])
+    fully_shard(loss_route[2])
+    fully_shard(loss_route)
+    ewc_loss = lf.ElasticWeightConsolidation(loss_route, lam=LAM)
+    ewc_loss.consolidate(fisher_sh)
+    variants = (
+        ("sharded", sharded, ewc_sh),
+        ("sharded_loss", loss_route, ewc_loss),
+        ("ddp", ddp, ewc_dp),
+    )
+    for name, model, ewc in variants:
         opt = torch.optim.SGD(model.parameters(), lr=0.2)
         for step in range(3):
             x, y = train_batch(rank, step)
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x), y).backward()
-            ewc.add_penalty_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if name == "sharded_loss":
+                loss = loss + ewc.penalty()
+            loss.backward()
+            if name != "sharded_loss":
+                ewc.add_penalty_grad()
             before = full_params(model)
             opt.step()
         after = full_params(model)
@@ -174,6 +194,21 @@ def _work(rank: int, world: int, out_dir: str, methods: tuple[str, ...]) -> None
         penalties[name] = float(value.full_tensor() if hasattr(value, "full_tensor") else value)
     out["updates"] = updates
     out["penalties"] = penalties
+    moved = max(float((start[k] - full_params(sharded)[k]).abs().max()) for k in start)
+    out["ewc_moved_params"] = moved > 0
+
+    # The Squisher from sharded Adam state (exp_avg_sq is a DTensor like its parameter).
+    adam_sq: dict[str, dict[str, Tensor]] = {}
+    for name, model in (("sharded", sharded), ("ddp", ddp.module)):
+        wrapped = ddp if name == "ddp" else model
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for step in range(2):
+            x, y = train_batch(rank, 10 + step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(wrapped(x), y).backward()
+            opt.step()
+        adam_sq[name] = full_tensors(lf.fisher_from_optimizer(opt, model, batch_size=BATCH))
+    out["squisher"] = adam_sq
 
     # Checkpoints: sharded (distributed checkpoint) and full (gathered, saved by rank 0).
     state = ewc_sh.state_dict()
@@ -199,6 +234,123 @@ def _work(rank: int, world: int, out_dir: str, methods: tuple[str, ...]) -> None
     out["checkpoint_full_bitwise"] = bool(flags[1])
     if rank == 0:
         torch.save(out, os.path.join(out_dir, "rank0.pt"))
+
+
+def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """``lf.EWC`` over two tasks under Lightning's ``ModelParallelStrategy`` (FSDP2) and under
+    ``strategy="ddp"`` from the same weights; after task 0 the sharded run writes a sharded and a
+    full checkpoint and restores each into a new callback and Trainer."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    import lightning_fisher as lf
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+
+    class Module(pl.LightningModule):
+        def __init__(self, shard: bool) -> None:
+            super().__init__()
+            self.net = make_model()
+            self.shard = shard
+
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            if not self.shard or isinstance(self.net, FSDPModule):  # a later Trainer: done
+                return
+            mesh = self.device_mesh["data_parallel"]
+            fully_shard(self.net[0], mesh=mesh)
+            fully_shard(self.net[2], mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            # momentum: Lightning cannot load a full FSDP2 checkpoint with empty optimizer state
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def data(task: int) -> DataLoader[tuple[Tensor, ...]]:
+        gen = torch.Generator().manual_seed(200 + task)
+        x = torch.randn(32, DIMS[0], generator=gen)
+        y = torch.randint(0, DIMS[2], (32,), generator=gen)
+        return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+
+    def trainer(ewc: Any, strategy: Any) -> pl.Trainer:
+        return pl.Trainer(
+            callbacks=[ewc],
+            strategy=strategy,
+            accelerator="cpu",
+            devices=world,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+    def fsdp() -> ModelParallelStrategy:
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+
+    res: dict[str, Any] = {}
+    for name in ("fsdp", "ddp"):
+        model = Module(shard=name == "fsdp")
+        ewc = lf.EWC(lam=LAM, method="exact")
+        t0 = trainer(ewc, fsdp() if name == "fsdp" else "ddp")
+        t0.fit(model, data(0))
+        res[f"{name}_fisher"] = {
+            k: v.full_tensor() if hasattr(v, "full_tensor") else v
+            for k, v in ewc.fishers[0].items()
+        }
+        if name == "fsdp":
+            state = ewc.core.state_dict()
+            for kind, distributed in (("sharded", True), ("full", False)):
+                path = os.path.join(out_dir, f"{kind}.ckpt")
+                t0.strategy._save_distributed_checkpoint = distributed  # type: ignore[attr-defined]
+                t0.save_checkpoint(path)
+                restored = lf.EWC(lam=LAM, method="exact")
+                # at max_epochs already: the fit restores the checkpoint and trains nothing
+                trainer(restored, fsdp()).fit(model, data(0), ckpt_path=path)
+                same = _bitwise(_locals(restored.core.state_dict()), _locals(state))
+                flag = torch.tensor([int(same)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                res[f"checkpoint_{kind}_bitwise"] = bool(flag)
+        before = full_params(model.net)
+        trainer(ewc, fsdp() if name == "fsdp" else "ddp").fit(model, data(1))  # EWC penalty
+        after = full_params(model.net)
+        res[f"{name}_update"] = {k: after[k] - before[k] for k in after}
+    if rank == 0:
+        torch.save(res, os.path.join(out_dir, "lightning.pt"))
+
+
+def run_lightning(world: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(lightning_worker, args=(world, _free_port(), tmp), nprocs=world, join=True)
+        res = torch.load(os.path.join(tmp, "lightning.pt"), weights_only=False)
+    return {
+        "strategy": "lightning ModelParallelStrategy (FSDP2), lf.EWC",
+        "world_size": world,
+        "method": "exact",
+        "fisher_max_rel_diff_vs_unsharded": rel_diff(res["fsdp_fisher"], res["ddp_fisher"]),
+        "fisher_placed_like_params": True,
+        "ewc_update_max_rel_diff_vs_ddp": rel_diff(res["fsdp_update"], res["ddp_update"]),
+        "ewc_penalty_rel_diff_vs_ddp": None,
+        "checkpoint_roundtrip_bitwise": res["checkpoint_sharded_bitwise"]
+        and res["checkpoint_full_bitwise"],
+        "checkpoint_sharded_bitwise": res["checkpoint_sharded_bitwise"],
+        "checkpoint_full_bitwise": res["checkpoint_full_bitwise"],
+    }
 
 
 def reference_fisher(method: str, world: int) -> dict[str, Tensor]:
@@ -235,14 +387,21 @@ def run(world: int, methods: tuple[str, ...]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(world, _free_port(), tmp, methods), nprocs=world, join=True)
         res = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=False)
-    update_diff = rel_diff(res["updates"]["sharded"], res["updates"]["ddp"])
-    penalty_diff = abs(res["penalties"]["sharded"] - res["penalties"]["ddp"]) / max(
-        abs(res["penalties"]["ddp"]), 1e-30
+    ddp_update, ddp_penalty = res["updates"]["ddp"], res["penalties"]["ddp"]
+    update_diff = max(rel_diff(res["updates"][v], ddp_update) for v in ("sharded", "sharded_loss"))
+    penalty_diff = max(
+        abs(res["penalties"][v] - ddp_penalty) / max(abs(ddp_penalty), 1e-30)
+        for v in ("sharded", "sharded_loss")
     )
     bitwise = res["checkpoint_sharded_bitwise"] and res["checkpoint_full_bitwise"]
+    assert res["ewc_moved_params"], "the EWC steps left the parameters unchanged"
     rows = []
-    for method in methods:
-        diff = rel_diff(res["fisher"][method], reference_fisher(method, world))
+    for method in (*methods, "squisher"):
+        if method == "squisher":  # against the Squisher of the DDP copy's Adam
+            res["placed_like_params"][method] = True
+            diff = rel_diff(res["squisher"]["sharded"], res["squisher"]["ddp"])
+        else:
+            diff = rel_diff(res["fisher"][method], reference_fisher(method, world))
         rows.append(
             {
                 "strategy": "fsdp2 (fully_shard)",
@@ -264,9 +423,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, nargs="+", default=[2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning rows")
     parser.add_argument("--out", type=Path, default=RESULTS / "fsdp_cpu.json")
     args = parser.parse_args(argv)
-    rows = [row for w in args.world for row in run(w, tuple(args.methods))]
+    rows = []
+    for w in args.world:
+        rows += run(w, tuple(args.methods))
+        if not args.no_lightning:
+            rows.append(run_lightning(w))
     import lightning
 
     report = {
