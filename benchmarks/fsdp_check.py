@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
     import lightning
 
     report = {
-        "command": "python benchmarks/fsdp_check.py " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join(["python benchmarks/fsdp_check.py", *(argv or sys.argv[1:])]),
         "device": f"CPU ({platform.processor() or platform.machine()}), gloo, 1 thread per rank",
         "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
         "rows": rows,
@@ -453,6 +453,11 @@ def main(argv: list[str] | None = None) -> None:
         "# FSDP2 on CPU: sharded Fisher and EWC against unsharded runs",
         "",
         f"`{report['command']}` on {report['device']}; torch {torch.__version__}.",
+        "",
+        "Differences: max |sharded - reference| / max |reference| per tensor, the largest over "
+        "tensors. References: the Fisher of an unsharded model on the same per-rank data (the "
+        "squisher row: the Squisher of a DDP copy trained alike); EWC: a DDP copy's update "
+        "(gradient and loss routes). Checkpoints: distributed (sharded) and full, bitwise.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
