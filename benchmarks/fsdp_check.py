@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:  # the package of this checkout, also in spawned p
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("batched", "hutchinson", "exact", "empirical", "sample")
+BF16_METHODS = ("batched", "hutchinson")  # same arithmetic as the bf16 reference
 DIMS = (6, 9, 5)
 BATCH = 4
 LAM = 50.0
@@ -149,6 +150,20 @@ def _work(rank: int, world: int, out_dir: str, methods: tuple[str, ...]) -> None
         )
         out["fisher"][method] = full_tensors(fd)
         out["n_samples"] = fd.n_samples
+
+    # Mixed precision: bf16 compute (MixedPrecisionPolicy), squares summed in float32.
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    low = copy.deepcopy(base)
+    fully_shard(low[0], mp_policy=policy)
+    fully_shard(low[2], mp_policy=policy)
+    fully_shard(low, mp_policy=policy)
+    out["fisher_bf16"] = {
+        method: full_tensors(lf.estimate_fisher(low, loader, method=method, probes=2, seed=SEED))
+        for method in BF16_METHODS
+        if method in methods
+    }
 
     # EWC: sharded and DDP copies, the same Fisher method, three SGD steps with the penalty.
     ewc_sh = lf.ElasticWeightConsolidation(sharded, lam=LAM)
@@ -353,13 +368,22 @@ def run_lightning(world: int) -> dict[str, Any]:
     }
 
 
-def reference_fisher(method: str, world: int) -> dict[str, Tensor]:
+class _ToBF16(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.to(torch.bfloat16)
+
+
+def reference_fisher(method: str, world: int, bf16: bool = False) -> dict[str, Tensor]:
     """The Fisher of the union of the ranks' data, in one process on the unsharded model: each
     rank's estimate times its normaliser (inputs, or batches for ``batched``), summed, divided
-    by the total (what a DDP pass all-reduces; each rank draws probes from the same seed)."""
+    by the total (what a DDP pass all-reduces; each rank draws probes from the same seed).
+    ``bf16``: the model and its inputs in bfloat16, as FSDP2's bf16 policy computes (the squares
+    are summed in float32 either way)."""
     import lightning_fisher as lf
 
-    model = make_model()
+    model: nn.Module = make_model()
+    if bf16:
+        model = nn.Sequential(_ToBF16(), *model.bfloat16())
     total: dict[str, Tensor] = {}
     norm = 0.0
     for r in range(world):
@@ -368,6 +392,9 @@ def reference_fisher(method: str, world: int) -> dict[str, Tensor]:
         weight = float(len(loader) if method == "batched" else fd.n_samples)
         norm += weight
         for k, v in fd.items():
+            if bf16:  # "1.weight" of the cast-then-layers model is "0.weight" of the MLP
+                head, _, rest = k.partition(".")
+                k = f"{int(head) - 1}.{rest}"
             total[k] = total.get(k, torch.zeros_like(v)) + v.double() * weight
     return {k: (v / norm).float() for k, v in total.items()}
 
@@ -416,6 +443,23 @@ def run(world: int, methods: tuple[str, ...]) -> list[dict[str, Any]]:
                 "checkpoint_full_bitwise": res["checkpoint_full_bitwise"],
             }
         )
+    for method, fisher in res["fisher_bf16"].items():
+        rows.append(
+            {
+                "strategy": "fsdp2, bf16 compute (MixedPrecisionPolicy)",
+                "world_size": world,
+                "method": method,
+                "fisher_max_rel_diff_vs_unsharded": rel_diff(
+                    fisher, reference_fisher(method, world, bf16=True)
+                ),
+                "fisher_placed_like_params": True,
+                "ewc_update_max_rel_diff_vs_ddp": None,
+                "ewc_penalty_rel_diff_vs_ddp": None,
+                "checkpoint_roundtrip_bitwise": None,
+                "checkpoint_sharded_bitwise": None,
+                "checkpoint_full_bitwise": None,
+            }
+        )
     return rows
 
 
@@ -456,14 +500,18 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Differences: max |sharded - reference| / max |reference| per tensor, the largest over "
         "tensors. References: the Fisher of an unsharded model on the same per-rank data (the "
-        "squisher row: the Squisher of a DDP copy trained alike); EWC: a DDP copy's update "
+        "squisher row: the Squisher of a DDP copy trained alike; bf16 rows: the unsharded model "
+        "in bfloat16, squares summed in float32); EWC: a DDP copy's update "
         "(gradient and loss routes). Checkpoints: distributed (sharded) and full, bitwise.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),
     ]
     for row in rows:
-        cells = [f"{row[c]:.2e}" if isinstance(row[c], float) else str(row[c]) for c in cols]
+        cells = [
+            f"{row[c]:.2e}" if isinstance(row[c], float) else "-" if row[c] is None else str(row[c])
+            for c in cols
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

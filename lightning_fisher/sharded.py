@@ -118,10 +118,13 @@ def _squaring_reduce_scatter() -> Any:
 
 
 @contextmanager
-def squared_gradient_reduction(model: nn.Module) -> Iterator[None]:
+def squared_gradient_reduction(model: nn.Module) -> Iterator[Callable[[], None]]:
     """While active, a backward of an FSDP2 model leaves in each parameter's ``.grad`` the shard of
-    sum_r g_r^2 over the ranks r (instead of the mean of g_r); on a mesh of size 1 the caller
-    squares the gradient itself (FSDP2 then skips the collective). Restores FSDP2's settings."""
+    sum_r g_r^2 over the ranks r (instead of the mean of g_r), squared and summed in float32; on
+    a mesh of size 1 the caller squares the gradient itself (FSDP2 then skips the collective).
+    Yields a function that applies the settings again (call it before each backward: FSDP2's
+    lazy initialisation at the first forward resets the reduce dtype). Restores FSDP2's
+    settings on exit."""
     from torch.distributed.fsdp import FSDPModule
 
     groups = [
@@ -147,19 +150,29 @@ def squared_gradient_reduction(model: nn.Module) -> Iterator[None]:
         for g in groups
     ]
     comm = _squaring_reduce_scatter()
-    try:
+
+    def apply() -> None:
         for g in groups:
             g._reduce_scatter_comm = comm
             g.gradient_divide_factor = None
             g.force_sum_reduction_for_comms = False  # no division after the sum either
             g.reduce_grads = True
-        yield
+            # squares of low-precision gradients are formed and summed in float32
+            # (FSDP2 sets this at its lazy init, i.e. the first forward: set again each time)
+            if getattr(g, "_reduce_dtype", None) in (None, torch.float16, torch.bfloat16):
+                g._reduce_dtype = torch.float32
+
+    saved_dtypes = [getattr(g, "_reduce_dtype", None) for g in groups]
+    try:
+        apply()
+        yield apply
     finally:
-        for g, rs, factor, force_sum, reduce_grads in saved:
+        for (g, rs, factor, force_sum, reduce_grads), dtype in zip(saved, saved_dtypes):
             g._reduce_scatter_comm = rs
             g.gradient_divide_factor = factor
             g.force_sum_reduction_for_comms = force_sum
             g.reduce_grads = reduce_grads
+            g._reduce_dtype = dtype
 
 
 def _mesh_size(p: Tensor) -> int:
@@ -254,6 +267,7 @@ def run_passes_sharded(
         )
 
     def backward(logits: Tensor, cot: Tensor, weight: float, acc: dict[str, Tensor]) -> None:
+        reapply()
         for q in all_params:
             q.grad = None
         # sqrt(w) on the cotangent: weights need not agree across ranks (padding has w = 0)
@@ -270,7 +284,7 @@ def run_passes_sharded(
     last: Any = None
     iterator = iter(loader)
     try:
-        with squared_gradient_reduction(model), eval_mode(model):
+        with squared_gradient_reduction(model) as reapply, eval_mode(model):
             while True:
                 batch = None
                 more = opts.max_batches is None or n_batches < opts.max_batches
