@@ -1,7 +1,8 @@
 """Sharded (FSDP2) Fisher and EWC against unsharded runs, on CPU processes (gloo).
 
 Every rank holds a ``fully_shard`` copy of a small MLP (each Linear and the root sharded, with
-layer widths that do not divide the world size, so shards are uneven) and a DDP copy of the same
+layer widths that do not divide the world size, so shards are uneven; the first weight sharded
+along its columns) and a DDP copy of the same
 weights, and its own data (ranks get different numbers of inputs, so the sharded pass pads with
 zero cotangents). On each rank the script:
 
@@ -114,6 +115,19 @@ def _zeros_like_state(state: Any) -> Any:
     return torch.zeros_like(state) if isinstance(state, Tensor) else state
 
 
+def shard(model: nn.Sequential, ignore_last_bias: bool = False) -> None:
+    """``fully_shard`` each Linear and the root; the first weight is sharded along its columns
+    (``Shard(1)``), the others along rows; ``ignore_last_bias`` leaves the last bias whole (an
+    ordinary parameter, replicated on every rank)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    fully_shard(model[0], shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 else None)
+    ignored = {model[2].bias} if ignore_last_bias else None
+    fully_shard(model[2], ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+
+
 def worker(rank: int, world: int, port: int, out_dir: str, methods: tuple[str, ...]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -134,9 +148,7 @@ def _work(rank: int, world: int, out_dir: str, methods: tuple[str, ...]) -> None
 
     base = make_model()
     sharded = copy.deepcopy(base)
-    fully_shard(sharded[0])
-    fully_shard(sharded[2])
-    fully_shard(sharded)
+    shard(sharded)
     ddp = DistributedDataParallel(copy.deepcopy(base))
     loader = rank_loader(rank)
     out: dict[str, Any] = {"fisher": {}, "placed_like_params": {}}
@@ -150,6 +162,15 @@ def _work(rank: int, world: int, out_dir: str, methods: tuple[str, ...]) -> None
         )
         out["fisher"][method] = full_tensors(fd)
         out["n_samples"] = fd.n_samples
+
+    # A parameter fully_shard leaves whole: its squares are all-reduced after the pass.
+    mixed = copy.deepcopy(base)
+    shard(mixed, ignore_last_bias=True)
+    out["fisher_ignored"] = {}
+    for method in BF16_METHODS:
+        fd = lf.estimate_fisher(mixed, loader, method=method, probes=2, seed=SEED)
+        assert not hasattr(fd["2.bias"], "placements") and hasattr(fd["2.weight"], "placements")
+        out["fisher_ignored"][method] = full_tensors(fd)
 
     # Mixed precision: bf16 compute (MixedPrecisionPolicy), squares summed in float32.
     from torch.distributed.fsdp import MixedPrecisionPolicy
@@ -180,9 +201,7 @@ def _work(rank: int, world: int, out_dir: str, methods: tuple[str, ...]) -> None
     penalties: dict[str, float] = {}
     start = full_params(sharded)
     loss_route = copy.deepcopy(base)  # the same weights, sharded, EWC through the loss
-    fully_shard(loss_route[0])
-    fully_shard(loss_route[2])
-    fully_shard(loss_route)
+    shard(loss_route)
     ewc_loss = lf.ElasticWeightConsolidation(loss_route, lam=LAM)
     ewc_loss.consolidate(fisher_sh)
     variants = (
@@ -443,14 +462,21 @@ def run(world: int, methods: tuple[str, ...]) -> list[dict[str, Any]]:
                 "checkpoint_full_bitwise": res["checkpoint_full_bitwise"],
             }
         )
-    for method, fisher in res["fisher_bf16"].items():
+    fisher_only = [
+        ("fsdp2, bf16 compute (MixedPrecisionPolicy)", method, fisher, True)
+        for method, fisher in res["fisher_bf16"].items()
+    ] + [
+        ("fsdp2, one parameter left whole (ignored_params)", method, fisher, False)
+        for method, fisher in res["fisher_ignored"].items()
+    ]
+    for strategy, method, fisher, bf16 in fisher_only:
         rows.append(
             {
-                "strategy": "fsdp2, bf16 compute (MixedPrecisionPolicy)",
+                "strategy": strategy,
                 "world_size": world,
                 "method": method,
                 "fisher_max_rel_diff_vs_unsharded": rel_diff(
-                    fisher, reference_fisher(method, world, bf16=True)
+                    fisher, reference_fisher(method, world, bf16=bf16)
                 ),
                 "fisher_placed_like_params": True,
                 "ewc_update_max_rel_diff_vs_ddp": None,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from . import _ewc_fused_cpu
 from .fisher_diagonal import FisherDiagonal
 from .outputs import FisherInputError
-from .sharded import is_dtensor, local_tensor
+from .sharded import is_dtensor, local_tensor, refuse_fsdp1
 
 MODES = ("online", "separate")
 #: per task: parameters, their Fisher, anchors and workspace buffers
@@ -175,6 +175,7 @@ class ElasticWeightConsolidation:
                 f"EWC: consolidate needs a FisherDiagonal (e.g. from lf.estimate_fisher); got "
                 f"{type(fisher).__name__}."
             )
+        refuse_fsdp1(module, "EWC")
         params = dict(module.named_parameters())
         fisher.check_matches(module)
         for name, t in fisher.items():

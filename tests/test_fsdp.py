@@ -38,15 +38,22 @@ def test_fsdp2_fisher_and_ewc_equal_unsharded_runs(tmp_path: Path) -> None:
     methods = {row["method"] for row in report["rows"] if row["strategy"].startswith("fsdp2")}
     assert {"exact", "empirical", "batched", "hutchinson", "sample", "squisher"} <= methods
     assert any(row["strategy"].startswith("lightning") for row in report["rows"])
-    # bf16 compute (MixedPrecisionPolicy): squares summed in float32, like the bf16 reference.
-    bf16 = [row for row in report["rows"] if "bf16" in row["strategy"]]
-    assert {row["method"] for row in bf16} == {"batched", "hutchinson"}
+    # Fisher-only rows: bf16 compute (MixedPrecisionPolicy; squares summed in float32, like the
+    # bf16 reference), and a model with one parameter fully_shard leaves whole.
+    fisher_only = [row for row in report["rows"] if row["ewc_update_max_rel_diff_vs_ddp"] is None]
+    assert {
+        (row["strategy"].split(",")[1].split("(")[0].strip(), row["method"]) for row in fisher_only
+    } == {
+        (kind, method)
+        for kind in ("bf16 compute", "one parameter left whole")
+        for method in ("batched", "hutchinson")
+    }
     for row in report["rows"]:
         assert row["world_size"] == WORLD
         assert row["fisher_placed_like_params"] is True, row
         assert row["fisher_max_rel_diff_vs_unsharded"] <= 1e-6, row
-        if row in bf16:
-            continue  # Fisher-only rows
+        if row in fisher_only:
+            continue
         assert row["ewc_update_max_rel_diff_vs_ddp"] <= 1e-6, row
         assert (
             row["ewc_penalty_rel_diff_vs_ddp"] is None or row["ewc_penalty_rel_diff_vs_ddp"] <= 1e-6
@@ -118,3 +125,21 @@ def test_sharded_fisher_on_one_rank_and_its_refusals(one_rank_group: Any, tmp_pa
     whole = lf.FisherDiagonal(full, fd.n_samples, fd.method)
     whole.save(tmp_path / "f.safetensors")
     assert lf.FisherDiagonal.load(tmp_path / "f.safetensors").keys() == fd.keys()
+
+
+@pytest.mark.ddp
+def test_unsupported_sharding_is_refused_with_what_is_missing(one_rank_group: Any) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+
+    hsdp = _mlp()
+    fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard")))
+    with pytest.raises(lf.FisherInputError, match=r"1-D mesh.*shape \(1, 1\)"):
+        lf.estimate_fisher(hsdp, _data())
+    fsdp1 = FullyShardedDataParallel(_mlp(), device_id=torch.device("cpu"))
+    with pytest.raises(lf.FisherInputError, match=r"FSDP1.*flat parameters.*fully_shard"):
+        lf.estimate_fisher(fsdp1, _data())
+    with pytest.raises(lf.FisherInputError, match="FSDP1"):
+        lf.ElasticWeightConsolidation(fsdp1, lam=1.0).consolidate(
+            lf.FisherDiagonal.zeros_like(fsdp1)
+        )
