@@ -24,8 +24,7 @@ CPU smoke run (gloo, 2 processes, tiny sizes; what CI runs)::
 
     python -m benchmarks.ddp_scaling --cpu --gpus 1 2 --tiny --out /tmp/ddp_scaling.json
 
-FSDP is not supported: the callbacks refuse it at setup with a clear error (see
-``lightning_fisher.callbacks._utils.refuse_sharded_strategy``).
+Sharded models (FSDP2) are checked by ``benchmarks/fsdp_check.py``.
 """
 
 from __future__ import annotations

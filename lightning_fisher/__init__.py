@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import sharded  # noqa: F401  (lf.sharded: helpers for FSDP2-sharded state)
 from ._version import __version__
 from .estimators import (
     METHODS,

@@ -25,11 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import _ewc_fused_cpu
 from .fisher_diagonal import FisherDiagonal
 from .outputs import FisherInputError
+from .sharded import is_dtensor, local_tensor, refuse_fsdp1
 
 MODES = ("online", "separate")
 #: per task: parameters, their Fisher, anchors and workspace buffers
@@ -173,6 +175,7 @@ class ElasticWeightConsolidation:
                 f"EWC: consolidate needs a FisherDiagonal (e.g. from lf.estimate_fisher); got "
                 f"{type(fisher).__name__}."
             )
+        refuse_fsdp1(module, "EWC")
         params = dict(module.named_parameters())
         fisher.check_matches(module)
         for name, t in fisher.items():
@@ -210,7 +213,10 @@ class ElasticWeightConsolidation:
                         f"EWC: consolidated parameter {name!r} is not a parameter of this module; "
                         "the penalty needs the module the Fisher was estimated on."
                     )
-                total = total + (f * (params[name] - task.anchor[name]).pow(2)).sum()
+                term = (f * (params[name] - task.anchor[name]).pow(2)).sum()
+                if is_dtensor(term):  # FSDP2: a sum over shards, replicated on every rank
+                    term = term.full_tensor()  # type: ignore[attr-defined]
+                total = total + term
         return 0.5 * self.lam * total
 
     def add_penalty_grad(
@@ -248,6 +254,7 @@ class ElasticWeightConsolidation:
         module = self._module(module)
         step = scale * self.lam
         value: Tensor | None = None
+        mesh: Any = None
         with torch.no_grad():
             entry = self._terms(module, optimizer)
             for params, fishers, anchors, work in entry.terms:
@@ -256,6 +263,11 @@ class ElasticWeightConsolidation:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     grads.append(p.grad)
+                if params and is_dtensor(params[0]):
+                    mesh = params[0].device_mesh  # type: ignore[attr-defined]
+                    # FSDP2 parameters: the update is elementwise, so each rank updates its shards
+                    params = [local_tensor(p) for p in params]
+                    grads = [local_tensor(g) for g in grads]
                 if not with_penalty and self._fused_add(
                     entry, grads, fishers, params, anchors, step
                 ):
@@ -278,6 +290,8 @@ class ElasticWeightConsolidation:
             return None
         if value is None:
             value = torch.zeros((), dtype=torch.float32, device=entry.device)
+        if mesh is not None:  # each rank summed its own shards
+            dist.all_reduce(value, group=mesh.get_group())
         return 0.5 * self.lam * value
 
     def prepare_cpu_kernel(self) -> bool:
@@ -346,15 +360,15 @@ class ElasticWeightConsolidation:
         owned = [p for p in candidates if p.requires_grad and id(p) in names]
         device = owned[0].device if owned else torch.device("cpu")
         self._to_device(device)
-        work = {id(p): torch.empty_like(p) for p in owned}
+        work = {id(p): torch.empty_like(local_tensor(p)) for p in owned}
         terms: list[_Terms] = []
         for task in self._tasks:
             ps = [p for p in owned if names[id(p)] in task.fisher]
             terms.append(
                 (
                     ps,
-                    [task.fisher[names[id(p)]] for p in ps],
-                    [task.anchor[names[id(p)]] for p in ps],
+                    [local_tensor(task.fisher[names[id(p)]]) for p in ps],
+                    [local_tensor(task.anchor[names[id(p)]]) for p in ps],
                     [work[id(p)] for p in ps],
                 )
             )

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _json as strict_json
+from .outputs import FisherInputError
 
 
 class FisherDiagonal(Mapping[str, Tensor]):
@@ -72,8 +73,18 @@ class FisherDiagonal(Mapping[str, Tensor]):
         """Per-parameter traces (summed in float64, one device sync for all)."""
         if not self._tensors:
             return {}
-        sums = torch.stack([t.sum(dtype=torch.float64) for t in self._tensors.values()]).tolist()
-        return dict(zip(self._tensors, sums))
+        from .sharded import is_dtensor, local_tensor
+
+        values = list(self._tensors.values())
+        sums = torch.stack([local_tensor(t).sum(dtype=torch.float64) for t in values])
+        shards = [i for i, t in enumerate(values) if is_dtensor(t)]
+        if shards:  # sharded (FSDP2) tensors: add the other ranks' shards (a collective)
+            import torch.distributed as dist
+
+            part = sums[shards]
+            dist.all_reduce(part, group=values[shards[0]].device_mesh.get_group())  # type: ignore[attr-defined]
+            sums[shards] = part
+        return dict(zip(self._tensors, sums.tolist()))
 
     def layer_traces(self) -> dict[str, float]:
         """Traces grouped by module (a parameter's name without its last component)."""
@@ -185,6 +196,17 @@ class FisherDiagonal(Mapping[str, Tensor]):
         """Write a safetensors file; method, n_samples, options and the certificate go in its
         metadata."""
         from safetensors.torch import save_file
+
+        from .sharded import is_dtensor
+
+        if any(is_dtensor(t) for t in self._tensors.values()):
+            raise FisherInputError(
+                "FisherDiagonal.save writes whole tensors, but this Fisher is sharded (DTensors of "
+                "an FSDP2 model). Gather it on every rank with "
+                "`FisherDiagonal(lightning_fisher.sharded.full_tensors(fd), fd.n_samples, "
+                "fd.method, fd.options)` and save that on one rank, or keep it sharded in a "
+                "torch.distributed.checkpoint."
+            )
 
         meta = {
             "format": "lightning-fisher/1",

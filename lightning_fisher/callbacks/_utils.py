@@ -179,12 +179,14 @@ def training_finished(trainer: pl.Trainer) -> bool:
     return bool(trainer.should_stop and loop._can_stop_early)
 
 
-def refuse_sharded_strategy(trainer: pl.Trainer, who: str) -> None:
-    """Raise a clear error at setup under a strategy that shards the parameters.
+def refuse_sharded_strategy(trainer: pl.Trainer, who: str, fsdp2: bool = False) -> None:
+    """Raise a clear error at setup under a strategy that shards the parameters in a way ``who``
+    does not support.
 
-    FSDP (``FSDPStrategy``, ``ModelParallelStrategy``) and DeepSpeed hold each parameter (and its
-    gradient and optimizer state) in pieces across ranks, flattened; the Fisher passes, the EWC
-    gradient and the Squisher need whole named parameters on every rank. DDP is supported.
+    ``fsdp2=True``: ``who`` supports ``ModelParallelStrategy`` (FSDP2, ``fully_shard``), whose
+    parameters are DTensors sharded per parameter: its Fisher and EWC state are kept sharded like
+    them (``lightning_fisher.sharded``). ``FSDPStrategy`` (FSDP1) and DeepSpeed hold flattened
+    pieces of several parameters per rank and are refused. DDP is supported.
     """
     from lightning.pytorch.strategies import (
         DeepSpeedStrategy,
@@ -193,13 +195,33 @@ def refuse_sharded_strategy(trainer: pl.Trainer, who: str) -> None:
     )
 
     strategy = trainer.strategy
-    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy, DeepSpeedStrategy)):
-        raise FisherInputError(
-            f"{who} does not support {type(strategy).__name__}: it shards the parameters across "
-            "ranks, and Fisher estimates, the EWC penalty gradient and the Squisher need whole "
-            "parameters on every rank. Use strategy='ddp' (each rank estimates on its shard of the "
-            "data; the all-reduced Fisher is identical on every rank)."
+    name = type(strategy).__name__
+    if isinstance(strategy, ModelParallelStrategy) and fsdp2:
+        return
+    if isinstance(strategy, DeepSpeedStrategy):
+        missing = (
+            "ZeRO keeps flattened partitions of the parameters, gradients and Adam state, with no "
+            "per-parameter shard views and no hook to square gradients before their reduction, "
+            "which sharded Fisher estimates, the EWC penalty gradient and the Squisher need"
         )
+    elif isinstance(strategy, FSDPStrategy):
+        missing = (
+            "FSDP1 flat parameters mix several named parameters in one shard, and the Fisher and "
+            "EWC state are kept per named parameter"
+        )
+    elif isinstance(strategy, ModelParallelStrategy):
+        missing = (
+            "this callback needs whole parameters on every rank (only lf.EWC keeps its Fisher "
+            "and anchors sharded like FSDP2 parameters)"
+        )
+    else:
+        return
+    supported = "strategy='ddp'" + (" or ModelParallelStrategy (FSDP2)" if fsdp2 else "")
+    raise FisherInputError(
+        f"{who} does not support {name}: it shards the parameters across ranks, and {missing}. "
+        f"Use {supported} (under DDP each rank estimates on its shard of the data; the "
+        "all-reduced Fisher is identical on every rank)."
+    )
 
 
 def grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:

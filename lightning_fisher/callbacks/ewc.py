@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from .. import sharded
 from ..estimators import estimate_fisher, lookup
 from ..ewc import ElasticWeightConsolidation
 from ..fisher_diagonal import FisherDiagonal
@@ -375,7 +376,7 @@ class EWC(Callback):
     # Lightning hooks -------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, "lf.EWC")
+        refuse_sharded_strategy(trainer, "lf.EWC", fsdp2=True)
         self._module = pl_module  # lets load_state_dict check names before touching state
 
     @override
@@ -584,8 +585,10 @@ class EWC(Callback):
     # Checkpoints -----------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
+        # FSDP2: Lightning writes callback states from rank 0 only, so sharded Fishers and
+        # anchors are gathered whole here (a collective: every rank builds the checkpoint).
         return {
-            **self.core.state_dict(),
+            **sharded.full_state(self.core.state_dict()),
             "steps_since_consolidation": self._steps_since,
             "epoch_task": self._epoch_task if isinstance(self._epoch_task, (int, str)) else None,
         }
@@ -614,6 +617,8 @@ class EWC(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         steps_since = int(state_dict["steps_since_consolidation"])
+        if self._module is not None and sharded.is_fsdp2(self._module):
+            state_dict = sharded.shard_state_like(state_dict, self._module)  # each rank's slices
         with plain_warnings_on_rank_zero():
             self.core.load_state_dict(state_dict, self._module)
         self._steps_since = steps_since

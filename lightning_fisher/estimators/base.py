@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
+from .. import sharded
 from ..fisher_diagonal import FisherDiagonal
 from ..kernel import probabilities
 from ..options import FisherOptions
@@ -284,6 +285,9 @@ def run_passes(
     what a pass of that estimator alone gives. ``observe(out)``, if given, sees the outputs of
     every batch with at least one input (statistics of p that need no extra forward).
     """
+    # Sharded (FSDP) models: the pass keeps the Fisher sharded like the parameters.
+    if sharded.is_fsdp2(model) or sharded.is_fsdp1(model):
+        return sharded.run_passes_sharded(model, loader, estimators, observe)
     opts = estimators[0].options
     params = trainable_parameters(model, opts.param_filter)
     names = list(params)

@@ -1,0 +1,547 @@
+"""Sharded (FSDP2) Fisher and EWC against unsharded runs, on CPU processes (gloo).
+
+Every rank holds a ``fully_shard`` copy of a small MLP (each Linear and the root sharded, with
+layer widths that do not divide the world size, so shards are uneven; the first weight sharded
+along its columns) and a DDP copy of the same
+weights, and its own data (ranks get different numbers of inputs, so the sharded pass pads with
+zero cotangents). On each rank the script:
+
+1. estimates the Fisher of the sharded model with every supported method; the tensors must be
+   DTensors placed like the parameters; they are gathered and compared, by the driver, with the
+   Fisher it computes itself in one process on the unsharded model and the same per-rank data
+   (the sum over ranks of each rank's estimate times its normaliser, divided by the total: what
+   a DDP pass all-reduces);
+2. consolidates the ``exact`` Fisher in ``lf.ElasticWeightConsolidation`` on both copies and runs
+   three SGD steps with the EWC penalty gradient added by ``add_penalty_grad``: the sharded
+   update (gathered) must equal the DDP update;
+3. round-trips the sharded EWC state through ``torch.distributed.checkpoint`` (sharded state
+   dict) and through a full state dict (gathered with ``lf.sharded.full_state``, saved by rank 0,
+   resharded with ``lf.sharded.shard_state_like``): bitwise.
+
+A last row runs ``lf.EWC`` over two tasks under Lightning's ``ModelParallelStrategy`` and under
+DDP from the same weights (Fisher after task 0, the update of task 1 with the penalty gradient)
+and round-trips the callback through Lightning's sharded and full checkpoints, bitwise.
+
+Differences are max |sharded - reference| / max |reference| per tensor, the largest over tensors.
+
+    python benchmarks/fsdp_check.py            # writes benchmarks/results/fsdp_cpu.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the package of this checkout, also in spawned processes
+    sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+METHODS = ("batched", "hutchinson", "exact", "empirical", "sample")
+BF16_METHODS = ("batched", "hutchinson")  # same arithmetic as the bf16 reference
+DIMS = (6, 9, 5)
+BATCH = 4
+LAM = 50.0
+SEED = 5
+
+
+def make_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(DIMS[0], DIMS[1]), nn.Tanh(), nn.Linear(DIMS[1], DIMS[2]))
+
+
+def rank_loader(rank: int) -> DataLoader[tuple[Tensor, ...]]:
+    n = 10 - 3 * rank  # uneven: 10, 7, 4, ... inputs (3, 2, 1 batches)
+    gen = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(max(n, 1), DIMS[0], generator=gen)
+    y = torch.randint(0, DIMS[2], (max(n, 1),), generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+
+
+def train_batch(rank: int, step: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1000 + 10 * rank + step)
+    return torch.randn(BATCH, DIMS[0], generator=gen), torch.randint(
+        0, DIMS[2], (BATCH,), generator=gen
+    )
+
+
+def full_params(model: nn.Module) -> dict[str, Tensor]:
+    from lightning_fisher.sharded import is_dtensor
+
+    return {
+        n: (p.full_tensor() if is_dtensor(p) else p).detach().clone()  # type: ignore[attr-defined]
+        for n, p in model.named_parameters()
+    }
+
+
+def _locals(state: Any) -> Any:
+    from lightning_fisher.sharded import local_tensor
+
+    if isinstance(state, dict):
+        return {k: _locals(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_locals(v) for v in state]
+    return local_tensor(state).clone() if isinstance(state, Tensor) else state
+
+
+def _bitwise(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_bitwise(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_bitwise, a, b))
+    if isinstance(a, Tensor):
+        return isinstance(b, Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return bool(a == b)
+
+
+def _zeros_like_state(state: Any) -> Any:
+    if isinstance(state, dict):
+        return {k: _zeros_like_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_zeros_like_state(v) for v in state]
+    return torch.zeros_like(state) if isinstance(state, Tensor) else state
+
+
+def shard(model: nn.Sequential, ignore_last_bias: bool = False) -> None:
+    """``fully_shard`` each Linear and the root; the first weight is sharded along its columns
+    (``Shard(1)``), the others along rows; ``ignore_last_bias`` leaves the last bias whole (an
+    ordinary parameter, replicated on every rank)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    fully_shard(model[0], shard_placement_fn=lambda p: Shard(1) if p.ndim == 2 else None)
+    ignored = {model[2].bias} if ignore_last_bias else None
+    fully_shard(model[2], ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
+
+
+def worker(rank: int, world: int, port: int, out_dir: str, methods: tuple[str, ...]) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _work(rank, world, out_dir, methods)
+    finally:
+        dist.destroy_process_group()
+
+
+def _work(rank: int, world: int, out_dir: str, methods: tuple[str, ...]) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    import lightning_fisher as lf
+    from lightning_fisher.sharded import full_state, full_tensors, shard_state_like
+
+    base = make_model()
+    sharded = copy.deepcopy(base)
+    shard(sharded)
+    ddp = DistributedDataParallel(copy.deepcopy(base))
+    loader = rank_loader(rank)
+    out: dict[str, Any] = {"fisher": {}, "placed_like_params": {}}
+    params = dict(sharded.named_parameters())
+    for method in methods:
+        fd = lf.estimate_fisher(sharded, loader, method=method, probes=2, seed=SEED)
+        out["placed_like_params"][method] = all(
+            getattr(t, "placements", None) == params[n].placements
+            and t.to_local().shape == params[n].to_local().shape
+            for n, t in fd.items()
+        )
+        out["fisher"][method] = full_tensors(fd)
+        out["n_samples"] = fd.n_samples
+
+    # A parameter fully_shard leaves whole: its squares are all-reduced after the pass.
+    mixed = copy.deepcopy(base)
+    shard(mixed, ignore_last_bias=True)
+    out["fisher_ignored"] = {}
+    for method in BF16_METHODS:
+        fd = lf.estimate_fisher(mixed, loader, method=method, probes=2, seed=SEED)
+        assert not hasattr(fd["2.bias"], "placements") and hasattr(fd["2.weight"], "placements")
+        out["fisher_ignored"][method] = full_tensors(fd)
+
+    # Mixed precision: bf16 compute (MixedPrecisionPolicy), squares summed in float32.
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    low = copy.deepcopy(base)
+    fully_shard(low[0], mp_policy=policy)
+    fully_shard(low[2], mp_policy=policy)
+    fully_shard(low, mp_policy=policy)
+    out["fisher_bf16"] = {
+        method: full_tensors(lf.estimate_fisher(low, loader, method=method, probes=2, seed=SEED))
+        for method in BF16_METHODS
+        if method in methods
+    }
+
+    # EWC: sharded and DDP copies, the same Fisher method, three SGD steps with the penalty.
+    ewc_sh = lf.ElasticWeightConsolidation(sharded, lam=LAM)
+    ewc_dp = lf.ElasticWeightConsolidation(ddp.module, lam=LAM)
+    # Both consolidate the same Fisher (the DDP one, sharded like the parameters), so the
+    # difference measures the EWC update alone; the Fisher itself is compared above.
+    fisher_dp = lf.estimate_fisher(ddp.module, loader, method="exact")
+    fisher_sh = lf.FisherDiagonal(
+        shard_state_like(dict(fisher_dp), sharded), fisher_dp.n_samples, fisher_dp.method
+    )
+    ewc_dp.consolidate(fisher_dp)
+    ewc_sh.consolidate(fisher_sh)
+    updates: dict[str, dict[str, Tensor]] = {}
+    penalties: dict[str, float] = {}
+    start = full_params(sharded)
+    loss_route = copy.deepcopy(base)  # the same weights, sharded, EWC through the loss
+    shard(loss_route)
+    ewc_loss = lf.ElasticWeightConsolidation(loss_route, lam=LAM)
+    ewc_loss.consolidate(fisher_sh)
+    variants = (
+        ("sharded", sharded, ewc_sh),
+        ("sharded_loss", loss_route, ewc_loss),
+        ("ddp", ddp, ewc_dp),
+    )
+    for name, model, ewc in variants:
+        opt = torch.optim.SGD(model.parameters(), lr=0.2)
+        for step in range(3):
+            x, y = train_batch(rank, step)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if name == "sharded_loss":
+                loss = loss + ewc.penalty()
+            loss.backward()
+            if name != "sharded_loss":
+                ewc.add_penalty_grad()
+            before = full_params(model)
+            opt.step()
+        after = full_params(model)
+        updates[name] = {k.removeprefix("module."): after[k] - before[k] for k in after}
+        value = ewc.penalty().detach()
+        penalties[name] = float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+    out["updates"] = updates
+    out["penalties"] = penalties
+    moved = max(float((start[k] - full_params(sharded)[k]).abs().max()) for k in start)
+    out["ewc_moved_params"] = moved > 0
+
+    # The Squisher from sharded Adam state (exp_avg_sq is a DTensor like its parameter).
+    adam_sq: dict[str, dict[str, Tensor]] = {}
+    for name, model in (("sharded", sharded), ("ddp", ddp.module)):
+        wrapped = ddp if name == "ddp" else model
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for step in range(2):
+            x, y = train_batch(rank, 10 + step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(wrapped(x), y).backward()
+            opt.step()
+        adam_sq[name] = full_tensors(lf.fisher_from_optimizer(opt, model, batch_size=BATCH))
+    out["squisher"] = adam_sq
+
+    # Checkpoints: sharded (distributed checkpoint) and full (gathered, saved by rank 0).
+    state = ewc_sh.state_dict()
+    ckpt = os.path.join(out_dir, "dcp")
+    dcp.save({"ewc": state}, checkpoint_id=ckpt)
+    target = {"ewc": _zeros_like_state(ewc_sh.state_dict())}
+    dcp.load(target, checkpoint_id=ckpt)
+    restored = lf.ElasticWeightConsolidation(sharded, lam=LAM)
+    restored.load_state_dict(target["ewc"])
+    sharded_ok = _bitwise(_locals(restored.state_dict()), _locals(state))
+    full = full_state(state)
+    path = os.path.join(out_dir, "full.pt")
+    if rank == 0:
+        torch.save(full, path)
+    dist.barrier()
+    loaded = torch.load(path, weights_only=False)
+    restored_full = lf.ElasticWeightConsolidation(sharded, lam=LAM)
+    restored_full.load_state_dict(shard_state_like(loaded, sharded))
+    full_ok = _bitwise(_locals(restored_full.state_dict()), _locals(state))
+    flags = torch.tensor([int(sharded_ok), int(full_ok)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    out["checkpoint_sharded_bitwise"] = bool(flags[0])
+    out["checkpoint_full_bitwise"] = bool(flags[1])
+    if rank == 0:
+        torch.save(out, os.path.join(out_dir, "rank0.pt"))
+
+
+def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """``lf.EWC`` over two tasks under Lightning's ``ModelParallelStrategy`` (FSDP2) and under
+    ``strategy="ddp"`` from the same weights; after task 0 the sharded run writes a sharded and a
+    full checkpoint and restores each into a new callback and Trainer."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    import lightning_fisher as lf
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+
+    class Module(pl.LightningModule):
+        def __init__(self, shard: bool) -> None:
+            super().__init__()
+            self.net = make_model()
+            self.shard = shard
+
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            if not self.shard or isinstance(self.net, FSDPModule):  # a later Trainer: done
+                return
+            mesh = self.device_mesh["data_parallel"]
+            fully_shard(self.net[0], mesh=mesh)
+            fully_shard(self.net[2], mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            # momentum: Lightning cannot load a full FSDP2 checkpoint with empty optimizer state
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def data(task: int) -> DataLoader[tuple[Tensor, ...]]:
+        gen = torch.Generator().manual_seed(200 + task)
+        x = torch.randn(32, DIMS[0], generator=gen)
+        y = torch.randint(0, DIMS[2], (32,), generator=gen)
+        return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+
+    def trainer(ewc: Any, strategy: Any) -> pl.Trainer:
+        return pl.Trainer(
+            callbacks=[ewc],
+            strategy=strategy,
+            accelerator="cpu",
+            devices=world,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+    def fsdp() -> ModelParallelStrategy:
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+
+    res: dict[str, Any] = {}
+    for name in ("fsdp", "ddp"):
+        model = Module(shard=name == "fsdp")
+        ewc = lf.EWC(lam=LAM, method="exact")
+        t0 = trainer(ewc, fsdp() if name == "fsdp" else "ddp")
+        t0.fit(model, data(0))
+        res[f"{name}_fisher"] = {
+            k: v.full_tensor() if hasattr(v, "full_tensor") else v
+            for k, v in ewc.fishers[0].items()
+        }
+        if name == "fsdp":
+            state = ewc.core.state_dict()
+            for kind, distributed in (("sharded", True), ("full", False)):
+                path = os.path.join(out_dir, f"{kind}.ckpt")
+                t0.strategy._save_distributed_checkpoint = distributed  # type: ignore[attr-defined]
+                t0.save_checkpoint(path)
+                restored = lf.EWC(lam=LAM, method="exact")
+                # at max_epochs already: the fit restores the checkpoint and trains nothing
+                trainer(restored, fsdp()).fit(model, data(0), ckpt_path=path)
+                same = _bitwise(_locals(restored.core.state_dict()), _locals(state))
+                flag = torch.tensor([int(same)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                res[f"checkpoint_{kind}_bitwise"] = bool(flag)
+        before = full_params(model.net)
+        trainer(ewc, fsdp() if name == "fsdp" else "ddp").fit(model, data(1))  # EWC penalty
+        after = full_params(model.net)
+        res[f"{name}_update"] = {k: after[k] - before[k] for k in after}
+    if rank == 0:
+        torch.save(res, os.path.join(out_dir, "lightning.pt"))
+
+
+def run_lightning(world: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(lightning_worker, args=(world, _free_port(), tmp), nprocs=world, join=True)
+        res = torch.load(os.path.join(tmp, "lightning.pt"), weights_only=False)
+    return {
+        "strategy": "lightning ModelParallelStrategy (FSDP2), lf.EWC",
+        "world_size": world,
+        "method": "exact",
+        "fisher_max_rel_diff_vs_unsharded": rel_diff(res["fsdp_fisher"], res["ddp_fisher"]),
+        "fisher_placed_like_params": True,
+        "ewc_update_max_rel_diff_vs_ddp": rel_diff(res["fsdp_update"], res["ddp_update"]),
+        "ewc_penalty_rel_diff_vs_ddp": None,
+        "checkpoint_roundtrip_bitwise": res["checkpoint_sharded_bitwise"]
+        and res["checkpoint_full_bitwise"],
+        "checkpoint_sharded_bitwise": res["checkpoint_sharded_bitwise"],
+        "checkpoint_full_bitwise": res["checkpoint_full_bitwise"],
+    }
+
+
+class _ToBF16(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return x.to(torch.bfloat16)
+
+
+def reference_fisher(method: str, world: int, bf16: bool = False) -> dict[str, Tensor]:
+    """The Fisher of the union of the ranks' data, in one process on the unsharded model: each
+    rank's estimate times its normaliser (inputs, or batches for ``batched``), summed, divided
+    by the total (what a DDP pass all-reduces; each rank draws probes from the same seed).
+    ``bf16``: the model and its inputs in bfloat16, as FSDP2's bf16 policy computes (the squares
+    are summed in float32 either way)."""
+    import lightning_fisher as lf
+
+    model: nn.Module = make_model()
+    if bf16:
+        model = nn.Sequential(_ToBF16(), *model.bfloat16())
+    total: dict[str, Tensor] = {}
+    norm = 0.0
+    for r in range(world):
+        loader = rank_loader(r)
+        fd = lf.estimate_fisher(model, loader, method=method, probes=2, seed=SEED)
+        weight = float(len(loader) if method == "batched" else fd.n_samples)
+        norm += weight
+        for k, v in fd.items():
+            if bf16:  # "1.weight" of the cast-then-layers model is "0.weight" of the MLP
+                head, _, rest = k.partition(".")
+                k = f"{int(head) - 1}.{rest}"
+            total[k] = total.get(k, torch.zeros_like(v)) + v.double() * weight
+    return {k: (v / norm).float() for k, v in total.items()}
+
+
+def rel_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in a)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(world: int, methods: tuple[str, ...]) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(world, _free_port(), tmp, methods), nprocs=world, join=True)
+        res = torch.load(os.path.join(tmp, "rank0.pt"), weights_only=False)
+    ddp_update, ddp_penalty = res["updates"]["ddp"], res["penalties"]["ddp"]
+    update_diff = max(rel_diff(res["updates"][v], ddp_update) for v in ("sharded", "sharded_loss"))
+    penalty_diff = max(
+        abs(res["penalties"][v] - ddp_penalty) / max(abs(ddp_penalty), 1e-30)
+        for v in ("sharded", "sharded_loss")
+    )
+    bitwise = res["checkpoint_sharded_bitwise"] and res["checkpoint_full_bitwise"]
+    assert res["ewc_moved_params"], "the EWC steps left the parameters unchanged"
+    rows = []
+    for method in (*methods, "squisher"):
+        if method == "squisher":  # against the Squisher of the DDP copy's Adam
+            res["placed_like_params"][method] = True
+            diff = rel_diff(res["squisher"]["sharded"], res["squisher"]["ddp"])
+        else:
+            diff = rel_diff(res["fisher"][method], reference_fisher(method, world))
+        rows.append(
+            {
+                "strategy": "fsdp2 (fully_shard)",
+                "world_size": world,
+                "method": method,
+                "fisher_max_rel_diff_vs_unsharded": diff,
+                "fisher_placed_like_params": res["placed_like_params"][method],
+                "ewc_update_max_rel_diff_vs_ddp": update_diff,
+                "ewc_penalty_rel_diff_vs_ddp": penalty_diff,
+                "checkpoint_roundtrip_bitwise": bitwise,
+                "checkpoint_sharded_bitwise": res["checkpoint_sharded_bitwise"],
+                "checkpoint_full_bitwise": res["checkpoint_full_bitwise"],
+            }
+        )
+    fisher_only = [
+        ("fsdp2, bf16 compute (MixedPrecisionPolicy)", method, fisher, True)
+        for method, fisher in res["fisher_bf16"].items()
+    ] + [
+        ("fsdp2, one parameter left whole (ignored_params)", method, fisher, False)
+        for method, fisher in res["fisher_ignored"].items()
+    ]
+    for strategy, method, fisher, bf16 in fisher_only:
+        rows.append(
+            {
+                "strategy": strategy,
+                "world_size": world,
+                "method": method,
+                "fisher_max_rel_diff_vs_unsharded": rel_diff(
+                    fisher, reference_fisher(method, world, bf16=bf16)
+                ),
+                "fisher_placed_like_params": True,
+                "ewc_update_max_rel_diff_vs_ddp": None,
+                "ewc_penalty_rel_diff_vs_ddp": None,
+                "checkpoint_roundtrip_bitwise": None,
+                "checkpoint_sharded_bitwise": None,
+                "checkpoint_full_bitwise": None,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--world", type=int, nargs="+", default=[2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning rows")
+    parser.add_argument("--out", type=Path, default=RESULTS / "fsdp_cpu.json")
+    args = parser.parse_args(argv)
+    rows = []
+    for w in args.world:
+        rows += run(w, tuple(args.methods))
+        if not args.no_lightning:
+            rows.append(run_lightning(w))
+    import lightning
+
+    report = {
+        "command": " ".join(["python benchmarks/fsdp_check.py", *(argv or sys.argv[1:])]),
+        "device": f"CPU ({platform.processor() or platform.machine()}), gloo, 1 thread per rank",
+        "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    cols = [
+        "strategy",
+        "world_size",
+        "method",
+        "fisher_max_rel_diff_vs_unsharded",
+        "ewc_update_max_rel_diff_vs_ddp",
+        "checkpoint_roundtrip_bitwise",
+    ]
+    lines = [
+        "# FSDP2 on CPU: sharded Fisher and EWC against unsharded runs",
+        "",
+        f"`{report['command']}` on {report['device']}; torch {torch.__version__}.",
+        "",
+        "Differences: max |sharded - reference| / max |reference| per tensor, the largest over "
+        "tensors. References: the Fisher of an unsharded model on the same per-rank data (the "
+        "squisher row: the Squisher of a DDP copy trained alike; bf16 rows: the unsharded model "
+        "in bfloat16, squares summed in float32); EWC: a DDP copy's update "
+        "(gradient and loss routes). Checkpoints: distributed (sharded) and full, bitwise.",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
+    for row in rows:
+        cells = [
+            f"{row[c]:.2e}" if isinstance(row[c], float) else "-" if row[c] is None else str(row[c])
+            for c in cols
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

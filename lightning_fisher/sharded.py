@@ -1,0 +1,477 @@
+"""Fisher diagonals of sharded models: FSDP2 (``fully_shard``), whose parameters are DTensors.
+
+The Fisher diagonal, the EWC gradient and the Squisher are elementwise in the parameters, so they
+are kept sharded exactly like the parameters: no rank holds the whole Fisher.
+
+Every estimator adds w (J^T u)^2 over cotangents u. Under FSDP2 an ordinary backward of u on each
+rank (rank r with its own inputs and cotangent u_r) ends in a reduce-scatter that sums the ranks'
+unsharded gradients g_r = J_r^T u_r and leaves each rank its shard. For the Fisher the sum must be
+taken *after* squaring, so during a Fisher pass the reduce-scatter squares its input first:
+
+    shard of sum_r g_r^2      (one backward per cotangent, the same number on every rank)
+
+which is exactly the sum over ranks that a DDP pass all-reduces. Batch-gradient estimators
+(``batched``, ``hutchinson*``) need one backward per batch and probe; per-input estimators
+(``exact``, ``sample``, ``empirical``, ``upper``, ``lower``) one backward per input and column,
+because the per-input engine needs whole weights. Memory per rank: the Fisher shard (float32)
+and, for EWC, the anchor shard, about 2 x the parameter shard.
+
+FSDP1 (``FullyShardedDataParallel``, flat parameters) is refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .fisher_diagonal import FisherDiagonal
+from .kernel import probabilities
+from .outputs import (
+    FisherInputError,
+    ModelOutputs,
+    batch_size_of,
+    model_outputs,
+    move_batch,
+    slice_batch,
+)
+
+if TYPE_CHECKING:
+    from .estimators.base import Estimator
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 parameters are)."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view that shares its storage), or ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined, no-any-return]
+
+
+def is_fsdp2(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model`` or one of its submodules."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def is_fsdp1(model: nn.Module) -> bool:
+    """Whether ``model`` is (or contains) an FSDP1 ``FullyShardedDataParallel`` wrapper."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
+FSDP1_REFUSAL = (
+    "is not supported on FSDP1 (FullyShardedDataParallel / Lightning's FSDPStrategy): its flat "
+    "parameters mix several named parameters in one shard, and the Fisher and EWC state are kept "
+    "per named parameter. Use FSDP2 instead (torch.distributed.fsdp.fully_shard, or Lightning's "
+    "ModelParallelStrategy), whose parameters are DTensors sharded per parameter."
+)
+
+
+def refuse_fsdp1(model: nn.Module, who: str) -> None:
+    """Raise a ``FisherInputError`` for FSDP1-wrapped models."""
+    if is_fsdp1(model):
+        raise FisherInputError(f"{who} {FSDP1_REFUSAL}")
+
+
+def _squaring_reduce_scatter() -> Any:
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+
+    class SquaringReduceScatter(DefaultReduceScatter):
+        """Reduce-scatter of the squared gradients: rank r's shard of sum_r g_r^2.
+
+        The input is every rank's unsharded gradients, padded with zeros and laid out shard by
+        shard; squaring commutes with that layout (0^2 = 0). The sum is never averaged.
+        """
+
+        def __call__(
+            self,
+            output_tensor: Tensor,
+            input_tensor: Tensor,
+            group: dist.ProcessGroup,
+            op: Any,
+            async_op: bool = False,
+        ) -> Any:
+            input_tensor.square_()
+            return super().__call__(
+                output_tensor, input_tensor, group, dist.ReduceOp.SUM, async_op=async_op
+            )
+
+    return SquaringReduceScatter()
+
+
+@contextmanager
+def squared_gradient_reduction(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """While active, a backward of an FSDP2 model leaves in each parameter's ``.grad`` the shard of
+    sum_r g_r^2 over the ranks r (instead of the mean of g_r), squared and summed in float32; on
+    a mesh of size 1 the caller squares the gradient itself (FSDP2 then skips the collective).
+    Yields a function that applies the settings again (call it before each backward: FSDP2's
+    lazy initialisation at the first forward resets the reduce dtype). Restores FSDP2's
+    settings on exit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [
+        group
+        for m in model.modules()
+        if isinstance(m, FSDPModule)
+        for group in m._get_fsdp_state()._fsdp_param_groups
+    ]
+    for group in groups:
+        if getattr(group, "_is_hsdp", False):
+            raise FisherInputError(
+                "Fisher estimates on sharded models support a 1-D FSDP2 mesh; this model uses a "
+                "2-D (HSDP: replicate x shard) mesh. Shard over one mesh dimension."
+            )
+    saved = [
+        (
+            g,
+            g._reduce_scatter_comm,
+            g.gradient_divide_factor,
+            g.force_sum_reduction_for_comms,
+            g.reduce_grads,
+        )
+        for g in groups
+    ]
+    comm = _squaring_reduce_scatter()
+
+    def apply() -> None:
+        for g in groups:
+            g._reduce_scatter_comm = comm
+            g.gradient_divide_factor = None
+            g.force_sum_reduction_for_comms = False  # no division after the sum either
+            g.reduce_grads = True
+            # squares of low-precision gradients are formed and summed in float32
+            # (FSDP2 sets this at its lazy init, i.e. the first forward: set again each time)
+            if getattr(g, "_reduce_dtype", None) in (None, torch.float16, torch.bfloat16):
+                g._reduce_dtype = torch.float32
+
+    saved_dtypes = [getattr(g, "_reduce_dtype", None) for g in groups]
+    try:
+        apply()
+        yield apply
+    finally:
+        for (g, rs, factor, force_sum, reduce_grads), dtype in zip(saved, saved_dtypes):
+            g._reduce_scatter_comm = rs
+            g.gradient_divide_factor = factor
+            g.force_sum_reduction_for_comms = force_sum
+            g.reduce_grads = reduce_grads
+            g._reduce_dtype = dtype
+
+
+def _mesh_size(p: Tensor) -> int:
+    return int(p.device_mesh.size()) if is_dtensor(p) else 1  # type: ignore[attr-defined]
+
+
+def _collective_max(values: list[int], device: torch.device) -> list[int]:
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
+
+
+def _per_input_cotangents(
+    cot: Tensor, weight: float, max_bytes: float
+) -> tuple[Iterator[tuple[Tensor, float]], int]:
+    """Per-input estimators: one cotangent per input and column (the column restricted to one
+    input's row, and for sequences to one position), so each backward gives J_x^T u_x; with
+    their number."""
+    from .estimators.base import _per_position
+
+    K, B, *S, _ = cot.shape
+
+    def items() -> Iterator[tuple[Tensor, float]]:
+        for part in _per_position(cot, max_bytes):
+            for column in part:
+                for b in range(B):
+                    one = torch.zeros_like(column)
+                    one[b] = column[b]
+                    yield one, weight
+
+    return items(), K * B * (math.prod(S) if S else 1)
+
+
+def run_passes_sharded(
+    model: nn.Module,
+    loader: Iterable[Any],
+    estimators: list[Estimator],
+    observe: Callable[[ModelOutputs], None] | None = None,
+) -> list[FisherDiagonal]:
+    """``run_passes`` for FSDP2 models: every result's tensors are DTensors sharded like the
+    parameters, equal to the Fisher an unsharded (DDP) pass computes on the same data.
+
+    Every rank runs the same number of forwards and backwards (the collectives inside them must
+    match): a rank whose loader is exhausted repeats its last batch with zero cotangents, and each
+    estimator's cotangents are padded with zeros to the largest count over the ranks.
+    """
+    from .estimators.base import eval_mode, limit_loader, trainable_parameters
+
+    refuse_fsdp1(model, "The Fisher pass")
+    opts = estimators[0].options
+    if not opts.sync_distributed:
+        raise FisherInputError(
+            "sync_distributed=False is not possible on an FSDP-sharded model: each rank holds a "
+            "shard of every parameter, so the Fisher's sums over the ranks' data are part of the "
+            "backward's reduce-scatter. Use sync_distributed=True."
+        )
+    params = trainable_parameters(model, opts.param_filter)
+    names = list(params)
+    first = next(iter(params.values()))
+    device = first.device
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    for n, param in params.items():
+        mesh = getattr(param, "device_mesh", None)
+        if mesh is not None and (mesh.ndim != 1 or mesh.size() != world):
+            raise FisherInputError(
+                f"Fisher estimates on sharded models need every parameter sharded over all "
+                f"{world} ranks on a 1-D mesh (FSDP2 data parallelism); {n!r} lives on a mesh of "
+                f"shape {tuple(mesh.shape)} (tensor parallelism or HSDP are not supported)."
+            )
+    accs = [
+        {
+            n: torch.zeros(
+                local_tensor(p).shape,
+                dtype=torch.promote_types(p.dtype, torch.float32),
+                device=device,
+            )
+            for n, p in params.items()
+        }
+        for _ in estimators
+    ]
+    all_params = [p for p in model.parameters() if p.requires_grad]
+    saved_grads = [p.grad for p in all_params]
+    loader, limit = limit_loader(loader, opts.max_samples, opts.seed)
+    generators = [torch.Generator(device=device).manual_seed(e.options.seed) for e in estimators]
+    max_bytes = max(1.0, opts.max_memory_mib) * 2**20
+    n_inputs = n_batches = rows = 0
+
+    def forward(batch: Any) -> ModelOutputs:
+        return model_outputs(
+            model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
+        )
+
+    def backward(logits: Tensor, cot: Tensor, weight: float, acc: dict[str, Tensor]) -> None:
+        reapply()
+        for q in all_params:
+            q.grad = None
+        # sqrt(w) on the cotangent: weights need not agree across ranks (padding has w = 0)
+        logits.backward(cot * math.sqrt(weight), retain_graph=True)
+        for n in names:
+            g = params[n].grad
+            if g is None:
+                continue
+            g_local = local_tensor(g).to(acc[n].dtype)
+            if _mesh_size(params[n]) == 1:  # no collective ran, so nothing squared it
+                g_local = g_local * g_local
+            acc[n].add_(g_local)
+
+    last: Any = None
+    iterator = iter(loader)
+    try:
+        with squared_gradient_reduction(model) as reapply, eval_mode(model):
+            while True:
+                batch = None
+                more = opts.max_batches is None or n_batches < opts.max_batches
+                if more and (limit is None or rows < limit):
+                    batch = next(iterator, None)
+                real = batch is not None
+                # every rank learns whether any rank still has data, and whether any has none
+                has, empty = _collective_max([real, last is None and not real], device)
+                if not has:
+                    break
+                if empty:
+                    raise FisherInputError(
+                        "The dataloader of a rank yielded no batches while other ranks have "
+                        "data; on a sharded model every rank must run the Fisher pass on data "
+                        "(give every rank a shard, e.g. with a DistributedSampler)."
+                    )
+                if real:
+                    if limit is not None:
+                        b = batch_size_of(batch)
+                        if rows + b > limit:
+                            batch = slice_batch(batch, limit - rows)
+                    batch = move_batch(batch, device)
+                    rows += batch_size_of(batch)
+                    last = batch
+                out = forward(last)
+                for e in estimators:
+                    e.validate(out.n_classes)
+                if real:
+                    n_batches += 1
+                    n_inputs += out.n_inputs
+                    if observe is not None and out.n_inputs:
+                        observe(out)
+                p = probabilities(out.logits)
+                mask = out.mask.unsqueeze(-1)
+                for e, acc, gen in zip(estimators, accs, generators):
+                    items: Iterable[tuple[Tensor, float]]
+                    if not real:
+                        items, count = [], 0
+                    elif e.per_input:
+                        cols, weight = e.columns(out, p, gen)
+                        cols = (cols * mask).to(out.logits.dtype)
+                        items, count = _per_input_cotangents(cols, weight, max_bytes)
+                    else:
+                        listed = [
+                            ((cot * mask).to(out.logits.dtype), w)
+                            for cot, w in e.batch_cotangents(out, p, gen)
+                        ]
+                        items, count = listed, len(listed)
+                    (most,) = _collective_max([count], device)
+                    done = 0
+                    for cot, w in items:
+                        backward(out.logits, cot, w, acc)
+                        done += 1
+                    zero = torch.zeros_like(out.logits)
+                    for _ in range(most - done):
+                        backward(out.logits, zero, 0.0, acc)
+                del out
+    finally:
+        for q, g in zip(all_params, saved_grads):
+            q.grad = g
+    counts = torch.tensor([float(n_inputs), float(n_batches)], dtype=torch.float64, device=device)
+    if world > 1:
+        # parameters fully_shard left whole (not DTensors) got each rank's own squares
+        whole = [acc[n] for acc in accs for n in names if not is_dtensor(params[n])]
+        for t in [*whole, counts]:
+            dist.all_reduce(t)
+    n_inputs, n_batches = int(counts[0].item()), int(counts[1].item())
+    if n_batches == 0:
+        raise FisherInputError(
+            "The dataloader yielded no batches, so there is no data to estimate a Fisher from. "
+            "Check the dataset is not empty (and that every rank gets a shard)."
+        )
+    if n_inputs == 0:
+        raise FisherInputError(
+            "Every input was masked out (attention mask 0 or label -100), so the Fisher is undefined."
+        )
+    bad_weights = _nonfinite(names, [local_tensor(params[k]).detach() for k in names], device)
+    if bad_weights:
+        raise FisherInputError(
+            f"The parameters {', '.join(bad_weights[:5])} hold NaN/Inf entries, so the Fisher at "
+            "these weights is meaningless. Check the model for NaN/Inf weights (or fp16 overflow)."
+        )
+    results = []
+    for e, acc in zip(estimators, accs):
+        bad = _nonfinite(names, [acc[k] for k in names], device)
+        if bad:
+            raise FisherInputError(
+                f"The Fisher of {bad[0]!r} has NaN/Inf entries: NaN/Inf in the inputs or weights, "
+                "or a gradient overflow (for fp16 models, estimate in float32 or bfloat16)."
+            )
+        scale = 1.0 / e.normaliser(n_inputs, n_batches)
+        tensors = {n: as_sharded_like(acc[n].mul_(scale), params[n]) for n in names}
+        options = e.options.public(e.option_names)
+        options["seed"] = e.options.seed
+        fd = FisherDiagonal(tensors, n_samples=n_inputs, method=e.name, options=options)
+        e.finish(fd)
+        results.append(fd)
+    return results
+
+
+def _nonfinite(names: list[str], tensors: list[Tensor], device: torch.device) -> list[str]:
+    """Names whose local shard holds NaN/Inf on any rank (every rank gets the same answer)."""
+    flags = torch.tensor(
+        [0 if bool(torch.isfinite(t).all()) else 1 for t in tensors],
+        dtype=torch.int64,
+        device=device,
+    )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [n for n, f in zip(names, flags.tolist()) if f]
+
+
+def as_sharded_like(local: Tensor, param: Tensor) -> Tensor:
+    """``local`` (a shard shaped like ``param``'s local shard) as a DTensor with ``param``'s mesh
+    and placements; ``local`` itself for an ordinary parameter."""
+    if not is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local,
+        param.device_mesh,  # type: ignore[attr-defined]
+        param.placements,  # type: ignore[attr-defined]
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+
+
+def full_tensors(fd: FisherDiagonal) -> dict[str, Tensor]:
+    """Every tensor of ``fd`` gathered whole (a collective: call it on every rank)."""
+    return {k: v.full_tensor() if is_dtensor(v) else v for k, v in fd.items()}  # type: ignore[attr-defined]
+
+
+def full_state(state: Any) -> Any:
+    """A copy of a (nested) state dict with every DTensor gathered whole: the full state-dict
+    form of a sharded EWC or Fisher state (a collective: call it on every rank)."""
+    if is_dtensor(state):
+        return state.full_tensor()
+    if isinstance(state, dict):
+        return {k: full_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [full_state(v) for v in state]
+    return state
+
+
+def shard_state_like(state: Any, model: nn.Module) -> Any:
+    """The inverse of :func:`full_state`: in a (nested) state dict, every whole tensor keyed by a
+    name of one of ``model``'s DTensor parameters, of that parameter's shape, becomes a DTensor
+    sharded like it (each rank keeps its slice; no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    params = {n: p for n, p in model.named_parameters() if is_dtensor(p)}
+
+    def walk(value: Any, key: str | None) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, None) for v in value]
+        p = params.get(key) if key is not None else None
+        if p is not None and isinstance(value, Tensor) and not is_dtensor(value):
+            if value.shape != p.shape:
+                raise FisherInputError(
+                    f"Cannot shard the saved tensor {key!r}: its shape {tuple(value.shape)} is "
+                    f"not the parameter's {tuple(p.shape)}."
+                )
+            return distribute_tensor(
+                value.to(p.device),
+                p.device_mesh,  # type: ignore[attr-defined]
+                p.placements,  # type: ignore[attr-defined]
+                src_data_rank=None,
+            )
+        return value
+
+    return walk(state, None)
+
+
+__all__ = [
+    "as_sharded_like",
+    "full_state",
+    "full_tensors",
+    "is_dtensor",
+    "is_fsdp1",
+    "is_fsdp2",
+    "local_tensor",
+    "refuse_fsdp1",
+    "run_passes_sharded",
+    "shard_state_like",
+    "squared_gradient_reduction",
+]
