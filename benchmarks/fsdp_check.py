@@ -24,14 +24,13 @@ and round-trips the callback through Lightning's sharded and full checkpoints, b
 
 Differences are max |sharded - reference| / max |reference| per tensor, the largest over tensors.
 
-    python benchmarks/fsdp_check.py            # writes benchmarks/results/fsdp_cpu.{json,md}
+    python -m benchmarks.fsdp_check            # writes benchmarks/results/fsdp_cpu.{json,md}
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import socket
@@ -46,9 +45,11 @@ import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_fisher import _json as strict_json
+
+from .common import max_rel_diff, versions
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the package of this checkout, also in spawned processes
-    sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("batched", "hutchinson", "exact", "empirical", "sample")
 BF16_METHODS = ("batched", "hutchinson")  # same arithmetic as the bf16 reference
@@ -420,7 +421,7 @@ def reference_fisher(method: str, world: int, bf16: bool = False) -> dict[str, T
 
 def rel_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     assert a.keys() == b.keys(), (sorted(a), sorted(b))
-    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in a)
+    return max_rel_diff(a, b)
 
 
 def _free_port() -> int:
@@ -501,16 +502,14 @@ def main(argv: list[str] | None = None) -> None:
         rows += run(w, tuple(args.methods))
         if not args.no_lightning:
             rows.append(run_lightning(w))
-    import lightning
-
     report = {
-        "command": " ".join(["python benchmarks/fsdp_check.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python -m benchmarks.fsdp_check", *(argv or sys.argv[1:])]),
         "device": f"CPU ({platform.processor() or platform.machine()}), gloo, 1 thread per rank",
-        "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
+        "versions": versions(),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    args.out.write_text(strict_json.dumps(report, indent=2) + "\n")
     cols = [
         "strategy",
         "world_size",

@@ -20,7 +20,7 @@ from lit_helpers import Classifier
 import lightning_fisher as lf
 
 WORLD = 2
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fsdp_check.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.ddp
@@ -30,8 +30,8 @@ def test_fsdp2_fisher_and_ewc_equal_unsharded_runs(tmp_path: Path) -> None:
     against the unsharded Fisher of the same data; EWC updates (gradient and loss routes, and
     lf.EWC under Lightning's ModelParallelStrategy) against DDP's."""
     out = tmp_path / "fsdp.json"
-    cmd = [sys.executable, str(SCRIPT), "--world", str(WORLD), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "benchmarks.fsdp_check", "--world", str(WORLD), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert {"command", "device", "versions", "rows"} <= report.keys()
