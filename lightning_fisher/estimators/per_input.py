@@ -76,7 +76,7 @@ def _norms(tensors: Sequence[Tensor]) -> list[float]:
     if not tensors:
         return []
     dev = tensors[0].device
-    return torch.stack([n.to(dev) for n in torch._foreach_norm(tensors)]).tolist()
+    return torch.stack([n.to(dev) for n in torch._foreach_norm(list(tensors))]).tolist()
 
 
 def _floats(values: list[Tensor]) -> list[float]:
