@@ -1,4 +1,4 @@
-"""Exact Fisher diagonal: our engine against the anchors, side by side (issue #7, DESIGN §6).
+"""Exact Fisher diagonal: our engine against the anchors, side by side.
 
 One command runs the whole suite on one device::
 
@@ -13,6 +13,8 @@ step (forward + backward of the mean cross-entropy, train mode) that gives ``rat
 Implementations (rows of the report):
 
 * ``ours-exact``, ``ours-hutchinson`` (one probe): ``lightning_fisher.estimate_fisher``;
+* ``ours-upper`` and ``ours-lower`` (``rank=1``): the deterministic bounds upper >= F >= lower,
+  timed but not compared (``max_rel_diff`` null: they bound F, they do not estimate it);
 * ``backpack-diagggn-exact``: BackPACK's ``DiagGGNExact`` (``nn.Sequential`` models, ResNets via
   its converter), plus ``backpack-diagggn-mc`` and ``backpack-sum-grad-squared`` against our
   ``sample`` and ``empirical`` (extra rows, checked against those);
@@ -495,6 +497,20 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> list
         lambda: ours(case, "hutchinson", mem, probes=1),
         None,
         note="one probe; stochastic, not compared",
+    )
+    # Deterministic bounds of F, not estimates of it: timed, not compared.
+    add(
+        "ours-upper",
+        lambda: ours(case, "upper", mem),
+        None,
+        note="deterministic upper bound of F (columns sqrt(p_c) e_c); a bound, not compared",
+    )
+    add(
+        "ours-lower",
+        lambda: ours(case, "lower", mem, rank=1),
+        None,
+        note="deterministic lower bound of F, rank 1 (top eigenpair of I(p)); "
+        "a bound, not compared",
     )
     extra = set(args.extra)
     if "sample" in extra:

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
@@ -64,8 +64,27 @@ OUTSIDE = "\0outside"
 #: Relative tolerance of the self-verification, by dtype (of the norm of the per-input gradients).
 VERIFY_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 _VERIFY_SEED = 0x5EED
-#: The check looks at the first inputs of the batch only (the cotangent is zero beyond them).
-VERIFY_ROWS = 64
+#: The check looks at the first inputs of the batch only (the cotangent is zero beyond them):
+#: enough for every rule to see several inputs with distinct signs, few enough to be cheap.
+VERIFY_ROWS = 16
+#: Of those, the whole-model route checks this many one by one and the rest as one signed column.
+VERIFY_MODEL_ROUTE_ROWS = 2
+
+
+def _norms(tensors: Sequence[Tensor]) -> list[float]:
+    """The 2-norms of ``tensors``, with one synchronisation."""
+    if not tensors:
+        return []
+    dev = tensors[0].device
+    return torch.stack([n.to(dev) for n in torch._foreach_norm(list(tensors))]).tolist()
+
+
+def _floats(values: list[Tensor]) -> list[float]:
+    """0-d tensors (possibly on several devices) as floats, with one synchronisation per device."""
+    if not values:
+        return []
+    dev = values[0].device
+    return torch.stack([v.to(dev) for v in values]).tolist()
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -238,20 +257,21 @@ class _Rule:
         """Per-input gradients of inputs lo:hi, each ``(hi - lo, K, *param.shape)``."""
         raise NotImplementedError
 
-    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """For one column (K = 1): sum_b s_b g_b per parameter from this rule's per-input
-        gradients g_b, and a scale of their size (sum_b ||g_b||^2 or a bound of it) for the
-        round-off tolerance."""
+        gradients g_b, and a scale of their size (sum_b ||g_b||^2 or a bound of it, a 0-d
+        tensor) for the round-off tolerance."""
         numel = sum(ctx.engine.params[n].numel() for n in ctx.names.values())
         chunk = ctx.chunk(8 * numel)
         got: dict[str, Tensor] = {}
-        scale: dict[str, float] = {}
+        scale: dict[str, Tensor] = {}
         for lo in range(0, ctx.B, chunk):
             for n, t in self.per_input(ctx, lo, min(ctx.B, lo + chunk)).items():
                 t = t[:, 0].detach()
                 sign = s[lo : lo + t.shape[0]].reshape(-1, *([1] * (t.ndim - 1)))
-                got[n] = got.get(n, 0) + (sign * t).sum(0)
-                scale[n] = scale.get(n, 0.0) + float(t.pow(2).sum())
+                got[n] = (sign * t).sum(0) + got[n] if n in got else (sign * t).sum(0)
+                sq = t.pow(2).sum()
+                scale[n] = scale[n] + sq if n in scale else sq
         return got, scale
 
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
@@ -291,7 +311,7 @@ class _MatmulRule(_Rule):
             out[ctx.names["bias"]] = gl.sum(-1).transpose(0, 1)
         return out
 
-    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """sum_b s_b G_b U_b^T as one product of the signed output gradients with the inputs
         (no per-input gradient materialised); scale sum_b ||G_b||^2 ||U_b||^2."""
         gl, cols = self.unfolded(ctx, 0, ctx.B)
@@ -303,11 +323,11 @@ class _MatmulRule(_Rule):
             flat_g = g.permute(1, 0, 2).reshape(g.shape[1], -1)
             flat_u = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
             got[n] = (flat_g @ flat_u).reshape(ctx.param("weight").shape)
-            scale[n] = float((gl[0].pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum())
+            scale[n] = (gl[0].pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum()
         if "bias" in ctx.names:
             n = ctx.names["bias"]
             got[n] = g.sum((0, 2))
-            scale[n] = float(gl[0].sum(-1).pow(2).sum())
+            scale[n] = gl[0].sum(-1).pow(2).sum()
         return got, scale
 
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
@@ -444,7 +464,7 @@ class _EmbeddingRule(_Rule):
             gk = gk * (tok != m.padding_idx)[None, :, :, None]
         return tok, gk
 
-    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, float]]:
+    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """sum_b s_b g_b: every looked-up row's gradient, signed by its input, added into its
         token's row; scale: sum of the squared row gradients (times the tokens per input)."""
         tok, gk = self._rows(ctx)
@@ -452,7 +472,7 @@ class _EmbeddingRule(_Rule):
         signed = (gk[0] * s.reshape(-1, 1, 1)).reshape(-1, gk.shape[-1])
         got = torch.zeros(ctx.param("weight").shape, dtype=ctx.dtype, device=gk.device)
         got.index_add_(0, tok.reshape(-1), signed)
-        return {name: got}, {name: float(gk[0].pow(2).sum()) * tok.shape[1]}
+        return {name: got}, {name: gk[0].pow(2).sum() * tok.shape[1]}
 
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
         """Per (column, input, token id): sum the rows of g, square, add into the token's row."""
@@ -1099,13 +1119,18 @@ class PerInputEngine:
     ) -> dict[str, Tensor]:
         """Per-input gradients (hi - lo, K, *shape) of the whole-model-route parameters: each
         column restricted to one input, through one backward of the batch's graph."""
-        names = sorted(self.model_route)
-        params = [self.params[n] for n in names]
         K, b = cot.shape[0], hi - lo
         sep = torch.zeros((b, K, *cot.shape[1:]), dtype=cot.dtype, device=cot.device)
         rows = torch.arange(b, device=cot.device)
         sep[rows, :, lo + rows] = cot[:, lo:hi].transpose(0, 1)
-        sep = sep.reshape(b * K, *cot.shape[1:])
+        grads = self._model_route_grads(logits, sep.reshape(b * K, *cot.shape[1:]))
+        return {n: g.reshape(b, K, *g.shape[1:]) for n, g in grads.items()}
+
+    def _model_route_grads(self, logits: Tensor, sep: Tensor) -> dict[str, Tensor]:
+        """Gradients ``(n, *shape)`` of the whole-model-route parameters for the n cotangents
+        ``sep``, through one batched backward (or one backward per cotangent)."""
+        names = sorted(self.model_route)
+        params = [self.params[n] for n in names]
         if self._batched_model_route:
             grads = torch.autograd.grad(
                 logits, params, sep, retain_graph=True, allow_unused=True, is_grads_batched=True
@@ -1120,10 +1145,11 @@ class PerInputEngine:
                 for j in range(len(params))
             )
         dtype = self._dtype()
+        n_cols = sep.shape[0]
         return {
-            n: (torch.zeros((b * K, *p.shape), dtype=dtype, device=p.device) if g is None else g)
+            n: (torch.zeros((n_cols, *p.shape), dtype=dtype, device=p.device) if g is None else g)
+            .detach()
             .to(dtype)
-            .reshape(b, K, *p.shape)
             for n, p, g in zip(names, params, grads)
         }
 
@@ -1166,35 +1192,22 @@ class PerInputEngine:
         calls = [c for h in self.handlers for c in h.calls]
         outputs = [o for c in calls for o in c.outputs]
         params: list[Tensor] = [self.params[n] for n in names]
-        # One backward with two columns: u to the recorded outputs (the engine's input), s u to
-        # the parameters (the reference); one plain backward each where that cannot be batched.
-        try:
-            both = torch.autograd.grad(
-                logits,
-                outputs + params,
-                torch.stack([u, signed]),
-                retain_graph=True,
-                allow_unused=True,
-                is_grads_batched=True,
-            )
-            out_grads = [None if g is None else g[:1] for g in both[: len(outputs)]]
-            ref_grads = [None if g is None else g[1] for g in both[len(outputs) :]]
-        except RuntimeError as err:
-            if _is_oom(err):
-                raise
-            out_grads = (
-                [
-                    None if g is None else g.unsqueeze(0)
-                    for g in torch.autograd.grad(
-                        logits, outputs, u, retain_graph=True, allow_unused=True
-                    )
-                ]
-                if outputs
-                else []
-            )
-            ref_grads = list(
-                torch.autograd.grad(logits, params, signed, retain_graph=True, allow_unused=True)
-            )
+        # Two plain backwards, each to what it is needed for: u to the recorded outputs (the
+        # engine's input), s u to the parameters (the reference). One batched backward of both
+        # columns to outputs and parameters computes twice the gradients and is slower.
+        out_grads = (
+            [
+                None if g is None else g.unsqueeze(0)
+                for g in torch.autograd.grad(
+                    logits, outputs, u, retain_graph=True, allow_unused=True
+                )
+            ]
+            if outputs
+            else []
+        )
+        ref_grads = list(
+            torch.autograd.grad(logits, params, signed, retain_graph=True, allow_unused=True)
+        )
         it = iter(out_grads)
         self._verify_grads = {
             id(c): [
@@ -1208,7 +1221,7 @@ class PerInputEngine:
             n: (torch.zeros_like(self.params[n], dtype=dtype) if g is None else g.to(dtype))
             for n, g in zip(names, ref_grads)
         }
-        ref_norms = dict(zip(names, torch.stack(torch._foreach_norm(list(ref.values()))).tolist()))
+        ref_norms = dict(zip(names, _norms(list(ref.values()))))
         if not all(math.isfinite(v) for v in ref_norms.values()):
             return  # NaN/Inf gradients: the pass reports them at the end; check a later batch
         rtol = VERIFY_RTOL.get(logits.dtype, 1e-4)
@@ -1219,7 +1232,7 @@ class PerInputEngine:
             # softmax attention) is compared with the scale of the whole model's gradients.
             floor = 100 * torch.finfo(dtype).eps * max(math.sqrt(v) for v in scale.values())
             diffs = torch._foreach_sub([got[n] for n in names], [ref[n] for n in names])
-            for n, diff in zip(names, torch.stack(torch._foreach_norm(diffs)).tolist()):
+            for n, diff in zip(names, _norms(diffs)):
                 if n in bad:
                     continue
                 tol = rtol * (ref_norms[n] + math.sqrt(scale[n])) + floor + 1e-30
@@ -1285,17 +1298,10 @@ class PerInputEngine:
         got = {
             n: torch.zeros(p.shape, dtype=dtype, device=p.device) for n, p in self.params.items()
         }
-        scale = dict.fromkeys(self.params, 0.0)
+        sizes: dict[str, list[Tensor]] = {n: [] for n in self.params}
         errors: dict[str, str] = {}
         B = self._batch_size = rows  # the rules see the first ``rows`` inputs (u is 0 beyond)
         sd = s[:rows].to(dtype)
-
-        def add(per: dict[str, Tensor], lo: int) -> None:
-            for n, t in per.items():
-                t = t[:, 0].detach()
-                sign = sd[lo : lo + t.shape[0]].reshape(-1, *([1] * (t.ndim - 1)))
-                got[n] += (sign * t).sum(0)
-                scale[n] += float(t.pow(2).sum())
 
         grad_map = [(h, c, self._verify_grads[id(c)]) for h in self.handlers or [] for c in h.calls]
         for h, c, gs in grad_map:
@@ -1304,19 +1310,36 @@ class PerInputEngine:
                 part, size = _RULES[h.rule].signed_sum(ctx, sd)
                 for n, t in part.items():
                     got[n] += t
-                    scale[n] += size[n]
+                    sizes[n].append(size[n])
             except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as err:
                 if _is_oom(err):
                     raise
                 msg = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                 errors.update(dict.fromkeys(h.names.values(), msg))
         if self.model_route:
-            chunk = self._model_route_chunk(u)
+            # This route separates the inputs by construction (cotangents restricted to one input,
+            # backwards of the batch's graph): its per-input gradients for the first few inputs,
+            # and the rest of the signed sum as one more column of the same batched backward.
+            m = min(B, VERIFY_MODEL_ROUTE_ROWS)
+            rest = torch.zeros_like(u)
+            rest[0, m:B] = u[0, m:B] * s[m:B].reshape(-1, *([1] * (u.ndim - 2)))
             try:
-                for lo in range(0, B, chunk):
-                    add(self._model_route_per_input(logits, u, lo, min(B, lo + chunk)), lo)
+                per = self._model_route_per_input(logits, u, 0, m)
+                whole = self._model_route_grads(logits, rest) if m < B else {}
+                for n, t in per.items():
+                    t = t[:, 0]
+                    got[n] += (sd[:m].reshape(-1, *([1] * (t.ndim - 1))) * t).sum(0)
+                    sizes[n].append(t.pow(2).sum())
+                    if n in whole:
+                        got[n] += whole[n][0]
+                        sizes[n].append(whole[n][0].pow(2).sum())
             except (RuntimeError, NotImplementedError) as err:
                 if _is_oom(err) or not self._batched_model_route:
                     raise
                 errors.update(dict.fromkeys(self.model_route, f"{type(err).__name__}: {err}"))
+        # One synchronisation for all the scales.
+        flat = [torch.stack(v).sum().to(torch.float64) if v else None for v in sizes.values()]
+        present = [t for t in flat if t is not None]
+        values = iter(_floats(present))
+        scale = {n: (next(values) if t is not None else 0.0) for n, t in zip(sizes, flat)}
         return got, scale, errors
