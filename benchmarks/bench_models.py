@@ -11,16 +11,13 @@ no forward-mode derivative, which curvlinops' GGN products need; every route use
 
 from __future__ import annotations
 
+import itertools
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import itertools
 
 from recipes.models import ReducedResNet18, basic_stages
 

@@ -2,8 +2,8 @@
 
 One command runs the whole suite on one device::
 
-    python benchmarks/exact_diagonal.py --device cpu    # -> results/exact_diagonal_cpu.{json,md}
-    python benchmarks/exact_diagonal.py --device cuda   # -> results/exact_diagonal_gpu.{json,md}
+    python -m benchmarks.exact_diagonal --device cpu    # -> results/exact_diagonal_cpu.{json,md}
+    python -m benchmarks.exact_diagonal --device cuda   # -> results/exact_diagonal_gpu.{json,md}
 
 For every model it builds one batch, computes the Fisher diagonal with every implementation that
 can run, checks each against ``ours-exact`` (max over parameters of max |a - b| / max |b|), then
@@ -42,7 +42,6 @@ import copy
 import gc
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -55,10 +54,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_models import LogitsOnly, ReducedResNet18, ResNet18, bert_classifier, mlp
-
 import lightning_fisher as lf
+from benchmarks.bench_models import LogitsOnly, ReducedResNet18, ResNet18, bert_classifier, mlp
+from benchmarks.common import device_name
+from benchmarks.common import versions as base_versions
 from lightning_fisher import _json as strict_json
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -690,30 +689,9 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> list
 
 
 def versions() -> dict[str, str | None]:
-    import importlib.metadata as md
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in (
-        "torch",
-        "lightning",
-        "transformers",
-        "lightning-fisher",
-        "backpack-for-pytorch",
-        "curvlinops-for-pytorch",
-        "nngeometry",
-    ):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    return f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return base_versions(
+        "transformers", "backpack-for-pytorch", "curvlinops-for-pytorch", "nngeometry"
+    )
 
 
 def write_markdown(path: str, report: dict[str, Any]) -> None:
@@ -816,8 +794,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere, like the anchors' defaults
     torch.backends.cudnn.allow_tf32 = False
     name = args.out or f"exact_diagonal_{'gpu' if device.type == 'cuda' else 'cpu'}"
-    command = "python " + " ".join(
-        [os.path.relpath(__file__), *(argv if argv is not None else sys.argv[1:])]
+    command = " ".join(
+        ["python -m benchmarks.exact_diagonal", *(argv if argv is not None else sys.argv[1:])]
     )
     rows: list[dict[str, Any]] = []
     settings = {}

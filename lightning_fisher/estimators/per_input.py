@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..options import MAX_MEMORY_MIB
 from ..outputs import FisherInputError
 
 logger = logging.getLogger("lightning_fisher")
@@ -716,7 +717,7 @@ class PerInputEngine:
         self,
         model: nn.Module,
         params: dict[str, nn.Parameter],
-        max_memory_mib: float = 1024.0,
+        max_memory_mib: float = MAX_MEMORY_MIB,
     ) -> None:
         self.model = model
         self.params = params
