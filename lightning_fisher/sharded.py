@@ -220,7 +220,7 @@ def run_passes_sharded(
     match): a rank whose loader is exhausted repeats its last batch with zero cotangents, and each
     estimator's cotangents are padded with zeros to the largest count over the ranks.
     """
-    from .estimators.base import eval_mode, limit_loader, trainable_parameters
+    from .estimators.base import eval_mode, finish_estimates, limit_loader, trainable_parameters
 
     refuse_fsdp1(model, "The Fisher pass")
     opts = estimators[0].options
@@ -357,32 +357,16 @@ def run_passes_sharded(
             "The dataloader yielded no batches, so there is no data to estimate a Fisher from. "
             "Check the dataset is not empty (and that every rank gets a shard)."
         )
-    if n_inputs == 0:
-        raise FisherInputError(
-            "Every input was masked out (attention mask 0 or label -100), so the Fisher is undefined."
-        )
-    bad_weights = _nonfinite(names, [local_tensor(params[k]).detach() for k in names], device)
-    if bad_weights:
-        raise FisherInputError(
-            f"The parameters {', '.join(bad_weights[:5])} hold NaN/Inf entries, so the Fisher at "
-            "these weights is meaningless. Check the model for NaN/Inf weights (or fp16 overflow)."
-        )
-    results = []
-    for e, acc in zip(estimators, accs):
-        bad = _nonfinite(names, [acc[k] for k in names], device)
-        if bad:
-            raise FisherInputError(
-                f"The Fisher of {bad[0]!r} has NaN/Inf entries: NaN/Inf in the inputs or weights, "
-                "or a gradient overflow (for fp16 models, estimate in float32 or bfloat16)."
-            )
-        scale = 1.0 / e.normaliser(n_inputs, n_batches)
-        tensors = {n: as_sharded_like(acc[n].mul_(scale), params[n]) for n in names}
-        options = e.options.public(e.option_names)
-        options["seed"] = e.options.seed
-        fd = FisherDiagonal(tensors, n_samples=n_inputs, method=e.name, options=options)
-        e.finish(fd)
-        results.append(fd)
-    return results
+    return finish_estimates(
+        estimators,
+        accs,
+        names,
+        n_inputs,
+        n_batches,
+        [local_tensor(params[k]).detach() for k in names],
+        lambda tensors: _nonfinite(names, tensors, device),
+        lambda name, t: as_sharded_like(t, params[name]),
+    )
 
 
 def _nonfinite(names: list[str], tensors: list[Tensor], device: torch.device) -> list[str]:

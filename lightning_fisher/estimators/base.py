@@ -371,13 +371,47 @@ def run_passes(
     if opts.sync_distributed:
         _all_reduce([t for acc in accs for t in acc.values()] + [counts])
     n_inputs, n_batches = int(counts[0].item()), int(counts[1].item())
+    results = finish_estimates(
+        estimators,
+        accs,
+        names,
+        n_inputs,
+        n_batches,
+        [params[k].detach() for k in names],
+        lambda tensors: [names[i] for i in _check_finite(tensors)],
+    )
+    if limit is not None and rows < limit:
+        import warnings
+
+        warnings.warn(
+            f"max_samples={limit} is larger than the data ({rows} inputs); the Fisher uses all of it.",
+            stacklevel=3,
+        )
+    return results
+
+
+def finish_estimates(
+    estimators: list[Estimator],
+    accs: list[dict[str, Tensor]],
+    names: list[str],
+    n_inputs: int,
+    n_batches: int,
+    weights: list[Tensor],
+    nonfinite: Callable[[list[Tensor]], list[str]],
+    wrap: Callable[[str, Tensor], Tensor] = lambda _name, t: t,
+) -> list[FisherDiagonal]:
+    """The end of every pass, from summed squares to ``FisherDiagonal``s: refuse an undefined
+    (no input) or meaningless (NaN/Inf weights or sums) Fisher, divide each estimator's sums by its
+    normaliser in place, and let the estimator finish its result. ``nonfinite(tensors)`` names the
+    tensors (in ``names`` order) holding NaN/Inf; ``wrap(name, t)`` gives the stored tensor (a
+    shard placed like its parameter, under FSDP)."""
     if n_inputs == 0:
         raise FisherInputError(
             "Every input was masked out (attention mask 0 or label -100), so the Fisher is undefined."
         )
     # Infinite weights can give finite logits and a finite, meaningless Fisher (a saturated unit
     # has zero gradients); checked once at the end, so NaN logits keep their own message.
-    bad = [names[i] for i in _check_finite([params[k].detach() for k in names])]
+    bad = nonfinite(weights)
     if bad:
         raise FisherInputError(
             f"The parameters {', '.join(bad[:5])} hold NaN/Inf entries, so the Fisher at these "
@@ -385,7 +419,7 @@ def run_passes(
         )
     results = []
     for e, acc in zip(estimators, accs):
-        bad = [names[i] for i in _check_finite([acc[k] for k in names])]
+        bad = nonfinite([acc[k] for k in names])
         if bad:
             raise FisherInputError(
                 f"The Fisher of {bad[0]!r} has NaN/Inf entries: NaN/Inf in the inputs or weights, "
@@ -395,16 +429,8 @@ def run_passes(
         torch._foreach_mul_(values, 1.0 / e.normaliser(n_inputs, n_batches))  # ours: in place
         options = e.options.public(e.option_names)
         options["seed"] = e.options.seed
-        fd = FisherDiagonal(
-            dict(zip(names, values)), n_samples=n_inputs, method=e.name, options=options
-        )
+        tensors = {n: wrap(n, v) for n, v in zip(names, values)}
+        fd = FisherDiagonal(tensors, n_samples=n_inputs, method=e.name, options=options)
         e.finish(fd)
         results.append(fd)
-    if limit is not None and rows < limit:
-        import warnings
-
-        warnings.warn(
-            f"max_samples={limit} is larger than the data ({rows} inputs); the Fisher uses all of it.",
-            stacklevel=3,
-        )
     return results
