@@ -85,13 +85,12 @@ class FisherDiagnostics(Callback):
     demand. The fit index and cumulative step are part of the checkpointed state, so a resumed run
     continues counting; a ``fit`` that makes no training step warns that it evaluated nothing.
 
-    Cost (Hutchinson bounds): per batch of ``max_batches``, one forward shared by every method and the kernel
-    statistics, one batched backward (``is_grads_batched``) for the ``3 * probes`` Hutchinson
-    cotangents (with the default methods) and one for the empirical Fisher's per-input gradients:
-    about 6 training steps' worth for the Split MNIST MLP, whose weight gradients (one per probe)
-    are most of it. With evaluations every 99 steps that is about 6% of training time; choose
-    ``every_n_epochs`` / ``every_n_steps`` so that evaluations are a few hundred steps apart to
-    stay well under 5% (``benchmarks/diagnostics_overhead.py`` measures it). Deterministic bounds
+    Cost (Hutchinson bounds): per batch of ``max_batches``, one forward shared by every method and
+    the kernel statistics, one batched backward (``is_grads_batched``) for the ``3 * probes``
+    Hutchinson cotangents (with the default methods) and one for the empirical Fisher's per-input
+    gradients; the weight gradients (one per probe) are most of it. Space evaluations a few
+    hundred steps apart to keep them a small fraction of training (``python -m
+    benchmarks.diagnostics_overhead`` measures it; the diagnostics docs give figures). Deterministic bounds
     cost 2C + ``rank`` per-input backward columns (``exact``, ``upper``, ``lower``) instead of the
     ``3 * probes`` batch backwards; the spectrum costs one Fisher-vector product (a forward and
     three backward passes over the batches) per Lanczos step, up to ``lanczos_iters`` (default
