@@ -800,46 +800,51 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     settings = {}
     t0 = time.time()
+
+    def write() -> None:
+        """The report so far (rewritten after every model, so a crash keeps what was measured)."""
+        overhead = {}
+        for m in settings:
+            model_rows = [r for r in rows if r["model"] == m]
+            sec = {r["implementation"]: r["seconds"] for r in model_rows}
+            passes = model_rows[0].get("verify_pass_ratio", {}) if model_rows else {}
+            for method in ("exact", "empirical"):
+                on, off = sec.get(f"ours-{method}"), sec.get(f"ours-{method}-noverify")
+                if on and off:
+                    overhead[f"{m}/{method}"] = {
+                        "one_batch": round(on / off, 3),
+                        f"pass_of_{args.verify_batches}": (
+                            round(passes[method], 3) if method in passes else None
+                        ),
+                    }
+        report = {
+            "name": name,
+            "verify_overhead": overhead,
+            "command": command,
+            "device": device_name(device),
+            "versions": versions(),
+            "settings": settings,
+            "max_memory_mib": args.max_memory_mib,
+            "repeats": args.repeats,
+            "wall_seconds": round(time.time() - t0, 1),
+            "rows": rows,
+        }
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, name + ".json"), "w") as f:
+            strict_json.dump(
+                report,
+                f,
+                indent=1,
+                default=lambda v: None if isinstance(v, float) and math.isnan(v) else v,
+            )
+        write_markdown(os.path.join(RESULTS, name + ".md"), report)
+
     for m in args.models:
         model_rows = run_model(m, device, args)
         settings[m] = model_rows[0]["setting"] if model_rows else ""
         rows += model_rows
+        write()
         print(f"   ({time.time() - t0:.0f} s so far)", flush=True)
-    overhead = {}
-    for m in args.models:
-        model_rows = [r for r in rows if r["model"] == m]
-        sec = {r["implementation"]: r["seconds"] for r in model_rows}
-        passes = model_rows[0].get("verify_pass_ratio", {}) if model_rows else {}
-        for method in ("exact", "empirical"):
-            on, off = sec.get(f"ours-{method}"), sec.get(f"ours-{method}-noverify")
-            if on and off:
-                overhead[f"{m}/{method}"] = {
-                    "one_batch": round(on / off, 3),
-                    f"pass_of_{args.verify_batches}": (
-                        round(passes[method], 3) if method in passes else None
-                    ),
-                }
-    report = {
-        "name": name,
-        "verify_overhead": overhead,
-        "command": command,
-        "device": device_name(device),
-        "versions": versions(),
-        "settings": settings,
-        "max_memory_mib": args.max_memory_mib,
-        "repeats": args.repeats,
-        "wall_seconds": round(time.time() - t0, 1),
-        "rows": rows,
-    }
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
-        strict_json.dump(
-            report,
-            f,
-            indent=1,
-            default=lambda v: None if isinstance(v, float) and math.isnan(v) else v,
-        )
-    write_markdown(os.path.join(RESULTS, name + ".md"), report)
     print(f"\nwrote {os.path.join(RESULTS, name)}.json/.md in {time.time() - t0:.0f} s")
 
 

@@ -304,6 +304,91 @@ def test_no_correct_route_raises(monkeypatch: pytest.MonkeyPatch) -> None:
         lf.estimate_fisher(model, [(x, y)], method="exact")
 
 
+# Batches of at least 2 x VERIFY_ROWS inputs are checked on a forward of their first rows --------
+
+LARGE = 2 * per_input.VERIFY_ROWS + 8
+
+
+def _checked_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The number of inputs of every forward the check runs on."""
+    sizes: list[int] = []
+    check = per_input.PerInputEngine._verify
+
+    def spy(self, logits):  # type: ignore[no-untyped-def]
+        sizes.append(logits.shape[0])
+        return check(self, logits)
+
+    monkeypatch.setattr(per_input.PerInputEngine, "_verify", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_large_batches_match_the_loop(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = seeded(CASES[name]())
+    x, y = data(LARGE)
+    exact, emp = loop_fisher(model, x, y)
+    sizes = _checked_sizes(monkeypatch)
+    assert_close(lf.estimate_fisher(model, [(x, y)], method="exact"), exact)
+    assert sizes == [per_input.VERIFY_ROWS]
+    assert_close(lf.estimate_fisher(model, batches(x, y, 36), method="empirical"), emp)
+
+
+def test_a_broken_rule_is_caught_on_the_first_rows(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = seeded(Pooled(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)))
+    x, y = data(LARGE)
+    exact, _ = loop_fisher(model, x, y)
+    _shift_inputs(monkeypatch)
+    sizes = _checked_sizes(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="lightning_fisher"):
+        fd = lf.estimate_fisher(model, [(x, y)], method="exact")
+    assert_close(fd, exact)
+    assert set(sizes) == {per_input.VERIFY_ROWS}
+    assert sum("failed the per-input check" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_sequence_first_batches_are_checked_on_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """x of shape (T, B, ...): the batch's first rows are time steps, not inputs, so the small
+    forward cannot stand for the batch and the check runs on the batch itself."""
+
+    class SeqFirstGRU(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(3, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.rnn(x)[1][-1])
+
+    model = seeded(SeqFirstGRU())
+    x, y = data(LARGE)
+    exact, _ = loop_fisher(model, x.transpose(0, 1), y, batch_dim=1)
+    _shift_inputs(monkeypatch)
+    sizes = _checked_sizes(monkeypatch)
+    assert_close(lf.estimate_fisher(model, [(x.transpose(0, 1), y)], method="exact"), exact)
+    assert sizes and set(sizes) == {LARGE}
+
+
+def test_a_small_forward_that_fails_falls_back_to_the_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = seeded(Pooled(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)))
+    x, y = data(LARGE)
+    exact, _ = loop_fisher(model, x, y)
+    _shift_inputs(monkeypatch)
+    sizes = _checked_sizes(monkeypatch)
+
+    def whole_batches_only(m: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        if batch[0].shape[0] != LARGE:
+            raise ValueError("this model only takes whole batches")
+        return m(batch[0])
+
+    fd = lf.estimate_fisher(model, [(x, y)], method="exact", output_fn=whole_batches_only)
+    assert_close(fd, exact)
+    assert sizes and set(sizes) == {LARGE}
+
+
 def test_a_new_structure_is_checked_again(monkeypatch: pytest.MonkeyPatch) -> None:
     """A batch whose module calls differ from the plan's is planned and checked again."""
 
@@ -321,9 +406,9 @@ def test_a_new_structure_is_checked_again(monkeypatch: pytest.MonkeyPatch) -> No
     checked = []
     verify = per_input.PerInputEngine.verify
 
-    def spy(self, z):  # type: ignore[no-untyped-def]
+    def spy(self, z, first_rows=None):  # type: ignore[no-untyped-def]
         checked.append(self.structure_key() in self._verified)
-        return verify(self, z)
+        return verify(self, z, first_rows)
 
     monkeypatch.setattr(per_input.PerInputEngine, "verify", spy)
     loader = [(x[:3], y[:3]), (x[3:5], y[3:5]), (x[5:, :4], y[5:])]

@@ -272,6 +272,11 @@ def _record(engine: PerInputEngine, forward: Callable[[], ModelOutputs], rows: i
     return out
 
 
+def _first_rows(forward: Callable[[Any], ModelOutputs], batch: Any, rows: int) -> Tensor:
+    """Logits of the batch's first ``rows`` rows (the engine's check runs on them)."""
+    return forward(slice_batch(batch, rows)).logits
+
+
 def run_passes(
     model: nn.Module,
     loader: Iterable[Any],
@@ -338,7 +343,7 @@ def run_passes(
                 continue
             n_inputs += n
             if engine is not None and opts.verify:
-                engine.verify(out.logits)
+                engine.verify(out.logits, functools.partial(_first_rows, forward, batch))
             if observe is not None:
                 observe(out)
             p = probabilities(out.logits)

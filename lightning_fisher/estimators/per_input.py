@@ -736,6 +736,7 @@ class PerInputEngine:
         self._forced: dict[str, str] = {}
         self._forced_model: set[str] = set()
         self.log: list[str] = []
+        self._verify_grads: dict[int, list[Tensor]] = {}
 
     # Planning -----------------------------------------------------------------------------------
     def plan(self, forward: Callable[[], Any], batch_size: int | None = None) -> None:
@@ -1169,7 +1170,9 @@ class PerInputEngine:
                 acc[name] += weight * t.pow(2).sum((0, 1))
 
     # Self-verification ----------------------------------------------------------------------------
-    def verify(self, logits: Tensor) -> None:
+    def verify(
+        self, logits: Tensor, first_rows: Callable[[int], Tensor | None] | None = None
+    ) -> None:
         """Prove the per-input gradients on this batch (once per traced structure).
 
         With Rademacher signs s_x and a Gaussian cotangent u (both from a generator of their own,
@@ -1177,11 +1180,57 @@ class PerInputEngine:
         sum_x s_x J_x^T u_x, built from the per-input gradients the accumulation uses, with one
         ordinary backward of the cotangent s_x u_x. A failing or raising route is replaced by the
         next one and checked again.
+
+        ``first_rows(R)``, if given, runs the model on the batch's first R inputs and returns
+        their logits. On a batch of at least ``2 * VERIFY_ROWS`` inputs the check then runs on
+        that small forward (recorded like the batch's, with the batch dimensions already found),
+        so its two backwards cost R inputs rather than the batch. Should the small forward fail
+        or differ in structure from the batch's, the check runs on the batch itself.
         """
         assert self.handlers is not None
-        key = self.structure_key()
-        if key in self._verified:
+        if self.structure_key() in self._verified:
             return
+        B = logits.shape[0]
+        if (
+            first_rows is not None
+            and B >= 2 * VERIFY_ROWS
+            and self._verify_on_first_rows(first_rows, B)
+        ):
+            return
+        self._verify(logits)
+
+    def _verify_on_first_rows(self, first_rows: Callable[[int], Tensor | None], B: int) -> bool:
+        """The check on a separate forward of the first ``VERIFY_ROWS`` inputs; False when that
+        forward cannot stand for the batch (it failed, or its recorded structure differs)."""
+        assert self.handlers is not None
+        R = VERIFY_ROWS
+        saved = [(h, h.calls) for h in self.handlers]
+        for h in self.handlers:
+            h.calls = []
+        try:
+            try:
+                with self.recording():
+                    small = first_rows(R)
+            except Exception as err:  # the batch's own check is always available
+                if _is_oom(err):
+                    raise
+                logger.debug(
+                    "lightning_fisher: the check's forward of %d inputs failed: %s", R, err
+                )
+                return False
+            if small is None or small.ndim == 0 or small.shape[0] != R or not self.same_layout(R):
+                return False
+            self._batch_size = R
+            self._verify(small)
+            return True
+        finally:
+            for h, calls in saved:
+                h.calls = calls
+            self._batch_size = B
+            self._verify_grads = {}
+
+    def _verify(self, logits: Tensor) -> None:
+        assert self.handlers is not None
         B = logits.shape[0]
         R = min(B, VERIFY_ROWS)
         gen = torch.Generator(device=logits.device).manual_seed(_VERIFY_SEED)
