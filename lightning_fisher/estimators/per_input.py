@@ -31,9 +31,9 @@ Self-verification: on the first batch of every traced structure the engine draws
 s_x and compares, per parameter, sum_x s_x J_x^T u_x built from its per-input gradients with one
 ordinary backward of the cotangent s_x u_x, on the batch's first ``VERIFY_ROWS`` inputs (from a
 forward of their own on large batches, so the check's cost does not grow with the batch). A rule
-that disagrees or raises is replaced by the
-next route (closed form or vjp -> loop -> whole model), with one log line; when even the
-whole-model route disagrees (inputs are not independent) a ``FisherInputError`` is raised.
+that disagrees or raises is replaced by the next route (closed form or vjp -> loop -> whole
+model), with one log line; when even the whole-model route disagrees (inputs are not
+independent) a ``FisherInputError`` is raised.
 
 A parameter used in several places (tied weights, a module called twice) has its per-input
 gradients summed over the uses before squaring. Per-input gradients are materialised in chunks
