@@ -15,6 +15,9 @@ import pytest
 import torch
 from dense_reference import DenseReference, dense_reference, draw_labels, max_relative_error
 from torch import Tensor, nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import lightning_fisher as lf
 from lightning_fisher import hf
@@ -333,3 +336,92 @@ def test_row_outputs_are_the_same_under_both_granularities() -> None:
         b = lf.estimate_fisher(model, [(x, y)], method=method, seed=1, granularity="sequence")
         assert a.n_samples == b.n_samples == 7
         torch.testing.assert_close(a.flatten(), b.flatten(), rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------ the memory cap
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of the storages that operations allocate while it is active (views of
+    their inputs excluded) and the peak of those still alive; freed storages are noticed at the
+    next operation, so the peak errs high."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        seen = {
+            t.untyped_storage()._cdata
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Tensor):
+                st = t.untyped_storage()
+                if st._cdata not in seen and st._cdata not in self.live:
+                    self.live[st._cdata] = (StorageWeakRef(st), st.nbytes())
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def _peak_bytes(run: Callable[[], Any]) -> int:
+    """The peak of the bytes allocated by ``run()`` and alive at once."""
+    with _LiveBytes() as mode:
+        run()
+    return mode.peak
+
+
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [("empirical", {}), ("sample", {"token_route": "position"}), ("sample", {})],
+    ids=["empirical-position", "sample-position", "sample-sequence"],
+)
+def test_engine_buffers_stay_under_the_cap(method: str, kw: dict[str, Any]) -> None:
+    """Every call of the engine (cotangent chunk handed in + everything it allocates) stays under
+    ``max_memory_mib`` on a token-level pass whose unchunked buffers are far larger."""
+    from lightning_fisher.estimators.per_input import PerInputEngine
+
+    torch.manual_seed(0)
+    vocab, width, B, L = 400, 48, 6, 24
+    model = CausalLM(vocab, width).double().eval()
+    ids = torch.randint(0, vocab, (B, L))
+    cap = 3.0  # MiB; one position's cotangent is B L C 8 bytes = 0.44 MiB, all of them 10.5 MiB
+    peaks: list[int] = []
+    original = PerInputEngine.accumulate
+
+    def measured(self: PerInputEngine, logits: Tensor, cot: Tensor, *a: Any, **k: Any) -> None:
+        peaks.append(cot.nbytes + _peak_bytes(lambda: original(self, logits, cot, *a, **k)))
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(PerInputEngine, "accumulate", measured)
+    try:
+        capped = lf.estimate_fisher(
+            model, [(ids, ids)], method=method, max_memory_mib=cap, seed=1, **kw
+        )
+    finally:
+        mp.undo()
+    free = lf.estimate_fisher(
+        model, [(ids, ids)], method=method, max_memory_mib=1024, seed=1, **kw
+    )
+    torch.testing.assert_close(capped.flatten(), free.flatten(), rtol=1e-10, atol=0)
+    assert peaks and max(peaks) <= cap * 2**20, (
+        f"peak {max(peaks) / 2**20:.2f} MiB above the cap {cap} MiB"
+    )
+    # the measurement sees the engine's real buffers (a quarter of the cap at least)
+    assert max(peaks) > cap * 2**20 / 4, f"peak {max(peaks) / 2**20:.2f} MiB"
+
+
+def test_a_cap_below_one_column_is_refused_before_allocating() -> None:
+    torch.manual_seed(0)
+    model = CausalLM(4000, 16).double().eval()
+    ids = torch.randint(0, 4000, (4, 40))
+    # one position's cotangent: 4 x 40 x 4000 x 8 bytes = 4.9 MiB, over a quarter of 8 MiB
+    with pytest.raises(FisherInputError, match=r"max_memory_mib.*method='sample'"):
+        lf.estimate_fisher(model, [(ids, ids)], method="empirical", max_memory_mib=8)
+    # per sequence: one column's output gradients (the logits') take 4.9 MiB, over half of 8 MiB
+    with pytest.raises(FisherInputError, match=r"Pass max_memory_mib >= \d+"):
+        lf.estimate_fisher(model, [(ids, ids)], method="sample", max_memory_mib=8)

@@ -189,14 +189,23 @@ def _progress(loader: Iterable[Any], show: bool | None, desc: str) -> Iterable[A
 
 def _per_position(cot: Tensor, max_bytes: float) -> Iterator[Tensor]:
     """Split (K, B, T, C) cotangents so that every column touches one position of each input:
-    per-token gradients of a sequence model must not mix positions of the same input."""
+    per-token gradients of a sequence model must not mix positions of the same input. A chunk
+    holds at most ``max_bytes`` (refused when one position's columns exceed it)."""
     K, B, *S, C = cot.shape
     if not S:
         yield cot
         return
     flat = cot.reshape(K, B, -1, C)
     T = flat.shape[2]
-    per_t = max(1, int(max_bytes // max(1, K * flat[0].numel() * flat.element_size())))
+    one = K * flat[0].numel() * flat.element_size()
+    if one > max_bytes:
+        raise FisherInputError(
+            f"One position's {K} backward column(s) over a ({B}, {T}, {C}) output take "
+            f"{one / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB share of "
+            "max_memory_mib the per-position cotangents may use. Raise max_memory_mib, use "
+            "smaller batches or shorter sequences, or method='sample' (one backward per sequence)."
+        )
+    per_t = max(1, int(max_bytes // max(1, one)))
     for t0 in range(0, T, per_t):
         ts = torch.arange(t0, min(T, t0 + per_t), device=cot.device)
         sel = torch.zeros(len(ts), 1, T, 1, dtype=cot.dtype, device=cot.device)
@@ -382,7 +391,7 @@ def run_passes(
                     assert engine is not None
                     cot, weight = e.columns(out, p, gen)
                     cot = (cot * mask).to(out.logits.dtype)
-                    parts = (cot,) if e.per_sequence else _per_position(cot, engine.max_bytes)
+                    parts = (cot,) if e.per_sequence else _per_position(cot, engine.cotangent_bytes)
                     for part in parts:
                         engine.accumulate(out.logits, part, acc, weight)
             # Every batch-gradient estimator's cotangents (all probes) go through one batched
