@@ -44,8 +44,10 @@ class FisherOptions:
             sequence of class indices or a callable ``classes(batch)``.
         shift_labels: causal LMs: logits at position t predict the token at t + 1.
         param_filter: keep only parameters whose name passes this predicate.
-        max_memory_mib: cap on the memory of materialised per-input gradients (chunks are sized
-            to fit).
+        max_memory_mib: cap on the memory the per-input pass materialises at once: cotangent
+            columns, the output gradients of a chunk of columns and a layer's per-input
+            gradients (chunks are sized so that together they fit; when a single column or
+            input does not, the pass refuses with the cap it would need).
         max_batches: stop after this many batches.
         seed: seeds label draws, probes and the EXACT(n) subset.
         progress: show a progress bar (``None``: on interactive terminals for multi-batch passes).

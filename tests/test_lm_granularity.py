@@ -404,9 +404,7 @@ def test_engine_buffers_stay_under_the_cap(method: str, kw: dict[str, Any]) -> N
         )
     finally:
         mp.undo()
-    free = lf.estimate_fisher(
-        model, [(ids, ids)], method=method, max_memory_mib=1024, seed=1, **kw
-    )
+    free = lf.estimate_fisher(model, [(ids, ids)], method=method, max_memory_mib=1024, seed=1, **kw)
     torch.testing.assert_close(capped.flatten(), free.flatten(), rtol=1e-10, atol=0)
     assert peaks and max(peaks) <= cap * 2**20, (
         f"peak {max(peaks) / 2**20:.2f} MiB above the cap {cap} MiB"
@@ -425,3 +423,31 @@ def test_a_cap_below_one_column_is_refused_before_allocating() -> None:
     # per sequence: one column's output gradients (the logits') take 4.9 MiB, over half of 8 MiB
     with pytest.raises(FisherInputError, match=r"Pass max_memory_mib >= \d+"):
         lf.estimate_fisher(model, [(ids, ids)], method="sample", max_memory_mib=8)
+
+
+def test_scale_benchmark_writes_its_rows(tmp_path: Any) -> None:
+    """The H200 benchmark's code path on CPU: one model, a step and token-level `sample`."""
+    import json
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import lm_fisher_scale
+
+    args = ["--quick", "--only", "small:sample", "--seq-len", "8", "--batch", "2"]
+    assert lm_fisher_scale.main([*args, "--repeats", "1", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "lm_fisher_scale_quick.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"train-step", "sample"}
+    fields = {"model", "params", "dtype", "seq_len", "method", "granularity", "seconds"}
+    for r in rows.values():
+        assert fields | {"ratio_to_step", "peak_mib"} <= set(r) and "gpt2-small" in r["model"]
+        assert r["seconds"] > 0 and r["seq_len"] == 8
+    assert rows["sample"]["granularity"] == "token"
+    assert (
+        rows["sample"]["ratio_to_step"] == rows["sample"]["seconds"] / rows["train-step"]["seconds"]
+    )
+    assert "| gpt2-small" in (tmp_path / "lm_fisher_scale_quick.md").read_text()

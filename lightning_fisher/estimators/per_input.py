@@ -1128,18 +1128,21 @@ class PerInputEngine:
                 continue
             K = uses[0][2][0].shape[0]
             numel = self.params[name].numel()
-            chunk = self.fit(
-                8 * K * numel * len(uses), self.rule_bytes, f"shared parameter {name!r}"
-            )
-            for lo in range(0, B, chunk):
-                hi = min(B, lo + chunk)
-                total = None
-                for h, c, gs, loc in uses:
-                    ctx = self._ctx(h, c, gs, {loc: name})
-                    part = _RULES[h.rule].per_input(ctx, lo, hi)[name]
-                    total = part if total is None else total + part
-                assert total is not None
-                acc[name] += weight * total.pow(2).sum((0, 1))
+            # (input, column) pairs per step; the squares add up over columns, so K is split too
+            pairs = self.fit(8 * numel * len(uses), self.rule_bytes, f"shared parameter {name!r}")
+            k = min(K, pairs)
+            chunk = max(1, pairs // k)
+            for k0 in range(0, K, k):
+                cols = slice(k0, k0 + k)
+                for lo in range(0, B, chunk):
+                    hi = min(B, lo + chunk)
+                    total = None
+                    for h, c, gs, loc in uses:
+                        ctx = self._ctx(h, c, [g[cols] for g in gs], {loc: name})
+                        part = _RULES[h.rule].per_input(ctx, lo, hi)[name]
+                        total = part if total is None else total + part
+                    assert total is not None
+                    acc[name] += weight * total.pow(2).sum((0, 1))
 
     # The whole-model route ------------------------------------------------------------------------
     def _model_route_per_input(
