@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -202,8 +203,9 @@ def _per_position(cot: Tensor, max_bytes: float) -> Iterator[Tensor]:
         raise FisherInputError(
             f"One position's {K} backward column(s) over a ({B}, {T}, {C}) output take "
             f"{one / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB share of "
-            "max_memory_mib the per-position cotangents may use. Raise max_memory_mib, use "
-            "smaller batches or shorter sequences, or method='sample' (one backward per sequence)."
+            f"max_memory_mib the per-position cotangents may use. Pass max_memory_mib >= "
+            f"{math.ceil(4 * one / 2**20)}, use smaller batches or shorter sequences, or "
+            "method='sample' (one backward per sequence)."
         )
     per_t = max(1, int(max_bytes // max(1, one)))
     for t0 in range(0, T, per_t):
