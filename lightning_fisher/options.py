@@ -21,6 +21,10 @@ EXACT_MAX_CLASSES = 1024
 MAX_MEMORY_MIB = 1024.0
 PROBE_DISTRIBUTIONS = ("rademacher", "gaussian")
 EIGEN_METHODS = ("auto", "eigh", "power")
+#: What one input of token-level outputs (B, T, C) is: a position, or a whole sequence.
+GRANULARITIES = ("token", "sequence")
+#: How token-level per-input methods get their gradients: one per sequence or one per position.
+TOKEN_ROUTES = ("auto", "sequence", "position")
 
 
 @dataclass
@@ -40,8 +44,10 @@ class FisherOptions:
             sequence of class indices or a callable ``classes(batch)``.
         shift_labels: causal LMs: logits at position t predict the token at t + 1.
         param_filter: keep only parameters whose name passes this predicate.
-        max_memory_mib: cap on the memory of materialised per-input gradients (chunks are sized
-            to fit).
+        max_memory_mib: cap on the memory the per-input pass materialises at once: cotangent
+            columns, the output gradients of a chunk of columns and a layer's per-input
+            gradients (chunks are sized so that together they fit; when a single column or
+            input does not, the pass refuses with the cap it would need).
         max_batches: stop after this many batches.
         seed: seeds label draws, probes and the EXACT(n) subset.
         progress: show a progress bar (``None``: on interactive terminals for multi-batch passes).
@@ -54,6 +60,17 @@ class FisherOptions:
             route (logged); ``False`` skips the check (one backward less).
         ignore_index: label value of inputs that do not count (PyTorch's and Hugging Face's -100).
         exact_max_classes: the class count above which ``exact`` and ``upper`` refuse to run.
+        granularity: for token-level outputs (B, T, C), what one input is. ``"token"``: every
+            counted position, F = (1/N_tokens) sum_{s,t} J_{s,t}^T I(p_{s,t}) J_{s,t} (every
+            method). ``"sequence"`` (``empirical`` and ``sample`` only): one gradient per sequence,
+            g_s = grad sum_t log p(y_t) over its counted positions, F_seq = (1/N_seq) sum_s g_s^2.
+            Outputs (B, C) are the same under both.
+        token_route: how ``granularity="token"`` gets its gradients. ``"position"``: one
+            per-position gradient each (exact for every method, cost grows with T).
+            ``"sequence"`` (``sample`` only): the squared gradient of sum_t log p(y_t) with
+            y_t ~ p_t drawn independently, one backward per sequence; the cross terms vanish in
+            expectation, so it is unbiased for the same token-level Fisher, with more variance.
+            ``"auto"``: ``"sequence"`` for ``sample``, ``"position"`` for the others.
 
     ``FisherOptions.build(options, **overrides)`` gives a copy with some options replaced and
     refuses unknown names.
@@ -77,6 +94,8 @@ class FisherOptions:
     verify: bool = True
     ignore_index: int = IGNORE_INDEX
     exact_max_classes: int = EXACT_MAX_CLASSES
+    granularity: str = "token"
+    token_route: str = "auto"
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _CHECKS:
@@ -204,4 +223,6 @@ _CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     "verify": _flag,
     "ignore_index": _integer,
     "exact_max_classes": _positive_int,
+    "granularity": _choice(GRANULARITIES),
+    "token_route": _choice(TOKEN_ROUTES),
 }

@@ -56,6 +56,11 @@ class ModelOutputs:
     def n_inputs(self) -> int:
         return int(self.mask.sum().item())
 
+    @property
+    def n_sequences(self) -> int:
+        """Rows with at least one counted input (for (B, C) logits: the counted rows)."""
+        return int(self.mask.reshape(self.mask.shape[0], -1).any(1).sum().item())
+
 
 def call_model(model: nn.Module, batch: Any) -> Any:
     """Run ``model`` on ``batch`` the way most training loops do.

@@ -187,24 +187,24 @@ def _collective_max(values: list[int], device: torch.device) -> list[int]:
 
 
 def _per_input_cotangents(
-    cot: Tensor, weight: float, max_bytes: float
+    cot: Tensor, weight: float, max_bytes: float, per_sequence: bool = False
 ) -> tuple[Iterator[tuple[Tensor, float]], int]:
     """Per-input estimators: one cotangent per input and column (the column restricted to one
-    input's row, and for sequences to one position), so each backward gives J_x^T u_x; with
-    their number."""
+    input's row, and for sequences to one position unless ``per_sequence``), so each backward
+    gives J_x^T u_x; with their number."""
     from .estimators.base import _per_position
 
     K, B, *S, _ = cot.shape
 
     def items() -> Iterator[tuple[Tensor, float]]:
-        for part in _per_position(cot, max_bytes):
+        for part in (cot,) if per_sequence else _per_position(cot, max_bytes):
             for column in part:
                 for b in range(B):
                     one = torch.zeros_like(column)
                     one[b] = column[b]
                     yield one, weight
 
-    return items(), K * B * (math.prod(S) if S else 1)
+    return items(), K * B * (math.prod(S) if S and not per_sequence else 1)
 
 
 def run_passes_sharded(
@@ -259,7 +259,7 @@ def run_passes_sharded(
     loader, limit = limit_loader(loader, opts.max_samples, opts.seed)
     generators = [torch.Generator(device=device).manual_seed(e.options.seed) for e in estimators]
     max_bytes = max(1.0, opts.max_memory_mib) * 2**20
-    n_inputs = n_batches = rows = 0
+    n_inputs = n_batches = rows = n_sequences = 0
 
     def forward(batch: Any) -> ModelOutputs:
         return model_outputs(
@@ -315,6 +315,7 @@ def run_passes_sharded(
                 if real:
                     n_batches += 1
                     n_inputs += out.n_inputs
+                    n_sequences += out.n_sequences
                     if observe is not None and out.n_inputs:
                         observe(out)
                 p = probabilities(out.logits)
@@ -326,7 +327,9 @@ def run_passes_sharded(
                     elif e.per_input:
                         cols, weight = e.columns(out, p, gen)
                         cols = (cols * mask).to(out.logits.dtype)
-                        items, count = _per_input_cotangents(cols, weight, max_bytes)
+                        items, count = _per_input_cotangents(
+                            cols, weight, max_bytes, e.per_sequence
+                        )
                     else:
                         listed = [
                             ((cot * mask).to(out.logits.dtype), w)
@@ -345,13 +348,15 @@ def run_passes_sharded(
     finally:
         for q, g in zip(all_params, saved_grads):
             q.grad = g
-    counts = torch.tensor([float(n_inputs), float(n_batches)], dtype=torch.float64, device=device)
+    counts = torch.tensor(
+        [float(n_inputs), float(n_batches), float(n_sequences)], dtype=torch.float64, device=device
+    )
     if world > 1:
         # parameters fully_shard left whole (not DTensors) got each rank's own squares
         whole = [acc[n] for acc in accs for n in names if not is_dtensor(params[n])]
         for t in [*whole, counts]:
             dist.all_reduce(t)
-    n_inputs, n_batches = int(counts[0].item()), int(counts[1].item())
+    n_inputs, n_batches, n_sequences = (int(c) for c in counts.tolist())
     if n_batches == 0:
         raise FisherInputError(
             "The dataloader yielded no batches, so there is no data to estimate a Fisher from. "
@@ -366,6 +371,7 @@ def run_passes_sharded(
         [local_tensor(params[k]).detach() for k in names],
         lambda tensors: _nonfinite(names, tensors, device),
         lambda name, t: as_sharded_like(t, params[name]),
+        n_sequences=n_sequences,
     )
 
 

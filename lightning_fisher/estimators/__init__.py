@@ -103,7 +103,16 @@ def estimate_fishers(
 
 
 #: options that a method mapping of ``estimate_fishers`` may set for its own estimate
-PER_ESTIMATE = ("seed", "probes", "mc_samples", "rank", "probe_distribution", "eigen_method")
+PER_ESTIMATE = (
+    "seed",
+    "probes",
+    "mc_samples",
+    "rank",
+    "probe_distribution",
+    "eigen_method",
+    "granularity",
+    "token_route",
+)
 
 
 def build_estimators(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -48,8 +49,41 @@ class Estimator:
     #: options recorded on the returned ``FisherDiagonal``
     option_names: ClassVar[tuple[str, ...]] = ("max_samples",)
 
+    #: the ``granularity`` values the estimator accepts
+    granularities: ClassVar[tuple[str, ...]] = ("token",)
+    #: the ``token_route`` that ``"auto"`` means, and the routes the estimator accepts
+    default_token_route: ClassVar[str] = "position"
+    token_routes: ClassVar[tuple[str, ...]] = ("position",)
+
     def __init__(self, options: FisherOptions) -> None:
         self.options = options
+        if options.granularity not in self.granularities:
+            raise FisherInputError(
+                f"method={self.name!r} does not take granularity={options.granularity!r}; it "
+                f"takes {' or '.join(map(repr, self.granularities))}. One gradient per sequence "
+                "is defined for 'empirical' and 'sample' (granularity='sequence')."
+            )
+        route = options.token_route
+        if route != "auto" and route not in self.token_routes:
+            raise FisherInputError(
+                f"method={self.name!r} does not take token_route={route!r}; it takes 'auto' or "
+                f"{' or '.join(map(repr, self.token_routes))}. Only 'sample' has an unbiased "
+                "one-backward-per-sequence route to the token-level Fisher."
+            )
+
+    @property
+    def per_sequence(self) -> bool:
+        """Whether each input's gradient spans its whole sequence (one per sequence) instead of
+        one position of token-level outputs."""
+        if self.options.granularity == "sequence":
+            return True
+        route = self.options.token_route
+        return (self.default_token_route if route == "auto" else route) == "sequence"
+
+    @property
+    def counts_sequences(self) -> bool:
+        """Whether the estimate is normalised by the number of sequences, not of tokens."""
+        return self.options.granularity == "sequence"
 
     def validate(self, n_classes: int) -> None:
         """Raise if the estimator cannot run on outputs with ``n_classes`` classes."""
@@ -156,14 +190,24 @@ def _progress(loader: Iterable[Any], show: bool | None, desc: str) -> Iterable[A
 
 def _per_position(cot: Tensor, max_bytes: float) -> Iterator[Tensor]:
     """Split (K, B, T, C) cotangents so that every column touches one position of each input:
-    per-token gradients of a sequence model must not mix positions of the same input."""
+    per-token gradients of a sequence model must not mix positions of the same input. A chunk
+    holds at most ``max_bytes`` (refused when one position's columns exceed it)."""
     K, B, *S, C = cot.shape
     if not S:
         yield cot
         return
     flat = cot.reshape(K, B, -1, C)
     T = flat.shape[2]
-    per_t = max(1, int(max_bytes // max(1, K * flat[0].numel() * flat.element_size())))
+    one = K * flat[0].numel() * flat.element_size()
+    if one > max_bytes:
+        raise FisherInputError(
+            f"One position's {K} backward column(s) over a ({B}, {T}, {C}) output take "
+            f"{one / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB share of "
+            f"max_memory_mib the per-position cotangents may use. Pass max_memory_mib >= "
+            f"{math.ceil(4 * one / 2**20)}, use smaller batches or shorter sequences, or "
+            "method='sample' (one backward per sequence)."
+        )
+    per_t = max(1, int(max_bytes // max(1, one)))
     for t0 in range(0, T, per_t):
         ts = torch.arange(t0, min(T, t0 + per_t), device=cot.device)
         sel = torch.zeros(len(ts), 1, T, 1, dtype=cot.dtype, device=cot.device)
@@ -311,7 +355,7 @@ def run_passes(
     per_input = any(e.per_input for e in estimators)
     engine = PerInputEngine(model, params, opts.max_memory_mib) if per_input else None
     batched = _SquaredGradients(params, opts.max_memory_mib)
-    n_inputs = n_batches = rows = 0
+    n_inputs = n_batches = rows = n_sequences = 0
     label = "+".join(e.name for e in estimators)
 
     def forward(batch: Any) -> ModelOutputs:
@@ -342,6 +386,7 @@ def run_passes(
             if n == 0:
                 continue
             n_inputs += n
+            n_sequences += out.n_sequences
             if engine is not None and opts.verify:
                 engine.verify(out.logits, functools.partial(_first_rows, forward, batch))
             if observe is not None:
@@ -353,7 +398,8 @@ def run_passes(
                     assert engine is not None
                     cot, weight = e.columns(out, p, gen)
                     cot = (cot * mask).to(out.logits.dtype)
-                    for part in _per_position(cot, engine.max_bytes):
+                    parts = (cot,) if e.per_sequence else _per_position(cot, engine.cotangent_bytes)
+                    for part in parts:
                         engine.accumulate(out.logits, part, acc, weight)
             # Every batch-gradient estimator's cotangents (all probes) go through one batched
             # backward: each estimator still draws from its own generator in its own order.
@@ -372,10 +418,12 @@ def run_passes(
             "The dataloader yielded no batches, so there is no data to estimate a Fisher from. "
             "Check the dataset is not empty (and, under DDP, that every rank gets a shard)."
         )
-    counts = torch.tensor([float(n_inputs), float(n_batches)], dtype=torch.float64, device=device)
+    counts = torch.tensor(
+        [float(n_inputs), float(n_batches), float(n_sequences)], dtype=torch.float64, device=device
+    )
     if opts.sync_distributed:
         _all_reduce([t for acc in accs for t in acc.values()] + [counts])
-    n_inputs, n_batches = int(counts[0].item()), int(counts[1].item())
+    n_inputs, n_batches, n_sequences = (int(c) for c in counts.tolist())
     results = finish_estimates(
         estimators,
         accs,
@@ -384,6 +432,7 @@ def run_passes(
         n_batches,
         [params[k].detach() for k in names],
         lambda tensors: [names[i] for i in _check_finite(tensors)],
+        n_sequences=n_sequences,
     )
     if limit is not None and rows < limit:
         import warnings
@@ -404,12 +453,14 @@ def finish_estimates(
     weights: list[Tensor],
     nonfinite: Callable[[list[Tensor]], list[str]],
     wrap: Callable[[str, Tensor], Tensor] = lambda _name, t: t,
+    n_sequences: int | None = None,
 ) -> list[FisherDiagonal]:
     """The end of every pass, from summed squares to ``FisherDiagonal``s: refuse an undefined
     (no input) or meaningless (NaN/Inf weights or sums) Fisher, divide each estimator's sums by its
     normaliser in place, and let the estimator finish its result. ``nonfinite(tensors)`` names the
     tensors (in ``names`` order) holding NaN/Inf; ``wrap(name, t)`` gives the stored tensor (a
-    shard placed like its parameter, under FSDP)."""
+    shard placed like its parameter, under FSDP). Estimators with ``granularity="sequence"``
+    count the ``n_sequences`` sequences with a counted position as their inputs."""
     if n_inputs == 0:
         raise FisherInputError(
             "Every input was masked out (attention mask 0 or label -100), so the Fisher is undefined."
@@ -424,6 +475,10 @@ def finish_estimates(
         )
     results = []
     for e, acc in zip(estimators, accs):
+        n = n_inputs
+        if e.counts_sequences:
+            assert n_sequences is not None, "this pass does not count sequences"
+            n = n_sequences
         bad = nonfinite([acc[k] for k in names])
         if bad:
             raise FisherInputError(
@@ -431,11 +486,11 @@ def finish_estimates(
                 "or a gradient overflow (for fp16 models, estimate in float32 or bfloat16)."
             )
         values = [acc[k] for k in names]
-        torch._foreach_mul_(values, 1.0 / e.normaliser(n_inputs, n_batches))  # ours: in place
+        torch._foreach_mul_(values, 1.0 / e.normaliser(n, n_batches))  # ours: in place
         options = e.options.public(e.option_names)
         options["seed"] = e.options.seed
         tensors = {n: wrap(n, v) for n, v in zip(names, values)}
-        fd = FisherDiagonal(tensors, n_samples=n_inputs, method=e.name, options=options)
+        fd = FisherDiagonal(tensors, n_samples=n, method=e.name, options=options)
         e.finish(fd)
         results.append(fd)
     return results

@@ -1,6 +1,14 @@
 """EMPIRICAL: F_i = (1/N) sum_x g_{y_true}(x)_i^2, with the data set's labels.
 
 One output cotangent e_y - p per input. Inputs without a label (-100) do not count.
+
+Token-level outputs (B, T, C): ``granularity="token"`` (the default) squares every position's
+gradient g_{s,t} on its own, F = (1/N_tokens) sum_{s,t} g_{s,t}^2, so the columns are split by
+position. ``granularity="sequence"`` takes one gradient per sequence,
+G_s = sum_t g_{s,t} = grad of the sequence's log-likelihood over its counted positions, and
+F_seq = (1/N_seq) sum_s G_s^2 = (1/N_seq) sum_s [sum_t g_{s,t}^2 + sum_{t != t'} g_{s,t} g_{s,t'}]:
+the token sums plus cross terms, which do not vanish (the labels are fixed), so it is a different
+quantity, not an estimate of the token-level one.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ def true_label_cotangent(out: ModelOutputs, p: Tensor) -> Tensor:
 class EmpiricalEstimator(Estimator):
     name = "empirical"
     per_input = True
-    option_names = ("max_samples",)
+    option_names = ("max_samples", "granularity")
+    granularities = ("token", "sequence")
 
     def columns(
         self, out: ModelOutputs, p: Tensor, generator: torch.Generator

@@ -37,7 +37,11 @@ independent) a ``FisherInputError`` is raised.
 
 A parameter used in several places (tied weights, a module called twice) has its per-input
 gradients summed over the uses before squaring. Per-input gradients are materialised in chunks
-whose size keeps memory under ``max_memory_mib``.
+whose size keeps memory under ``max_memory_mib``, shared out so that the parts live at the same
+time add up to at most the cap: a quarter for the cotangent columns handed in (the caller cuts
+them), half for the output gradients of a chunk of columns (cotangents included), a quarter for
+a rule's per-input buffers. When one column or one input alone exceeds its share, the pass
+refuses with a ``FisherInputError`` before allocating it.
 """
 
 from __future__ import annotations
@@ -230,7 +234,10 @@ class _Ctx:
         return self.engine.params[self.names[local]]
 
     def chunk(self, bytes_per_input: float) -> int:
-        return max(1, int(self.engine.max_bytes // max(1.0, bytes_per_input)))
+        """Inputs per chunk of a rule's per-input buffers (refused when one does not fit)."""
+        return self.engine.fit(
+            bytes_per_input, self.engine.rule_bytes, f"module {self.handler.path!r}"
+        )
 
 
 # Per-layer rules ------------------------------------------------------------------------------
@@ -724,6 +731,11 @@ class PerInputEngine:
         self.model = model
         self.params = params
         self.max_bytes = max(1.0, max_memory_mib) * 2**20
+        #: shares of the cap: the cotangent columns handed in, the output gradients of a chunk of
+        #: columns, a rule's per-input buffers
+        self.cotangent_bytes = self.max_bytes / 4
+        self.column_bytes = self.max_bytes / 2
+        self.rule_bytes = self.max_bytes / 4
         self.handlers: list[_Handler] | None = None
         #: parameters whose per-input gradients come from the whole-model route
         self.model_route: set[str] = set()
@@ -739,6 +751,19 @@ class PerInputEngine:
         self._forced_model: set[str] = set()
         self.log: list[str] = []
         self._verify_grads: dict[int, list[Tensor]] = {}
+
+    def fit(self, bytes_each: float, share: float, what: str) -> int:
+        """How many items of ``bytes_each`` fit in ``share`` bytes; refuses when not one does."""
+        if bytes_each > share:
+            need = bytes_each * self.max_bytes / share / 2**20
+            raise FisherInputError(
+                f"The per-input Fisher pass needs {bytes_each / 2**20:.0f} MiB at once for "
+                f"{what}, more than its share ({share / 2**20:.0f} MiB) of "
+                f"max_memory_mib={self.max_bytes / 2**20:.0f}. Pass max_memory_mib >= "
+                f"{math.ceil(need)}, or use smaller batches or shorter sequences (or "
+                "method='hutchinson': one ordinary backward per batch)."
+            )
+        return max(1, int(share // max(1.0, bytes_each)))
 
     # Planning -----------------------------------------------------------------------------------
     def plan(self, forward: Callable[[], Any], batch_size: int | None = None) -> None:
@@ -1072,9 +1097,9 @@ class PerInputEngine:
         self._check_versions()
         calls = [c for h in self.handlers for c in h.calls]
         if calls:
-            per_column = sum(o.numel() * 4 for c in calls for o in c.outputs)
-            per_column += cotangents[0].numel() * 4
-            k_chunk = max(1, int(self.max_bytes // max(per_column, 1)))
+            per_column = sum(o.numel() * o.element_size() for c in calls for o in c.outputs)
+            per_column += cotangents[0].numel() * cotangents.element_size()
+            k_chunk = self.fit(per_column, self.column_bytes, "the output gradients of one column")
             for start in range(0, cotangents.shape[0], k_chunk):
                 cot = cotangents[start : start + k_chunk]
                 self._accumulate_chunk(self._output_grads(logits, cot), acc, weight)
@@ -1106,16 +1131,21 @@ class PerInputEngine:
                 continue
             K = uses[0][2][0].shape[0]
             numel = self.params[name].numel()
-            chunk = max(1, int(self.max_bytes // (8 * K * numel * len(uses))))
-            for lo in range(0, B, chunk):
-                hi = min(B, lo + chunk)
-                total = None
-                for h, c, gs, loc in uses:
-                    ctx = self._ctx(h, c, gs, {loc: name})
-                    part = _RULES[h.rule].per_input(ctx, lo, hi)[name]
-                    total = part if total is None else total + part
-                assert total is not None
-                acc[name] += weight * total.pow(2).sum((0, 1))
+            # (input, column) pairs per step; the squares add up over columns, so K is split too
+            pairs = self.fit(8 * numel * len(uses), self.rule_bytes, f"shared parameter {name!r}")
+            k = min(K, pairs)
+            chunk = max(1, pairs // k)
+            for k0 in range(0, K, k):
+                cols = slice(k0, k0 + k)
+                for lo in range(0, B, chunk):
+                    hi = min(B, lo + chunk)
+                    total = None
+                    for h, c, gs, loc in uses:
+                        ctx = self._ctx(h, c, [g[cols] for g in gs], {loc: name})
+                        part = _RULES[h.rule].per_input(ctx, lo, hi)[name]
+                        total = part if total is None else total + part
+                    assert total is not None
+                    acc[name] += weight * total.pow(2).sum((0, 1))
 
     # The whole-model route ------------------------------------------------------------------------
     def _model_route_per_input(
@@ -1157,19 +1187,28 @@ class PerInputEngine:
             for n, p, g in zip(names, params, grads)
         }
 
-    def _model_route_chunk(self, cot: Tensor) -> int:
+    def _model_route_chunk(self, cot: Tensor) -> tuple[int, int]:
+        """(columns, inputs) per backward of the whole-model route. Each (input, column) pair
+        holds a cotangent shaped like the logits and a gradient of each of the route's
+        parameters (with its float32 copy and square); the squares add up over columns, so a
+        large K is split too."""
         numel = sum(self.params[n].numel() for n in self.model_route)
-        per = 8 * cot.shape[0] * (numel + cot[0].numel())
-        return max(1, int(self.max_bytes // max(1, per)))
+        per = 8 * numel + cot[0].numel() * cot.element_size()
+        pairs = self.fit(per, self.rule_bytes, "the whole-model route")
+        k = min(cot.shape[0], pairs)
+        return k, max(1, pairs // k)
 
     def _model_route_sum_squares(
         self, logits: Tensor, cot: Tensor, acc: dict[str, Tensor], weight: float
     ) -> None:
         B = logits.shape[0]
-        chunk = self._model_route_chunk(cot)
-        for lo in range(0, B, chunk):
-            for name, t in self._model_route_per_input(logits, cot, lo, min(B, lo + chunk)).items():
-                acc[name] += weight * t.pow(2).sum((0, 1))
+        k, chunk = self._model_route_chunk(cot)
+        for k0 in range(0, cot.shape[0], k):
+            part = cot[k0 : k0 + k]
+            for lo in range(0, B, chunk):
+                grads = self._model_route_per_input(logits, part, lo, min(B, lo + chunk))
+                for name, t in grads.items():
+                    acc[name] += weight * t.pow(2).sum((0, 1))
 
     # Self-verification ----------------------------------------------------------------------------
     def verify(
