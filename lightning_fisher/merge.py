@@ -35,7 +35,7 @@ ModelLike = nn.Module | Mapping[str, Tensor]
 def _tensors(model: ModelLike) -> dict[str, Tensor]:
     """Parameters and buffers by name (a module), or the mapping itself."""
     if isinstance(model, nn.Module):
-        out = dict(model.named_parameters())
+        out: dict[str, Tensor] = dict(model.named_parameters())
         out.update(dict(model.named_buffers()))
         return out
     if isinstance(model, Mapping):
@@ -131,12 +131,13 @@ def fisher_merge(
     if not math.isfinite(epsilon) or epsilon < 0:
         raise FisherInputError(f"epsilon must be a finite number >= 0; got {epsilon!r}.")
     states = [_tensors(model) for model in models]
-    fisher_keys = [set(f.keys()) for f in fishers]
+    fisher_keys: list[set[str]] = [set(f.keys()) for f in fishers]
+    common = set(fisher_keys[0]).intersection(*fisher_keys[1:])
     merge_names = (
-        sorted(set.intersection(*fisher_keys)) if names is None else list(dict.fromkeys(names))
+        [k for k in fishers[0] if k in common] if names is None else list(dict.fromkeys(names))
     )
     if names is None and any(k != fisher_keys[0] for k in fisher_keys):
-        diff = sorted(set.union(*fisher_keys) - set.intersection(*fisher_keys))
+        diff = sorted(set(fisher_keys[0]).union(*fisher_keys[1:]) - common)
         raise FisherInputError(
             f"The Fishers cover different parameters ({diff[:5]}{' ...' if len(diff) > 5 else ''} "
             "are missing from some); pass `names=` to merge a common subset."
