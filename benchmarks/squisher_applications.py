@@ -80,9 +80,9 @@ MERGES = {
 #: the paper's Squisher-versus-Fisher relation per application, in the verdicts' words
 EXPECTED = {"merging": "beats", "fish_mask": "ties with", "pruning": "trails"}
 PAPER = {
-    "merging": "the Squisher better than the Fisher (both above plain averaging)",
-    "fish_mask": "the Squisher comparable to the Fisher (both above a random mask)",
-    "pruning": "the Squisher slightly worse than the Fisher (both above random pruning)",
+    "merging": "the Squisher better than the Fisher",
+    "fish_mask": "the Squisher comparable to the Fisher",
+    "pruning": "the Squisher slightly worse than the Fisher",
 }
 
 
@@ -551,13 +551,11 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, str]:
             base = "both above" if min(f["value"], s["value"]) > b["value"] else "not both above"
             want = EXPECTED[app]
             if rel == want:
-                verdict = "agrees with the paper"
+                verdict = "the paper's ordering"
             elif rel == "ties with" or want == "ties with":
-                verdict = f"comparable, but the paper has the Squisher {want} the Fisher"
+                verdict = f"comparable, where the paper has it {PAPER[app].split(' ', 2)[2]}"
             else:
-                verdict = f"the opposite of the paper (the Squisher {want} the Fisher there)"
-            if base != "both above":
-                verdict += "; unlike the paper, not both beat the baseline"
+                verdict = f"the opposite of the paper ({PAPER[app]})"
             parts.append(
                 f"{setting}: Squisher {s['value']:.2f} {rel} Fisher {f['value']:.2f} "
                 f"({diff:+.2f}, noise {noise:.2f}), {base} the baseline {b['value']:.2f}: "
