@@ -20,7 +20,8 @@ The paper (Li, Dangel, Tam, Raffel 2025) finds the Squisher comparable to the Fi
 merging and Task2Vec, slightly worse for pruning. Results are written after every seed of every
 setting, so a run cut short keeps what finished.
 
-    python -m benchmarks.squisher_applications --device cuda --minilm-dir <folder> --data-dir <data>
+    python -m benchmarks.squisher_applications --device cuda --minilm-dir <MiniLM folder> \
+        --data-dir <folder with ag_news/ and sst2/> --cifar-dir <folder with cifar10/>
     python -m benchmarks.squisher_applications --quick      # CPU smoke run, tiny subsets
 """
 
@@ -154,7 +155,9 @@ def load_cifar_subset(
 
     path = data_dir / CIFAR10_TARBALL
     if not path.exists():
-        raise SystemExit(f"{path} does not exist; point --data-dir at the folder with cifar10/.")
+        raise SystemExit(
+            f"{path} does not exist; point --cifar-dir (or --data-dir) at the folder with cifar10/."
+        )
     quota = {"train": train_per_class, "test": test_per_class}
     rows: dict[str, list[tuple[str, int, np.ndarray]]] = {"train": [], "test": []}
     index = {c: i for i, c in enumerate(CIFAR10_CLASSES)}
@@ -616,6 +619,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--data-dir", type=Path, default=None, help="folder with ag_news/ sst2/ cifar10/"
     )
     p.add_argument(
+        "--cifar-dir",
+        type=Path,
+        default=None,
+        help="folder with cifar10/cifar10-jpg.tar.gz (default: --data-dir)",
+    )
+    p.add_argument(
         "--minilm-dir", default=None, help="all-MiniLM-L6-v2 folder (default: the wheel)"
     )
     p.add_argument(
@@ -677,7 +686,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         pretrained.to(device)
     cifar = None
     if "pruning" in args.only:
-        cifar = load_cifar_subset(args.data_dir, sz.cifar_train_per_class, sz.cifar_test_per_class)
+        cifar = load_cifar_subset(
+            args.cifar_dir or args.data_dir, sz.cifar_train_per_class, sz.cifar_test_per_class
+        )
     print(f"data and model loaded: {time.perf_counter() - t0:.1f}s", flush=True)
     # Seeds outermost: a run cut short keeps every application at the seeds that finished.
     last = 0.0
