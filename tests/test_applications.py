@@ -355,3 +355,26 @@ def test_task2vec_distance_properties() -> None:
     assert lf.task2vec_distance(a, near) < lf.task2vec_distance(a, b)
     with pytest.raises(FisherInputError, match="one shape"):
         lf.task2vec_distance(a, a[:3])
+
+
+def test_benchmark_report_aggregates_seeds_and_compares_with_the_paper() -> None:
+    from benchmarks.squisher_applications import _row, aggregate, verdicts
+
+    raw = []
+    for seed, (f, s, b) in enumerate(((80.0, 84.0, 70.0), (82.0, 86.0, 72.0))):
+        raw += [
+            _row("merging", "x", "FISHER", "mean_acc", seed, f),
+            _row("merging", "x", "SQUISHER", "mean_acc", seed, s),
+            _row("merging", "x", "BASELINE", "mean_acc", seed, b),
+            _row("pruning", "p", "FISHER", "acc_finetuned", seed, f),
+            _row("pruning", "p", "SQUISHER", "acc_finetuned", seed, s),
+            _row("pruning", "p", "BASELINE", "acc_finetuned", seed, b),
+        ]
+    rows = aggregate(raw)
+    fisher = next(r for r in rows if r["application"] == "merging" and r["method"] == "FISHER")
+    assert fisher["value"] == 81.0 and fisher["n_seeds"] == 2
+    assert fisher["sem"] == pytest.approx(1.0)  # stdev sqrt(2) over sqrt(2) seeds
+    said = verdicts(rows)
+    assert "beats" in said["merging"] and "the paper's ordering" in said["merging"]
+    assert "the opposite of the paper" in said["pruning"]
+    assert "fish_mask" not in said  # nothing measured, nothing claimed
