@@ -32,6 +32,7 @@ import contextlib
 import copy
 import functools
 import io
+import json
 import math
 import shlex
 import statistics
@@ -640,6 +641,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="no new seed starts unless it would end (at the last seed's pace) within these "
         "seconds of the start; the results so far are kept",
     )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other applications' rows already in the output (a run split over calls)",
+    )
     p.add_argument("--out", type=Path, default=None, help="output path without suffix")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -670,6 +676,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "seeds": args.seeds,
     }
     rec = Recorder(out, meta)
+    if args.append and out.with_suffix(".json").is_file():
+        # keep the rows of the applications this run does not redo (a run split over calls)
+        old = json.loads(out.with_suffix(".json").read_text())
+        rec.raw = [r for r in old.get("per_seed", []) if r["application"] not in args.only]
+        meta["command"] = f"{old.get('command')} ; {meta['command']}"
     t0 = time.perf_counter()
     pretrained: nn.Module | None = None
     tok: Any = None
