@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import sharded  # noqa: F401  (lf.sharded: helpers for FSDP2-sharded state)
+from . import masks, merge, sharded, task2vec  # noqa: F401  (sharded: helpers for FSDP2 state)
 from ._version import __version__
 from .estimators import (
     METHODS,
@@ -22,14 +22,17 @@ from .estimators import (
 )
 from .ewc import ElasticWeightConsolidation
 from .fisher_diagonal import FisherDiagonal
+from .masks import fish_mask, fisher_prune, fisher_pruning_scores
+from .merge import fisher_merge
 from .options import FisherOptions
 from .outputs import FisherInputError
 from .spectrum import FisherOperator, lanczos, spectral_density, top_eigenvalues
+from .task2vec import task2vec_distance, task_embedding
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the callbacks load on first use
-    from .callbacks import EWC, FisherDiagnostics, FisherMonitor, FisherTraceRegularizer
+    from .callbacks import EWC, FisherDiagnostics, FisherMonitor, FisherTraceRegularizer, FishMask
 
-_CALLBACKS = ("EWC", "FisherDiagnostics", "FisherMonitor", "FisherTraceRegularizer")
+_CALLBACKS = ("EWC", "FishMask", "FisherDiagnostics", "FisherMonitor", "FisherTraceRegularizer")
 
 
 def __getattr__(name: str) -> Any:
@@ -47,6 +50,7 @@ __all__ = [
     "REGISTRY",
     "ElasticWeightConsolidation",
     "EstimatorInfo",
+    "FishMask",
     "FisherDiagnostics",
     "FisherDiagonal",
     "FisherInputError",
@@ -57,8 +61,14 @@ __all__ = [
     "__version__",
     "estimate_fisher",
     "estimate_fishers",
+    "fish_mask",
     "fisher_from_optimizer",
+    "fisher_merge",
+    "fisher_prune",
+    "fisher_pruning_scores",
     "lanczos",
     "spectral_density",
+    "task2vec_distance",
+    "task_embedding",
     "top_eigenvalues",
 ]

@@ -1,4 +1,4 @@
-"""Lightning callbacks: ``EWC``, ``FisherMonitor``, ``FisherTraceRegularizer``, ``FisherDiagnostics``."""
+"""Lightning callbacks: ``EWC``, ``FishMask``, ``FisherMonitor``, ``FisherTraceRegularizer``, ``FisherDiagnostics``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 _LAZY = {
     "EWC": "lightning_fisher.callbacks.ewc",
+    "FishMask": "lightning_fisher.callbacks.fish_mask",
     "FisherMonitor": "lightning_fisher.callbacks.monitor",
     "FisherTraceRegularizer": "lightning_fisher.callbacks.trace_regularizer",
     "FisherDiagnostics": "lightning_fisher.callbacks.diagnostics",
@@ -20,4 +21,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lightning_fisher.callbacks' has no attribute {name!r}")
 
 
-__all__ = ["EWC", "FisherDiagnostics", "FisherMonitor", "FisherTraceRegularizer"]
+__all__ = ["EWC", "FishMask", "FisherDiagnostics", "FisherMonitor", "FisherTraceRegularizer"]
