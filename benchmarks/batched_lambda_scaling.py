@@ -168,6 +168,7 @@ def write_report(
     search: dict[str, Any],
     command: str,
     partial: bool,
+    accelerator: str = "auto",
 ) -> None:
     rows = rows_of(plan, batch_sizes)
     fit = fit_law(rows)
@@ -181,7 +182,7 @@ def write_report(
     )
     doc = {
         "command": command,
-        "device": reproduce.device_name(),
+        "device": reproduce.device_name(accelerator),
         "versions": reproduce.versions(),
         "settings": settings,
         "search": search,
@@ -368,13 +369,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
         write_report(
-            plan, batch_sizes, out, args.name, settings, search, command, bool(plan.todo())
+            plan,
+            batch_sizes,
+            out,
+            args.name,
+            settings,
+            search,
+            command,
+            bool(plan.todo()),
+            args.accelerator,
         )
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     reproduce.execute(plan, args.config, overrides, args.workers, threads, over_budget, record)
     partial = bool(plan.todo())
-    write_report(plan, batch_sizes, out, args.name, settings, search, command, partial)
+    write_report(
+        plan, batch_sizes, out, args.name, settings, search, command, partial, args.accelerator
+    )
     print((out / f"{args.name}.md").read_text())
     rows = rows_of(plan, batch_sizes)
     return {"rows": rows, "fit": fit_law(rows), "partial": partial}

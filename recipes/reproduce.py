@@ -409,8 +409,10 @@ class Plan:
 
 
 # Reports ----------------------------------------------------------------------------------------
-def device_name() -> str:
-    if torch.cuda.is_available():
+def device_name(accelerator: str = "auto") -> str:
+    """What the cells ran on: the GPU's name, or the CPU when none is used (``--accelerator cpu``
+    on a machine with a GPU included)."""
+    if accelerator != "cpu" and torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
@@ -511,6 +513,7 @@ def write_report(
     settings: dict[str, Any],
     command: str,
     partial: bool,
+    accelerator: str = "auto",
 ) -> None:
     rows = plan.rows()
     published = PUBLISHED[benchmark]
@@ -526,7 +529,7 @@ def write_report(
     class_il = settings.get("scenario") == "class"
     doc = {
         "command": command,
-        "device": device_name(),
+        "device": device_name(accelerator),
         "versions": versions(),
         "settings": settings,
         "partial": partial,
@@ -828,12 +831,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"fisher={_fmt(result['fisher_seconds'], '.2f')}s {result.get('error', '')}",
             flush=True,
         )
-        write_report(plan, args.benchmark, out, name, settings, command, partial=bool(plan.todo()))
+        write_report(
+            plan,
+            args.benchmark,
+            out,
+            name,
+            settings,
+            command,
+            partial=bool(plan.todo()),
+            accelerator=args.accelerator,
+        )
 
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, args.workers))
     execute(plan, config, overrides, args.workers, threads, over_budget, record)
     partial = bool(plan.todo())
-    write_report(plan, args.benchmark, out, name, settings, command, partial)
+    write_report(plan, args.benchmark, out, name, settings, command, partial, args.accelerator)
     print((out / f"{name}.md").read_text())
     return {"rows": plan.rows(), "partial": partial}
 
