@@ -26,7 +26,8 @@ Diagnostics rows (``--no-diagnostics`` skips them): ``compute_diagnostics`` on t
 an unsharded copy (deterministic bounds; Hutchinson bounds with CVs and standard errors; a
 bounded histogram sample) must return the same numbers, and one ``fit`` with ``FisherMonitor``,
 ``FisherDiagnostics`` and ``FisherTraceRegularizer`` under ``ModelParallelStrategy`` must log
-what the DDP fit logs and make its update (the regulariser's gradient on the local shards).
+what the DDP fit logs and make its update (the regulariser's gradient on the local shards);
+the monitor's sharded estimate round-trips Lightning's sharded and full checkpoints bitwise.
 
 Differences are max |sharded - reference| / max |reference| per tensor, the largest over tensors.
 
@@ -384,7 +385,7 @@ def _scalars_diff(got: dict[str, float], want: dict[str, float]) -> float:
     )
 
 
-def diagnostics_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_dir: str) -> None:
     """``compute_diagnostics`` on a sharded and an unsharded copy of the same weights and data
     (deterministic bounds with their certificate; Hutchinson bounds with CVs and standard
     errors; a bounded histogram sample), then ``FisherMonitor``, ``FisherDiagnostics`` and
@@ -399,14 +400,16 @@ def diagnostics_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
+        MASTER_PORT=str(ports[1]),  # Lightning's group
         WORLD_SIZE=str(world),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         NODE_RANK="0",
     )
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A port of its own: a client of the next group must not reach this group's store
+    init = f"tcp://127.0.0.1:{ports[0]}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     res: dict[str, Any] = {"plain": {}}
     base = make_model()
     sharded = copy.deepcopy(base)
@@ -474,7 +477,8 @@ def diagnostics_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             return nn.functional.cross_entropy(self(batch[0]), batch[1])
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+            # momentum: Lightning cannot load a full FSDP2 checkpoint with empty optimizer state
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
     gen = torch.Generator().manual_seed(300)
     x = torch.randn(24, DIMS[0], generator=gen)
@@ -487,32 +491,53 @@ def diagnostics_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         diagnostics = lf.FisherDiagnostics(
             every_n_epochs=1, dataloader="train", max_batches=2, histogram_entries=16
         )
+        monitor = lf.FisherMonitor(
+            every_n_epochs=1, method="hutchinson", probes=2, fisher_kwargs={"seed": SEED}
+        )
         callbacks = [
-            lf.FisherMonitor(
-                every_n_epochs=1, method="hutchinson", probes=2, fisher_kwargs={"seed": SEED}
-            ),
+            monitor,
             diagnostics,
             lf.FisherTraceRegularizer(alpha=0.5, probes=2),
         ][: 2 if name == "plain" else 3]
-        strategy: Any = (
-            ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
-            if name == "fsdp"
-            else "ddp"
-        )
-        trainer = pl.Trainer(
-            callbacks=callbacks,
-            strategy=strategy,
-            accelerator="cpu",
-            devices=world,
-            max_epochs=1,
-            logger=logger,
-            log_every_n_steps=1,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+
+        def make_trainer(callbacks: list[Any], logger: Any = False, name: str = name) -> pl.Trainer:
+            strategy: Any = (
+                ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+                if name == "fsdp"
+                else "ddp"
+            )
+            return pl.Trainer(
+                callbacks=callbacks,
+                strategy=strategy,
+                accelerator="cpu",
+                devices=world,
+                max_epochs=1,
+                logger=logger,
+                log_every_n_steps=1,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+
+        trainer = make_trainer(callbacks, logger)
         before = full_params(copy.deepcopy(make_model()))
         trainer.fit(model, data)
+        if name == "fsdp":  # the monitor's sharded estimate through both checkpoint forms
+            assert monitor.fisher is not None
+            state = _locals(dict(monitor.fisher))
+            for kind, distributed in (("sharded", True), ("full", False)):
+                path = os.path.join(out_dir, f"monitor-{kind}.ckpt")
+                trainer.strategy._save_distributed_checkpoint = distributed  # type: ignore[attr-defined]
+                trainer.save_checkpoint(path)
+                restored = lf.FisherMonitor(every_n_epochs=1)
+                # at max_epochs already: the fit restores the checkpoint and trains nothing
+                make_trainer([restored]).fit(model, data, ckpt_path=path)
+                same = restored.fisher is not None and _bitwise(
+                    _locals(dict(restored.fisher)), state
+                )
+                flag = torch.tensor([int(same)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                res[f"monitor_checkpoint_{kind}_bitwise"] = bool(flag)
         after = full_params(model.net)
         res[f"{name}_update"] = {k: after[k] - before[k] for k in after}
         res[f"{name}_metrics"] = dict(logger.metrics)
@@ -527,7 +552,8 @@ def run_diagnostics(world: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     largest relative difference of any logged number or sampled entry from the unsharded run;
     the EWC column the trace regulariser's update against DDP's), and the details."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(diagnostics_worker, args=(world, _free_port(), tmp), nprocs=world, join=True)
+        ports = _free_ports(2)
+        mp.spawn(diagnostics_worker, args=(world, ports, tmp), nprocs=world, join=True)
         res = torch.load(os.path.join(tmp, "diagnostics.pt"), weights_only=False)
     details: dict[str, Any] = {
         "spectrum_refused": res["spectrum_refused"],
@@ -571,9 +597,10 @@ def run_diagnostics(world: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             "fisher_placed_like_params": True,
             "ewc_update_max_rel_diff_vs_ddp": rel_diff(res["fsdp_update"], res["ddp_update"]),
             "ewc_penalty_rel_diff_vs_ddp": None,
-            "checkpoint_roundtrip_bitwise": None,
-            "checkpoint_sharded_bitwise": None,
-            "checkpoint_full_bitwise": None,
+            "checkpoint_roundtrip_bitwise": res["monitor_checkpoint_sharded_bitwise"]
+            and res["monitor_checkpoint_full_bitwise"],
+            "checkpoint_sharded_bitwise": res["monitor_checkpoint_sharded_bitwise"],
+            "checkpoint_full_bitwise": res["monitor_checkpoint_full_bitwise"],
         }
     )
     return rows, details
@@ -635,9 +662,19 @@ def rel_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int) -> tuple[int, ...]:
+    """``n`` different free ports (the sockets are held open together while they are drawn)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return tuple(int(s.getsockname()[1]) for s in sockets)
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def run(world: int, methods: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -747,7 +784,9 @@ def main(argv: list[str] | None = None) -> None:
         "`compute_diagnostics` returns or the callbacks log (traces, bound ratios, fractions, "
         "gaps, certificate, kernel statistics, CVs and standard errors, and the bounded "
         "histogram sample) from the unsharded (DDP) run on the same data; the EWC column of "
-        "the callbacks' row is the update of a step with FisherTraceRegularizer against DDP's.",
+        "the callbacks' row is the update of a step with FisherTraceRegularizer against DDP's, "
+        "and its checkpoint column FisherMonitor's sharded estimate through Lightning's sharded "
+        "and full checkpoints.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),

@@ -50,6 +50,8 @@ def test_fsdp2_diagnostics_and_callbacks_equal_unsharded_runs() -> None:
     for name, size in details["sample_sizes"].items():
         assert 0 < size <= min(16, details["numel"][name.removeprefix("net.")]), (name, size)
     assert details["spectrum_refused"] is True
+    assert rows[2]["checkpoint_sharded_bitwise"] is True  # FisherMonitor's sharded estimate
+    assert rows[2]["checkpoint_full_bitwise"] is True
 
 
 def test_sample_entries_is_bounded_fixed_and_reads_the_entries() -> None:
