@@ -26,10 +26,12 @@ FSDP1 (``FullyShardedDataParallel``) is refused with a clear error. It does run 
 in torch 2.13 (``device_id=torch.device("cpu")``: forward, backward and optimizer step), so
 the refusal is not about the device: its flat parameters mix several named parameters in one
 shard (with ``use_orig_params=True`` each named parameter is a flat 1-D piece of its rank's
-shard, possibly empty), and what is missing is a squared-gradient reduce-scatter for flat
-parameters (FSDP1's communication hook can be registered only once, before the first forward)
-and the mapping of those flat pieces to the per-parameter Fisher and EWC state and to and from
-checkpoints. DeepSpeed ZeRO 1-3 is refused for the same kind of reason (flattened partitions,
+shard, uneven and possibly empty, which a DTensor cannot describe). What is missing: a
+squared-gradient reduce-scatter for flat parameters (FSDP1's communication hook can be
+registered only once, before the first forward, so a Fisher pass cannot switch it on through
+the public API), one forward per backward (FSDP1 frees the unsharded parameters after each
+backward, so the retained graph this pass backpropagates once per cotangent is gone), and a
+Fisher of flat pieces whose traces, EWC penalty and checkpoints sum over the ranks. DeepSpeed ZeRO 1-3 is refused for the same kind of reason (flattened partitions,
 no hook to square gradients before their reduction); deepspeed is not a dependency.
 """
 
