@@ -1,4 +1,4 @@
-"""Sharded (FSDP2) Fisher and EWC against unsharded runs, on CPU processes (gloo).
+"""Sharded (FSDP2) Fisher, EWC and diagnostics against unsharded runs, on CPU processes (gloo).
 
 Every rank holds a ``fully_shard`` copy of a small MLP (each Linear and the root sharded, with
 layer widths that do not divide the world size, so shards are uneven; the first weight sharded
@@ -21,6 +21,13 @@ zero cotangents). On each rank the script:
 A last row runs ``lf.EWC`` over two tasks under Lightning's ``ModelParallelStrategy`` and under
 DDP from the same weights (Fisher after task 0, the update of task 1 with the penalty gradient)
 and round-trips the callback through Lightning's sharded and full checkpoints, bitwise.
+
+Diagnostics rows (``--no-diagnostics`` skips them): ``compute_diagnostics`` on the sharded and
+an unsharded copy (deterministic bounds; Hutchinson bounds with CVs and standard errors; a
+bounded histogram sample) must return the same numbers, and one ``fit`` with ``FisherMonitor``,
+``FisherDiagnostics`` and ``FisherTraceRegularizer`` under ``ModelParallelStrategy`` must log
+what the DDP fit logs and make its update (the regulariser's gradient on the local shards);
+the monitor's sharded estimate round-trips Lightning's sharded and full checkpoints bitwise.
 
 Differences are max |sharded - reference| / max |reference| per tensor, the largest over tensors.
 
@@ -369,6 +376,236 @@ def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(res, os.path.join(out_dir, "lightning.pt"))
 
 
+def _scalars_diff(got: dict[str, float], want: dict[str, float]) -> float:
+    """max over the names of |got - want| / max(|want|, 1e-30) (the same names required)."""
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    return max(
+        (abs(got[k] - want[k]) / max(abs(want[k]), 1e-30) for k in want if got[k] != want[k]),
+        default=0.0,
+    )
+
+
+def diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_dir: str) -> None:
+    """``compute_diagnostics`` on a sharded and an unsharded copy of the same weights and data
+    (deterministic bounds with their certificate; Hutchinson bounds with CVs and standard
+    errors; a bounded histogram sample), then ``FisherMonitor``, ``FisherDiagnostics`` and
+    ``FisherTraceRegularizer`` in one ``fit`` under ``ModelParallelStrategy`` and under DDP from
+    the same weights: every logged number, the sample and the regularised update."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    import lightning_fisher as lf
+    from lightning_fisher.diagnostics import compute_diagnostics
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(ports[1]),  # Lightning's group
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+    # A port of its own: a client of the next group must not reach this group's store
+    init = f"tcp://127.0.0.1:{ports[0]}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    res: dict[str, Any] = {"plain": {}}
+    base = make_model()
+    sharded = copy.deepcopy(base)
+    shard(sharded)
+    batches = list(rank_loader(rank))
+    for kind, bounds in (("deterministic", None), ("hutchinson", 0)):
+        kw: dict[str, Any] = {"probes": 2, "max_batches": 2, "seed": SEED}
+        kw["histogram_entries"] = 16  # below the weights' sizes: a sample is drawn
+        if bounds is not None:
+            kw["deterministic_bounds_max_classes"] = bounds
+        got = compute_diagnostics(sharded, batches, **kw)
+        want = compute_diagnostics(copy.deepcopy(base), batches, **kw)
+        res["plain"][kind] = {
+            "scalars": (got.scalars(), want.scalars()),
+            "entries": (got.entries, want.entries),
+            "sharded": all(hasattr(t, "placements") for t in got.density_fisher.values()),
+        }
+    try:
+        compute_diagnostics(sharded, batches, eigenvalues=2)
+        res["spectrum_refused"] = False
+    except lf.FisherInputError as err:
+        res["spectrum_refused"] = "Fisher-vector products" in str(err)
+    dist.destroy_process_group()
+
+    class Record(Logger):
+        def __init__(self) -> None:
+            super().__init__()
+            self.metrics: dict[str, float] = {}
+
+        @property
+        def name(self) -> str:
+            return "record"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            for k, v in metrics.items():
+                self.metrics[f"{k}@{step}"] = float(v)
+
+    class Module(pl.LightningModule):
+        def __init__(self, shard: bool) -> None:
+            super().__init__()
+            self.net = make_model()
+            self.shard = shard
+
+        def configure_model(self) -> None:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            if not self.shard or isinstance(self.net, FSDPModule):
+                return
+            mesh = self.device_mesh["data_parallel"]
+            fully_shard(self.net[0], mesh=mesh)
+            fully_shard(self.net[2], mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            # momentum: Lightning cannot load a full FSDP2 checkpoint with empty optimizer state
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    gen = torch.Generator().manual_seed(300)
+    x = torch.randn(24, DIMS[0], generator=gen)
+    y = torch.randint(0, DIMS[2], (24,), generator=gen)
+    data = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+    # "plain": DDP without the regulariser, to show its gradient moves the update
+    for name in ("fsdp", "ddp", "plain"):
+        model = Module(shard=name == "fsdp")
+        logger = Record()
+        diagnostics = lf.FisherDiagnostics(
+            every_n_epochs=1, dataloader="train", max_batches=2, histogram_entries=16
+        )
+        monitor = lf.FisherMonitor(
+            every_n_epochs=1, method="hutchinson", probes=2, fisher_kwargs={"seed": SEED}
+        )
+        callbacks = [
+            monitor,
+            diagnostics,
+            lf.FisherTraceRegularizer(alpha=0.5, probes=2),
+        ][: 2 if name == "plain" else 3]
+
+        def make_trainer(callbacks: list[Any], logger: Any = False, name: str = name) -> pl.Trainer:
+            strategy: Any = (
+                ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+                if name == "fsdp"
+                else "ddp"
+            )
+            return pl.Trainer(
+                callbacks=callbacks,
+                strategy=strategy,
+                accelerator="cpu",
+                devices=world,
+                max_epochs=1,
+                logger=logger,
+                log_every_n_steps=1,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+
+        trainer = make_trainer(callbacks, logger)
+        before = full_params(copy.deepcopy(make_model()))
+        trainer.fit(model, data)
+        if name == "fsdp":  # the monitor's sharded estimate through both checkpoint forms
+            assert monitor.fisher is not None
+            state = _locals(dict(monitor.fisher))
+            for kind, distributed in (("sharded", True), ("full", False)):
+                path = os.path.join(out_dir, f"monitor-{kind}.ckpt")
+                trainer.strategy._save_distributed_checkpoint = distributed  # type: ignore[attr-defined]
+                trainer.save_checkpoint(path)
+                restored = lf.FisherMonitor(every_n_epochs=1)
+                # at max_epochs already: the fit restores the checkpoint and trains nothing
+                make_trainer([restored]).fit(model, data, ckpt_path=path)
+                same = restored.fisher is not None and _bitwise(
+                    _locals(dict(restored.fisher)), state
+                )
+                flag = torch.tensor([int(same)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                res[f"monitor_checkpoint_{kind}_bitwise"] = bool(flag)
+        after = full_params(model.net)
+        res[f"{name}_update"] = {k: after[k] - before[k] for k in after}
+        res[f"{name}_metrics"] = dict(logger.metrics)
+        assert diagnostics.last is not None
+        res[f"{name}_entries"] = diagnostics.last.entries
+    if rank == 0:
+        torch.save(res, os.path.join(out_dir, "diagnostics.pt"))
+
+
+def run_diagnostics(world: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows for the diagnostics and the callbacks under FSDP2 (the Fisher column holds the
+    largest relative difference of any logged number or sampled entry from the unsharded run;
+    the EWC column the trace regulariser's update against DDP's), and the details."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ports = _free_ports(2)
+        mp.spawn(diagnostics_worker, args=(world, ports, tmp), nprocs=world, join=True)
+        res = torch.load(os.path.join(tmp, "diagnostics.pt"), weights_only=False)
+    details: dict[str, Any] = {
+        "spectrum_refused": res["spectrum_refused"],
+        "regularizer_effect": rel_diff(res["ddp_update"], res["plain_update"]),
+        "sample_sizes": {k: v.numel() for k, v in res["fsdp_entries"].items()},
+        "numel": {k: v.numel() for k, v in res["fsdp_update"].items()},
+    }
+    rows = []
+    for kind, r in res["plain"].items():
+        got, want = r["scalars"]
+        diff = max(_scalars_diff(got, want), rel_diff(*r["entries"]))
+        details[f"{kind}_scalars"] = sorted(want)
+        rows.append(
+            {
+                "strategy": "fsdp2, compute_diagnostics",
+                "world_size": world,
+                "method": f"{kind} bounds",
+                "fisher_max_rel_diff_vs_unsharded": diff,
+                "fisher_placed_like_params": r["sharded"],
+                "ewc_update_max_rel_diff_vs_ddp": None,
+                "ewc_penalty_rel_diff_vs_ddp": None,
+                "checkpoint_roundtrip_bitwise": None,
+                "checkpoint_sharded_bitwise": None,
+                "checkpoint_full_bitwise": None,
+            }
+        )
+    got, want = res["fsdp_metrics"], res["ddp_metrics"]
+    # seconds are timings, not results
+    got = {k: v for k, v in got.items() if "seconds" not in k}
+    want = {k: v for k, v in want.items() if "seconds" not in k}
+    details["lightning_metrics"] = sorted(want)
+    rows.append(
+        {
+            "strategy": "lightning ModelParallelStrategy (FSDP2), "
+            "FisherMonitor + FisherDiagnostics + FisherTraceRegularizer",
+            "world_size": world,
+            "method": "hutchinson (monitor), deterministic bounds (diagnostics)",
+            "fisher_max_rel_diff_vs_unsharded": max(
+                _scalars_diff(got, want), rel_diff(res["fsdp_entries"], res["ddp_entries"])
+            ),
+            "fisher_placed_like_params": True,
+            "ewc_update_max_rel_diff_vs_ddp": rel_diff(res["fsdp_update"], res["ddp_update"]),
+            "ewc_penalty_rel_diff_vs_ddp": None,
+            "checkpoint_roundtrip_bitwise": res["monitor_checkpoint_sharded_bitwise"]
+            and res["monitor_checkpoint_full_bitwise"],
+            "checkpoint_sharded_bitwise": res["monitor_checkpoint_sharded_bitwise"],
+            "checkpoint_full_bitwise": res["monitor_checkpoint_full_bitwise"],
+        }
+    )
+    return rows, details
+
+
 def run_lightning(world: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(lightning_worker, args=(world, _free_port(), tmp), nprocs=world, join=True)
@@ -425,9 +662,19 @@ def rel_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return _free_ports(1)[0]
+
+
+def _free_ports(n: int) -> tuple[int, ...]:
+    """``n`` different free ports (the sockets are held open together while they are drawn)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return tuple(int(s.getsockname()[1]) for s in sockets)
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def run(world: int, methods: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -495,6 +742,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world", type=int, nargs="+", default=[2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning rows")
+    parser.add_argument(
+        "--no-diagnostics", action="store_true", help="skip the diagnostics and callback rows"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "fsdp_cpu.json")
     args = parser.parse_args(argv)
     rows = []
@@ -502,6 +752,8 @@ def main(argv: list[str] | None = None) -> None:
         rows += run(w, tuple(args.methods))
         if not args.no_lightning:
             rows.append(run_lightning(w))
+        if not args.no_diagnostics:
+            rows += run_diagnostics(w)[0]
     report = {
         "command": " ".join(["python -m benchmarks.fsdp_check", *(argv or sys.argv[1:])]),
         "device": f"CPU ({platform.processor() or platform.machine()}), gloo, 1 thread per rank",
@@ -519,7 +771,7 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint_roundtrip_bitwise",
     ]
     lines = [
-        "# FSDP2 on CPU: sharded Fisher and EWC against unsharded runs",
+        "# FSDP2 on CPU: sharded Fisher, EWC and diagnostics against unsharded runs",
         "",
         f"`{report['command']}` on {report['device']}; torch {torch.__version__}.",
         "",
@@ -527,7 +779,14 @@ def main(argv: list[str] | None = None) -> None:
         "tensors. References: the Fisher of an unsharded model on the same per-rank data (the "
         "squisher row: the Squisher of a DDP copy trained alike; bf16 rows: the unsharded model "
         "in bfloat16, squares summed in float32); EWC: a DDP copy's update "
-        "(gradient and loss routes). Checkpoints: distributed (sharded) and full, bitwise.",
+        "(gradient and loss routes). Checkpoints: distributed (sharded) and full, bitwise. "
+        "Diagnostics rows: the Fisher column is the largest relative difference of any number "
+        "`compute_diagnostics` returns or the callbacks log (traces, bound ratios, fractions, "
+        "gaps, certificate, kernel statistics, CVs and standard errors, and the bounded "
+        "histogram sample) from the unsharded (DDP) run on the same data; the EWC column of "
+        "the callbacks' row is the update of a step with FisherTraceRegularizer against DDP's, "
+        "and its checkpoint column FisherMonitor's sharded estimate through Lightning's sharded "
+        "and full checkpoints.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),

@@ -16,7 +16,23 @@ which is exactly the sum over ranks that a DDP pass all-reduces. Batch-gradient 
 because the per-input engine needs whole weights. Memory per rank: the Fisher shard (float32)
 and, for EWC, the anchor shard, about 2 x the parameter shard.
 
-FSDP1 (``FullyShardedDataParallel``, flat parameters) is refused with a clear error.
+Diagnostics on sharded diagonals (``lightning_fisher.diagnostics``) reduce statistics of the
+local shards over the ranks (:func:`reduce_shard_statistics`) and draw histograms from a
+bounded sample of entries chosen in the whole parameter's index space (:func:`sample_entries`);
+the trace regulariser's double backward runs on whole parameters held for one step
+(:func:`unsharded_parameters`).
+
+FSDP1 (``FullyShardedDataParallel``) is refused with a clear error. It does run on CPU with gloo
+in torch 2.13 (``device_id=torch.device("cpu")``: forward, backward and optimizer step), so
+the refusal is not about the device: its flat parameters mix several named parameters in one
+shard (with ``use_orig_params=True`` each named parameter is a flat 1-D piece of its rank's
+shard, uneven and possibly empty, which a DTensor cannot describe). What is missing: a
+squared-gradient reduce-scatter for flat parameters (FSDP1's communication hook can be
+registered only once, before the first forward, so a Fisher pass cannot switch it on through
+the public API), one forward per backward (FSDP1 frees the unsharded parameters after each
+backward, so the retained graph this pass backpropagates once per cotangent is gone), and a
+Fisher of flat pieces whose traces, EWC penalty and checkpoints sum over the ranks. DeepSpeed ZeRO 1-3 is refused for the same kind of reason (flattened partitions,
+no hook to square gradients before their reduction); deepspeed is not a dependency.
 """
 
 from __future__ import annotations
@@ -80,8 +96,10 @@ def is_fsdp1(model: nn.Module) -> bool:
 FSDP1_REFUSAL = (
     "is not supported on FSDP1 (FullyShardedDataParallel / Lightning's FSDPStrategy): its flat "
     "parameters mix several named parameters in one shard, and the Fisher and EWC state are kept "
-    "per named parameter. Use FSDP2 instead (torch.distributed.fsdp.fully_shard, or Lightning's "
-    "ModelParallelStrategy), whose parameters are DTensors sharded per parameter."
+    "per named parameter; a squared-gradient reduce-scatter for flat parameters and the mapping "
+    "of flat pieces to and from checkpoints are not implemented. Use FSDP2 instead "
+    "(torch.distributed.fsdp.fully_shard, or Lightning's ModelParallelStrategy), whose "
+    "parameters are DTensors sharded per parameter."
 )
 
 
@@ -173,6 +191,52 @@ def squared_gradient_reduction(model: nn.Module) -> Iterator[Callable[[], None]]
             g.force_sum_reduction_for_comms = force_sum
             g.reduce_grads = reduce_grads
             g._reduce_dtype = dtype
+
+
+@contextmanager
+def unsharded_parameters(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """While active, every FSDP2 module of ``model`` holds its parameters whole (all-gathered
+    once), forwards and backwards neither reshard them nor reduce gradients, and
+    ``model.named_parameters()`` gives the whole parameters; yields them by name. For
+    computations FSDP2's per-module resharding cannot serve, such as a double backward
+    (the trace regulariser's ``create_graph``): the whole parameters stay alive until the
+    graph is gone. Costs one all-gather of the model and its whole size on every rank.
+    Restores FSDP2's settings and reshards on exit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    saved = [(g.post_forward_mesh_info, g.reshard_after_backward, g.reduce_grads) for g in groups]
+    try:
+        for g in groups:
+            g.post_forward_mesh_info = None  # no reshard after forward
+            g.reshard_after_backward = False
+            g.reduce_grads = False
+        for m in modules:
+            m.unshard()
+        yield dict(model.named_parameters())
+    finally:
+        for g, (info, after_backward, reduce) in zip(groups, saved):
+            g.post_forward_mesh_info = info
+            g.reshard_after_backward = after_backward
+            g.reduce_grads = reduce
+        for m in modules:
+            m.reshard()
+
+
+def local_slice(whole: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of ``whole`` (a tensor shaped like the DTensor ``like``), placed like
+    it, as a DTensor; no communication. ``whole`` itself for an ordinary tensor ``like``."""
+    if not is_dtensor(like):
+        return whole
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(
+        whole.detach(),
+        like.device_mesh,  # type: ignore[attr-defined]
+        like.placements,  # type: ignore[attr-defined]
+        src_data_rank=None,
+    )
 
 
 def _mesh_size(p: Tensor) -> int:
@@ -404,6 +468,114 @@ def as_sharded_like(local: Tensor, param: Tensor) -> Tensor:
     )
 
 
+def shard_group(tensors: Iterable[Tensor]) -> dist.ProcessGroup | None:
+    """The process group over which the first DTensor of ``tensors`` is sharded (1-D mesh), or
+    ``None`` when none is a DTensor (nothing to reduce)."""
+    for t in tensors:
+        if is_dtensor(t):
+            return t.device_mesh.get_group()  # type: ignore[attr-defined, no-any-return]
+    return None
+
+
+def reduce_shard_statistics(rows: Tensor, tensors: list[Tensor], op: str = "sum") -> Tensor:
+    """Per-tensor statistics of local shards, made statistics of the whole tensors.
+
+    ``rows[i]`` holds statistics of ``local_tensor(tensors[i])``. With ``op="sum"`` (sums,
+    counts) the rows of DTensors are summed over the ranks of their mesh; with ``op="max"``
+    the maxima are taken. Rows of ordinary tensors (whole on every rank) are left as they are.
+    A collective when any tensor is a DTensor: call it on every rank.
+    """
+    group = shard_group(tensors)
+    if group is None:
+        return rows
+    sharded = torch.tensor([is_dtensor(t) for t in tensors], device=rows.device)
+    sharded = sharded.reshape(-1, *([1] * (rows.ndim - 1)))
+    if op == "sum":
+        # whole tensors: every rank holds the same value, so only one rank contributes it
+        keep = sharded | (dist.get_rank(group) == 0)
+        out = torch.where(keep, rows, torch.zeros_like(rows))
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    elif op == "max":
+        out = rows.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    else:
+        raise ValueError(f"op must be 'sum' or 'max'; got {op!r}.")
+    return out
+
+
+def map_local(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
+    """``fn`` applied to the local shards of ``tensors`` (placed alike), the result sharded like
+    the first: an elementwise operation on sharded diagonals without gathering them."""
+    out = fn(*(local_tensor(t) for t in tensors))
+    return as_sharded_like(out, tensors[0])
+
+
+def sample_entries(
+    tensors: dict[str, Tensor], max_entries: int | None, seed: int = 0
+) -> dict[str, Tensor]:
+    """At most ``max_entries`` entries of each tensor, as flat float32 CPU vectors: all of them
+    (in order) when it has no more, else those at ``max_entries`` flat indices drawn uniformly
+    from ``seed`` and the tensor's position (repeats dropped, in index order).
+
+    The indices are drawn in the whole tensor's index space, so a sharded tensor (DTensor) gives
+    the same sample as the unsharded one: each rank contributes the entries of its shard and the
+    bounded sample is summed over the mesh (one collective for all tensors; no rank gathers a
+    whole tensor). Histograms of a sharded Fisher are drawn from this sample.
+    """
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    names = list(tensors)
+    picks: list[Tensor] = []
+    parts: list[Tensor] = []
+    for i, name in enumerate(names):
+        t = tensors[name]
+        n = t.numel()
+        if max_entries is None or n <= max_entries:
+            index = torch.arange(n)
+        else:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+            index = torch.randint(n, (max_entries,), generator=gen).unique()  # sorted
+        picks.append(index)
+        local = local_tensor(t).detach()
+        if is_dtensor(t) and t.ndim == 0:  # a scalar: take it whole
+            local = t.full_tensor().detach()  # type: ignore[attr-defined]
+        if not is_dtensor(t) or t.ndim == 0:
+            parts.append(local.reshape(-1)[index.to(local.device)].float().cpu())
+            continue
+        shape, offset = compute_local_shape_and_global_offset(
+            t.shape,
+            t.device_mesh,  # type: ignore[attr-defined]
+            t.placements,  # type: ignore[attr-defined]
+        )
+        coords = torch.stack(torch.unravel_index(index, tuple(t.shape)))
+        lo = torch.tensor(offset, dtype=torch.int64).reshape(-1, 1)
+        hi = lo + torch.tensor(shape, dtype=torch.int64).reshape(-1, 1)
+        mine = ((coords >= lo) & (coords < hi)).all(0)
+        values = torch.zeros(index.numel(), dtype=torch.float32)
+        if bool(mine.any()):
+            rel = coords[:, mine] - lo
+            flat = torch.zeros_like(rel[0])
+            for d in range(t.ndim):  # row-major position in the local shard
+                flat = flat * shape[d] + rel[d]
+            values[mine] = local.reshape(-1)[flat.to(local.device)].float().cpu()
+        parts.append(values)
+    group = shard_group(tensors.values())
+    if group is not None and parts:
+        sharded = [is_dtensor(tensors[n]) and tensors[n].ndim > 0 for n in names]
+        device = next(local_tensor(t) for t in tensors.values()).device
+        flat = torch.cat([v for v, s in zip(parts, sharded) if s]).to(device)
+        # every sampled entry lives on exactly one rank: the sum is that entry, exactly
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        flat = flat.cpu()
+        at = 0
+        for j, s in enumerate(sharded):
+            if s:
+                k = parts[j].numel()
+                parts[j] = flat[at : at + k]
+                at += k
+    return dict(zip(names, parts))
+
+
 def full_tensors(fd: FisherDiagonal) -> dict[str, Tensor]:
     """Every tensor of ``fd`` gathered whole (a collective: call it on every rank)."""
     return {k: v.full_tensor() if is_dtensor(v) else v for k, v in fd.items()}  # type: ignore[attr-defined]
@@ -459,9 +631,15 @@ __all__ = [
     "is_dtensor",
     "is_fsdp1",
     "is_fsdp2",
+    "local_slice",
     "local_tensor",
+    "map_local",
+    "reduce_shard_statistics",
     "refuse_fsdp1",
     "run_passes_sharded",
+    "sample_entries",
+    "shard_group",
     "shard_state_like",
     "squared_gradient_reduction",
+    "unsharded_parameters",
 ]

@@ -1,5 +1,5 @@
 """Distributed support: ``benchmarks/ddp_scaling.py`` at tiny size on 2 CPU processes (gloo), and
-the refusal of parameter-sharding strategies (FSDP1, DeepSpeed; FSDP2 except for EWC) at setup."""
+the refusal of parameter-sharding strategies (FSDP1, DeepSpeed; FSDP2 is supported) at setup."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def _fake_trainer(strategy: Any) -> Any:
 def test_sharded_strategies_are_refused_at_setup(strategy: type, callback: Any) -> None:
     # FSDP needs GPUs in Lightning, so the strategy object is set up without a Trainer here.
     cb = callback()
-    if isinstance(cb, lf.EWC) and strategy is ModelParallelStrategy:
+    if strategy is ModelParallelStrategy:
         cb.setup(_fake_trainer(strategy()), Classifier(), "fit")  # FSDP2: supported
         return
     with pytest.raises(lf.FisherInputError, match=f"{strategy.__name__}.*strategy='ddp'"):

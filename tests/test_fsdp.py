@@ -31,6 +31,7 @@ def test_fsdp2_fisher_and_ewc_equal_unsharded_runs(tmp_path: Path) -> None:
     lf.EWC under Lightning's ModelParallelStrategy) against DDP's."""
     out = tmp_path / "fsdp.json"
     cmd = [sys.executable, "-m", "benchmarks.fsdp_check", "--world", str(WORLD), "--out", str(out)]
+    cmd.append("--no-diagnostics")  # tests/test_fsdp_diagnostics.py runs those
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -65,10 +66,20 @@ def test_fsdp2_fisher_and_ewc_equal_unsharded_runs(tmp_path: Path) -> None:
 def test_fsdp1_and_deepspeed_are_refused_with_what_is_missing() -> None:
     from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
-    for strategy, missing in ((FSDPStrategy, "flat parameters"), (DeepSpeedStrategy, "ZeRO")):
-        fake = SimpleNamespace(strategy=strategy.__new__(strategy))
-        with pytest.raises(lf.FisherInputError, match=missing):
-            lf.EWC(lam=1.0).setup(fake, Classifier(), "fit")  # type: ignore[arg-type]
+    callbacks = (
+        lambda: lf.EWC(lam=1.0),
+        lambda: lf.FisherMonitor(),
+        lambda: lf.FisherDiagnostics(),
+        lambda: lf.FisherTraceRegularizer(alpha=0.1),
+    )
+    for strategy, missing in (
+        (FSDPStrategy, r"flat parameters.*squared-gradient reduce-scatter.*not implemented"),
+        (DeepSpeedStrategy, r"ZeRO \(stages 1-3\).*no hook to square gradients.*not implemented"),
+    ):
+        for make in callbacks:
+            fake = SimpleNamespace(strategy=strategy.__new__(strategy))
+            with pytest.raises(lf.FisherInputError, match=missing):
+                make().setup(fake, Classifier(), "fit")  # type: ignore[arg-type]
 
 
 @pytest.fixture

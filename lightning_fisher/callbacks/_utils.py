@@ -186,7 +186,8 @@ def refuse_sharded_strategy(trainer: pl.Trainer, who: str, fsdp2: bool = False) 
     ``fsdp2=True``: ``who`` supports ``ModelParallelStrategy`` (FSDP2, ``fully_shard``), whose
     parameters are DTensors sharded per parameter: its Fisher and EWC state are kept sharded like
     them (``lightning_fisher.sharded``). ``FSDPStrategy`` (FSDP1) and DeepSpeed hold flattened
-    pieces of several parameters per rank and are refused. DDP is supported.
+    pieces of several parameters per rank and are refused, with what is missing. DDP is
+    supported.
     """
     from lightning.pytorch.strategies import (
         DeepSpeedStrategy,
@@ -200,20 +201,23 @@ def refuse_sharded_strategy(trainer: pl.Trainer, who: str, fsdp2: bool = False) 
         return
     if isinstance(strategy, DeepSpeedStrategy):
         missing = (
-            "ZeRO keeps flattened partitions of the parameters, gradients and Adam state, with no "
-            "per-parameter shard views and no hook to square gradients before their reduction, "
-            "which sharded Fisher estimates, the EWC penalty gradient and the Squisher need"
+            "ZeRO (stages 1-3) keeps flattened partitions of the parameters, gradients and Adam "
+            "state, with no per-parameter shard views and no hook to square gradients before "
+            "their reduction, which sharded Fisher estimates, the EWC penalty gradient and the "
+            "Squisher need; a ZeRO route (squared-gradient reduction inside DeepSpeed's "
+            "partitioned backward, Fisher state per flat partition) is not implemented"
         )
     elif isinstance(strategy, FSDPStrategy):
         missing = (
-            "FSDP1 flat parameters mix several named parameters in one shard, and the Fisher and "
-            "EWC state are kept per named parameter"
+            "FSDP1 flat parameters mix several named parameters in one shard (with "
+            "use_orig_params=True each named parameter is a flat 1-D piece of its rank's shard, "
+            "possibly empty), and the Fisher and EWC state are kept per named parameter, shaped "
+            "like it or as DTensor shards; a squared-gradient reduce-scatter for FSDP1's flat "
+            "parameters and the mapping of flat pieces to and from checkpoints are not "
+            "implemented"
         )
     elif isinstance(strategy, ModelParallelStrategy):
-        missing = (
-            "this callback needs whole parameters on every rank (only lf.EWC keeps its Fisher "
-            "and anchors sharded like FSDP2 parameters)"
-        )
+        missing = "this callback needs whole parameters on every rank"
     else:
         return
     supported = "strategy='ddp'" + (" or ModelParallelStrategy (FSDP2)" if fsdp2 else "")

@@ -30,7 +30,12 @@ from ..diagnostics import (
     plot_spectrum,
     save_png,
 )
-from ..diagnostics.statistics import DETERMINISTIC_BOUNDS_MAX_CLASSES, check_methods
+from ..diagnostics.statistics import (
+    DETERMINISTIC_BOUNDS_MAX_CLASSES,
+    HISTOGRAM_ENTRIES,
+    SHARDED_SPECTRUM_REFUSAL,
+    check_methods,
+)
 from ..options import FisherOptions
 from ..outputs import ClassSelector, FisherInputError, OutputFn
 from ._utils import (
@@ -96,6 +101,14 @@ class FisherDiagnostics(Callback):
     three backward passes over the batches) per Lanczos step, up to ``lanczos_iters`` (default
     40) for the eigenvalues and ``slq_starts * slq_iters`` for the density: off by default.
 
+    Under ``ModelParallelStrategy`` (FSDP2) the diagonals stay sharded like the parameters and
+    every scalar logged equals the unsharded (DDP) run's: traces, fractions and gaps are the
+    local shards' sums and counts added over the ranks, maxima taken over them; histograms and
+    the layer-density figure read the bounded sample of ``histogram_entries`` (drawn in the
+    whole parameter's index space, so the same entries as unsharded). The deterministic bounds
+    run there (one backward per input and column); ``eigenvalues`` and ``spectral_density`` are
+    refused at setup (they need Fisher-vector products on whole parameters).
+
     Probes are drawn with the same seeds at every evaluation, so changes over training come from the
     model, not from new probe noise; the ``hutchinson`` trace logged equals the mean over
     ``i < probes`` of ``lf.estimate_fisher(model, loader, "hutchinson", probes=1, seed=seed + i,
@@ -135,6 +148,8 @@ class FisherDiagnostics(Callback):
         spectral_density: log the SLQ spectral density of F.
         slq_starts: random starts of the density.
         slq_iters: Lanczos steps per start of the density.
+        histogram_entries: histograms and the layer-density figure read at most this many
+            entries of each parameter's diagonal (a fixed random sample above it; ``None``: all).
         fisher_options: a ``lf.FisherOptions`` for the estimators' other options
             (``param_filter``, ``max_memory_mib``, ``ignore_index``, ...); ``output_fn``,
             ``classes`` and ``shift_labels`` above override its own when set.
@@ -166,6 +181,7 @@ class FisherDiagnostics(Callback):
         slq_starts: int = 4,
         slq_iters: int = 30,
         fisher_options: FisherOptions | None = None,
+        histogram_entries: int | None = HISTOGRAM_ENTRIES,
     ) -> None:
         for option, value in (
             ("every_n_epochs", every_n_epochs),
@@ -176,6 +192,7 @@ class FisherDiagnostics(Callback):
             ("lanczos_iters", lanczos_iters),
             ("slq_starts", slq_starts),
             ("slq_iters", slq_iters),
+            ("histogram_entries", histogram_entries),
         ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise FisherInputError(
@@ -220,6 +237,7 @@ class FisherDiagnostics(Callback):
         self.spectral_density = spectral_density
         self.slq_starts = slq_starts
         self.slq_iters = slq_iters
+        self.histogram_entries = histogram_entries
         if fisher_options is not None and not isinstance(fisher_options, FisherOptions):
             raise FisherInputError(
                 "FisherDiagnostics: fisher_options must be a FisherOptions or None; got "
@@ -254,7 +272,16 @@ class FisherDiagnostics(Callback):
     # Hooks --------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, "FisherDiagnostics")
+        refuse_sharded_strategy(trainer, "FisherDiagnostics", fsdp2=True)
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if isinstance(trainer.strategy, ModelParallelStrategy) and (
+            self.eigenvalues or self.spectral_density
+        ):
+            raise FisherInputError(
+                f"FisherDiagnostics(eigenvalues={self.eigenvalues}, spectral_density="
+                f"{self.spectral_density}) under ModelParallelStrategy: {SHARDED_SPECTRUM_REFUSAL}."
+            )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -371,6 +398,7 @@ class FisherDiagnostics(Callback):
                 slq_starts=self.slq_starts,
                 slq_iters=self.slq_iters,
                 options=self.fisher_options,
+                histogram_entries=self.histogram_entries,
             )
         if "n_classes" in result.values and self.classes is None:  # a selector may change C
             self._n_classes = int(result.values["n_classes"])
@@ -440,7 +468,7 @@ class FisherDiagnostics(Callback):
         targets = [lg for lg in loggers if isinstance(lg, (TensorBoardLogger, WandbLogger))]
         if not targets:
             return
-        logs = log10_layer_values(result.density_fisher)
+        logs = log10_layer_values(result.shown_entries)
         for logger in targets:
             if isinstance(logger, TensorBoardLogger):
                 for layer, values in logs.items():
@@ -467,7 +495,7 @@ class FisherDiagnostics(Callback):
         if result is None:
             raise RuntimeError("FisherDiagnostics has not evaluated yet; there is nothing to draw.")
         figures = {
-            "layer_density": plot_layer_density(result.density_fisher, self.threshold),
+            "layer_density": plot_layer_density(result.shown_entries, self.threshold),
             "bounds": plot_bounds_history(self.history, x="cumulative_step"),
         }
         if result.spectrum is not None:

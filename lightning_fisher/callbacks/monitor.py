@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from .. import sharded
 from ..estimators import estimate_fisher
 from ..fisher_diagonal import FisherDiagonal
 from ..options import FisherOptions
@@ -34,6 +35,11 @@ class FisherMonitor(Callback):
 
     Logged: ``fisher/trace`` = tr(F) = sum_i F_i, ``fisher/seconds`` (time of the pass),
     ``fisher/n_samples``, and with ``log_layer_traces`` one ``fisher/trace/<module>`` per module.
+
+    Under ``ModelParallelStrategy`` (FSDP2) the estimate stays sharded like the parameters
+    (DTensors; ``on_estimate`` receives it so), its traces are the local shards' sums added over
+    the ranks, so every number logged is the unsharded run's; ``save_dir`` and checkpoints hold
+    it gathered whole.
 
     Args:
         method: any ``lf.estimate_fisher`` method; ``hutchinson`` (the default) costs one
@@ -172,16 +178,23 @@ class FisherMonitor(Callback):
         if self.log_layer_traces:
             metrics.update({f"fisher/trace/{k}": v for k, v in fd.layer_traces().items()})
         log_metrics(trainer, metrics)
-        if self.save_dir is not None and trainer.is_global_zero:
-            os.makedirs(self.save_dir, exist_ok=True)
-            fd.save(os.path.join(self.save_dir, f"fisher-step={trainer.global_step}.safetensors"))
+        if self.save_dir is not None:
+            whole = fd
+            if any(sharded.is_dtensor(t) for t in fd.values()):  # gathered on every rank
+                whole = FisherDiagonal(
+                    sharded.full_tensors(fd), fd.n_samples, fd.method, fd.options, fd.certificate
+                )
+            if trainer.is_global_zero:
+                os.makedirs(self.save_dir, exist_ok=True)
+                path = os.path.join(self.save_dir, f"fisher-step={trainer.global_step}.safetensors")
+                whole.save(path)
         if self.on_estimate is not None:
             self.on_estimate(trainer, pl_module, fd)
         return fd
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, "lf.FisherMonitor")
+        refuse_sharded_strategy(trainer, "lf.FisherMonitor", fsdp2=True)
         self._module = pl_module
 
     @override
@@ -213,8 +226,12 @@ class FisherMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        # FSDP2: Lightning writes callback states from rank 0 only, so a sharded estimate is
+        # gathered whole here (a collective: every rank builds the checkpoint).
         return {
-            "fisher": self.fisher.state_dict() if self.fisher is not None else None,
+            "fisher": (
+                sharded.full_state(self.fisher.state_dict()) if self.fisher is not None else None
+            ),
             "step": self.step,
             "epoch": self.epoch,
             "history": [list(h) for h in self.history],
@@ -223,6 +240,8 @@ class FisherMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         fisher = state_dict.get("fisher")
+        if fisher is not None and self._module is not None and sharded.is_fsdp2(self._module):
+            fisher = sharded.shard_state_like(fisher, self._module)  # each rank's slices
         fd = FisherDiagonal.from_state_dict(fisher) if fisher is not None else None
         if fd is not None and self._module is not None:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from .. import sharded
 from ..outputs import ClassSelector, FisherInputError, OutputFn
 from ..regularizers import fisher_trace_penalty_grads
 from ._utils import all_reduce_mean_, check_name, grad_scale, refuse_sharded_strategy
@@ -31,6 +33,12 @@ class FisherTraceRegularizer(Callback):
     ``alpha * dR/dtheta`` (averaged over the micro-batches and, under DDP, over ranks, like the
     loss) to ``.grad``. That is before gradient clipping and after AMP unscaling, so the update
     equals the one from ``loss + alpha * fisher_trace_penalty(module, batch)``.
+
+    Under ``ModelParallelStrategy`` (FSDP2) the recomputation runs on the whole parameters
+    (``lightning_fisher.sharded.unsharded_parameters``: one all-gather, the whole model on
+    every rank for the step's regulariser; a double backward cannot run through FSDP2's
+    per-module resharding), and the gradient, averaged over the ranks like DDP's, is added to
+    each rank's local gradient shards: the update equals the DDP run's.
 
     Cost of a regularised step: one more forward, one backward with ``create_graph`` per probe and
     one double-backward, about 3-4x a plain training step (plus one gradient-sized all-reduce under
@@ -123,7 +131,7 @@ class FisherTraceRegularizer(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, "lf.FisherTraceRegularizer")
+        refuse_sharded_strategy(trainer, "lf.FisherTraceRegularizer", fsdp2=True)
 
     def _due(self, trainer: pl.Trainer) -> bool:
         return self.alpha > 0 and trainer.global_step % self.every_n_steps == 0
@@ -144,20 +152,36 @@ class FisherTraceRegularizer(Callback):
             return
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         generator = self.probe_generator(trainer.global_step, trainer.global_rank, pl_module.device)
-        extra, trace = fisher_trace_penalty_grads(
-            pl_module,
-            batches,
-            params,
-            self.alpha,
-            self.probes,
-            output_fn=self.output_fn,
-            classes=self.classes,
-            probe_distribution=self.probe_distribution,
-            generator=generator,
-            param_filter=self.param_filter,
-            forward_context=trainer.precision_plugin.forward_context,
+        fsdp2 = sharded.is_fsdp2(pl_module)
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        if fsdp2 and any(id(p) not in names for p in params):
+            raise FisherInputError(
+                "lf.FisherTraceRegularizer under FSDP2 needs every optimized parameter to be a "
+                "parameter of the LightningModule (the regulariser differentiates the whole "
+                "parameters by name); the optimizer holds others."
+            )
+        hold: AbstractContextManager[dict[str, torch.Tensor]] = (
+            sharded.unsharded_parameters(pl_module) if fsdp2 else nullcontext({})
         )
+        with hold as whole:
+            # under FSDP2 the double backward runs on the whole parameters, named alike
+            targets = [whole[names[id(p)]] for p in params] if fsdp2 else params
+            extra, trace = fisher_trace_penalty_grads(
+                pl_module,
+                batches,
+                targets,
+                self.alpha,
+                self.probes,
+                output_fn=self.output_fn,
+                classes=self.classes,
+                probe_distribution=self.probe_distribution,
+                generator=generator,
+                param_filter=self.param_filter,
+                forward_context=trainer.precision_plugin.forward_context,
+            )
         all_reduce_mean_([*extra, trace])  # DDP averages the loss gradient over ranks
+        if fsdp2:  # every rank keeps its shard of the mean gradient
+            extra = [sharded.local_slice(e, p) for e, p in zip(extra, params)]
         scale = grad_scale(trainer, optimizer)
         with torch.no_grad():
             for p, e in zip(params, extra):

@@ -47,6 +47,14 @@ from ..outputs import (
     model_outputs,
     move_batch,
 )
+from ..sharded import (
+    as_sharded_like,
+    is_fsdp1,
+    is_fsdp2,
+    local_tensor,
+    reduce_shard_statistics,
+    sample_entries,
+)
 from ..spectrum import LanczosResult, SpectralDensity, spectral_density, top_eigenvalues
 
 #: Methods ``compute_diagnostics`` runs unless told otherwise: F, its upper and lower bound, and E
@@ -67,6 +75,17 @@ DETERMINISTIC = {"hutchinson": "exact", HUTCHINSON_UPPER: UPPER, HUTCHINSON_LOWE
 #: Default of ``deterministic_bounds_max_classes``: ``exact`` and ``upper`` cost C backward
 #: columns per input, affordable on a diagnostics subset up to a few dozen classes.
 DETERMINISTIC_BOUNDS_MAX_CLASSES = 32
+#: Histograms and layer densities read at most this many entries of each parameter's diagonal
+#: (a fixed random sample above it; ``lightning_fisher.sharded.sample_entries``).
+HISTOGRAM_ENTRIES = 1 << 16
+#: Why the parameter-space spectrum is refused on sharded models.
+SHARDED_SPECTRUM_REFUSAL = (
+    "the parameter-space spectrum (top eigenvalues, spectral density) is not available on an "
+    "FSDP-sharded model: its Lanczos iterations need Fisher-vector products F v on whole "
+    "parameter vectors (lightning_fisher.spectrum differentiates unsharded parameters), which "
+    "are not implemented for sharded ones. Leave eigenvalues=0 and the spectral density off; "
+    "traces, bounds, fractions and histograms are supported on sharded models"
+)
 #: ``kernel_summary`` handles at most this many probabilities (rows x classes) at once.
 KERNEL_CHUNK_ELEMENTS = 1 << 20
 
@@ -86,11 +105,14 @@ def layer_values(fd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def fraction_below(fd: Mapping[str, Tensor], threshold: float = 1e-5) -> dict[str, float]:
-    """Per layer, the fraction of diagonal entries F_i < ``threshold``."""
+    """Per layer, the fraction of diagonal entries F_i < ``threshold`` (of a sharded diagonal:
+    the local shards' counts summed over the ranks, a collective)."""
     if not fd:
         return {}
     # Counts per parameter, one host sync for all, no concatenated copy of the diagonal.
-    counts = torch.stack([(t < threshold).sum() for t in fd.values()]).tolist()
+    tensors = list(fd.values())
+    local = torch.stack([(local_tensor(t) < threshold).sum() for t in tensors])
+    counts = reduce_shard_statistics(local, tensors).tolist()
     below: dict[str, list[int]] = {}
     for (name, t), count in zip(fd.items(), counts):
         entry = below.setdefault(layer_of(name), [0, 0])
@@ -110,14 +132,19 @@ def mean_fisher(fds: Sequence[FisherDiagonal]) -> FisherDiagonal:
         raise ValueError("mean_fisher needs at least one Fisher diagonal.")
     first = fds[0]
     names = list(first)
+    # on local shards (sharded diagonals are placed alike), the result placed like the first
     if len(fds) == 1:
-        values = [first[k].clone() for k in names]
+        values = [local_tensor(first[k]).clone() for k in names]
     else:  # sum, then one scaling: a few fused passes, no stacked copy
-        values = list(torch._foreach_add([fds[0][k] for k in names], [fds[1][k] for k in names]))
+        values = list(
+            torch._foreach_add(
+                [local_tensor(fds[0][k]) for k in names], [local_tensor(fds[1][k]) for k in names]
+            )
+        )
         for fd in fds[2:]:
-            torch._foreach_add_(values, [fd[k] for k in names])
+            torch._foreach_add_(values, [local_tensor(fd[k]) for k in names])
         torch._foreach_div_(values, float(len(fds)))
-    tensors = dict(zip(names, values))
+    tensors = {k: as_sharded_like(v, first[k]) for k, v in zip(names, values)}
     options = {**first.options, "probes": len(fds), "seeds": [fd.options.get("seed") for fd in fds]}
     return FisherDiagonal(tensors, first.n_samples, first.method, options)
 
@@ -146,8 +173,8 @@ def probe_cv(
     scale = (math.sqrt(2.0) if mean is None else 1 / math.sqrt(2.0)) if P == 2 else 1.0
     parts = []  # per parameter: sum of the CVs (float64), entries kept, largest CV
     for name in fds[0]:
-        xs = [fd[name].float() for fd in fds]
-        m = mean[name].float() if mean is not None else None
+        xs = [local_tensor(fd[name]).float() for fd in fds]
+        m = local_tensor(mean[name]).float() if mean is not None else None
         if P == 2:
             m = xs[0] + xs[1] if m is None else m
             cv = (xs[0] - xs[1]).abs_().div_(m)  # times scale, applied to the sums below
@@ -164,7 +191,17 @@ def probe_cv(
                 ]
             )
         )
-    sums = torch.stack(parts).tolist() if parts else []  # one host sync
+    if parts:  # a sharded diagonal: sums and counts over the ranks' shards, the largest CV
+        whole = list(fds[0].values())
+        rows = torch.stack(parts)
+        rows = torch.cat(
+            [
+                reduce_shard_statistics(rows[:, :2].contiguous(), whole),
+                reduce_shard_statistics(rows[:, 2:].contiguous(), whole, op="max"),
+            ],
+            1,
+        )
+    sums = rows.tolist() if parts else []  # one host sync
     total = scale * sum(r[0] for r in sums)
     n_keep = int(sum(r[1] for r in sums))
     cv_max = scale * max((r[2] for r in sums), default=0.0)
@@ -191,8 +228,12 @@ def empirical_gap(
     tr_e, total = traces if traces is not None else (empirical.trace(), fisher.trace())
     if total <= 0:
         return {"rel_gap": float("nan"), "trace_ratio": float("nan")}
-    gaps = [(empirical[k] - fisher[k]).abs_().sum(dtype=torch.float64) for k in fisher]
-    gap = float(torch.stack(gaps).sum()) if gaps else 0.0
+    gaps = [
+        (local_tensor(empirical[k]) - local_tensor(fisher[k])).abs_().sum(dtype=torch.float64)
+        for k in fisher
+    ]
+    whole = list(fisher.values())
+    gap = float(reduce_shard_statistics(torch.stack(gaps), whole).sum()) if gaps else 0.0
     return {"rel_gap": gap / total, "trace_ratio": tr_e / total}
 
 
@@ -269,6 +310,9 @@ class DiagnosticsResult:
         layers: one row per layer: ``layer``, ``numel``, ``frac_below`` and ``trace/<method>``.
         spectrum: the top eigenvalues of F by Lanczos (``LanczosResult``), when asked for.
         density: the SLQ spectral density of F (``SpectralDensity``), when asked for.
+        entries: per parameter, the entries of the shown diagonal (``density_fisher``) that
+            histograms and densities read: all of them up to ``histogram_entries``, else a fixed
+            random sample of that size (the same for a sharded and an unsharded model).
     """
 
     fishers: dict[str, FisherDiagonal]
@@ -277,6 +321,7 @@ class DiagnosticsResult:
     layers: list[dict[str, Any]] = field(default_factory=list)
     spectrum: LanczosResult | None = None
     density: SpectralDensity | None = None
+    entries: dict[str, Tensor] = field(default_factory=dict)
 
     def scalars(self, prefix: str = "fisher") -> dict[str, float]:
         """Global and per-layer scalars (``<method>/trace/<layer>``, ``frac_below/<layer>``), each
@@ -293,6 +338,11 @@ class DiagnosticsResult:
     def density_fisher(self) -> FisherDiagonal:
         """The diagonal shown in densities and histograms: F, else the first method's."""
         return self.fishers[self.reference or next(iter(self.fishers))]
+
+    @property
+    def shown_entries(self) -> Mapping[str, Tensor]:
+        """What histograms and densities read: ``entries``, else the whole ``density_fisher``."""
+        return self.entries or self.density_fisher
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
@@ -379,6 +429,7 @@ def compute_diagnostics(
     slq_starts: int = 4,
     slq_iters: int = 30,
     options: FisherOptions | None = None,
+    histogram_entries: int | None = HISTOGRAM_ENTRIES,
 ) -> DiagnosticsResult:
     """Estimate the Fisher with every method in ``methods`` and summarise it (see module doc).
 
@@ -419,9 +470,19 @@ def compute_diagnostics(
       ``spectral_mass_below`` (share of eigenvalues below 1e-8 x the largest).
 
     ``DiagnosticsResult.scalars`` adds the per-layer ``<method>/trace/<layer>`` and
-    ``frac_below/<layer>``.
+    ``frac_below/<layer>``; ``DiagnosticsResult.entries`` holds at most ``histogram_entries``
+    entries per parameter (``None``: all) for histograms.
+
+    On an FSDP2-sharded model (``fully_shard``; call this on every rank) the diagonals stay
+    sharded and every number above is the unsharded run's: traces, counts and sums of the local
+    shards are summed over the ranks, maxima taken over them, and the histogram sample is drawn
+    in the whole parameter's index space and gathered (bounded by ``histogram_entries``). The
+    spectrum (``eigenvalues``, ``density``) is refused there.
     """
     methods = check_methods(methods)
+    if (eigenvalues or density) and (is_fsdp2(model) or is_fsdp1(model)):
+        raise FisherInputError(f"compute_diagnostics: {SHARDED_SPECTRUM_REFUSAL}.")
+    _check_positive("histogram_entries", histogram_entries, allow_none=True)
     if probes < 1:
         raise ValueError(f"probes must be at least 1; got {probes}.")
     if max_batches is not None and max_batches < 1:
@@ -536,7 +597,9 @@ def compute_diagnostics(
                 s[f"empirical/{k}"] = v
     if LOWER in fishers:
         s.update(certificate_scalars(fishers[LOWER], "certificate"))
-    below = fraction_below(fishers[reference or methods[0]], threshold)
+    shown = fishers[reference or methods[0]]
+    below = fraction_below(shown, threshold)
+    entries = sample_entries(dict(shown), histogram_entries, seed)
     s["frac_below/min_layer"] = min(below.values())
     s["frac_below/max_layer"] = max(below.values())
     if kernel_sums is not None:
@@ -576,7 +639,7 @@ def compute_diagnostics(
         for layer in numel
     ]
     return DiagnosticsResult(
-        fishers, {k: float(v) for k, v in s.items()}, reference, layers, spectrum, dens
+        fishers, {k: float(v) for k, v in s.items()}, reference, layers, spectrum, dens, entries
     )
 
 
@@ -621,13 +684,35 @@ def order_violations(
     """
     _check_same_parameters(upper, fisher, lower)
     if atol is None:
-        atol = 1e-6 * max((float(t.abs().max()) for t in fisher.values() if t.numel()), default=0)
-    above = below = 0
+        atol = 1e-6 * _largest(fisher)
+    counts = []
     for k in fisher:
-        u, f, lo = upper[k].double(), fisher[k].double(), lower[k].double()
-        above += int(((f - u) > rtol * torch.maximum(u.abs(), f.abs()) + atol).sum())
-        below += int(((lo - f) > rtol * torch.maximum(f.abs(), lo.abs()) + atol).sum())
+        u, f, lo = (local_tensor(t[k]).double() for t in (upper, fisher, lower))
+        over = ((f - u) > rtol * torch.maximum(u.abs(), f.abs()) + atol).sum()
+        under = ((lo - f) > rtol * torch.maximum(f.abs(), lo.abs()) + atol).sum()
+        counts.append(torch.stack([over, under]))
+    if not counts:
+        return {"upper": 0, "lower": 0, "total": 0}
+    above, below = (
+        int(c) for c in reduce_shard_statistics(torch.stack(counts), list(fisher.values())).sum(0)
+    )
     return {"upper": above, "lower": below, "total": above + below}
+
+
+def _largest(fd: Mapping[str, Tensor]) -> float:
+    """max_i |F_i| over every entry (over every rank's shard of a sharded diagonal)."""
+    tensors = [t for t in fd.values() if t.numel()]
+    if not tensors:
+        return 0.0
+    local = torch.stack(
+        [
+            local_tensor(t).abs().max().double()
+            if local_tensor(t).numel()
+            else torch.zeros((), dtype=torch.float64, device=local_tensor(t).device)
+            for t in tensors
+        ]
+    )
+    return float(reduce_shard_statistics(local, tensors, op="max").max())
 
 
 def lower_relative_difference(
@@ -636,16 +721,18 @@ def lower_relative_difference(
     """max_i |L_i - F_i| / F_i over the entries with F_i > ``floor`` x max_j F_j (entries that
     are zero for practical purposes have no meaningful relative difference). 0 means L = F."""
     _check_same_parameters(lower, fisher)
-    top = max((float(t.abs().max()) for t in fisher.values() if t.numel()), default=0.0)
+    top = _largest(fisher)
     if top <= 0:
         return 0.0
-    worst = 0.0
+    worst = []
     for k in fisher:
-        f, lo = fisher[k].double(), lower[k].double()
+        f, lo = local_tensor(fisher[k]).double(), local_tensor(lower[k]).double()
         keep = f > floor * top
-        if keep.any():
-            worst = max(worst, float(((lo[keep] - f[keep]).abs() / f[keep]).max()))
-    return worst
+        rel = (lo[keep] - f[keep]).abs() / f[keep]
+        worst.append(rel.max() if rel.numel() else rel.new_zeros(()))
+    if not worst:
+        return 0.0
+    return float(reduce_shard_statistics(torch.stack(worst), list(fisher.values()), "max").max())
 
 
 def lower_gap_bound(
