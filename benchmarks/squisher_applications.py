@@ -552,7 +552,12 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, str]:
             noise = math.hypot(f["sem"] or 0.0, s["sem"] or 0.0)
             diff = s["value"] - f["value"]
             rel = "ties with" if abs(diff) <= noise else ("beats" if diff > 0 else "trails")
-            base = "both above" if min(f["value"], s["value"]) > b["value"] else "not both above"
+            if min(f["value"], s["value"]) > b["value"]:
+                base = f"both above the baseline {b['value']:.2f}"
+            elif max(f["value"], s["value"]) < b["value"]:
+                base = f"the baseline {b['value']:.2f} above both (the paper has both above it)"
+            else:
+                base = f"the baseline {b['value']:.2f} between them"
             want = EXPECTED[app]
             if rel == want:
                 verdict = "the paper's ordering"
@@ -562,8 +567,7 @@ def verdicts(rows: list[dict[str, Any]]) -> dict[str, str]:
                 verdict = f"the opposite of the paper ({PAPER[app]})"
             parts.append(
                 f"{setting}: Squisher {s['value']:.2f} {rel} Fisher {f['value']:.2f} "
-                f"({diff:+.2f}, noise {noise:.2f}), {base} the baseline {b['value']:.2f}: "
-                f"{verdict}"
+                f"({diff:+.2f}, noise {noise:.2f}), {base}: {verdict}"
             )
         if parts:
             out[app] = f"Paper: {PAPER[app]}. Here: " + "; ".join(parts) + "."
