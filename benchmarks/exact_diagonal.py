@@ -722,7 +722,7 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     if report.get("verify_overhead"):
         cols = list(next(iter(report["verify_overhead"].values())))
         lines += [
-            "Self-verification (one extra backward on the first batch of a pass): seconds with "
+            "Self-verification (the self-check of the first batch of a pass, on its first 16 inputs): seconds with "
             "`verify=True` (the default) over seconds with `verify=False`, for a pass over the "
             "benchmark's one batch and for a pass over that batch repeated (the check runs once "
             "per pass):",
