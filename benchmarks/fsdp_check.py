@@ -278,24 +278,11 @@ def _work(rank: int, world: int, out_dir: str, methods: tuple[str, ...]) -> None
         torch.save(out, os.path.join(out_dir, "rank0.pt"))
 
 
-def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """``lf.EWC`` over two tasks under Lightning's ``ModelParallelStrategy`` (FSDP2) and under
-    ``strategy="ddp"`` from the same weights; after task 0 the sharded run writes a sharded and a
-    full checkpoint and restores each into a new callback and Trainer."""
+def lightning_mlp(shard: bool) -> Any:
+    """The MLP as a LightningModule trained with cross-entropy and momentum SGD; with ``shard``,
+    ``configure_model`` applies ``fully_shard`` to each Linear and the root on the data-parallel
+    mesh (once: a later Trainer finds it sharded)."""
     import lightning.pytorch as pl
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    import lightning_fisher as lf
-
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
-    torch.set_num_threads(1)
 
     class Module(pl.LightningModule):
         def __init__(self, shard: bool) -> None:
@@ -323,6 +310,28 @@ def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             # momentum: Lightning cannot load a full FSDP2 checkpoint with empty optimizer state
             return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
+    return Module(shard)
+
+
+def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """``lf.EWC`` over two tasks under Lightning's ``ModelParallelStrategy`` (FSDP2) and under
+    ``strategy="ddp"`` from the same weights; after task 0 the sharded run writes a sharded and a
+    full checkpoint and restores each into a new callback and Trainer."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    import lightning_fisher as lf
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+
     def data(task: int) -> DataLoader[tuple[Tensor, ...]]:
         gen = torch.Generator().manual_seed(200 + task)
         x = torch.randn(32, DIMS[0], generator=gen)
@@ -347,7 +356,7 @@ def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     res: dict[str, Any] = {}
     for name in ("fsdp", "ddp"):
-        model = Module(shard=name == "fsdp")
+        model = lightning_mlp(shard=name == "fsdp")
         ewc = lf.EWC(lam=LAM, method="exact")
         t0 = trainer(ewc, fsdp() if name == "fsdp" else "ddp")
         t0.fit(model, data(0))
@@ -454,39 +463,13 @@ def diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_dir: s
             for k, v in metrics.items():
                 self.metrics[f"{k}@{step}"] = float(v)
 
-    class Module(pl.LightningModule):
-        def __init__(self, shard: bool) -> None:
-            super().__init__()
-            self.net = make_model()
-            self.shard = shard
-
-        def configure_model(self) -> None:
-            from torch.distributed.fsdp import FSDPModule, fully_shard
-
-            if not self.shard or isinstance(self.net, FSDPModule):
-                return
-            mesh = self.device_mesh["data_parallel"]
-            fully_shard(self.net[0], mesh=mesh)
-            fully_shard(self.net[2], mesh=mesh)
-            fully_shard(self.net, mesh=mesh)
-
-        def forward(self, x: Tensor) -> Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-            return nn.functional.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            # momentum: Lightning cannot load a full FSDP2 checkpoint with empty optimizer state
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
     gen = torch.Generator().manual_seed(300)
     x = torch.randn(24, DIMS[0], generator=gen)
     y = torch.randint(0, DIMS[2], (24,), generator=gen)
     data = DataLoader(TensorDataset(x, y), batch_size=BATCH)
     # "plain": DDP without the regulariser, to show its gradient moves the update
     for name in ("fsdp", "ddp", "plain"):
-        model = Module(shard=name == "fsdp")
+        model = lightning_mlp(shard=name == "fsdp")
         logger = Record()
         diagnostics = lf.FisherDiagnostics(
             every_n_epochs=1, dataloader="train", max_batches=2, histogram_entries=16
