@@ -1271,6 +1271,7 @@ class PerInputEngine:
             self._verify_grads = {}
 
     def _verify(self, logits: Tensor) -> None:
+        """The signed-sum check on the recorded forward whose logits are ``logits``."""
         assert self.handlers is not None
         B = logits.shape[0]
         R = min(B, VERIFY_ROWS)
