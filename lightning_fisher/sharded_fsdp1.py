@@ -33,7 +33,7 @@ column (C per input for ``exact`` with C classes): B times the forwards of an un
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -396,7 +396,7 @@ def sum_over_ranks(value: Tensor, model: nn.Module) -> Tensor:
     ``model``; the gradient flows through this rank's part only (each rank differentiates its
     own pieces). ``value`` itself for other models. A collective on FSDP1: call it on every
     rank."""
-    if not is_fsdp1_model(model):
+    if not (dist.is_available() and dist.is_initialized()) or not is_fsdp1_model(model):
         return value
     where = pieces(model)
     if not where:
@@ -404,6 +404,25 @@ def sum_over_ranks(value: Tensor, model: nn.Module) -> Tensor:
     total = value.detach().clone()
     dist.all_reduce(total, group=next(iter(where.values())).group)
     return value + (total - value.detach())
+
+
+def traces(fisher: Mapping[str, Tensor], model: nn.Module) -> dict[str, float]:
+    """Per-parameter traces of a Fisher kept as FSDP1 local pieces: the sums of the pieces over
+    the ranks (summed in float64; one collective). ``FisherDiagonal.trace`` of such a Fisher
+    sums this rank's pieces only. Tensors that are not pieces (parameters FSDP1 left whole)
+    count once."""
+    where = pieces(model)
+    names = list(fisher)
+    if not names:
+        return {}
+    device = next(iter(fisher.values())).device
+    sums = torch.stack([fisher[n].sum(dtype=torch.float64) for n in names]).to(device)
+    if where and dist.is_initialized():
+        group = next(iter(where.values())).group
+        keep = torch.tensor([n in where or dist.get_rank(group) == 0 for n in names], device=device)
+        sums = torch.where(keep, sums, torch.zeros_like(sums))
+        dist.all_reduce(sums, group=group)
+    return dict(zip(names, sums.tolist()))
 
 
 __all__ = [
@@ -422,4 +441,5 @@ __all__ = [
     "shard_state",
     "squared_gradient_reduction",
     "sum_over_ranks",
+    "traces",
 ]
