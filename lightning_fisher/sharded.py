@@ -22,17 +22,18 @@ bounded sample of entries chosen in the whole parameter's index space (:func:`sa
 the trace regulariser's double backward runs on whole parameters held for one step
 (:func:`unsharded_parameters`).
 
-FSDP1 (``FullyShardedDataParallel``) is refused with a clear error. It does run on CPU with gloo
-in torch 2.13 (``device_id=torch.device("cpu")``: forward, backward and optimizer step), so
-the refusal is not about the device: its flat parameters mix several named parameters in one
-shard (with ``use_orig_params=True`` each named parameter is a flat 1-D piece of its rank's
-shard, uneven and possibly empty, which a DTensor cannot describe). What is missing: a
-squared-gradient reduce-scatter for flat parameters (FSDP1's communication hook can be
-registered only once, before the first forward, so a Fisher pass cannot switch it on through
-the public API), one forward per backward (FSDP1 frees the unsharded parameters after each
-backward, so the retained graph this pass backpropagates once per cotangent is gone), and a
-Fisher of flat pieces whose traces, EWC penalty and checkpoints sum over the ranks. DeepSpeed ZeRO 1-3 is refused for the same kind of reason (flattened partitions,
-no hook to square gradients before their reduction); deepspeed is not a dependency.
+FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) with ``use_orig_params=True``
+is served by :mod:`lightning_fisher.sharded_fsdp1`: each named parameter is a flat 1-D piece of
+its rank's shard (uneven, possibly empty; a DTensor cannot describe it), and the Fisher, anchors
+and penalty gradient are kept as pieces of the same shape (memory per rank about 2 x the
+parameter piece). FSDP1 accepts one communication hook, set before the first forward, so one
+hook of ours is registered once (``register_fisher_hook``; ``lf.EWC`` does it when the fit
+starts): FSDP1's own reduction in training (bitwise the same gradients), the squaring
+reduce-scatter during a Fisher pass. FSDP1 frees the gathered parameters after each backward, so
+:func:`run_passes_sharded` runs one forward per backward there (the per-input methods: one per
+input and column). ``use_orig_params=False`` and hybrid sharding are refused with what to change.
+DeepSpeed ZeRO 1-3 is refused (flattened partitions, no hook to square gradients before their
+reduction); deepspeed is not a dependency.
 """
 
 from __future__ import annotations
