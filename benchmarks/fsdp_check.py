@@ -35,7 +35,8 @@ rank 0 of 2 holds a piece of the first weight and an empty piece of its bias): t
 communication hook is registered before the first forward, and three SGD steps with it give
 bitwise the gradients of an FSDP1 copy without it; every method's Fisher (1-D local pieces,
 gathered) against the unsharded Fisher, also for the module inside a one-unit wrapper (the pass
-forwards through the wrapper, as for a LightningModule under ``FSDPStrategy``); EWC updates
+forwards through the wrapper, as for a LightningModule under ``FSDPStrategy``) and with bf16
+compute and reduction (``MixedPrecision``; squares summed in float32); EWC updates
 (gradient and loss routes) against DDP's; the Squisher from sharded Adam; the full state-dict
 form and back, bitwise. Then ``lf.EWC`` over two tasks under Lightning's ``FSDPStrategy`` (a
 subclass: Lightning refuses the exact class on a CPU accelerator) against DDP, through
@@ -401,17 +402,20 @@ def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(res, os.path.join(out_dir, "lightning.pt"))
 
 
-def wrap_fsdp1(model: nn.Module) -> nn.Module:
+def wrap_fsdp1(model: nn.Module, bf16: bool = False) -> nn.Module:
     """``model`` wrapped in FSDP1 with each Linear a unit of its own (``use_orig_params=True``;
-    the first Linear's 63 entries give rank 0 of 2 a piece of its weight only, an empty bias)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    the first Linear's 63 entries give rank 0 of 2 a piece of its weight only, an empty bias);
+    ``bf16``: bfloat16 compute and reduction (``MixedPrecision``)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+    policy = MixedPrecision(param_dtype=torch.bfloat16) if bf16 else None
     return FullyShardedDataParallel(
         model,
         device_id=torch.device("cpu"),
         use_orig_params=True,
         auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+        mixed_precision=policy,
     )
 
 
@@ -507,6 +511,14 @@ def _fsdp1_plain(rank: int, methods: tuple[str, ...]) -> dict[str, Any]:
     for method in INNER_METHODS:
         fd = lf.estimate_fisher(one_unit.module, loader, method=method, probes=2, seed=SEED)
         out["fisher_inner"][method] = fsdp1_whole(dict(fd), one_unit.module)
+
+    # bf16 compute and reduction (MixedPrecision): squares formed and summed in float32.
+    low = wrap_fsdp1(copy.deepcopy(base), bf16=True)
+    register_fisher_hook(low)
+    out["fisher_bf16"] = {}
+    for method in BF16_METHODS:
+        fd = lf.estimate_fisher(low, loader, method=method, probes=2, seed=SEED)
+        out["fisher_bf16"][method] = fsdp1_whole(dict(fd), low)
 
     # EWC: the same (DDP) Fisher on both copies, three SGD steps with the penalty gradient
     # (and through the loss on a third copy); the gathered updates against DDP's.
@@ -709,14 +721,20 @@ def run_fsdp1(world: int, methods: tuple[str, ...]) -> list[dict[str, Any]]:
                 "hook_grads_bitwise": res["hook_grads_bitwise"],
             }
         )
-    for method, fisher in res["fisher_inner"].items():
+    fisher_only = [
+        ("fsdp1, the module inside a one-unit wrapper", m, f, False)
+        for m, f in res["fisher_inner"].items()
+    ] + [
+        ("fsdp1, bf16 compute (MixedPrecision)", m, f, True) for m, f in res["fisher_bf16"].items()
+    ]
+    for strategy, method, fisher, bf16 in fisher_only:
         rows.append(
             {
-                "strategy": "fsdp1, the module inside a one-unit wrapper",
+                "strategy": strategy,
                 "world_size": world,
                 "method": method,
                 "fisher_max_rel_diff_vs_unsharded": rel_diff(
-                    fisher, reference_fisher(method, world)
+                    fisher, reference_fisher(method, world, bf16=bf16)
                 ),
                 "fisher_placed_like_params": True,
                 "ewc_update_max_rel_diff_vs_ddp": None,

@@ -229,15 +229,26 @@ def _prepare(model: nn.Module) -> list[FisherHookState]:
 @contextmanager
 def squared_gradient_reduction(model: nn.Module) -> Iterator[None]:
     """While active, a backward of ``model`` leaves in each FSDP1 parameter's ``.grad`` this rank's
-    piece of sum_r g_r^2 over the ranks r (registers the hook if no forward has run yet)."""
+    piece of sum_r g_r^2 over the ranks r (registers the hook if no forward has run yet). Under
+    a ``MixedPrecision`` policy with a low-precision ``reduce_dtype`` the gradients are cast to
+    float32 before they are squared and summed, as the float32 flat parameters hold them."""
     states = _prepare(model)
+    outer = registered_root(model)
+    roots = [outer] if outer is not None else fsdp1_roots(model)
+    handles = [s._handle for root in roots for s in _states(root) if s._handle is not None]
+    saved = [(h, h._reduce_dtype) for h in handles]
     for s in states:
         s.squaring = True
+    for h in handles:
+        if h._reduce_dtype in (torch.float16, torch.bfloat16):
+            h._reduce_dtype = torch.float32
     try:
         yield
     finally:
         for s in states:
             s.squaring = False
+        for h, dtype in saved:
+            h._reduce_dtype = dtype
 
 
 def forward_through_root(model: nn.Module, forward: Callable[[], Any]) -> Any:

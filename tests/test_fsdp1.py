@@ -37,6 +37,8 @@ def test_fsdp1_fisher_ewc_and_checkpoints_equal_unsharded_runs() -> None:
     assert {r["method"] for r in plain} == {*METHODS, "squisher"}
     inner = [r for r in rows if "one-unit wrapper" in r["strategy"]]
     assert {r["method"] for r in inner} == {"hutchinson", "exact"}
+    bf16 = [r for r in rows if "bf16" in r["strategy"]]  # squares summed in float32
+    assert {r["method"] for r in bf16} == {"batched", "hutchinson"}
     (lightning,) = [r for r in rows if r["strategy"].startswith("lightning FSDPStrategy")]
     for row in rows:
         assert row["world_size"] == WORLD
