@@ -1,4 +1,5 @@
-"""Sharded (FSDP2) Fisher, EWC and diagnostics against unsharded runs, on CPU processes (gloo).
+"""Sharded (FSDP2 and FSDP1) Fisher, EWC and diagnostics against unsharded runs, on CPU
+processes (gloo).
 
 Every rank holds a ``fully_shard`` copy of a small MLP (each Linear and the root sharded, with
 layer widths that do not divide the world size, so shards are uneven; the first weight sharded
@@ -28,6 +29,18 @@ bounded histogram sample) must return the same numbers, and one ``fit`` with ``F
 ``FisherDiagnostics`` and ``FisherTraceRegularizer`` under ``ModelParallelStrategy`` must log
 what the DDP fit logs and make its update (the regulariser's gradient on the local shards);
 the monitor's sharded estimate round-trips Lightning's sharded and full checkpoints bitwise.
+
+FSDP1 rows (``FullyShardedDataParallel`` with ``use_orig_params=True``, each Linear a unit, so
+rank 0 of 2 holds a piece of the first weight and an empty piece of its bias): the Fisher
+communication hook is registered before the first forward, and three SGD steps with it give
+bitwise the gradients of an FSDP1 copy without it; every method's Fisher (1-D local pieces,
+gathered) against the unsharded Fisher, also for the module inside a one-unit wrapper (the pass
+forwards through the wrapper, as for a LightningModule under ``FSDPStrategy``) and with bf16
+compute and reduction (``MixedPrecision``; squares summed in float32); EWC updates
+(gradient and loss routes) against DDP's; the Squisher from sharded Adam; the full state-dict
+form and back, bitwise. Then ``lf.EWC`` over two tasks under Lightning's ``FSDPStrategy`` (a
+subclass: Lightning refuses the exact class on a CPU accelerator) against DDP, through
+Lightning's sharded and full checkpoints into a new Trainer, bitwise.
 
 Differences are max |sharded - reference| / max |reference| per tensor, the largest over tensors.
 
@@ -60,6 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("batched", "hutchinson", "exact", "empirical", "sample")
 BF16_METHODS = ("batched", "hutchinson")  # same arithmetic as the bf16 reference
+INNER_METHODS = ("hutchinson", "exact")  # FSDP1: a module inside the wrapper
 DIMS = (6, 9, 5)
 BATCH = 4
 LAM = 50.0
@@ -278,10 +292,11 @@ def _work(rank: int, world: int, out_dir: str, methods: tuple[str, ...]) -> None
         torch.save(out, os.path.join(out_dir, "rank0.pt"))
 
 
-def lightning_mlp(shard: bool) -> Any:
+def lightning_mlp(shard: bool, fsdp1: bool = False) -> Any:
     """The MLP as a LightningModule trained with cross-entropy and momentum SGD; with ``shard``,
     ``configure_model`` applies ``fully_shard`` to each Linear and the root on the data-parallel
-    mesh (once: a later Trainer finds it sharded)."""
+    mesh, with ``fsdp1`` it wraps ``net`` in FSDP1 (:func:`wrap_fsdp1`); once: a later Trainer
+    finds it sharded."""
     import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
@@ -291,8 +306,10 @@ def lightning_mlp(shard: bool) -> Any:
             self.shard = shard
 
         def configure_model(self) -> None:
-            from torch.distributed.fsdp import FSDPModule, fully_shard
+            from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel, fully_shard
 
+            if fsdp1 and not isinstance(self.net, FullyShardedDataParallel):
+                self.net = wrap_fsdp1(self.net)  # type: ignore[assignment]
             if not self.shard or isinstance(self.net, FSDPModule):  # a later Trainer: done
                 return
             mesh = self.device_mesh["data_parallel"]
@@ -383,6 +400,368 @@ def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         res[f"{name}_update"] = {k: after[k] - before[k] for k in after}
     if rank == 0:
         torch.save(res, os.path.join(out_dir, "lightning.pt"))
+
+
+def wrap_fsdp1(model: nn.Module, bf16: bool = False) -> nn.Module:
+    """``model`` wrapped in FSDP1 with each Linear a unit of its own (``use_orig_params=True``;
+    the first Linear's 63 entries give rank 0 of 2 a piece of its weight only, an empty bias);
+    ``bf16``: bfloat16 compute and reduction (``MixedPrecision``)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    policy = MixedPrecision(param_dtype=torch.bfloat16) if bf16 else None
+    return FullyShardedDataParallel(
+        model,
+        device_id=torch.device("cpu"),
+        use_orig_params=True,
+        auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+        mixed_precision=policy,
+    )
+
+
+def fsdp1_whole(tensors: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Local pieces of an FSDP1 model's parameters (or of its Fisher) gathered whole, under the
+    unwrapped names (a collective)."""
+    from lightning_fisher.sharded_fsdp1 import full_state
+
+    return full_state({k: v.detach().clone() for k, v in tensors.items()}, model)  # type: ignore[no-any-return]
+
+
+def _flag(value: bool) -> bool:
+    flag = torch.tensor([int(value)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+def fsdp1_worker(
+    rank: int, world: int, ports: tuple[int, int], out_dir: str, methods: tuple[str, ...]
+) -> None:
+    """FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) in plain PyTorch, then
+    ``lf.EWC`` under Lightning's ``FSDPStrategy``: one spawn for both (the plain group on a
+    port of its own, destroyed before Lightning makes its group)."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(ports[1]),  # Lightning's group
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+    init = f"tcp://127.0.0.1:{ports[0]}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        res = _fsdp1_plain(rank, methods)
+    finally:
+        dist.destroy_process_group()
+    res.update(_fsdp1_lightning(rank, world, out_dir))
+    if rank == 0:
+        torch.save(res, os.path.join(out_dir, "fsdp1.pt"))
+
+
+def _fsdp1_plain(rank: int, methods: tuple[str, ...]) -> dict[str, Any]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
+
+    import lightning_fisher as lf
+    from lightning_fisher.sharded_fsdp1 import register_fisher_hook, shard_state, traces
+
+    base = make_model()
+    model = wrap_fsdp1(copy.deepcopy(base))
+    register_fisher_hook(model)
+    out: dict[str, Any] = {"fisher": {}, "placed_like_params": {}, "trace": {}}
+
+    # Training with the hook gives FSDP1's own gradients, bitwise (three SGD steps).
+    plain = wrap_fsdp1(copy.deepcopy(base))
+    hooked = wrap_fsdp1(copy.deepcopy(base))
+    register_fisher_hook(hooked)
+    same = True
+    opts = [torch.optim.SGD(m.parameters(), lr=0.2) for m in (plain, hooked)]
+    for step in range(3):
+        x, y = train_batch(rank, step)
+        grads = []
+        for m, opt in zip((plain, hooked), opts):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            grads.append([p.grad for p in m.parameters()])
+            opt.step()
+        same = same and all(
+            (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+            for a, b in zip(*grads)
+        )
+    out["hook_grads_bitwise"] = _flag(same)
+
+    loader = rank_loader(rank)
+    params = dict(model.named_parameters())
+    for method in methods:
+        fd = lf.estimate_fisher(model, loader, method=method, probes=2, seed=SEED)
+        out["placed_like_params"][method] = all(
+            t.shape == params[n].shape and t.ndim == 1 for n, t in fd.items()
+        )
+        out["fisher"][method] = fsdp1_whole(dict(fd), model)
+        out["trace"][method] = sum(traces(fd, model).values())
+
+    # A module inside a root that holds every parameter (one FSDP unit), as a LightningModule is
+    # inside the wrapper of Lightning's FSDPStrategy: the pass forwards through the root.
+    one_unit = FullyShardedDataParallel(
+        copy.deepcopy(base), device_id=torch.device("cpu"), use_orig_params=True
+    )
+    register_fisher_hook(one_unit)
+    out["fisher_inner"] = {}
+    for method in INNER_METHODS:
+        fd = lf.estimate_fisher(one_unit.module, loader, method=method, probes=2, seed=SEED)
+        out["fisher_inner"][method] = fsdp1_whole(dict(fd), one_unit.module)
+
+    # bf16 compute and reduction (MixedPrecision): squares formed and summed in float32.
+    low = wrap_fsdp1(copy.deepcopy(base), bf16=True)
+    register_fisher_hook(low)
+    out["fisher_bf16"] = {}
+    for method in BF16_METHODS:
+        fd = lf.estimate_fisher(low, loader, method=method, probes=2, seed=SEED)
+        out["fisher_bf16"][method] = fsdp1_whole(dict(fd), low)
+
+    # EWC: the same (DDP) Fisher on both copies, three SGD steps with the penalty gradient
+    # (and through the loss on a third copy); the gathered updates against DDP's.
+    ddp = DistributedDataParallel(copy.deepcopy(base))
+    fisher_dp = lf.estimate_fisher(ddp.module, loader, method="exact")
+    loss_route = wrap_fsdp1(copy.deepcopy(base))
+    register_fisher_hook(loss_route)
+    updates: dict[str, dict[str, Tensor]] = {}
+    penalties: dict[str, float] = {}
+    states: dict[str, Any] = {}
+    for name, m in (("sharded", model), ("sharded_loss", loss_route), ("ddp", ddp)):
+        target = m.module if name == "ddp" else m
+        fisher = dict(fisher_dp) if name == "ddp" else shard_state(dict(fisher_dp), target)
+        ewc = lf.ElasticWeightConsolidation(target, lam=LAM)
+        ewc.consolidate(lf.FisherDiagonal(fisher, fisher_dp.n_samples, fisher_dp.method))
+        opt = torch.optim.SGD(m.parameters(), lr=0.2)
+        for step in range(3):
+            x, y = train_batch(rank, step)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), y)
+            if name == "sharded_loss":
+                loss = loss + ewc.penalty()
+            loss.backward()
+            if name != "sharded_loss":
+                ewc.add_penalty_grad()
+            before = dict(target.named_parameters())
+            before = fsdp1_whole(before, target) if name != "ddp" else _clone(before)
+            opt.step()
+        after = dict(target.named_parameters())
+        after = fsdp1_whole(after, target) if name != "ddp" else _clone(after)
+        updates[name] = {k: after[k] - before[k] for k in after}
+        penalties[name] = float(ewc.penalty().detach())
+        states[name] = ewc
+    out["updates"] = updates
+    out["penalties"] = penalties
+
+    # The Squisher from sharded Adam state (exp_avg_sq is a piece like its parameter).
+    adam_sq: dict[str, dict[str, Tensor]] = {}
+    for name, m in (("sharded", model), ("ddp", ddp)):
+        target = m.module if name == "ddp" else m
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        for step in range(2):
+            x, y = train_batch(rank, 10 + step)
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        sq = dict(lf.fisher_from_optimizer(opt, target, batch_size=BATCH))
+        adam_sq[name] = fsdp1_whole(sq, target) if name == "sharded" else sq
+    out["squisher"] = adam_sq
+
+    # The full state-dict form (gathered, unwrapped names) and back: bitwise.
+    ewc = states["sharded"]
+    state = ewc.state_dict()
+    restored = lf.ElasticWeightConsolidation(model, lam=LAM)
+    restored.load_state_dict(shard_state(fsdp1_whole_state(state, model), model))
+    out["checkpoint_full_bitwise"] = _flag(_bitwise(restored.state_dict(), state))
+    return out
+
+
+def fsdp1_whole_state(state: Any, model: nn.Module) -> Any:
+    from lightning_fisher.sharded_fsdp1 import full_state
+
+    return full_state(state, model)
+
+
+def _clone(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k.removeprefix("module."): v.detach().clone() for k, v in tensors.items()}
+
+
+def _full_state_dicts_without_offload() -> None:
+    """Make this process's Lightning FSDPStrategy write and read full state dicts without
+    ``offload_to_cpu``: on CPU parameters, FSDP1's offloaded full state dict clones storage its
+    reshard has freed (a segmentation fault in ``Trainer.save_checkpoint``, with or without
+    lightning_fisher's callbacks); on GPUs Lightning's own setting stays."""
+    import lightning.pytorch.strategies.fsdp as lightning_fsdp
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.api import FullOptimStateDictConfig
+
+    def context(module: nn.Module, world_size: int, rank0_only: bool = True) -> Any:
+        return FSDP.state_dict_type(
+            module,
+            StateDictType.FULL_STATE_DICT,
+            FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+        )
+
+    lightning_fsdp._get_full_state_dict_context = context  # type: ignore[assignment]
+
+
+def _fsdp1_lightning(rank: int, world: int, out_dir: str) -> dict[str, Any]:
+    """``lf.EWC`` over two tasks under ``FSDPStrategy`` and under DDP from the same weights;
+    after task 0 the FSDP1 run writes a sharded and a full checkpoint and restores each into a
+    new callback, module and Trainer. (The module wraps its ``net`` in ``configure_model``: on
+    a CPU-only machine FSDP1 needs ``device_id=torch.device("cpu")``, which Lightning's own
+    wrapping of the whole module does not pass.)"""
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    import lightning_fisher as lf
+
+    def data(task: int) -> DataLoader[tuple[Tensor, ...]]:
+        gen = torch.Generator().manual_seed(200 + task)
+        x = torch.randn(32, DIMS[0], generator=gen)
+        y = torch.randint(0, DIMS[2], (32,), generator=gen)
+        return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+
+    def trainer(ewc: Any, strategy: Any) -> pl.Trainer:
+        return pl.Trainer(
+            callbacks=[ewc],
+            strategy=strategy,
+            accelerator="cpu",
+            devices=world,
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        """FSDPStrategy itself: Lightning refuses the exact type with a CPU accelerator, while
+        FSDP1 runs on CPU processes with gloo."""
+
+    _full_state_dicts_without_offload()
+
+    def fsdp() -> FSDPStrategy:
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        return CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+
+    res: dict[str, Any] = {}
+    for name in ("fsdp1", "ddp"):
+        model = lightning_mlp(shard=False, fsdp1=name == "fsdp1")
+        ewc = lf.EWC(lam=LAM, method="exact")
+        t0 = trainer(ewc, fsdp() if name == "fsdp1" else "ddp")
+        t0.fit(model, data(0))
+        fisher = dict(ewc.fishers[0])
+        res[f"{name}_fisher"] = fsdp1_whole(fisher, model) if name == "fsdp1" else fisher
+        if name == "fsdp1":
+            state = fsdp1_whole_state(ewc.core.state_dict(), model)
+            for kind in ("sharded", "full"):
+                path = os.path.join(out_dir, f"fsdp1-{kind}.ckpt")
+                t0.strategy._state_dict_type = kind  # type: ignore[attr-defined]
+                t0.save_checkpoint(path)
+                restored = lf.EWC(lam=LAM, method="exact")
+                fresh = lightning_mlp(shard=False, fsdp1=True)
+                # at max_epochs already: the fit restores the checkpoint and trains nothing
+                trainer(restored, fsdp()).fit(fresh, data(0), ckpt_path=path)
+                got = fsdp1_whole_state(restored.core.state_dict(), fresh)
+                res[f"checkpoint_{kind}_bitwise"] = _flag(_bitwise(got, state))
+        before = fsdp1_whole(dict(model.named_parameters()), model)
+        trainer(ewc, fsdp() if name == "fsdp1" else "ddp").fit(model, data(1))  # EWC penalty
+        after = fsdp1_whole(dict(model.named_parameters()), model)
+        res[f"{name}_update"] = {k: after[k] - before[k] for k in after}
+    return res
+
+
+def run_fsdp1(world: int, methods: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows for FSDP1: every method against the unsharded Fisher (plain PyTorch), EWC updates
+    against DDP's (gradient and loss routes), the full state-dict round trip; and ``lf.EWC``
+    under Lightning's ``FSDPStrategy`` against DDP, through its sharded and full checkpoints."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ports = _free_ports(2)
+        mp.spawn(fsdp1_worker, args=(world, ports, tmp, methods), nprocs=world, join=True)
+        res = torch.load(os.path.join(tmp, "fsdp1.pt"), weights_only=False)
+    ddp_update, ddp_penalty = res["updates"]["ddp"], res["penalties"]["ddp"]
+    update_diff = max(rel_diff(res["updates"][v], ddp_update) for v in ("sharded", "sharded_loss"))
+    penalty_diff = max(
+        abs(res["penalties"][v] - ddp_penalty) / max(abs(ddp_penalty), 1e-30)
+        for v in ("sharded", "sharded_loss")
+    )
+    assert ddp_penalty > 0, "the EWC steps left the parameters at their anchors"
+    rows = []
+    for method in (*methods, "squisher"):
+        if method == "squisher":
+            placed = True
+            diff = rel_diff(res["squisher"]["sharded"], res["squisher"]["ddp"])
+        else:
+            placed = res["placed_like_params"][method]
+            ref = reference_fisher(method, world)
+            ref_trace = sum(float(v.double().sum()) for v in ref.values())
+            # the trace summed over the ranks' pieces (sharded_fsdp1.traces) counts too
+            diff = max(
+                rel_diff(res["fisher"][method], ref),
+                abs(res["trace"][method] - ref_trace) / ref_trace,
+            )
+        rows.append(
+            {
+                "strategy": "fsdp1 (FullyShardedDataParallel, use_orig_params)",
+                "world_size": world,
+                "method": method,
+                "fisher_max_rel_diff_vs_unsharded": diff,
+                "fisher_placed_like_params": placed,
+                "ewc_update_max_rel_diff_vs_ddp": update_diff,
+                "ewc_penalty_rel_diff_vs_ddp": penalty_diff,
+                "checkpoint_roundtrip_bitwise": res["checkpoint_full_bitwise"],
+                "checkpoint_sharded_bitwise": None,
+                "checkpoint_full_bitwise": res["checkpoint_full_bitwise"],
+                "hook_grads_bitwise": res["hook_grads_bitwise"],
+            }
+        )
+    fisher_only = [
+        ("fsdp1, the module inside a one-unit wrapper", m, f, False)
+        for m, f in res["fisher_inner"].items()
+    ] + [
+        ("fsdp1, bf16 compute (MixedPrecision)", m, f, True) for m, f in res["fisher_bf16"].items()
+    ]
+    for strategy, method, fisher, bf16 in fisher_only:
+        rows.append(
+            {
+                "strategy": strategy,
+                "world_size": world,
+                "method": method,
+                "fisher_max_rel_diff_vs_unsharded": rel_diff(
+                    fisher, reference_fisher(method, world, bf16=bf16)
+                ),
+                "fisher_placed_like_params": True,
+                "ewc_update_max_rel_diff_vs_ddp": None,
+                "ewc_penalty_rel_diff_vs_ddp": None,
+                "checkpoint_roundtrip_bitwise": None,
+                "checkpoint_sharded_bitwise": None,
+                "checkpoint_full_bitwise": None,
+                "hook_grads_bitwise": None,
+            }
+        )
+    rows.append(
+        {
+            "strategy": "lightning FSDPStrategy (FSDP1), lf.EWC",
+            "world_size": world,
+            "method": "exact",
+            "fisher_max_rel_diff_vs_unsharded": rel_diff(res["fsdp1_fisher"], res["ddp_fisher"]),
+            "fisher_placed_like_params": True,
+            "ewc_update_max_rel_diff_vs_ddp": rel_diff(res["fsdp1_update"], res["ddp_update"]),
+            "ewc_penalty_rel_diff_vs_ddp": None,
+            "checkpoint_roundtrip_bitwise": res["checkpoint_sharded_bitwise"]
+            and res["checkpoint_full_bitwise"],
+            "checkpoint_sharded_bitwise": res["checkpoint_sharded_bitwise"],
+            "checkpoint_full_bitwise": res["checkpoint_full_bitwise"],
+            "hook_grads_bitwise": None,
+        }
+    )
+    return rows
 
 
 def _scalars_diff(got: dict[str, float], want: dict[str, float]) -> float:
@@ -724,6 +1103,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=int, nargs="+", default=[2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        choices=("fsdp2", "fsdp1"),
+        default=["fsdp2", "fsdp1"],
+        help="fsdp2: fully_shard and ModelParallelStrategy; fsdp1: FullyShardedDataParallel "
+        "and FSDPStrategy",
+    )
     parser.add_argument("--no-lightning", action="store_true", help="skip the Lightning rows")
     parser.add_argument(
         "--no-diagnostics", action="store_true", help="skip the diagnostics and callback rows"
@@ -732,11 +1119,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for w in args.world:
-        rows += run(w, tuple(args.methods))
-        if not args.no_lightning:
-            rows.append(run_lightning(w))
-        if not args.no_diagnostics:
-            rows += run_diagnostics(w)[0]
+        if "fsdp2" in args.strategies:
+            rows += run(w, tuple(args.methods))
+            if not args.no_lightning:
+                rows.append(run_lightning(w))
+            if not args.no_diagnostics:
+                rows += run_diagnostics(w)[0]
+        if "fsdp1" in args.strategies:
+            fsdp1_rows = run_fsdp1(w, tuple(args.methods))
+            rows += [
+                r for r in fsdp1_rows if not args.no_lightning or "lightning" not in r["strategy"]
+            ]
     report = {
         "command": " ".join(["python -m benchmarks.fsdp_check", *(argv or sys.argv[1:])]),
         "device": f"CPU ({platform.processor() or platform.machine()}), gloo, 1 thread per rank",
@@ -754,7 +1147,7 @@ def main(argv: list[str] | None = None) -> None:
         "checkpoint_roundtrip_bitwise",
     ]
     lines = [
-        "# FSDP2 on CPU: sharded Fisher, EWC and diagnostics against unsharded runs",
+        "# FSDP2 and FSDP1 on CPU: sharded Fisher, EWC and diagnostics against unsharded runs",
         "",
         f"`{report['command']}` on {report['device']}; torch {torch.__version__}.",
         "",
@@ -769,7 +1162,11 @@ def main(argv: list[str] | None = None) -> None:
         "histogram sample) from the unsharded (DDP) run on the same data; the EWC column of "
         "the callbacks' row is the update of a step with FisherTraceRegularizer against DDP's, "
         "and its checkpoint column FisherMonitor's sharded estimate through Lightning's sharded "
-        "and full checkpoints.",
+        "and full checkpoints. FSDP1 rows: the Fisher as 1-D local pieces of each parameter, "
+        "gathered (and the trace summed over the ranks' pieces); the plain rows' checkpoint column is the full state-dict form and back "
+        "(their training with the Fisher hook gave bitwise FSDP1's own gradients: "
+        "`hook_grads_bitwise` in the JSON); the FSDPStrategy row's is Lightning's sharded and "
+        "full checkpoints resumed in a new Trainer.",
         "",
         "| " + " | ".join(cols) + " |",
         "|" + "---|" * len(cols),

@@ -32,6 +32,7 @@ from . import _ewc_fused_cpu
 from .fisher_diagonal import FisherDiagonal
 from .outputs import FisherInputError
 from .sharded import is_dtensor, local_tensor, refuse_fsdp1
+from .sharded_fsdp1 import sum_over_ranks
 
 MODES = ("online", "separate")
 #: per task: parameters, their Fisher, anchors and workspace buffers
@@ -202,7 +203,8 @@ class ElasticWeightConsolidation:
     def penalty(self, module: nn.Module | None = None) -> Tensor:
         """(lam / 2) sum_t sum_i F_t,i (theta_i - theta*_t,i)^2, differentiable in the module's
         parameters (a float32 zero before the first consolidation)."""
-        params = dict(self._module(module).named_parameters())
+        module = self._module(module)
+        params = dict(module.named_parameters())
         device = next(iter(params.values())).device if params else torch.device("cpu")
         self._to_device(device)
         total = torch.zeros((), dtype=torch.float32, device=device)
@@ -217,6 +219,7 @@ class ElasticWeightConsolidation:
                 if is_dtensor(term):  # FSDP2: a sum over shards, replicated on every rank
                     term = term.full_tensor()  # type: ignore[attr-defined]
                 total = total + term
+        total = sum_over_ranks(total, module)  # FSDP1: each rank summed its own pieces
         return 0.5 * self.lam * total
 
     def add_penalty_grad(
@@ -292,6 +295,8 @@ class ElasticWeightConsolidation:
             value = torch.zeros((), dtype=torch.float32, device=entry.device)
         if mesh is not None:  # each rank summed its own shards
             dist.all_reduce(value, group=mesh.get_group())
+        else:
+            value = sum_over_ranks(value, module)  # FSDP1: each rank summed its own pieces
         return 0.5 * self.lam * value
 
     def prepare_cpu_kernel(self) -> bool:

@@ -22,17 +22,18 @@ bounded sample of entries chosen in the whole parameter's index space (:func:`sa
 the trace regulariser's double backward runs on whole parameters held for one step
 (:func:`unsharded_parameters`).
 
-FSDP1 (``FullyShardedDataParallel``) is refused with a clear error. It does run on CPU with gloo
-in torch 2.13 (``device_id=torch.device("cpu")``: forward, backward and optimizer step), so
-the refusal is not about the device: its flat parameters mix several named parameters in one
-shard (with ``use_orig_params=True`` each named parameter is a flat 1-D piece of its rank's
-shard, uneven and possibly empty, which a DTensor cannot describe). What is missing: a
-squared-gradient reduce-scatter for flat parameters (FSDP1's communication hook can be
-registered only once, before the first forward, so a Fisher pass cannot switch it on through
-the public API), one forward per backward (FSDP1 frees the unsharded parameters after each
-backward, so the retained graph this pass backpropagates once per cotangent is gone), and a
-Fisher of flat pieces whose traces, EWC penalty and checkpoints sum over the ranks. DeepSpeed ZeRO 1-3 is refused for the same kind of reason (flattened partitions,
-no hook to square gradients before their reduction); deepspeed is not a dependency.
+FSDP1 (``FullyShardedDataParallel``, Lightning's ``FSDPStrategy``) with ``use_orig_params=True``
+is served by :mod:`lightning_fisher.sharded_fsdp1`: each named parameter is a flat 1-D piece of
+its rank's shard (uneven, possibly empty; a DTensor cannot describe it), and the Fisher, anchors
+and penalty gradient are kept as pieces of the same shape (memory per rank about 2 x the
+parameter piece). FSDP1 accepts one communication hook, set before the first forward, so one
+hook of ours is registered once (``register_fisher_hook``; ``lf.EWC`` does it when the fit
+starts): FSDP1's own reduction in training (bitwise the same gradients), the squaring
+reduce-scatter during a Fisher pass. FSDP1 frees the gathered parameters after each backward, so
+:func:`run_passes_sharded` runs one forward per backward there (the per-input methods: one per
+input and column). ``use_orig_params=False`` and hybrid sharding are refused with what to change.
+DeepSpeed ZeRO 1-3 is refused (flattened partitions, no hook to square gradients before their
+reduction); deepspeed is not a dependency.
 """
 
 from __future__ import annotations
@@ -85,28 +86,22 @@ def is_fsdp2(model: nn.Module) -> bool:
 
 
 def is_fsdp1(model: nn.Module) -> bool:
-    """Whether ``model`` is (or contains) an FSDP1 ``FullyShardedDataParallel`` wrapper."""
+    """Whether ``model`` is (or contains) an FSDP1 ``FullyShardedDataParallel`` wrapper, or lies
+    inside one whose Fisher hook is registered (a LightningModule under ``FSDPStrategy``)."""
     if not dist.is_available():
         return False
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    from .sharded_fsdp1 import is_fsdp1_model
 
-    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
-
-
-FSDP1_REFUSAL = (
-    "is not supported on FSDP1 (FullyShardedDataParallel / Lightning's FSDPStrategy): its flat "
-    "parameters mix several named parameters in one shard, and the Fisher and EWC state are kept "
-    "per named parameter; a squared-gradient reduce-scatter for flat parameters and the mapping "
-    "of flat pieces to and from checkpoints are not implemented. Use FSDP2 instead "
-    "(torch.distributed.fsdp.fully_shard, or Lightning's ModelParallelStrategy), whose "
-    "parameters are DTensors sharded per parameter."
-)
+    return is_fsdp1_model(model)
 
 
 def refuse_fsdp1(model: nn.Module, who: str) -> None:
-    """Raise a ``FisherInputError`` for FSDP1-wrapped models."""
+    """Raise a ``FisherInputError`` for FSDP1 settings the Fisher and EWC code cannot serve
+    (``use_orig_params=False``, hybrid sharding)."""
     if is_fsdp1(model):
-        raise FisherInputError(f"{who} {FSDP1_REFUSAL}")
+        from .sharded_fsdp1 import check_supported
+
+        check_supported(model, who)
 
 
 def _squaring_reduce_scatter() -> Any:
@@ -277,16 +272,20 @@ def run_passes_sharded(
     estimators: list[Estimator],
     observe: Callable[[ModelOutputs], None] | None = None,
 ) -> list[FisherDiagonal]:
-    """``run_passes`` for FSDP2 models: every result's tensors are DTensors sharded like the
-    parameters, equal to the Fisher an unsharded (DDP) pass computes on the same data.
+    """``run_passes`` for sharded models: every result's tensors are sharded like the parameters
+    (DTensors for FSDP2; for FSDP1, 1-D tensors shaped like each parameter's local piece), equal
+    to the Fisher an unsharded (DDP) pass computes on the same data. On FSDP1 every backward has
+    a forward of its own (FSDP1 frees the gathered parameters after each backward).
 
     Every rank runs the same number of forwards and backwards (the collectives inside them must
     match): a rank whose loader is exhausted repeats its last batch with zero cotangents, and each
     estimator's cotangents are padded with zeros to the largest count over the ranks.
     """
+    from . import sharded_fsdp1
     from .estimators.base import eval_mode, finish_estimates, limit_loader, trainable_parameters
 
     refuse_fsdp1(model, "The Fisher pass")
+    fsdp1 = is_fsdp1(model)
     opts = estimators[0].options
     if not opts.sync_distributed:
         raise FisherInputError(
@@ -296,6 +295,12 @@ def run_passes_sharded(
         )
     params = trainable_parameters(model, opts.param_filter)
     names = list(params)
+    # parameters whose squares the backward's reduction sums over the ranks (the others are
+    # whole on every rank: squared here, all-reduced after the pass)
+    if fsdp1:
+        reduced = set(sharded_fsdp1.pieces(model))
+    else:
+        reduced = {n for n, p in params.items() if is_dtensor(p) and _mesh_size(p) > 1}
     first = next(iter(params.values()))
     device = first.device
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -326,29 +331,43 @@ def run_passes_sharded(
     n_inputs = n_batches = rows = n_sequences = 0
 
     def forward(batch: Any) -> ModelOutputs:
-        return model_outputs(
-            model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
-        )
+        def run() -> ModelOutputs:
+            return model_outputs(
+                model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
+            )
 
-    def backward(logits: Tensor, cot: Tensor, weight: float, acc: dict[str, Tensor]) -> None:
+        return sharded_fsdp1.forward_through_root(model, run) if fsdp1 else run()
+
+    unused: list[ModelOutputs] = []  # FSDP1: the batch's forward, before its one backward
+
+    def logits_for_backward(out: ModelOutputs) -> Tensor:
+        if not fsdp1:
+            return out.logits
+        if unused:
+            return unused.pop().logits
+        return forward(last).logits  # the same inputs, so the same logits
+
+    def backward(out: ModelOutputs, cot: Tensor, weight: float, acc: dict[str, Tensor]) -> None:
         reapply()
         for q in all_params:
             q.grad = None
+        logits = logits_for_backward(out)
         # sqrt(w) on the cotangent: weights need not agree across ranks (padding has w = 0)
-        logits.backward(cot * math.sqrt(weight), retain_graph=True)
+        logits.backward(cot * math.sqrt(weight), retain_graph=not fsdp1)
         for n in names:
             g = params[n].grad
             if g is None:
                 continue
             g_local = local_tensor(g).to(acc[n].dtype)
-            if _mesh_size(params[n]) == 1:  # no collective ran, so nothing squared it
+            if n not in reduced:  # no collective ran, so nothing squared it
                 g_local = g_local * g_local
             acc[n].add_(g_local)
 
     last: Any = None
     iterator = iter(loader)
     try:
-        with squared_gradient_reduction(model) as reapply, eval_mode(model):
+        reduction = _fsdp1_reduction(model) if fsdp1 else squared_gradient_reduction(model)
+        with reduction as reapply, eval_mode(model):
             while True:
                 batch = None
                 more = opts.max_batches is None or n_batches < opts.max_batches
@@ -374,6 +393,7 @@ def run_passes_sharded(
                     rows += batch_size_of(batch)
                     last = batch
                 out = forward(last)
+                unused[:] = [out]
                 for e in estimators:
                     e.validate(out.n_classes)
                 if real:
@@ -403,12 +423,13 @@ def run_passes_sharded(
                     (most,) = _collective_max([count], device)
                     done = 0
                     for cot, w in items:
-                        backward(out.logits, cot, w, acc)
+                        backward(out, cot, w, acc)
                         done += 1
                     zero = torch.zeros_like(out.logits)
                     for _ in range(most - done):
-                        backward(out.logits, zero, 0.0, acc)
+                        backward(out, zero, 0.0, acc)
                 del out
+                unused.clear()
     finally:
         for q, g in zip(all_params, saved_grads):
             q.grad = g
@@ -416,8 +437,8 @@ def run_passes_sharded(
         [float(n_inputs), float(n_batches), float(n_sequences)], dtype=torch.float64, device=device
     )
     if world > 1:
-        # parameters fully_shard left whole (not DTensors) got each rank's own squares
-        whole = [acc[n] for acc in accs for n in names if not is_dtensor(params[n])]
+        # parameters left whole (not sharded) got each rank's own squares
+        whole = [acc[n] for acc in accs for n in names if n not in reduced]
         for t in [*whole, counts]:
             dist.all_reduce(t)
     n_inputs, n_batches, n_sequences = (int(c) for c in counts.tolist())
@@ -437,6 +458,15 @@ def run_passes_sharded(
         lambda name, t: as_sharded_like(t, params[name]),
         n_sequences=n_sequences,
     )
+
+
+@contextmanager
+def _fsdp1_reduction(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """FSDP1's squared reduction, with the no-op "apply again" of the FSDP2 context manager."""
+    from .sharded_fsdp1 import squared_gradient_reduction as squared_fsdp1
+
+    with squared_fsdp1(model):
+        yield lambda: None
 
 
 def _nonfinite(names: list[str], tensors: list[Tensor], device: torch.device) -> list[str]:
@@ -581,9 +611,15 @@ def full_tensors(fd: FisherDiagonal) -> dict[str, Tensor]:
     return {k: v.full_tensor() if is_dtensor(v) else v for k, v in fd.items()}  # type: ignore[attr-defined]
 
 
-def full_state(state: Any) -> Any:
+def full_state(state: Any, model: nn.Module | None = None) -> Any:
     """A copy of a (nested) state dict with every DTensor gathered whole: the full state-dict
-    form of a sharded EWC or Fisher state (a collective: call it on every rank)."""
+    form of a sharded EWC or Fisher state (a collective: call it on every rank). With an FSDP1
+    ``model``, the tensors keyed by its parameters' names and shaped like their local pieces
+    are gathered whole too (``sharded_fsdp1.full_state``)."""
+    if model is not None and is_fsdp1(model):
+        from .sharded_fsdp1 import full_state as full_state_fsdp1
+
+        return full_state_fsdp1(state, model)
     if is_dtensor(state):
         return state.full_tensor()
     if isinstance(state, dict):
@@ -596,8 +632,14 @@ def full_state(state: Any) -> Any:
 def shard_state_like(state: Any, model: nn.Module) -> Any:
     """The inverse of :func:`full_state`: in a (nested) state dict, every whole tensor keyed by a
     name of one of ``model``'s DTensor parameters, of that parameter's shape, becomes a DTensor
-    sharded like it (each rank keeps its slice; no communication)."""
+    sharded like it (each rank keeps its slice; no communication). For an FSDP1 ``model``, each
+    rank keeps its flat piece of the parameters it flattened (``sharded_fsdp1.shard_state``)."""
     from torch.distributed.tensor import distribute_tensor
+
+    if is_fsdp1(model):
+        from .sharded_fsdp1 import shard_state
+
+        return shard_state(state, model)
 
     params = {n: p for n, p in model.named_parameters() if is_dtensor(p)}
 

@@ -32,6 +32,7 @@ def test_fsdp2_fisher_and_ewc_equal_unsharded_runs(tmp_path: Path) -> None:
     out = tmp_path / "fsdp.json"
     cmd = [sys.executable, "-m", "benchmarks.fsdp_check", "--world", str(WORLD), "--out", str(out)]
     cmd.append("--no-diagnostics")  # tests/test_fsdp_diagnostics.py runs those
+    cmd += ["--strategies", "fsdp2"]  # tests/test_fsdp1.py runs FSDP1
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -63,8 +64,8 @@ def test_fsdp2_fisher_and_ewc_equal_unsharded_runs(tmp_path: Path) -> None:
         assert row["checkpoint_full_bitwise"] is True, row
 
 
-def test_fsdp1_and_deepspeed_are_refused_with_what_is_missing() -> None:
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+def test_deepspeed_is_refused_with_what_is_missing() -> None:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
 
     callbacks = (
         lambda: lf.EWC(lam=1.0),
@@ -72,14 +73,11 @@ def test_fsdp1_and_deepspeed_are_refused_with_what_is_missing() -> None:
         lambda: lf.FisherDiagnostics(),
         lambda: lf.FisherTraceRegularizer(alpha=0.1),
     )
-    for strategy, missing in (
-        (FSDPStrategy, r"flat parameters.*squared-gradient reduce-scatter.*not implemented"),
-        (DeepSpeedStrategy, r"ZeRO \(stages 1-3\).*no hook to square gradients.*not implemented"),
-    ):
-        for make in callbacks:
-            fake = SimpleNamespace(strategy=strategy.__new__(strategy))
-            with pytest.raises(lf.FisherInputError, match=missing):
-                make().setup(fake, Classifier(), "fit")  # type: ignore[arg-type]
+    missing = r"ZeRO \(stages 1-3\).*no hook to square gradients.*not implemented"
+    for make in callbacks:
+        fake = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+        with pytest.raises(lf.FisherInputError, match=missing):
+            make().setup(fake, Classifier(), "fit")  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -147,10 +145,11 @@ def test_unsupported_sharding_is_refused_with_what_is_missing(one_rank_group: An
     fully_shard(hsdp, mesh=init_device_mesh("cpu", (1, 1), mesh_dim_names=("replicate", "shard")))
     with pytest.raises(lf.FisherInputError, match=r"1-D mesh.*shape \(1, 1\)"):
         lf.estimate_fisher(hsdp, _data())
+    # FSDP1 with use_orig_params=False (its default): flat parameters without named pieces
     fsdp1 = FullyShardedDataParallel(_mlp(), device_id=torch.device("cpu"))
-    with pytest.raises(lf.FisherInputError, match=r"FSDP1.*flat parameters.*fully_shard"):
+    with pytest.raises(lf.FisherInputError, match=r"FSDP1.*use_orig_params=False.*=True"):
         lf.estimate_fisher(fsdp1, _data())
-    with pytest.raises(lf.FisherInputError, match="FSDP1"):
+    with pytest.raises(lf.FisherInputError, match="use_orig_params=True"):
         zeros = {n: torch.zeros_like(p) for n, p in fsdp1.named_parameters()}
         lf.ElasticWeightConsolidation(fsdp1, lam=1.0).consolidate(
             lf.FisherDiagonal(zeros, n_samples=1, method="exact")

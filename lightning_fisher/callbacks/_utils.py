@@ -179,15 +179,19 @@ def training_finished(trainer: pl.Trainer) -> bool:
     return bool(trainer.should_stop and loop._can_stop_early)
 
 
-def refuse_sharded_strategy(trainer: pl.Trainer, who: str, fsdp2: bool = False) -> None:
+def refuse_sharded_strategy(
+    trainer: pl.Trainer, who: str, fsdp2: bool = False, fsdp1: bool = False
+) -> None:
     """Raise a clear error at setup under a strategy that shards the parameters in a way ``who``
     does not support.
 
     ``fsdp2=True``: ``who`` supports ``ModelParallelStrategy`` (FSDP2, ``fully_shard``), whose
     parameters are DTensors sharded per parameter: its Fisher and EWC state are kept sharded like
-    them (``lightning_fisher.sharded``). ``FSDPStrategy`` (FSDP1) and DeepSpeed hold flattened
-    pieces of several parameters per rank and are refused, with what is missing. DDP is
-    supported.
+    them (``lightning_fisher.sharded``). ``fsdp1=True``: ``who`` supports ``FSDPStrategy`` (FSDP1)
+    with ``use_orig_params=True`` and a non-hybrid sharding strategy: its state is kept as each
+    parameter's flat local piece (``lightning_fisher.sharded_fsdp1``; the callback registers the
+    Fisher communication hook when the fit starts, :func:`prepare_sharded_strategy`). DeepSpeed
+    holds flattened partitions and is refused, with what is missing. DDP is supported.
     """
     from lightning.pytorch.strategies import (
         DeepSpeedStrategy,
@@ -207,14 +211,15 @@ def refuse_sharded_strategy(trainer: pl.Trainer, who: str, fsdp2: bool = False) 
             "Squisher need; a ZeRO route (squared-gradient reduction inside DeepSpeed's "
             "partitioned backward, Fisher state per flat partition) is not implemented"
         )
+    elif isinstance(strategy, FSDPStrategy) and fsdp1:
+        _check_fsdp1_strategy(strategy, who)
+        return
     elif isinstance(strategy, FSDPStrategy):
         missing = (
-            "FSDP1 flat parameters mix several named parameters in one shard (with "
-            "use_orig_params=True each named parameter is a flat 1-D piece of its rank's shard, "
-            "possibly empty), and the Fisher and EWC state are kept per named parameter, shaped "
-            "like it or as DTensor shards; a squared-gradient reduce-scatter for FSDP1's flat "
-            "parameters and the mapping of flat pieces to and from checkpoints are not "
-            "implemented"
+            "FSDP1 keeps each parameter as a flat 1-D piece of its rank's shard; lf.EWC supports "
+            "that, but this callback's work on whole parameters or DTensor shards is not "
+            "implemented for flat pieces: "
+            + _FSDP1_MISSING.get(who, "its reductions over the ranks")
         )
     elif isinstance(strategy, ModelParallelStrategy):
         missing = "this callback needs whole parameters on every rank"
@@ -226,6 +231,50 @@ def refuse_sharded_strategy(trainer: pl.Trainer, who: str, fsdp2: bool = False) 
         f"Use {supported} (under DDP each rank estimates on its shard of the data; the "
         "all-reduced Fisher is identical on every rank)."
     )
+
+
+#: what each callback other than lf.EWC lacks on FSDP1's flat pieces
+_FSDP1_MISSING = {
+    "lf.FisherMonitor": (
+        "traces, fractions and the logged per-layer numbers reduced over flat pieces "
+        "(FisherDiagonal.trace sums DTensor shards only)"
+    ),
+    "FisherDiagnostics": (
+        "traces, bound ratios, fractions and the bounded histogram sample reduced over flat "
+        "pieces (they are reduced over DTensor shards only)"
+    ),
+    "lf.FisherTraceRegularizer": (
+        "its double backward (create_graph) needs whole parameters held for one step, and FSDP1 "
+        "does not support gradients of gradients"
+    ),
+}
+
+
+def _check_fsdp1_strategy(strategy: Any, who: str) -> None:
+    """Refuse ``FSDPStrategy`` settings the FSDP1 route cannot serve, before any training step."""
+    if not strategy.kwargs.get("use_orig_params", True):
+        raise FisherInputError(
+            f"{who} under FSDPStrategy needs use_orig_params=True (each named parameter, its "
+            "gradient and its Fisher are then a flat piece of the rank's shard); got "
+            "use_orig_params=False. Leave it at Lightning's default True."
+        )
+    kind = str(getattr(strategy, "sharding_strategy", ""))
+    if "HYBRID" in kind:
+        raise FisherInputError(
+            f"{who} under FSDPStrategy supports FULL_SHARD, SHARD_GRAD_OP and NO_SHARD; got "
+            f"{kind}, whose inter-node reduction accepts no communication hook."
+        )
+
+
+def prepare_sharded_strategy(trainer: pl.Trainer) -> None:
+    """Under ``FSDPStrategy``, register the Fisher communication hook on the wrapped model (once;
+    call it when the fit starts: after wrapping, before the first forward)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy) and trainer.strategy.model is not None:
+        from ..sharded_fsdp1 import register_fisher_hook
+
+        register_fisher_hook(trainer.strategy.model)
 
 
 def grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:

@@ -40,6 +40,7 @@ from ._utils import (
     grad_scale,
     log_metrics,
     plain_warnings_on_rank_zero,
+    prepare_sharded_strategy,
     refuse_sharded_strategy,
     training_finished,
     world_size,
@@ -376,13 +377,14 @@ class EWC(Callback):
     # Lightning hooks -------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, "lf.EWC", fsdp2=True)
+        refuse_sharded_strategy(trainer, "lf.EWC", fsdp2=True, fsdp1=True)
         self._module = pl_module  # lets load_state_dict check names before touching state
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = False
         self._fit_steps = 0
+        prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
         self._pending_save_step = None
         self._logged_penalty = None
         self.core.invalidate_caches()
@@ -588,7 +590,7 @@ class EWC(Callback):
         # FSDP2: Lightning writes callback states from rank 0 only, so sharded Fishers and
         # anchors are gathered whole here (a collective: every rank builds the checkpoint).
         return {
-            **sharded.full_state(self.core.state_dict()),
+            **sharded.full_state(self.core.state_dict(), self._module),
             "steps_since_consolidation": self._steps_since,
             "epoch_task": self._epoch_task if isinstance(self._epoch_task, (int, str)) else None,
         }
@@ -617,7 +619,9 @@ class EWC(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         steps_since = int(state_dict["steps_since_consolidation"])
-        if self._module is not None and sharded.is_fsdp2(self._module):
+        if self._module is not None and (
+            sharded.is_fsdp2(self._module) or sharded.is_fsdp1(self._module)
+        ):
             state_dict = sharded.shard_state_like(state_dict, self._module)  # each rank's slices
         with plain_warnings_on_rank_zero():
             self.core.load_state_dict(state_dict, self._module)
