@@ -472,6 +472,7 @@ class ElasticWeightConsolidation:
             not self.compile_update
             or self._compile_failed
             or entry.device.type != "cuda"
+            or self.offload is not None  # the one-tensor-at-a-time route streams the state
             or not params
             or any(f.device != p.device for f, p in zip(fishers, params))  # offloaded
         ):
@@ -531,7 +532,7 @@ class ElasticWeightConsolidation:
             ans = [local_tensor(task.anchor[names[id(p)]]) for p in ps]
             # a persistent theta - theta* buffer where the parameter's dtype is the arithmetic's
             wide = [
-                f.device == local_tensor(p).device and a.dtype == p.dtype == _compute_dtype(p, f)
+                self.offload is None and a.dtype == p.dtype == _compute_dtype(p, f)
                 for p, f, a in zip(ps, fs, ans)
             ]
             terms.append((ps, fs, ans, wide))
