@@ -325,3 +325,31 @@ def test_bad_values_are_refused(kw: dict[str, Any], match: str) -> None:
         ElasticWeightConsolidation(lam=1.0, **kw)
     with pytest.raises(FisherInputError, match=match):
         lf.EWC(lam=1.0, **kw)
+
+
+# the benchmark ---------------------------------------------------------------------------------
+def test_benchmark_writes_its_rows(tmp_path: Any) -> None:
+    pytest.importorskip("transformers")
+    import json
+
+    from benchmarks import ewc_state_dtype
+
+    args = ["--device", "cpu", "--layers", "1", "--width", "32", "--vocab", "64", "--batch", "2"]
+    args += ["--seq-len", "8", "--repeats", "1", "--configs", "float32", "bf16+cpu"]
+    assert ewc_state_dtype.main([*args, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "ewc_state_dtype_cpu.json").read_text())
+    assert report["device_type"] == "cpu" and "--layers 1" in report["command"]
+    rows = report["rows"]
+    assert [(r["state_dtype"], r["offload"]) for r in rows] == [
+        ("float32", None),
+        ("bfloat16", "cpu"),
+    ]
+    for r in rows:
+        assert r["dtype"] == "bfloat16" and r["params"] > 0
+        assert r["ewc_step_ratio"] == pytest.approx(r["ewc_step_seconds"] / r["step_seconds"])
+        assert r["max_rel_diff_vs_eager"] == 0.0  # on CPU every route is the eager one
+    # bf16 Fisher and bf16 anchors: 4 bytes a parameter, all of it in CPU memory
+    assert rows[1]["state_mib"] == pytest.approx(rows[1]["params"] * 4 / 2**20)
+    assert rows[1]["state_on_device_mib"] == 0
+    assert rows[0]["state_mib"] == pytest.approx(rows[0]["params"] * 6 / 2**20)
+    assert "| gpt2 1 x 32 |" in (tmp_path / "ewc_state_dtype_cpu.md").read_text()
