@@ -38,7 +38,6 @@ MODES = ("online", "separate")
 #: storage dtypes of the Fisher (``state_dtype``); the arithmetic is float32 (or wider) whatever
 #: the storage
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-OFFLOAD = (False, "cpu")
 
 logger = logging.getLogger("lightning_fisher")
 #: per task: parameters, their Fisher, anchors, and whether each takes the route with a persistent
@@ -116,7 +115,8 @@ class ElasticWeightConsolidation:
     Routes of :meth:`add_penalty_grad`, per task: on CUDA one pass over memory per tensor (reads
     g, F, theta, theta* once, writes g once) by the update compiled with ``torch.compile``, on
     the first step (``compile_update``; where it does not compile, a logged warning and the
-    ``foreach`` route: three launches, five passes); on CPU two in-place passes with a persistent
+    ``foreach`` route: three launches that move nine tensors' worth of memory, with a workspace
+    buffer); on CPU two in-place passes with a persistent
     workspace, or one with ``cpu_kernel=True``. Parameters narrower than float32 (bf16, fp16) and
     offloaded state go one tensor at a time, with float32 temporaries the size of one parameter.
 
@@ -223,7 +223,8 @@ class ElasticWeightConsolidation:
     # Read access -----------------------------------------------------------------------------
     @property
     def fishers(self) -> list[FisherDiagonal]:
-        """The stored Fisher diagonals: one in online mode, one per task in separate mode."""
+        """The stored Fisher diagonals: one in online mode, one per task in separate mode. Their
+        tensors are in ``state_dtype`` (and in CPU memory with ``offload="cpu"``)."""
         return [t.fisher for t in self._tasks]
 
     @property
@@ -368,10 +369,14 @@ class ElasticWeightConsolidation:
                     # FSDP2 parameters: the update is elementwise, so each rank updates its shards
                     params = [local_tensor(p) for p in params]
                     grads = [local_tensor(g) for g in grads]
-                if not with_penalty and (
-                    self._fused_add(entry, grads, fishers, params, anchors, step)
-                    or self._compiled_add(entry, grads, fishers, params, anchors, step)
+                if not with_penalty and self._fused_add(
+                    entry, grads, fishers, params, anchors, step
                 ):
+                    continue
+                if self._compiled_add(entry, grads, fishers, params, anchors, step):
+                    if with_penalty:  # with temporaries: no persistent workspace on the GPU
+                        part = _penalty_sum(fishers, params, anchors)
+                        value = part if value is None else value + part
                     continue
                 fast = [
                     i
@@ -786,6 +791,15 @@ def _add_term(
     else:
         g.copy_(g.to(dtype).addcmul_(f, d, value=step))
     return d.square_().mul_(f).sum() if with_value else None
+
+
+def _penalty_sum(fishers: list[Tensor], params: list[Tensor], anchors: list[Tensor]) -> Tensor:
+    """sum F (theta - theta*)^2 over the tensors, in float32 (or wider), one tensor at a time."""
+    total = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for f, p, a in zip(fishers, params, anchors):
+        dtype = _compute_dtype(p, f)
+        total = total + (p.to(dtype) - a.to(dtype)).square_().mul_(f).sum()
+    return total
 
 
 def _update_lists(

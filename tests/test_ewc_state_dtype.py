@@ -213,8 +213,11 @@ def test_compiled_update_is_the_same_formula() -> None:
         f = [torch.rand(s, generator=gen).to(state) for s in shapes]
         fused, each = [t.clone() for t in g], [t.clone() for t in g]
         ewc_module._update_lists(fused, f, p, a, torch.tensor(LAM, dtype=torch.float64))
-        for args in zip(each, f, p, a):
-            ewc_module._add_term(*args, LAM, False)
+        values = [ewc_module._add_term(*args, LAM, True) for args in zip(each, f, p, a)]
+        # the penalty's value the compiled route reports on logging steps
+        total = ewc_module._penalty_sum(f, p, a)
+        assert total.dtype == torch.float32
+        torch.testing.assert_close(total, sum(values), rtol=1e-6, atol=0)  # type: ignore[arg-type]
         for x, y in zip(fused, each):
             torch.testing.assert_close(
                 x, y, rtol=1e-6 if dtype == torch.float32 else BF16_EPS, atol=1e-6
@@ -235,6 +238,10 @@ def test_cuda_compiled_update_and_its_logged_fallback(
     compiled = grads_after(model, start, b16.add_penalty_grad)
     for k, g in eager.items():
         torch.testing.assert_close(compiled[k], g, rtol=BF16_EPS, atol=0)
+    value = b16.add_penalty_grad(with_penalty=True)
+    assert value is not None
+    assert float(value) == pytest.approx(float(b16.penalty().detach()), rel=1e-5)
+    assert b16.state_bytes().workspace == 0  # the compiled route needs no buffer
 
     def broken() -> Any:
         raise RuntimeError("no compiler here")
