@@ -386,11 +386,11 @@ class ElasticWeightConsolidation:
                 if len(fast) < len(params):
                     # narrower than float32, or offloaded: one parameter at a time, cast up
                     for i in sorted(set(range(len(params))) - set(fast)):
-                        part = _add_term(
+                        one = _add_term(
                             grads[i], fishers[i], params[i], anchors[i], step, with_penalty
                         )
-                        if part is not None:
-                            value = part if value is None else value + part
+                        if one is not None:
+                            value = one if value is None else value + one
                     grads, fishers, params, anchors = (
                         [ts[i] for i in fast] for ts in (grads, fishers, params, anchors)
                     )
