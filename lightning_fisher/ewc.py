@@ -17,11 +17,12 @@ callback ``lf.EWC`` wraps it and decides when to consolidate.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,8 +36,14 @@ from .sharded import is_dtensor, local_tensor, refuse_fsdp1
 from .sharded_fsdp1 import sum_over_ranks
 
 MODES = ("online", "separate")
-#: per task: parameters, their Fisher, anchors and workspace buffers
-_Terms = tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]
+#: storage dtypes of the Fisher (``state_dtype``); the arithmetic is float32 (or wider) whatever
+#: the storage
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+logger = logging.getLogger("lightning_fisher")
+#: per task: parameters, their Fisher, anchors, and whether each takes the route with a persistent
+#: theta - theta* buffer (the others go one tensor at a time, with temporaries)
+_Terms = tuple[list[Tensor], list[Tensor], list[Tensor], list[bool]]
 
 
 @dataclass
@@ -56,6 +63,40 @@ class _TermsEntry:
     device: torch.device
     terms: list[_Terms]
     kernel_fits: bool | None = None  # F, theta, theta* suit the C loop (checked on first use)
+    #: theta - theta* workspace by parameter id, shared by the tasks, allocated on first use
+    buffers: dict[int, Tensor] = field(default_factory=dict)
+
+    def buffer(self, key: int, like: Tensor) -> Tensor:
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty_like(like)
+        return self.buffers[key]
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes of EWC state (:meth:`ElasticWeightConsolidation.state_bytes`).
+
+    Attributes:
+        fisher: the stored Fisher diagonals, every task.
+        anchor: the stored anchors theta*, every task.
+        workspace: the persistent buffers of :meth:`~ElasticWeightConsolidation.add_penalty_grad`
+            (theta - theta* for parameters stored in float32 or wider, shared by the tasks),
+            allocated once the two-pass or ``foreach`` route ran (not by the C loop or the
+            compiled update, nor by the one-tensor-at-a-time route, whose temporaries live one
+            parameter at a time).
+        total: ``fisher + anchor + workspace``.
+        on_device: the part held on the parameters' device (``total`` without ``offload``;
+            with ``offload="cpu"`` the workspace only, plus one parameter's F and theta* in
+            transit during the update).
+        per_parameter: Fisher and anchor bytes of each parameter, summed over the tasks.
+    """
+
+    fisher: int
+    anchor: int
+    workspace: int
+    total: int
+    on_device: int
+    per_parameter: dict[str, int]
 
 
 class ElasticWeightConsolidation:
@@ -67,16 +108,34 @@ class ElasticWeightConsolidation:
         P(theta) = (lam / 2) sum_t sum_i F_t,i (theta_i - theta*_t,i)^2
 
     to the loss, or call :meth:`add_penalty_grad` after ``loss.backward()``: it adds the exact
-    gradient ``lam * sum_t F_t * (theta - theta*_t)`` to ``.grad`` without building a graph (two
-    in-place passes over the parameters per task; on CUDA three ``foreach`` launches; with
-    ``cpu_kernel=True`` one). Both routes give the same update.
+    gradient ``lam * sum_t F_t * (theta - theta*_t)`` to ``.grad`` without building a graph. Both
+    routes give the same update, computed in float32 (float64 for float64 parameters or state)
+    whatever the dtypes the parameters and the state are stored in: F, theta and theta* are cast
+    up, and the sum is rounded once into ``.grad``.
+
+    Routes of :meth:`add_penalty_grad`, per task: on CUDA one pass over memory per tensor (reads
+    g, F, theta, theta* once, writes g once) by the update compiled with ``torch.compile``, on
+    the first step (``compile_update``; where it does not compile, a logged warning and the
+    ``foreach`` route: three launches that move nine tensors' worth of memory, with a workspace
+    buffer); on CPU two in-place passes with a persistent
+    workspace, or one with ``cpu_kernel=True``. Parameters narrower than float32 (bf16, fp16) and
+    offloaded state go one tensor at a time, with float32 temporaries the size of one parameter.
 
     ``mode="separate"`` keeps a Fisher and an anchor per task; ``mode="online"`` keeps one pair,
     F <- gamma F + F_new, theta* <- theta_new, where a parameter new since the last task (a new
     head) counts as zero on the old side.
 
-    Memory: per consolidated parameter a float32 Fisher and an anchor (the parameter's dtype) per
-    stored task, and, once :meth:`add_penalty_grad` ran, a workspace buffer shared by the tasks.
+    Memory (:meth:`state_bytes` counts it): per consolidated parameter and stored task a Fisher
+    in ``state_dtype`` (float32 by default: 4 bytes an entry; bfloat16 or float16: 2) and an
+    anchor in the parameter's dtype, and, for parameters stored in float32 or wider once the
+    two-pass or ``foreach`` route of :meth:`add_penalty_grad` ran, a workspace buffer shared by
+    the tasks.
+    Anchors keep the parameter's dtype: a rounded theta* would move the penalty's minimum away
+    from the parameters the task ended with (a bf16 model's anchors are bf16 already).
+    ``offload="cpu"`` keeps Fishers and anchors in (pinned) CPU memory instead of the GPU's and
+    copies each parameter's F and theta* to the GPU for every update: it trades PCIe traffic
+    each optimizer step (the state's bytes, e.g. 4 bytes per parameter for a bf16 Fisher and a
+    bf16 anchor: about 5 GB for 1.3B parameters, some 0.1 s at 50 GB/s) for GPU memory.
 
     Example::
 
@@ -99,6 +158,19 @@ class ElasticWeightConsolidation:
             once per process with the system C compiler. Used for float32 tensors while PyTorch
             runs one CPU thread (the loop is single-threaded); otherwise, or without a compiler (a
             warning), PyTorch's ops.
+        state_dtype: storage dtype of the Fisher diagonals: ``None`` or ``torch.float32`` (the
+            default), ``torch.bfloat16`` or ``torch.float16`` (half the bytes), ``torch.float64``
+            (or the names ``"bf16"``, ``"float16"``, ...). Estimates are accumulated in float32;
+            the cast happens at consolidation, after the online sum gamma F + F_new, which is
+            computed in float32. bfloat16 keeps float32's range with 8 bits of mantissa (entries
+            within 2^-9 relative); float16 has 11 bits but flushes entries below about 6e-8 to
+            zero and cannot hold entries above 65504 (refused at consolidation).
+        offload: ``False`` (state on the parameters' device) or ``"cpu"`` (state in CPU memory,
+            pinned when CUDA is available; each parameter's F and theta* copied to the device
+            at every update). Not for FSDP2 (sharded) parameters.
+        compile_update: on CUDA, fuse the gradient update into one pass per tensor with
+            ``torch.compile`` (compiled on the first step; where it fails, logged, the
+            ``foreach`` ops).
     """
 
     def __init__(
@@ -110,6 +182,9 @@ class ElasticWeightConsolidation:
         gamma: float = 1.0,
         method: str | None = None,
         cpu_kernel: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+        offload: bool | str = False,
+        compile_update: bool = True,
     ) -> None:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)):
             raise FisherInputError(f"EWC: lam must be a finite number >= 0; got {lam!r}.")
@@ -133,6 +208,13 @@ class ElasticWeightConsolidation:
         self.gamma = float(gamma)
         self.method = method
         self.cpu_kernel = bool(cpu_kernel)
+        #: storage dtype of the Fisher diagonals
+        self.state_dtype = check_state_dtype(state_dtype)
+        #: where the Fishers and anchors live: ``"cpu"`` (offloaded) or ``None`` (the parameters'
+        #: device)
+        self.offload: str | None = check_offload(offload)
+        self.compile_update = bool(compile_update)
+        self._compile_failed = False  # torch.compile of the update failed once: eager from then on
         #: number of consolidated tasks (in online mode, tasks folded into the one Fisher)
         self.task_count = 0
         self._tasks: list[_Task] = []
@@ -142,7 +224,8 @@ class ElasticWeightConsolidation:
     # Read access -----------------------------------------------------------------------------
     @property
     def fishers(self) -> list[FisherDiagonal]:
-        """The stored Fisher diagonals: one in online mode, one per task in separate mode."""
+        """The stored Fisher diagonals: one in online mode, one per task in separate mode. Their
+        tensors are in ``state_dtype`` (and in CPU memory with ``offload="cpu"``)."""
         return [t.fisher for t in self._tasks]
 
     @property
@@ -167,8 +250,12 @@ class ElasticWeightConsolidation:
 
         Online mode: F <- gamma F + fisher, theta* <- theta; separate mode: append (fisher, theta).
 
+        The Fisher is stored in ``state_dtype`` (after the online sum, which is float32), in CPU
+        memory with ``offload="cpu"``.
+
         Returns:
-            ``fisher`` on the parameters' device. On any error the stored state is unchanged.
+            ``fisher`` (float32) on the state's device: the parameters', or the CPU with
+            ``offload="cpu"``. On any error the stored state is unchanged.
         """
         module = self._module(module)
         if not isinstance(fisher, FisherDiagonal):
@@ -185,14 +272,19 @@ class ElasticWeightConsolidation:
                     f"EWC: the Fisher of {name!r} has NaN/Inf entries; nothing was consolidated. "
                     "Check the model and data for NaN/Inf (or fp16 overflow)."
                 )
+        self._refuse_sharded_offload(params.values())
         device = next(iter(params.values())).device
-        fisher = fisher.to(device)
+        home = self._home(device)
+        fisher = fisher.to(home)
         self._to_device(device)
+        pin = self._pin()
         if self.mode == "online" and self._tasks:
-            combined = self._tasks[0].fisher.scale(self.gamma) + fisher
-            self._tasks = [_Task(combined, _anchor(params, combined))]
+            # F <- gamma F + F_new in float32, then stored in state_dtype
+            stored = _merge(self._tasks[0].fisher, fisher, self.gamma, self.state_dtype, pin)
+            self._tasks = [_Task(stored, _anchor(params, stored, home, pin))]
         else:
-            self._tasks.append(_Task(fisher, _anchor(params, fisher)))
+            stored = _stored(fisher, self.state_dtype, home, pin)
+            self._tasks.append(_Task(stored, _anchor(params, stored, home, pin)))
         if self.method is None:
             self.method = fisher.method
         self.task_count += 1
@@ -202,7 +294,11 @@ class ElasticWeightConsolidation:
     # The penalty -----------------------------------------------------------------------------
     def penalty(self, module: nn.Module | None = None) -> Tensor:
         """(lam / 2) sum_t sum_i F_t,i (theta_i - theta*_t,i)^2, differentiable in the module's
-        parameters (a float32 zero before the first consolidation)."""
+        parameters (a float32 zero before the first consolidation).
+
+        Computed in float32 (float64 for float64 parameters or state) whatever the dtypes of the
+        parameters and the stored state: F, theta and theta* are cast up before the difference.
+        """
         module = self._module(module)
         params = dict(module.named_parameters())
         device = next(iter(params.values())).device if params else torch.device("cpu")
@@ -215,7 +311,11 @@ class ElasticWeightConsolidation:
                         f"EWC: consolidated parameter {name!r} is not a parameter of this module; "
                         "the penalty needs the module the Fisher was estimated on."
                     )
-                term = (f * (params[name] - task.anchor[name]).pow(2)).sum()
+                p, a = params[name], task.anchor[name]
+                if f.device != p.device:  # offloaded: this parameter's F and theta* in transit
+                    f, a = f.to(p.device), a.to(p.device)
+                dtype = _compute_dtype(p, f)
+                term = (f.to(dtype) * (p.to(dtype) - a.to(dtype)).pow(2)).sum()
                 if is_dtensor(term):  # FSDP2: a sum over shards, replicated on every rank
                     term = term.full_tensor()  # type: ignore[attr-defined]
                 total = total + term
@@ -260,7 +360,8 @@ class ElasticWeightConsolidation:
         mesh: Any = None
         with torch.no_grad():
             entry = self._terms(module, optimizer)
-            for params, fishers, anchors, work in entry.terms:
+            for params, fishers, anchors, wide in entry.terms:
+                keys = [id(p) for p in params]
                 grads = []
                 for p in params:
                     if p.grad is None:
@@ -275,6 +376,31 @@ class ElasticWeightConsolidation:
                     entry, grads, fishers, params, anchors, step
                 ):
                     continue
+                if self._compiled_add(entry, grads, fishers, params, anchors, step):
+                    if with_penalty:  # with temporaries: no persistent workspace on the GPU
+                        part = _penalty_sum(fishers, params, anchors)
+                        value = part if value is None else value + part
+                    continue
+                fast = [
+                    i
+                    for i, (w, g, p) in enumerate(zip(wide, grads, params))
+                    if w and g.dtype == p.dtype
+                ]
+                if len(fast) < len(params):
+                    # narrower than float32, or offloaded: one parameter at a time, cast up
+                    for i in sorted(set(range(len(params))) - set(fast)):
+                        one = _add_term(
+                            grads[i], fishers[i], params[i], anchors[i], step, with_penalty
+                        )
+                        if one is not None:
+                            value = one if value is None else value + one
+                    grads, fishers, params, anchors = (
+                        [ts[i] for i in fast] for ts in (grads, fishers, params, anchors)
+                    )
+                    keys = [keys[i] for i in fast]
+                    if not fast:
+                        continue
+                work = [entry.buffer(k, p) for k, p in zip(keys, params)]
                 # work = theta - theta* in place on a persistent workspace (no allocation per step).
                 if _use_foreach(entry.device):
                     torch._foreach_copy_(work, params)
@@ -340,6 +466,49 @@ class ElasticWeightConsolidation:
             kernel(g.data_ptr(), f.data_ptr(), p.data_ptr(), a.data_ptr(), step, g.numel())
         return True
 
+    def _compiled_add(
+        self,
+        entry: _TermsEntry,
+        grads: list[Tensor],
+        fishers: list[Tensor],
+        params: list[Tensor],
+        anchors: list[Tensor],
+        step: float,
+    ) -> bool:
+        """grads += (step F) (theta - theta*) in one pass per tensor on CUDA, by the update
+        compiled with ``torch.compile``; ``False`` (nothing added) where it does not apply or does
+        not compile (logged once)."""
+        if (
+            not self.compile_update
+            or self._compile_failed
+            or entry.device.type != "cuda"
+            or self.offload is not None  # the one-tensor-at-a-time route streams the state
+            or not params
+            or any(f.device != p.device for f, p in zip(fishers, params))  # offloaded
+        ):
+            return False
+        try:
+            update = _compiled_update()
+            update(
+                grads,
+                fishers,
+                params,
+                anchors,
+                torch.full((), step, dtype=torch.float64, device=entry.device),
+            )
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as err:  # compilation happens before the graph writes any gradient
+            self._compile_failed = True
+            logger.warning(
+                "EWC: torch.compile of the one-pass penalty-gradient update failed (%s: %s); "
+                "using the foreach route (same update, more passes over memory).",
+                type(err).__name__,
+                err,
+            )
+            return False
+        return True
+
     def invalidate_caches(self) -> None:
         """Forget the cached per-(module, optimizer) terms of :meth:`add_penalty_grad`."""
         self._terms_cache.clear()
@@ -363,20 +532,20 @@ class ElasticWeightConsolidation:
         else:
             candidates = (p for g in optimizer.param_groups for p in g["params"])
         owned = [p for p in candidates if p.requires_grad and id(p) in names]
+        self._refuse_sharded_offload(owned)
         device = owned[0].device if owned else torch.device("cpu")
         self._to_device(device)
-        work = {id(p): torch.empty_like(local_tensor(p)) for p in owned}
         terms: list[_Terms] = []
         for task in self._tasks:
             ps = [p for p in owned if names[id(p)] in task.fisher]
-            terms.append(
-                (
-                    ps,
-                    [local_tensor(task.fisher[names[id(p)]]) for p in ps],
-                    [local_tensor(task.anchor[names[id(p)]]) for p in ps],
-                    [work[id(p)] for p in ps],
-                )
-            )
+            fs = [local_tensor(task.fisher[names[id(p)]]) for p in ps]
+            ans = [local_tensor(task.anchor[names[id(p)]]) for p in ps]
+            # a persistent theta - theta* buffer where the parameter's dtype is the arithmetic's
+            wide = [
+                self.offload is None and a.dtype == p.dtype == _compute_dtype(p, f)
+                for p, f, a in zip(ps, fs, ans)
+            ]
+            terms.append((ps, fs, ans, wide))
         entry = _TermsEntry(
             weakref.ref(module),
             None if optimizer is None else weakref.ref(optimizer),
@@ -388,16 +557,58 @@ class ElasticWeightConsolidation:
 
     # Placement and checks --------------------------------------------------------------------
     def to(self, device: torch.device | str) -> ElasticWeightConsolidation:
-        """Move the stored Fishers and anchors to ``device`` (in place); returns ``self``."""
+        """Move the stored Fishers and anchors to ``device`` (in place; with ``offload="cpu"``
+        they stay in CPU memory); returns ``self``."""
         self._to_device(torch.device(device))
         return self
 
+    def _home(self, device: torch.device) -> torch.device:
+        """Where the state lives for parameters on ``device``."""
+        return torch.device("cpu") if self.offload is not None else device
+
     def _to_device(self, device: torch.device) -> None:
+        home, pin = self._home(device), self._pin()
         for task in self._tasks:
-            if any(t.device != device for t in task.anchor.values()):
-                task.fisher = task.fisher.to(device)
-                task.anchor = {k: v.to(device) for k, v in task.anchor.items()}
+            tensors = [*task.fisher.values(), *task.anchor.values()]
+            if any(t.device != home or (pin and not _is_pinned(t)) for t in tensors):
+                task.fisher = _with_tensors(
+                    task.fisher, {k: _place(v, home, pin) for k, v in task.fisher.items()}
+                )
+                task.anchor = {k: _place(v, home, pin) for k, v in task.anchor.items()}
                 self.invalidate_caches()
+
+    def _pin(self) -> bool:
+        """Whether offloaded state goes to pinned memory (asynchronous copies to the GPU)."""
+        return self.offload is not None and torch.cuda.is_available()
+
+    def _refuse_sharded_offload(self, params: Iterable[Tensor]) -> None:
+        if self.offload is not None and any(is_dtensor(p) for p in params):
+            raise FisherInputError(
+                "EWC(offload='cpu') keeps whole tensors in CPU memory, but the parameters are "
+                "sharded (FSDP2 DTensors), where each rank already stores only its shard of the "
+                "state; use offload=False, with state_dtype=torch.bfloat16 to halve the Fisher."
+            )
+
+    def state_bytes(self) -> StateBytes:
+        """Bytes of the stored EWC state: Fishers (``state_dtype``), anchors (the parameters'
+        dtype) and the update's persistent workspace, per parameter and in total, and the part
+        held on the parameters' device. Sharded (FSDP2) state counts this rank's shards."""
+        per: dict[str, int] = {}
+        fisher = anchor = 0
+        for task in self._tasks:
+            for name, f in task.fisher.items():
+                fb, ab = _nbytes(f), _nbytes(task.anchor[name])
+                fisher, anchor = fisher + fb, anchor + ab
+                per[name] = per.get(name, 0) + fb + ab
+        buffers = {
+            w.data_ptr(): _nbytes(w)
+            for entry in self._terms_cache.values()
+            for w in entry.buffers.values()
+        }
+        workspace = sum(buffers.values())
+        total = fisher + anchor + workspace
+        on_device = workspace if self.offload is not None else total
+        return StateBytes(fisher, anchor, workspace, total, on_device, per)
 
     def check_matches(self, module: nn.Module | None = None) -> None:
         """Raise a ``ValueError`` naming the difference if a stored Fisher has a parameter the
@@ -456,7 +667,8 @@ class ElasticWeightConsolidation:
         check = module if module is not None else self.model
         tasks = []
         for entry in state_dict["tasks"]:
-            fisher = FisherDiagonal.from_state_dict(entry["fisher"])
+            # cast to this object's state_dtype: a float32 checkpoint loads into bf16 state
+            fisher = _fisher_from_state(entry["fisher"], self.state_dtype)
             anchor = dict(entry["anchor"])
             if set(anchor) != set(fisher):
                 raise FisherInputError(
@@ -492,7 +704,7 @@ class ElasticWeightConsolidation:
         combined = tasks[0].fisher
         anchor = dict(tasks[0].anchor)
         for task in tasks[1:]:
-            combined = combined.scale(self.gamma) + task.fisher
+            combined = _merge(combined, task.fisher, self.gamma, self.state_dtype, False)
             anchor.update(task.anchor)
         return _Task(combined, {n: anchor[n] for n in combined})
 
@@ -510,8 +722,187 @@ def _use_foreach(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def _anchor(params: Mapping[str, Tensor], fisher: FisherDiagonal) -> dict[str, Tensor]:
-    return {n: params[n].detach().clone() for n in fisher}
+def _anchor(
+    params: Mapping[str, Tensor], fisher: FisherDiagonal, home: torch.device, pin: bool
+) -> dict[str, Tensor]:
+    """theta* = theta (copies, the parameters' dtype) on ``home``."""
+    out = {}
+    for n in fisher:
+        p = params[n].detach()
+        out[n] = _place(p.clone() if p.device == home else p.to(home), home, pin)
+    return out
 
 
-__all__ = ["MODES", "ElasticWeightConsolidation"]
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
+
+
+def check_state_dtype(value: Any) -> torch.dtype:
+    """The Fisher's storage dtype from ``state_dtype`` (``None``: float32)."""
+    if value is None:
+        return torch.float32
+    dtype = _DTYPE_NAMES.get(value.lower()) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or dtype not in STATE_DTYPES:
+        found = (
+            f"{value!r} (not a floating-point dtype)"
+            if isinstance(value, torch.dtype)
+            else repr(value)
+        )
+        raise FisherInputError(
+            f"EWC: state_dtype must be None (float32), torch.float32, torch.bfloat16, "
+            f"torch.float16 or torch.float64 (or one of the names {sorted(_DTYPE_NAMES)}); got "
+            f"{found}."
+        )
+    return dtype
+
+
+def check_offload(value: Any) -> str | None:
+    """``offload``: ``False``/``None`` (state on the parameters' device) or ``"cpu"``."""
+    if value is None or value is False:
+        return None
+    if value == "cpu" and isinstance(value, str):
+        return "cpu"
+    raise FisherInputError(
+        f"EWC: offload must be False (state on the parameters' device) or 'cpu' (state in "
+        f"CPU memory, copied to the device at each step); got {value!r}."
+    )
+
+
+def _compute_dtype(p: Tensor, f: Tensor) -> torch.dtype:
+    """The arithmetic's dtype for a parameter and its Fisher: float32, or float64 if either is."""
+    return torch.promote_types(torch.promote_types(p.dtype, f.dtype), torch.float32)
+
+
+def _add_term(
+    g: Tensor, f: Tensor, p: Tensor, a: Tensor, step: float, with_value: bool
+) -> Tensor | None:
+    """g += (step F) (theta - theta*) for one parameter, in float32 (or wider) whatever the
+    dtypes of g, F, theta and theta*, rounded once into g; with ``with_value`` also returns
+    sum F (theta - theta*)^2. Offloaded F and theta* are copied to the parameter's device first."""
+    if f.device != p.device:
+        f, a = f.to(p.device, non_blocking=True), a.to(p.device, non_blocking=True)
+    dtype = _compute_dtype(p, f)
+    d = p.to(dtype) - a.to(dtype)
+    if g.dtype == dtype:
+        g.addcmul_(f, d, value=step)
+    else:
+        g.copy_(g.to(dtype).addcmul_(f, d, value=step))
+    return d.square_().mul_(f).sum() if with_value else None
+
+
+def _penalty_sum(fishers: list[Tensor], params: list[Tensor], anchors: list[Tensor]) -> Tensor:
+    """sum F (theta - theta*)^2 over the tensors, in float32 (or wider), one tensor at a time."""
+    total = torch.zeros((), dtype=torch.float32, device=params[0].device)
+    for f, p, a in zip(fishers, params, anchors):
+        dtype = _compute_dtype(p, f)
+        total = total + (p.to(dtype) - a.to(dtype)).square_().mul_(f).sum()
+    return total
+
+
+def _update_lists(
+    grads: list[Tensor],
+    fishers: list[Tensor],
+    params: list[Tensor],
+    anchors: list[Tensor],
+    step: Tensor,
+) -> None:
+    """The update of :func:`_add_term`, written for ``torch.compile`` to fuse into one kernel per
+    tensor (reads g, F, theta, theta* once, writes g once)."""
+    for g, f, p, a in zip(grads, fishers, params, anchors):
+        dtype = _compute_dtype(p, f)
+        d = p.to(dtype) - a.to(dtype)
+        g.copy_(g.to(dtype) + (step.to(dtype) * f.to(dtype)) * d)
+
+
+_COMPILED: Any = None
+
+
+def _compiled_update() -> Any:
+    """:func:`_update_lists` compiled once per process (whole graph, or an error)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_update_lists, fullgraph=True)
+    return _COMPILED
+
+
+def _is_pinned(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.is_pinned()
+
+
+def _place(t: Tensor, home: torch.device, pin: bool) -> Tensor:
+    """``t`` on ``home``, in pinned memory with ``pin``."""
+    t = t.to(home)
+    return t.pin_memory() if pin and not t.is_pinned() else t
+
+
+def _nbytes(t: Tensor) -> int:
+    local = local_tensor(t)
+    return local.numel() * local.element_size()
+
+
+def _with_tensors(meta: FisherDiagonal, tensors: Mapping[str, Tensor]) -> FisherDiagonal:
+    """A FisherDiagonal with ``meta``'s description holding ``tensors`` as they are: the stored
+    state keeps ``state_dtype`` (the constructor would cast to float32)."""
+    out = FisherDiagonal({}, meta.n_samples, meta.method, meta.options, meta.certificate)
+    out._tensors = dict(tensors)
+    return out
+
+
+def _stored(
+    fisher: FisherDiagonal, dtype: torch.dtype, home: torch.device, pin: bool
+) -> FisherDiagonal:
+    """``fisher`` cast to the storage dtype on ``home``; refuses entries the dtype cannot hold."""
+    tensors = {}
+    for name, t in fisher.items():
+        cast_t = t.to(device=home, dtype=dtype)
+        if dtype != t.dtype and not torch.isfinite(cast_t).all():
+            raise FisherInputError(
+                f"EWC: the Fisher of {name!r} overflows state_dtype={dtype} (largest entry "
+                f"{float(t.abs().max()):.4g}, the dtype's largest {torch.finfo(dtype).max:.4g}); "
+                "nothing was consolidated. Use state_dtype=torch.bfloat16, which has float32's "
+                "range."
+            )
+        tensors[name] = _place(cast_t, home, pin)
+    return _with_tensors(fisher, tensors)
+
+
+def _merge(
+    old: FisherDiagonal, new: FisherDiagonal, gamma: float, dtype: torch.dtype, pin: bool
+) -> FisherDiagonal:
+    """gamma old + new (a parameter on one side only counts as zero on the other), computed in
+    float32 (float64 for float64 state) and stored in ``dtype`` on ``new``'s device."""
+    tensors: dict[str, Tensor] = {}
+    for name in [*old, *(k for k in new if k not in old)]:
+        a, b = old.get(name), new.get(name)
+        if a is not None and b is not None and a.shape != b.shape:
+            raise FisherInputError(
+                f"EWC: cannot add Fisher diagonals: {name!r} has shapes {tuple(a.shape)} and "
+                f"{tuple(b.shape)}."
+            )
+        if a is None:
+            assert b is not None
+            tensors[name] = b
+            continue
+        total = a.to(torch.promote_types(a.dtype, torch.float32)) * gamma
+        tensors[name] = total if b is None else total + b.to(total.device)
+    method = old.method if old.method == new.method else f"{old.method}+{new.method}"
+    combined = FisherDiagonal({}, old.n_samples + new.n_samples, method, old.options)
+    home = next(iter(new.values())).device if len(new) else torch.device("cpu")
+    return _stored(_with_tensors(combined, tensors), dtype, home, pin)
+
+
+def _fisher_from_state(state: Mapping[str, Any], dtype: torch.dtype) -> FisherDiagonal:
+    """``FisherDiagonal.from_state_dict`` with the tensors cast to ``dtype`` directly."""
+    meta = FisherDiagonal.from_state_dict({**state, "tensors": {}})
+    return _with_tensors(meta, {k: v.detach().to(dtype) for k, v in state["tensors"].items()})
+
+
+__all__ = ["MODES", "STATE_DTYPES", "ElasticWeightConsolidation", "StateBytes"]

@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from .. import sharded
 from ..estimators import estimate_fisher, lookup
-from ..ewc import ElasticWeightConsolidation
+from ..ewc import ElasticWeightConsolidation, StateBytes
 from ..fisher_diagonal import FisherDiagonal
 from ..options import FisherOptions
 from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of
@@ -74,11 +74,16 @@ class EWC(Callback):
     training loop without Lightning can use directly; this callback decides when to consolidate
     and on which data, when to add the gradient, and what to log.
 
-    Memory: per consolidated parameter a float32 Fisher, an anchor and a workspace buffer (both in
-    the parameter's dtype); separate mode keeps a Fisher and an anchor per task. Cost per optimizer
-    step and task: two in-place passes over the parameters (``work = theta - theta*``, then
-    ``grad += lam F work``; on CUDA three ``foreach`` launches), or one with ``cpu_kernel=True``
-    (the penalty's value, two more, only on logging steps).
+    Memory (:meth:`state_bytes`): per consolidated parameter a Fisher in ``state_dtype`` (float32
+    by default, bfloat16 or float16 for half) and an anchor in the parameter's dtype, in GPU
+    memory or, with ``offload="cpu"``, in CPU memory; separate mode keeps a Fisher and an anchor
+    per task. Cost per optimizer step and task: on CUDA one pass over g, F, theta and theta* by
+    an update compiled with ``torch.compile`` on the first step (``compile_update``; where it
+    does not compile, logged, three ``foreach`` launches and a workspace buffer); on CPU two
+    in-place passes (``work = theta - theta*``, then ``grad += lam F work``), or one with
+    ``cpu_kernel=True`` (the penalty's value, two more, only on logging steps). The arithmetic is
+    float32 whatever the storage dtypes. With ``offload="cpu"`` every step also copies the
+    state's bytes from CPU to GPU memory.
 
     Logged on Lightning's logging steps (``log_every_n_steps``): ``ewc/penalty`` (the penalty's
     value) and ``ewc/penalty_ratio`` (its ratio to the loss ``training_step`` returned; with
@@ -144,6 +149,13 @@ class EWC(Callback):
             gradient), compiled once per process at ``fit`` start with the system C compiler. Used
             for float32 tensors while PyTorch runs one CPU thread (the kernel is single-threaded);
             otherwise, or without a working compiler (a warning), PyTorch's ops.
+        state_dtype: storage dtype of the Fisher diagonals (``None``: float32; ``torch.bfloat16``
+            or ``torch.float16`` halve it); estimated and summed in float32, cast when
+            consolidated. A checkpoint's state is cast to it when loaded.
+        offload: ``False`` or ``"cpu"``: keep Fishers and anchors in (pinned) CPU memory and copy
+            them to the GPU at each optimizer step (PCIe traffic of the state's size per step,
+            for GPU memory).
+        compile_update: on CUDA, fuse the penalty-gradient update with ``torch.compile``.
         name: distinguishes several ``EWC`` instances in one Trainer (their checkpoint keys).
     """
 
@@ -169,12 +181,22 @@ class EWC(Callback):
         fisher_kwargs: Mapping[str, Any] | None = None,
         fisher_options: FisherOptions | None = None,
         cpu_kernel: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+        offload: bool | str = False,
+        compile_update: bool = True,
         name: str | None = None,
     ) -> None:
         method = check_method("EWC", method, data_pass=False)
         #: the plain-torch state and penalty this callback drives
         self.core = ElasticWeightConsolidation(
-            lam=lam, mode=mode, gamma=gamma, method=method, cpu_kernel=cpu_kernel
+            lam=lam,
+            mode=mode,
+            gamma=gamma,
+            method=method,
+            cpu_kernel=cpu_kernel,
+            state_dtype=state_dtype,
+            offload=offload,
+            compile_update=compile_update,
         )
         if apply not in APPLY:
             raise FisherInputError(
@@ -248,6 +270,21 @@ class EWC(Callback):
     @property
     def cpu_kernel(self) -> bool:
         return self.core.cpu_kernel
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """Storage dtype of the Fisher diagonals."""
+        return self.core.state_dtype
+
+    @property
+    def offload(self) -> str | None:
+        """``"cpu"`` when the state lives in CPU memory, else ``None``."""
+        return self.core.offload
+
+    def state_bytes(self) -> StateBytes:
+        """Bytes of the EWC state, per parameter and in total
+        (:meth:`lightning_fisher.ElasticWeightConsolidation.state_bytes`)."""
+        return self.core.state_bytes()
 
     @property
     def task_count(self) -> int:

@@ -17,8 +17,9 @@ record those modules' inputs and outputs; one backward per chunk of columns
 (``is_grads_batched``) gives the gradient at every output; a per-layer rule turns (input, output
 gradient) into per-input parameter gradients:
 
-* closed forms (``_RULES``) for ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``,
-  the affine parameters of the norms and ``nn.PReLU``. Linear and Conv are products over L
+* closed forms (``_RULES``) for ``nn.Linear``, ``transformers``' ``Conv1D`` (a Linear with the
+  weight stored (in, out)), ``nn.Conv1d``/``nn.Conv2d``, ``nn.Embedding``, the affine parameters
+  of the norms and ``nn.PReLU``. Linear and Conv are products over L
   positions; with L < K the columns are contracted first (Gram route), and with L = 1 they fold;
 * any other module by ``torch.func.vjp`` of that module alone, vectorised over inputs and columns;
 * ``loop``: the module re-run on one input at a time with ordinary autograd;
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -188,7 +190,7 @@ class _Handler:
     module: nn.Module
     path: str
     names: dict[str, str]
-    rule: str  # a key of _RULES: "linear", "conv", "embedding", "norm", "prelu", "vjp", "loop"
+    rule: str  # a key of _RULES: "linear", "hf_conv1d", "conv", ..., "vjp", "loop"
     calls: list[_Call] = field(default_factory=list)
 
 
@@ -305,7 +307,17 @@ def _direct(module: nn.Module, local_names: set[str], allowed: set[str]) -> bool
 class _MatmulRule(_Rule):
     """Linear and Conv as matrix products over L positions: input x's weight gradient for column
     k is G_kx U_x^T, G_kx (O x L) the output gradient and U_x (I x L) the input (the unfolded
-    patches of a convolution); the bias gradient is G_kx summed over positions."""
+    patches of a convolution); the bias gradient is G_kx summed over positions. A weight stored
+    as (I, O) (``weight_transposed``) gets the transpose, U_x G_kx^T."""
+
+    #: the weight is stored (in, out), as in y = x @ W + b
+    weight_transposed: ClassVar[bool] = False
+
+    def _weight_shaped(self, w: Tensor, shape: torch.Size) -> Tensor:
+        """(..., O, I) products reshaped to (..., *shape), transposed first for an (I, O) weight."""
+        if self.weight_transposed:
+            w = w.transpose(-1, -2)
+        return w.reshape(*w.shape[:-2], *shape)
 
     def unfolded(self, ctx: _Ctx, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         """Output gradients ``gl`` (K, b, O, L) and inputs ``cols`` (b, I, L)."""
@@ -316,7 +328,7 @@ class _MatmulRule(_Rule):
         out = {}
         if "weight" in ctx.names:
             w = torch.einsum("kbol,bil->bkoi", gl, cols)
-            out[ctx.names["weight"]] = w.reshape(*w.shape[:2], *ctx.param("weight").shape)
+            out[ctx.names["weight"]] = self._weight_shaped(w, ctx.param("weight").shape)
         if "bias" in ctx.names:
             out[ctx.names["bias"]] = gl.sum(-1).transpose(0, 1)
         return out
@@ -332,7 +344,7 @@ class _MatmulRule(_Rule):
             # sum over inputs and positions of the outer products, as one (O x BL) @ (BL x I)
             flat_g = g.permute(1, 0, 2).reshape(g.shape[1], -1)
             flat_u = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
-            got[n] = (flat_g @ flat_u).reshape(ctx.param("weight").shape)
+            got[n] = self._weight_shaped(flat_g @ flat_u, ctx.param("weight").shape)
             scale[n] = (gl[0].pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum()
         if "bias" in ctx.names:
             n = ctx.names["bias"]
@@ -368,7 +380,7 @@ class _MatmulRule(_Rule):
                 else:
                     w = torch.einsum("kbol,bil->bkoi", gl, cols).square_().sum((0, 1))
                 target = acc[ctx.names["weight"]]
-                target.add_(w.view_as(target), alpha=weight)
+                target.add_(self._weight_shaped(w, target.shape), alpha=weight)
             if "bias" in ctx.names:
                 acc[ctx.names["bias"]].add_(g2.sum(0), alpha=weight)
 
@@ -397,6 +409,26 @@ class _LinearRule(_MatmulRule):
         K, b = g.shape[0], g.shape[1]
         cols = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
         return g.reshape(K, b, -1, g.shape[-1]).transpose(2, 3), cols
+
+
+class _HFConv1DRule(_LinearRule):
+    """``transformers``' ``Conv1D`` (GPT-2's attention and MLP projections): y = x @ W + b with W
+    of shape (I, O), a Linear whose weight is stored transposed, so input x's weight gradient for
+    column k is U_x G_kx^T (I x O)."""
+
+    name = "hf_conv1d"
+    weight_transposed = True
+
+    def applies(self, module: nn.Module, local_names: set[str]) -> bool:
+        # An instance exists only once transformers is imported: never import it here.
+        utils = sys.modules.get("transformers.pytorch_utils")
+        cls = getattr(utils, "Conv1D", None)
+        return (
+            cls is not None
+            and _default_forward(module, cls)
+            and _direct(module, local_names, {"weight", "bias"})
+            and cast(Tensor, cast(Any, module).weight).ndim == 2
+        )
 
 
 class _ConvRule(_MatmulRule):
@@ -695,6 +727,7 @@ class _LoopRule(_VjpRule):
 
 _CLOSED_FORMS: list[_Rule] = [
     _LinearRule(),
+    _HFConv1DRule(),
     _ConvRule(),
     _EmbeddingRule(),
     _NormRule(),
