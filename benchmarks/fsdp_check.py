@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import platform
 import socket
@@ -499,7 +500,13 @@ def _fsdp1_plain(rank: int, methods: tuple[str, ...]) -> dict[str, Any]:
             t.shape == params[n].shape and t.ndim == 1 for n, t in fd.items()
         )
         out["fisher"][method] = fsdp1_whole(dict(fd), model)
-        out["trace"][method] = sum(traces(fd, model).values())
+        # FisherDiagonal.trace and sharded_fsdp1.traces both sum the ranks' pieces
+        out["trace"][method] = (fd.trace(), sum(traces(fd, model).values()))
+        try:
+            fd.save(os.path.join(tempfile.gettempdir(), f"fsdp1_{rank}.safetensors"))
+            out["save_refused"] = False
+        except lf.FisherInputError:
+            out["save_refused"] = True
 
     # A module inside a root that holds every parameter (one FSDP unit), as a LightningModule is
     # inside the wrapper of Lightning's FSDPStrategy: the pass forwards through the root.
@@ -701,10 +708,12 @@ def run_fsdp1(world: int, methods: tuple[str, ...]) -> list[dict[str, Any]]:
             placed = res["placed_like_params"][method]
             ref = reference_fisher(method, world)
             ref_trace = sum(float(v.double().sum()) for v in ref.values())
-            # the trace summed over the ranks' pieces (sharded_fsdp1.traces) counts too
+            # the traces summed over the ranks' pieces (FisherDiagonal.trace and
+            # sharded_fsdp1.traces) count too; a Fisher of local pieces must refuse save()
             diff = max(
                 rel_diff(res["fisher"][method], ref),
-                abs(res["trace"][method] - ref_trace) / ref_trace,
+                *(abs(tr - ref_trace) / ref_trace for tr in res["trace"][method]),
+                0.0 if res["save_refused"] else math.inf,
             )
         rows.append(
             {

@@ -47,6 +47,15 @@ class FisherDiagonal(Mapping[str, Tensor]):
         self.certificate: dict[str, Any] | None = (
             dict(certificate) if certificate is not None else None
         )
+        #: FSDP1 local pieces: the names whose tensors are this rank's 1-D piece of the whole
+        #: diagonal, and the process group their pieces are spread over (set by the sharded pass)
+        self.piece_names: frozenset[str] = frozenset()
+        self.piece_group: Any = None
+
+    def _like(self, other: FisherDiagonal) -> FisherDiagonal:
+        """``other`` with this diagonal's FSDP1 piece layout (arithmetic keeps the layout)."""
+        other.piece_names, other.piece_group = self.piece_names, self.piece_group
+        return other
 
     # Mapping protocol -------------------------------------------------------------------------
     def __getitem__(self, name: str) -> Tensor:
@@ -84,6 +93,13 @@ class FisherDiagonal(Mapping[str, Tensor]):
             part = sums[shards]
             dist.all_reduce(part, group=values[shards[0]].device_mesh.get_group())  # type: ignore[attr-defined]
             sums[shards] = part
+        pieces = [i for i, k in enumerate(self._tensors) if k in self.piece_names]
+        if pieces:  # FSDP1 local pieces: add the other ranks' pieces (a collective)
+            import torch.distributed as dist
+
+            part = sums[pieces]
+            dist.all_reduce(part, group=self.piece_group)
+            sums[pieces] = part
         return dict(zip(self._tensors, sums.tolist()))
 
     def layer_traces(self) -> dict[str, float]:
@@ -106,11 +122,13 @@ class FisherDiagonal(Mapping[str, Tensor]):
     # Arithmetic (online EWC: F <- gamma F + F_new) ------------------------------------------------
     def scale(self, factor: float) -> FisherDiagonal:
         """A copy with every entry multiplied by ``factor``."""
-        return FisherDiagonal(
-            {k: v * factor for k, v in self._tensors.items()},
-            self.n_samples,
-            self.method,
-            self.options,
+        return self._like(
+            FisherDiagonal(
+                {k: v * factor for k, v in self._tensors.items()},
+                self.n_samples,
+                self.method,
+                self.options,
+            )
         )
 
     def __mul__(self, factor: float) -> FisherDiagonal:
@@ -137,16 +155,25 @@ class FisherDiagonal(Mapping[str, Tensor]):
                 assert only is not None  # every key comes from one side at least
                 tensors[k] = only
         method = self.method if self.method == other.method else f"{self.method}+{other.method}"
-        return FisherDiagonal(tensors, self.n_samples + other.n_samples, method, self.options)
+        if self.piece_names != other.piece_names:
+            raise ValueError(
+                "Cannot add Fisher diagonals: one holds FSDP1 local pieces of parameters the "
+                "other holds whole (or other pieces)."
+            )
+        return self._like(
+            FisherDiagonal(tensors, self.n_samples + other.n_samples, method, self.options)
+        )
 
     def to(self, *args: Any, **kwargs: Any) -> FisherDiagonal:
         """Move (or cast) every tensor, like ``Tensor.to``."""
-        return FisherDiagonal(
-            {k: v.to(*args, **kwargs) for k, v in self._tensors.items()},
-            self.n_samples,
-            self.method,
-            self.options,
-            self.certificate,
+        return self._like(
+            FisherDiagonal(
+                {k: v.to(*args, **kwargs) for k, v in self._tensors.items()},
+                self.n_samples,
+                self.method,
+                self.options,
+                self.certificate,
+            )
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -206,6 +233,13 @@ class FisherDiagonal(Mapping[str, Tensor]):
                 "`FisherDiagonal(lightning_fisher.sharded.full_tensors(fd), fd.n_samples, "
                 "fd.method, fd.options)` and save that on one rank, or keep it sharded in a "
                 "torch.distributed.checkpoint."
+            )
+
+        if self.piece_names:
+            raise FisherInputError(
+                "FisherDiagonal.save writes whole tensors, but this Fisher holds FSDP1 local "
+                "pieces (1-D parts of each rank's flat shard). Gather it on every rank with "
+                "`lightning_fisher.sharded.full_state(dict(fd), model)` and save that on one rank."
             )
 
         meta = {

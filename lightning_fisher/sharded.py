@@ -447,7 +447,7 @@ def run_passes_sharded(
             "The dataloader yielded no batches, so there is no data to estimate a Fisher from. "
             "Check the dataset is not empty (and that every rank gets a shard)."
         )
-    return finish_estimates(
+    results = finish_estimates(
         estimators,
         accs,
         names,
@@ -458,6 +458,13 @@ def run_passes_sharded(
         lambda name, t: as_sharded_like(t, params[name]),
         n_sequences=n_sequences,
     )
+    if fsdp1 and world > 1:  # local pieces: trace() sums them over the ranks, save() refuses
+        where = sharded_fsdp1.pieces(model)
+        spread = frozenset(n for n in names if n in where and where[n].spread)
+        group = next(iter(where.values())).group if where else None
+        for fd in results:
+            fd.piece_names, fd.piece_group = spread, group
+    return results
 
 
 @contextmanager

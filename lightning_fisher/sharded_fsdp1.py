@@ -295,6 +295,8 @@ class Piece:
     count: int
     local_shape: torch.Size
     group: Any
+    #: whether the parameter is spread over the group's ranks (False under ``NO_SHARD``)
+    spread: bool = True
 
 
 def pieces(model: nn.Module) -> dict[str, Piece]:
@@ -316,7 +318,12 @@ def pieces(model: nn.Module) -> dict[str, Piece]:
                     start = int(info.intra_param_start_idx)
                     count = int(info.intra_param_end_idx) - start + 1
                 where[id(p)] = Piece(
-                    torch.Size(shape), start, count, torch.Size(p.shape), m.process_group
+                    torch.Size(shape),
+                    start,
+                    count,
+                    torch.Size(p.shape),
+                    m.process_group,
+                    bool(m._handle.uses_sharded_strategy),
                 )
     return {n: where[id(p)] for n, p in model.named_parameters() if id(p) in where}
 
@@ -430,7 +437,10 @@ def traces(fisher: Mapping[str, Tensor], model: nn.Module) -> dict[str, float]:
     sums = torch.stack([fisher[n].sum(dtype=torch.float64) for n in names]).to(device)
     if where and dist.is_initialized():
         group = next(iter(where.values())).group
-        keep = torch.tensor([n in where or dist.get_rank(group) == 0 for n in names], device=device)
+        keep = torch.tensor(
+            [(n in where and where[n].spread) or dist.get_rank(group) == 0 for n in names],
+            device=device,
+        )
         sums = torch.where(keep, sums, torch.zeros_like(sums))
         dist.all_reduce(sums, group=group)
     return dict(zip(names, sums.tolist()))
