@@ -457,3 +457,71 @@ def test_outputs_in_the_unit_interval_warn() -> None:
     x, y = data()
     with pytest.warns(UserWarning, match=r"lies in \[0, 1\]"):
         lf.estimate_fisher(model, [(x, y)], method="exact")
+
+
+# A structure proven on a model is relied on by later passes over that model -------------------
+
+
+def _pooled() -> nn.Module:
+    return seeded(Pooled(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)))
+
+
+def test_later_passes_over_the_same_model_rely_on_the_first_proof(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = _pooled()
+    x, y = data(LARGE)
+    exact, _ = loop_fisher(model, x, y)
+    sizes = _checked_sizes(monkeypatch)
+    for _ in range(2):
+        assert_close(lf.estimate_fisher(model, [(x, y)], method="exact"), exact)
+    assert sizes == [per_input.VERIFY_ROWS]
+    # another batch size is the same structure
+    assert_close(lf.estimate_fisher(model, batches(x, y, 20), method="exact"), exact)
+    assert len(sizes) == 1
+    # another model object of the same architecture has its own proof
+    lf.estimate_fisher(_pooled(), [(x, y)], method="exact")
+    assert len(sizes) == 2
+    # so does another dtype of the same model (the tests run in float64)
+    assert x.dtype == torch.float64
+    lf.estimate_fisher(model.float(), [(x.float(), y)], method="exact")
+    assert len(sizes) == 3
+    model.double()
+    per_input.forget_verified(model)
+    assert_close(lf.estimate_fisher(model, [(x, y)], method="exact"), exact)
+    assert len(sizes) == 4
+
+
+def test_a_model_whose_rule_failed_is_checked_again_by_every_pass(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The proof is of the routes the check ended with; a later pass plans the default rules
+    again, so it must check (and fall back) again rather than trust the earlier proof."""
+    model = _pooled()
+    x, y = data(LARGE)
+    exact, _ = loop_fisher(model, x, y)
+    _shift_inputs(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="lightning_fisher"):
+        for _ in range(2):
+            assert_close(lf.estimate_fisher(model, [(x, y)], method="exact"), exact)
+    assert sum("failed the per-input check" in r.getMessage() for r in caplog.records) == 4
+
+
+def test_the_check_signs_are_balanced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Half of the checked inputs get +1 and half -1: all-equal signs would reduce the check to an
+    unsigned sum, which accepts a rule that attributes gradients to the wrong inputs."""
+    seen: list[Tensor] = []
+    signed_sums = per_input.PerInputEngine._signed_sums
+
+    def spy(self, logits, u, s, rows, diff):  # type: ignore[no-untyped-def]
+        seen.append(s[:rows].clone())
+        return signed_sums(self, logits, u, s, rows, diff)
+
+    monkeypatch.setattr(per_input.PerInputEngine, "_signed_sums", spy)
+    for n in (LARGE, 7, 2):
+        x, y = data(n)
+        lf.estimate_fisher(_pooled(), [(x, y)], method="empirical")
+    assert [len(s) for s in seen] == [per_input.VERIFY_ROWS, 7, 2]
+    for s in seen:
+        assert set(s.tolist()) == {1.0, -1.0}
+        assert abs(float(s.sum())) <= 1

@@ -28,10 +28,13 @@ gradient) into per-input parameter gradients:
   backward of the whole batch's graph with each column restricted to one input, which equals that
   input's own gradient because the model treats inputs independently (true in eval mode).
 
-Self-verification: on the first batch of every traced structure the engine draws Rademacher signs
-s_x and compares, per parameter, sum_x s_x J_x^T u_x built from its per-input gradients with one
-ordinary backward of the cotangent s_x u_x, on the batch's first ``VERIFY_ROWS`` inputs (from a
-forward of their own on large batches, so the check's cost does not grow with the batch). A rule
+Self-verification: on the first batch of every traced structure (once per model: a later pass
+over the same model with the same recorded structure relies on the earlier proof) the engine
+draws balanced random signs s_x (half +1, half -1) and compares, per parameter,
+sum_x s_x J_x^T u_x built from its per-input gradients with one ordinary backward of the
+cotangent s_x u_x, on the batch's first ``VERIFY_ROWS`` inputs (from a forward of their own on
+large batches, so the check's cost does not grow with the batch). The difference is formed in
+place in the reference gradients, with no other parameter-sized buffer. A rule
 that disagrees or raises is replaced by the next route (closed form or vjp -> loop -> whole
 model), with one log line; when even the whole-model route disagrees (inputs are not
 independent) a ``FisherInputError`` is raised.
@@ -50,6 +53,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -73,9 +77,11 @@ OUTSIDE = "\0outside"
 #: Relative tolerance of the self-verification, by dtype (of the norm of the per-input gradients).
 VERIFY_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 _VERIFY_SEED = 0x5EED
-#: The check looks at the first inputs of the batch only (the cotangent is zero beyond them):
-#: enough for every rule to see several inputs with distinct signs, few enough to be cheap.
-VERIFY_ROWS = 16
+#: The check looks at the first inputs of the batch only (the cotangent is zero beyond them),
+#: half of them with sign +1 and half with -1 (a random order), so a rule that mixes inputs
+#: cannot pass with all signs equal; few enough that the check's products stay small beside the
+#: parameter-sized work every check does once.
+VERIFY_ROWS = 8
 #: Of those, the whole-model route checks this many one by one and the rest as one signed column.
 VERIFY_MODEL_ROUTE_ROWS = 2
 
@@ -94,6 +100,35 @@ def _floats(values: list[Tensor]) -> list[float]:
         return []
     dev = values[0].device
     return torch.stack([v.to(dev) for v in values]).tolist()
+
+
+def _owned(
+    grads: Sequence[Tensor | None], params: Sequence[Tensor], dtype: torch.dtype, held: Tensor
+) -> list[Tensor]:
+    """``grads`` in ``dtype`` as tensors no one else holds, so that they may be overwritten:
+    autograd may hand the same tensor to several inputs, a view, or the cotangent ``held``
+    itself; those are copied, the rest kept. Zeros for ``None``."""
+    seen = {held.untyped_storage().data_ptr()}
+    out = []
+    for g, p in zip(grads, params):
+        if g is None:
+            out.append(torch.zeros(p.shape, dtype=dtype, device=p.device))
+            continue
+        storage = g.untyped_storage().data_ptr()
+        fresh = g.dtype == dtype and storage not in seen
+        out.append(g if fresh else g.to(dtype, memory_format=torch.contiguous_format, copy=True))
+        seen.add(out[-1].untyped_storage().data_ptr())
+    return out
+
+
+#: Structures that passed the check, per model: a later pass over the same model whose recorded
+#: structure (modules, rules, parameter names, batch dimensions, dtype) is one of them skips it.
+_VERIFIED: weakref.WeakKeyDictionary[nn.Module, set[Any]] = weakref.WeakKeyDictionary()
+
+
+def forget_verified(model: nn.Module) -> None:
+    """Forget the structures of ``model`` that passed the check, so the next pass checks again."""
+    _VERIFIED.pop(model, None)
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -286,6 +321,15 @@ class _Rule:
                 scale[n] = scale[n] + sq if n in scale else sq
         return got, scale
 
+    def subtract_signed_sum(
+        self, ctx: _Ctx, s: Tensor, diff: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """diff[name] -= :meth:`signed_sum` in place; returns its scales."""
+        got, scale = self.signed_sum(ctx, s)
+        for n, t in got.items():
+            diff[n].sub_(t)
+        return scale
+
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
         """acc += weight * sum over inputs and columns of the squared per-input gradients."""
         numel = sum(ctx.engine.params[n].numel() for n in ctx.names.values())
@@ -333,24 +377,63 @@ class _MatmulRule(_Rule):
             out[ctx.names["bias"]] = gl.sum(-1).transpose(0, 1)
         return out
 
-    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """sum_b s_b G_b U_b^T as one product of the signed output gradients with the inputs
-        (no per-input gradient materialised); scale sum_b ||G_b||^2 ||U_b||^2."""
+    def _signed_factors(self, ctx: _Ctx, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The signed output gradients (O x BL) and the inputs (BL x I) whose product is
+        sum_b s_b G_b U_b^T, and the unsigned ``gl`` (K, B, O, L) and ``cols`` (B, I, L)."""
         gl, cols = self.unfolded(ctx, 0, ctx.B)
         g = gl[0] * s.reshape(-1, 1, 1)  # (B, O, L)
-        got, scale = {}, {}
+        flat_g = g.permute(1, 0, 2).reshape(g.shape[1], -1)
+        flat_u = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
+        return flat_g, flat_u, gl, cols
+
+    def _scales(self, ctx: _Ctx, gl: Tensor, cols: Tensor) -> dict[str, Tensor]:
+        """sum_b ||G_b||^2 ||U_b||^2 for the weight, sum_b ||G_b 1||^2 for the bias."""
+        scale = {}
         if "weight" in ctx.names:
-            n = ctx.names["weight"]
-            # sum over inputs and positions of the outer products, as one (O x BL) @ (BL x I)
-            flat_g = g.permute(1, 0, 2).reshape(g.shape[1], -1)
-            flat_u = cols.permute(0, 2, 1).reshape(-1, cols.shape[1])
-            got[n] = self._weight_shaped(flat_g @ flat_u, ctx.param("weight").shape)
-            scale[n] = (gl[0].pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum()
+            scale[ctx.names["weight"]] = (gl[0].pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum()
         if "bias" in ctx.names:
-            n = ctx.names["bias"]
-            got[n] = g.sum((0, 2))
-            scale[n] = gl[0].sum(-1).pow(2).sum()
-        return got, scale
+            scale[ctx.names["bias"]] = gl[0].sum(-1).pow(2).sum()
+        return scale
+
+    def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """sum_b s_b G_b U_b^T as one (O x BL) @ (BL x I) product of the signed output gradients
+        with the inputs (no per-input gradient materialised); scale sum_b ||G_b||^2 ||U_b||^2."""
+        flat_g, flat_u, gl, cols = self._signed_factors(ctx, s)
+        got = {}
+        if "weight" in ctx.names:
+            got[ctx.names["weight"]] = self._weight_shaped(
+                flat_g @ flat_u, ctx.param("weight").shape
+            )
+        if "bias" in ctx.names:
+            got[ctx.names["bias"]] = flat_g.sum(1)
+        return got, self._scales(ctx, gl, cols)
+
+    def subtract_signed_sum(
+        self, ctx: _Ctx, s: Tensor, diff: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The weight's product subtracted straight into ``diff`` (one addmm, no parameter-sized
+        temporary) where ``diff`` is a plain (O x I) or (I x O) matrix in memory."""
+        flat_g, flat_u, gl, cols = self._signed_factors(ctx, s)
+        if "weight" in ctx.names:
+            target = diff[ctx.names["weight"]]
+            rows, cols_ = (
+                (flat_u.shape[1], flat_g.shape[0])
+                if self.weight_transposed
+                else (
+                    flat_g.shape[0],
+                    flat_u.shape[1],
+                )
+            )
+            a, b = (flat_u.t(), flat_g.t()) if self.weight_transposed else (flat_g, flat_u)
+            if target.is_contiguous() and target.numel() == rows * cols_:
+                target.view(rows, cols_).addmm_(a, b, alpha=-1)
+            elif target.ndim == 2 and target.t().is_contiguous():  # a transposed gradient
+                target.t().addmm_(b.t(), a.t(), alpha=-1)
+            else:
+                target.sub_(self._weight_shaped(flat_g @ flat_u, target.shape))
+        if "bias" in ctx.names:
+            diff[ctx.names["bias"]].sub_(flat_g.sum(1))
+        return self._scales(ctx, gl, cols)
 
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
         """sum_x sum_k (G_kx U_x^T)^2 by the cheaper of two exact routes:
@@ -1070,6 +1153,33 @@ class PerInputEngine:
             id(self._trace),
         )
 
+    def verified_key(self, dtype: torch.dtype) -> Any:
+        """The recorded structure as a pass over the same model sees it again: handlers, rules,
+        parameter names and batch dimensions of every call, the whole-model route, the dtype of
+        the logits and the device (not the shapes: a new batch size or length is the same
+        structure)."""
+        assert self.handlers is not None
+        return (
+            tuple(sorted(self.model_route)),
+            tuple(
+                (
+                    h.path,
+                    h.rule,
+                    tuple(h.names.items()),
+                    tuple((tuple(c.leaf_dims), tuple(c.out_dims)) for c in h.calls),
+                )
+                for h in self.handlers
+            ),
+            tuple(
+                sorted(
+                    (n, tuple(sorted(w)))
+                    for n, w in (self._trace.uses if self._trace else {}).items()
+                )
+            ),
+            dtype,
+            next(iter(self.params.values())).device.type if self.params else "cpu",
+        )
+
     def reset(self) -> None:
         for h in self.handlers or []:
             h.calls.clear()
@@ -1247,9 +1357,10 @@ class PerInputEngine:
     def verify(
         self, logits: Tensor, first_rows: Callable[[int], Tensor | None] | None = None
     ) -> None:
-        """Prove the per-input gradients on this batch (once per traced structure).
+        """Prove the per-input gradients on this batch (once per traced structure and model:
+        a later pass over the same model with the same structure relies on the earlier proof).
 
-        With Rademacher signs s_x and a Gaussian cotangent u (both from a generator of their own,
+        With balanced random signs s_x and a Gaussian cotangent u (both from a generator of their own,
         so the estimate's random draws are unchanged), compare per parameter
         sum_x s_x J_x^T u_x, built from the per-input gradients the accumulation uses, with one
         ordinary backward of the cotangent s_x u_x. A failing or raising route is replaced by the
@@ -1263,6 +1374,9 @@ class PerInputEngine:
         """
         assert self.handlers is not None
         if self.structure_key() in self._verified:
+            return
+        if self.verified_key(logits.dtype) in _VERIFIED.get(self.model, ()):
+            self._verified.add(self.structure_key())  # proven by an earlier pass on this model
             return
         B = logits.shape[0]
         if (
@@ -1311,7 +1425,9 @@ class PerInputEngine:
         gen = torch.Generator(device=logits.device).manual_seed(_VERIFY_SEED)
         u = torch.randn(logits.shape, generator=gen, device=logits.device, dtype=logits.dtype)
         u[R:] = 0
-        s = torch.randint(0, 2, (B,), generator=gen, device=logits.device).to(logits.dtype) * 2 - 1
+        s = torch.ones(B, device=logits.device, dtype=logits.dtype)
+        order = torch.randperm(R, generator=gen, device=logits.device)
+        s[:R] = torch.where(order < (R + 1) // 2, 1.0, -1.0).to(logits.dtype)
         signed = u * s.reshape(B, *([1] * (logits.ndim - 1)))
         names = list(self.params)
         calls = [c for h in self.handlers for c in h.calls]
@@ -1330,9 +1446,16 @@ class PerInputEngine:
             if outputs
             else []
         )
-        ref_grads = list(
-            torch.autograd.grad(logits, params, signed, retain_graph=True, allow_unused=True)
-        )
+        dtype = self._dtype()
+
+        def reference() -> dict[str, Tensor]:
+            """The signed sum by an ordinary backward, as tensors the check may overwrite."""
+            grads = torch.autograd.grad(
+                logits, params, signed, retain_graph=True, allow_unused=True
+            )
+            return dict(zip(names, _owned(grads, params, dtype, signed)))
+
+        ref = reference()
         it = iter(out_grads)
         self._verify_grads = {
             id(c): [
@@ -1341,23 +1464,20 @@ class PerInputEngine:
             ]
             for c in calls
         }
-        dtype = self._dtype()
-        ref = {
-            n: (torch.zeros_like(self.params[n], dtype=dtype) if g is None else g.to(dtype))
-            for n, g in zip(names, ref_grads)
-        }
-        ref_norms = dict(zip(names, _norms(list(ref.values()))))
-        if not all(math.isfinite(v) for v in ref_norms.values()):
-            return  # NaN/Inf gradients: the pass reports them at the end; check a later batch
         rtol = VERIFY_RTOL.get(logits.dtype, 1e-4)
-        for _ in range(8):
-            got, scale, errors = self._signed_sums(logits, u.unsqueeze(0), s, R)
+        for attempt in range(8):
+            if attempt:  # the last attempt overwrote the reference with its differences
+                ref = reference()
+            ref_norms = dict(zip(names, _norms(list(ref.values()))))
+            if not all(math.isfinite(v) for v in ref_norms.values()):
+                return  # NaN/Inf gradients: the pass reports them at the end; check a later batch
+            # ref becomes ref - (the engine's signed sums), in place
+            scale, errors = self._signed_sums(logits, u.unsqueeze(0), s, R, ref)
             bad: dict[str, str] = dict(errors)
             # Round-off floor: a gradient that is zero but for round-off (a key bias under
             # softmax attention) is compared with the scale of the whole model's gradients.
             floor = 100 * torch.finfo(dtype).eps * max(math.sqrt(v) for v in scale.values())
-            diffs = torch._foreach_sub([got[n] for n in names], [ref[n] for n in names])
-            for n, diff in zip(names, _norms(diffs)):
+            for n, diff in zip(names, _norms([ref[n] for n in names])):
                 if n in bad:
                     continue
                 tol = rtol * (ref_norms[n] + math.sqrt(scale[n])) + floor + 1e-30
@@ -1367,6 +1487,7 @@ class PerInputEngine:
                     )
             if not bad:
                 self._verified.add(self.structure_key())
+                _VERIFIED.setdefault(self.model, set()).add(self.verified_key(logits.dtype))
                 return
             self._fall_back(bad)
         raise FisherInputError("The per-input gradients could not be verified.")
@@ -1414,15 +1535,12 @@ class PerInputEngine:
         self.handlers = [h for h in self.handlers if h.names]
 
     def _signed_sums(
-        self, logits: Tensor, u: Tensor, s: Tensor, rows: int
-    ) -> tuple[dict[str, Tensor], dict[str, float], dict[str, str]]:
-        """sum_b s_b g_b per parameter from the engine's per-input gradients g_b for the single
-        column ``u``; the sums of ||g_b||^2 (the scale of round-off); parameters whose route
-        raised, with the error."""
+        self, logits: Tensor, u: Tensor, s: Tensor, rows: int, diff: dict[str, Tensor]
+    ) -> tuple[dict[str, float], dict[str, str]]:
+        """diff[name] -= sum_b s_b g_b, in place, from the engine's per-input gradients g_b for
+        the single column ``u``; returns the sums of ||g_b||^2 (the scale of round-off) and the
+        parameters whose route raised, with the error."""
         dtype = self._dtype()
-        got = {
-            n: torch.zeros(p.shape, dtype=dtype, device=p.device) for n, p in self.params.items()
-        }
         sizes: dict[str, list[Tensor]] = {n: [] for n in self.params}
         errors: dict[str, str] = {}
         B = self._batch_size = rows  # the rules see the first ``rows`` inputs (u is 0 beyond)
@@ -1432,10 +1550,9 @@ class PerInputEngine:
         for h, c, gs in grad_map:
             ctx = self._ctx(h, c, gs, dict(h.names))
             try:
-                part, size = _RULES[h.rule].signed_sum(ctx, sd)
-                for n, t in part.items():
-                    got[n] += t
-                    sizes[n].append(size[n])
+                size = _RULES[h.rule].subtract_signed_sum(ctx, sd, diff)
+                for n, v in size.items():
+                    sizes[n].append(v)
             except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as err:
                 if _is_oom(err):
                     raise
@@ -1453,10 +1570,10 @@ class PerInputEngine:
                 whole = self._model_route_grads(logits, rest) if m < B else {}
                 for n, t in per.items():
                     t = t[:, 0]
-                    got[n] += (sd[:m].reshape(-1, *([1] * (t.ndim - 1))) * t).sum(0)
+                    diff[n].sub_((sd[:m].reshape(-1, *([1] * (t.ndim - 1))) * t).sum(0))
                     sizes[n].append(t.pow(2).sum())
                     if n in whole:
-                        got[n] += whole[n][0]
+                        diff[n].sub_(whole[n][0])
                         sizes[n].append(whole[n][0].pow(2).sum())
             except (RuntimeError, NotImplementedError) as err:
                 if _is_oom(err) or not self._batched_model_route:
@@ -1467,4 +1584,4 @@ class PerInputEngine:
         present = [t for t in flat if t is not None]
         values = iter(_floats(present))
         scale = {n: (next(values) if t is not None else 0.0) for n, t in zip(sizes, flat)}
-        return got, scale, errors
+        return scale, errors
