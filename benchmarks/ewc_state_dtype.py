@@ -3,7 +3,8 @@
 A random-weight GPT-2 model built from a ``transformers`` config (no download; ``--layers 24
 --width 2048`` is about 1.3B parameters), in ``--dtype`` (bf16 by default), one batch of
 ``--batch`` sequences of ``--seq-len`` tokens with next-token labels, AdamW. For each EWC setting
-(``--configs``: ``state_dtype`` float32 or bfloat16, ``offload`` none or cpu) the script
+(``--configs``: ``state_dtype`` float32 or bfloat16, then ``+cpu`` for offload or
+``+compiled`` for ``compile_update=True``) the script
 consolidates a synthetic positive Fisher (the update's cost does not depend on its values) with
 ``lf.ElasticWeightConsolidation`` and times a training step with ``add_penalty_grad`` before
 ``opt.step()`` against the same step without it, interleaved (ratio of medians).
@@ -47,13 +48,24 @@ from lightning_fisher import ewc as ewc_module
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 NAME = "ewc_state_dtype"
-CONFIGS = ("float32", "bfloat16", "bfloat16+cpu", "float32+cpu")
+CONFIGS = (
+    "float32",
+    "float32+compiled",
+    "bfloat16",
+    "bfloat16+compiled",
+    "bfloat16+cpu",
+    "float32+cpu",
+)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def parse_config(text: str) -> tuple[torch.dtype, str | None]:
-    dtype, _, offload = text.partition("+")
-    return ewc_module.check_state_dtype(dtype), (offload or None)
+def parse_config(text: str) -> tuple[torch.dtype, str | None, bool]:
+    """``state_dtype[+cpu|+compiled]`` -> (state dtype, offload, compile_update)."""
+    dtype, _, extra = text.partition("+")
+    if extra not in ("", "cpu", "compiled"):
+        raise SystemExit(f"error: config {text!r}: after '+' comes 'cpu' or 'compiled'")
+    offload = "cpu" if extra == "cpu" else None
+    return ewc_module.check_state_dtype(dtype), offload, extra == "compiled"
 
 
 def route_of(ewc: lf.ElasticWeightConsolidation, model: nn.Module) -> str:
@@ -98,6 +110,7 @@ def ewc_row(
     meter: Meter,
     state_dtype: torch.dtype,
     offload: str | None,
+    compiled: bool = False,
 ) -> dict[str, Any]:
     device = next(model.parameters()).device
     start = time.perf_counter()
@@ -111,7 +124,12 @@ def ewc_row(
         method="sample",
     )
     ewc = lf.ElasticWeightConsolidation(
-        model, lam=1.0, mode="online", state_dtype=state_dtype, offload=offload or False
+        model,
+        lam=1.0,
+        mode="online",
+        state_dtype=state_dtype,
+        offload=offload or False,
+        compile_update=compiled,
     )
     ewc.consolidate(fisher)
     del fisher
@@ -213,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=RESULTS, help="folder of the report")
     args = ap.parse_args(argv)
     configs = [parse_config(c) for c in args.configs]
-    for _, offload in configs:
+    for _, offload, _ in configs:
         ewc_module.check_offload(offload or False)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     heads = args.heads or max(1, args.width // 128)
@@ -244,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     meter = Meter(device, 1, args.repeats, args.row_cap)
     train_step(model, opt, batch)()  # AdamW state exists before any row measures memory
-    for state_dtype, offload in configs:
+    for state_dtype, offload, compiled in configs:
         row = {"model": spec.name, "params": n_params, "dtype": str(dtype).replace("torch.", "")}
-        row.update(ewc_row(model, opt, batch, meter, state_dtype, offload))
+        row.update(ewc_row(model, opt, batch, meter, state_dtype, offload, compiled))
         gc.collect()  # the row's EWC state goes before the next row measures memory
         if device.type == "cuda":
             torch.cuda.empty_cache()

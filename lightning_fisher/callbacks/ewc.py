@@ -77,9 +77,10 @@ class EWC(Callback):
     Memory (:meth:`state_bytes`): per consolidated parameter a Fisher in ``state_dtype`` (float32
     by default, bfloat16 or float16 for half) and an anchor in the parameter's dtype, in GPU
     memory or, with ``offload="cpu"``, in CPU memory; separate mode keeps a Fisher and an anchor
-    per task. Cost per optimizer step and task: on CUDA one pass over g, F, theta and theta* by
-    an update compiled with ``torch.compile`` on the first step (``compile_update``; where it
-    does not compile, logged, three ``foreach`` launches and a workspace buffer); on CPU two
+    per task. Cost per optimizer step and task: on CUDA three ``foreach`` launches and a
+    workspace buffer, or with ``compile_update=True`` one pass over g, F, theta and theta* by an
+    update compiled with ``torch.compile`` on the first step (where it does not compile, logged,
+    the ``foreach`` route); on CPU two
     in-place passes (``work = theta - theta*``, then ``grad += lam F work``), or one with
     ``cpu_kernel=True`` (the penalty's value, two more, only on logging steps). The arithmetic is
     float32 whatever the storage dtypes. With ``offload="cpu"`` every step also copies the
@@ -155,7 +156,8 @@ class EWC(Callback):
         offload: ``False`` or ``"cpu"``: keep Fishers and anchors in (pinned) CPU memory and copy
             them to the GPU at each optimizer step (PCIe traffic of the state's size per step,
             for GPU memory).
-        compile_update: on CUDA, fuse the penalty-gradient update with ``torch.compile``.
+        compile_update: on CUDA, fuse the penalty-gradient update with ``torch.compile``
+            (off by default: not yet measured on a GPU).
         name: distinguishes several ``EWC`` instances in one Trainer (their checkpoint keys).
     """
 
@@ -183,7 +185,7 @@ class EWC(Callback):
         cpu_kernel: bool = False,
         state_dtype: torch.dtype | str | None = None,
         offload: bool | str = False,
-        compile_update: bool = True,
+        compile_update: bool = False,
         name: str | None = None,
     ) -> None:
         method = check_method("EWC", method, data_pass=False)
