@@ -40,7 +40,12 @@ compute and reduction (``MixedPrecision``; squares summed in float32); EWC updat
 (gradient and loss routes) against DDP's; the Squisher from sharded Adam; the full state-dict
 form and back, bitwise. Then ``lf.EWC`` over two tasks under Lightning's ``FSDPStrategy`` (a
 subclass: Lightning refuses the exact class on a CPU accelerator) against DDP, through
-Lightning's sharded and full checkpoints into a new Trainer, bitwise.
+Lightning's sharded and full checkpoints into a new Trainer, bitwise. FSDP1 diagnostics rows
+(``--no-diagnostics`` skips them): ``compute_diagnostics`` on FSDP1 copies (each Linear a unit,
+``NO_SHARD``, the module inside a one-unit wrapper) against the unsharded copy, and one ``fit``
+with ``FisherMonitor``, ``FisherDiagnostics`` and ``FisherTraceRegularizer`` under
+``FSDPStrategy`` against DDP (logged numbers, histogram sample, the regularised update, the
+monitor's pieces through Lightning's sharded and full checkpoints).
 
 Differences are max |sharded - reference| / max |reference| per tensor, the largest over tensors.
 
