@@ -40,7 +40,12 @@ compute and reduction (``MixedPrecision``; squares summed in float32); EWC updat
 (gradient and loss routes) against DDP's; the Squisher from sharded Adam; the full state-dict
 form and back, bitwise. Then ``lf.EWC`` over two tasks under Lightning's ``FSDPStrategy`` (a
 subclass: Lightning refuses the exact class on a CPU accelerator) against DDP, through
-Lightning's sharded and full checkpoints into a new Trainer, bitwise.
+Lightning's sharded and full checkpoints into a new Trainer, bitwise. FSDP1 diagnostics rows
+(``--no-diagnostics`` skips them): ``compute_diagnostics`` on FSDP1 copies (each Linear a unit,
+``NO_SHARD``, the module inside a one-unit wrapper) against the unsharded copy, and one ``fit``
+with ``FisherMonitor``, ``FisherDiagnostics`` and ``FisherTraceRegularizer`` under
+``FSDPStrategy`` against DDP (logged numbers, histogram sample, the regularised update, the
+monitor's pieces through Lightning's sharded and full checkpoints).
 
 Differences are max |sharded - reference| / max |reference| per tensor, the largest over tensors.
 
@@ -63,6 +68,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.pytorch.loggers import Logger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -616,6 +622,18 @@ def _full_state_dicts_without_offload() -> None:
     lightning_fsdp._get_full_state_dict_context = context  # type: ignore[assignment]
 
 
+def cpu_fsdp_strategy() -> Any:
+    """Lightning's ``FSDPStrategy`` (each Linear a unit) through a subclass: Lightning refuses
+    the exact type with a CPU accelerator, while FSDP1 runs on CPU processes with gloo."""
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    class CPUFSDPStrategy(FSDPStrategy):
+        pass
+
+    return CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+
+
 def _fsdp1_lightning(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     """``lf.EWC`` over two tasks under ``FSDPStrategy`` and under DDP from the same weights;
     after task 0 the FSDP1 run writes a sharded and a full checkpoint and restores each into a
@@ -623,7 +641,6 @@ def _fsdp1_lightning(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     a CPU-only machine FSDP1 needs ``device_id=torch.device("cpu")``, which Lightning's own
     wrapping of the whole module does not pass.)"""
     import lightning.pytorch as pl
-    from lightning.pytorch.strategies import FSDPStrategy
 
     import lightning_fisher as lf
 
@@ -646,16 +663,8 @@ def _fsdp1_lightning(rank: int, world: int, out_dir: str) -> dict[str, Any]:
             enable_model_summary=False,
         )
 
-    class CPUFSDPStrategy(FSDPStrategy):
-        """FSDPStrategy itself: Lightning refuses the exact type with a CPU accelerator, while
-        FSDP1 runs on CPU processes with gloo."""
-
     _full_state_dicts_without_offload()
-
-    def fsdp() -> FSDPStrategy:
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        return CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+    fsdp = cpu_fsdp_strategy
 
     res: dict[str, Any] = {}
     for name in ("fsdp1", "ddp"):
@@ -782,6 +791,29 @@ def _scalars_diff(got: dict[str, float], want: dict[str, float]) -> float:
     )
 
 
+class RecordLogger(Logger):
+    """Keeps every logged metric as ``name@step`` -> value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.metrics: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return "record"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        for k, v in metrics.items():
+            self.metrics[f"{k}@{step}"] = float(v)
+
+
 def diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_dir: str) -> None:
     """``compute_diagnostics`` on a sharded and an unsharded copy of the same weights and data
     (deterministic bounds with their certificate; Hutchinson bounds with CVs and standard
@@ -789,7 +821,6 @@ def diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_dir: s
     ``FisherTraceRegularizer`` in one ``fit`` under ``ModelParallelStrategy`` and under DDP from
     the same weights: every logged number, the sample and the regularised update."""
     import lightning.pytorch as pl
-    from lightning.pytorch.loggers import Logger
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     import lightning_fisher as lf
@@ -831,26 +862,6 @@ def diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_dir: s
         res["spectrum_refused"] = "Fisher-vector products" in str(err)
     dist.destroy_process_group()
 
-    class Record(Logger):
-        def __init__(self) -> None:
-            super().__init__()
-            self.metrics: dict[str, float] = {}
-
-        @property
-        def name(self) -> str:
-            return "record"
-
-        @property
-        def version(self) -> int:
-            return 0
-
-        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-            pass
-
-        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-            for k, v in metrics.items():
-                self.metrics[f"{k}@{step}"] = float(v)
-
     gen = torch.Generator().manual_seed(300)
     x = torch.randn(24, DIMS[0], generator=gen)
     y = torch.randint(0, DIMS[2], (24,), generator=gen)
@@ -858,7 +869,7 @@ def diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_dir: s
     # "plain": DDP without the regulariser, to show its gradient moves the update
     for name in ("fsdp", "ddp", "plain"):
         model = lightning_mlp(shard=name == "fsdp")
-        logger = Record()
+        logger = RecordLogger()
         diagnostics = lf.FisherDiagnostics(
             every_n_epochs=1, dataloader="train", max_batches=2, histogram_entries=16
         )
@@ -967,6 +978,234 @@ def run_diagnostics(world: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             ),
             "fisher_placed_like_params": True,
             "ewc_update_max_rel_diff_vs_ddp": rel_diff(res["fsdp_update"], res["ddp_update"]),
+            "ewc_penalty_rel_diff_vs_ddp": None,
+            "checkpoint_roundtrip_bitwise": res["monitor_checkpoint_sharded_bitwise"]
+            and res["monitor_checkpoint_full_bitwise"],
+            "checkpoint_sharded_bitwise": res["monitor_checkpoint_sharded_bitwise"],
+            "checkpoint_full_bitwise": res["monitor_checkpoint_full_bitwise"],
+        }
+    )
+    return rows, details
+
+
+def fsdp1_diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_dir: str) -> None:
+    """FSDP1: ``compute_diagnostics`` on wrapped copies (each Linear a unit; NO_SHARD; the
+    module inside a one-unit wrapper) against an unsharded copy, the regulariser's gradient on
+    whole parameters gathered from the pieces against the unsharded one, then
+    ``FisherMonitor``, ``FisherDiagnostics`` and ``FisherTraceRegularizer`` in one ``fit``
+    under ``FSDPStrategy`` and under DDP from the same weights."""
+    import lightning.pytorch as pl
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    import lightning_fisher as lf
+    from lightning_fisher.diagnostics import compute_diagnostics
+    from lightning_fisher.regularizers import fisher_trace_penalty_grads
+    from lightning_fisher.sharded_fsdp1 import (
+        local_pieces,
+        register_fisher_hook,
+        whole_parameters,
+    )
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(ports[1]),  # Lightning's group
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+    torch.set_num_threads(1)
+    init = f"tcp://127.0.0.1:{ports[0]}"
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    res: dict[str, Any] = {"plain": {}}
+    base = make_model()
+    batches = list(rank_loader(rank))
+    kw: dict[str, Any] = {"probes": 2, "max_batches": 2, "seed": SEED, "histogram_entries": 16}
+    no_shard = FullyShardedDataParallel(
+        copy.deepcopy(base),
+        device_id=torch.device("cpu"),
+        use_orig_params=True,
+        sharding_strategy=ShardingStrategy.NO_SHARD,
+    )
+    one_unit = FullyShardedDataParallel(
+        copy.deepcopy(base), device_id=torch.device("cpu"), use_orig_params=True
+    )
+    register_fisher_hook(one_unit)  # the inner module is not FSDP1's: register on the root
+    cases = [
+        ("each Linear a unit", "deterministic", wrap_fsdp1(copy.deepcopy(base))),
+        ("each Linear a unit", "hutchinson", wrap_fsdp1(copy.deepcopy(base))),
+        ("NO_SHARD", "deterministic", no_shard),
+        ("the module inside a one-unit wrapper", "deterministic", one_unit),
+    ]
+    for layout, kind, wrapped in cases:
+        target = wrapped.module if wrapped is one_unit else wrapped
+        bounds = {} if kind == "deterministic" else {"deterministic_bounds_max_classes": 0}
+        got = compute_diagnostics(target, batches, **kw, **bounds)
+        want = compute_diagnostics(copy.deepcopy(base), batches, **kw, **bounds)
+        res["plain"][(layout, kind)] = {
+            "scalars": (got.scalars(), want.scalars()),
+            "entries": (got.entries, want.entries),
+            "pieces": all(t.ndim == 1 for t in got.density_fisher.values()) or layout == "NO_SHARD",
+        }
+    try:
+        compute_diagnostics(wrap_fsdp1(copy.deepcopy(base)), batches, eigenvalues=2)
+        res["spectrum_refused"] = False
+    except lf.FisherInputError as err:
+        res["spectrum_refused"] = "Fisher-vector products" in str(err)
+    # the regulariser's gradient on whole parameters gathered from the pieces (the module
+    # inside the one-unit wrapper), cut to this rank's pieces, against the unsharded gradient
+    gen = torch.Generator().manual_seed(7 + rank)
+    plain = copy.deepcopy(base)
+    grads_want, trace_want = fisher_trace_penalty_grads(
+        plain, batches[:1], list(plain.parameters()), 0.5, 2, generator=gen
+    )
+    inner = one_unit.module
+    names = [n for n, _ in inner.named_parameters()]
+    with whole_parameters(inner) as whole:
+        gen = torch.Generator().manual_seed(7 + rank)
+        grads_got, trace_got = fisher_trace_penalty_grads(
+            inner, batches[:1], [whole[n] for n in names], 0.5, 2, generator=gen
+        )
+    cut_want = local_pieces(dict(zip(names, grads_want)), inner)
+    got_pieces = local_pieces(dict(zip(names, grads_got)), inner)
+    res["penalty_grad_diff"] = _flag_max(
+        max(
+            rel_diff({n: got_pieces[n]}, {n: cut_want[n]}) if cut_want[n].numel() else 0.0
+            for n in names
+        )
+        + abs(float(trace_got - trace_want)) / float(trace_want)
+    )
+    # the parameters are FSDP1's again: a training step runs and matches an untouched copy
+    other = FullyShardedDataParallel(
+        copy.deepcopy(base), device_id=torch.device("cpu"), use_orig_params=True
+    )
+    x, y = train_batch(rank, 0)
+    for m in (one_unit, other):
+        nn.functional.cross_entropy(m(x), y).backward()
+    res["training_after_bitwise"] = _flag(
+        all(
+            torch.equal(p.grad, q.grad)
+            for p, q in zip(one_unit.parameters(), other.parameters())
+            if p.grad is not None and q.grad is not None
+        )
+    )
+    dist.destroy_process_group()
+
+    _full_state_dicts_without_offload()
+    gen = torch.Generator().manual_seed(300)
+    x = torch.randn(24, DIMS[0], generator=gen)
+    y = torch.randint(0, DIMS[2], (24,), generator=gen)
+    data = DataLoader(TensorDataset(x, y), batch_size=BATCH)
+    for name in ("fsdp1", "ddp"):
+        model = lightning_mlp(shard=False, fsdp1=name == "fsdp1")
+        logger = RecordLogger()
+        diagnostics = lf.FisherDiagnostics(
+            every_n_epochs=1, dataloader="train", max_batches=2, histogram_entries=16
+        )
+        monitor = lf.FisherMonitor(
+            every_n_epochs=1, method="hutchinson", probes=2, fisher_kwargs={"seed": SEED}
+        )
+        callbacks = [monitor, diagnostics, lf.FisherTraceRegularizer(alpha=0.5, probes=2)]
+
+        def make_trainer(callbacks: list[Any], logger: Any = False, name: str = name) -> pl.Trainer:
+            return pl.Trainer(
+                callbacks=callbacks,
+                strategy=cpu_fsdp_strategy() if name == "fsdp1" else "ddp",
+                accelerator="cpu",
+                devices=world,
+                max_epochs=1,
+                logger=logger,
+                log_every_n_steps=1,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
+
+        trainer = make_trainer(callbacks, logger)
+        before = full_params(make_model())
+        trainer.fit(model, data)
+        if name == "fsdp1":  # the monitor's estimate (local pieces) through both checkpoints
+            assert monitor.fisher is not None
+            state, trace = _clone(dict(monitor.fisher)), monitor.fisher.trace()
+            for kind in ("sharded", "full"):
+                path = os.path.join(out_dir, f"fsdp1-monitor-{kind}.ckpt")
+                trainer.strategy._state_dict_type = kind  # type: ignore[attr-defined]
+                trainer.save_checkpoint(path)
+                restored = lf.FisherMonitor(every_n_epochs=1)
+                fresh = lightning_mlp(shard=False, fsdp1=True)
+                # at max_epochs already: the fit restores the checkpoint and trains nothing
+                make_trainer([restored]).fit(fresh, data, ckpt_path=path)
+                same = (
+                    restored.fisher is not None
+                    and _bitwise(_clone(dict(restored.fisher)), state)
+                    and restored.fisher.trace() == trace  # summed over the ranks' pieces
+                )
+                res[f"monitor_checkpoint_{kind}_bitwise"] = _flag(same)
+            after = fsdp1_whole(dict(model.net.named_parameters()), model.net)
+        else:
+            after = full_params(model.net)
+        res[f"{name}_update"] = {k: after[k] - before[k] for k in after}
+        res[f"{name}_metrics"] = dict(logger.metrics)
+        assert diagnostics.last is not None
+        res[f"{name}_entries"] = diagnostics.last.entries
+    if rank == 0:
+        torch.save(res, os.path.join(out_dir, "fsdp1_diagnostics.pt"))
+
+
+def _flag_max(value: float) -> float:
+    """The largest ``value`` over the ranks."""
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+def run_fsdp1_diagnostics(world: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows for the diagnostics and the callbacks under FSDP1 (columns as in
+    :func:`run_diagnostics`), and the details."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ports = _free_ports(2)
+        mp.spawn(fsdp1_diagnostics_worker, args=(world, ports, tmp), nprocs=world, join=True)
+        res = torch.load(os.path.join(tmp, "fsdp1_diagnostics.pt"), weights_only=False)
+    details: dict[str, Any] = {
+        "spectrum_refused": res["spectrum_refused"],
+        "penalty_grad_diff": res["penalty_grad_diff"],
+        "training_after_bitwise": res["training_after_bitwise"],
+        "sample_sizes": {k: v.numel() for k, v in res["fsdp1_entries"].items()},
+        "numel": {k: v.numel() for k, v in res["ddp_update"].items()},
+    }
+    rows = []
+    for (layout, kind), r in res["plain"].items():
+        got, want = r["scalars"]
+        diff = max(_scalars_diff(got, want), rel_diff(*r["entries"]))
+        details[f"{layout}, {kind}_scalars"] = sorted(want)
+        rows.append(
+            {
+                "strategy": f"fsdp1 ({layout}), compute_diagnostics",
+                "world_size": world,
+                "method": f"{kind} bounds",
+                "fisher_max_rel_diff_vs_unsharded": diff,
+                "fisher_placed_like_params": r["pieces"],
+                "ewc_update_max_rel_diff_vs_ddp": None,
+                "ewc_penalty_rel_diff_vs_ddp": None,
+                "checkpoint_roundtrip_bitwise": None,
+                "checkpoint_sharded_bitwise": None,
+                "checkpoint_full_bitwise": None,
+            }
+        )
+    got = {k: v for k, v in res["fsdp1_metrics"].items() if "seconds" not in k}
+    want = {k: v for k, v in res["ddp_metrics"].items() if "seconds" not in k}
+    details["lightning_metrics"] = sorted(want)
+    rows.append(
+        {
+            "strategy": "lightning FSDPStrategy (FSDP1), "
+            "FisherMonitor + FisherDiagnostics + FisherTraceRegularizer",
+            "world_size": world,
+            "method": "hutchinson (monitor), deterministic bounds (diagnostics)",
+            "fisher_max_rel_diff_vs_unsharded": max(
+                _scalars_diff(got, want), rel_diff(res["fsdp1_entries"], res["ddp_entries"])
+            ),
+            "fisher_placed_like_params": True,
+            "ewc_update_max_rel_diff_vs_ddp": rel_diff(res["fsdp1_update"], res["ddp_update"]),
             "ewc_penalty_rel_diff_vs_ddp": None,
             "checkpoint_roundtrip_bitwise": res["monitor_checkpoint_sharded_bitwise"]
             and res["monitor_checkpoint_full_bitwise"],
@@ -1139,6 +1378,8 @@ def main(argv: list[str] | None = None) -> None:
             rows += [
                 r for r in fsdp1_rows if not args.no_lightning or "lightning" not in r["strategy"]
             ]
+            if not args.no_diagnostics:
+                rows += run_fsdp1_diagnostics(w)[0]
     report = {
         "command": " ".join(["python -m benchmarks.fsdp_check", *(argv or sys.argv[1:])]),
         "device": f"CPU ({platform.processor() or platform.machine()}), gloo, 1 thread per rank",

@@ -39,7 +39,7 @@ reduction); deepspeed is not a dependency.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +60,7 @@ from .outputs import (
 
 if TYPE_CHECKING:
     from .estimators.base import Estimator
+    from .sharded_fsdp1 import Piece
 
 
 def is_dtensor(t: Any) -> bool:
@@ -514,18 +515,40 @@ def shard_group(tensors: Iterable[Tensor]) -> dist.ProcessGroup | None:
     return None
 
 
-def reduce_shard_statistics(rows: Tensor, tensors: list[Tensor], op: str = "sum") -> Tensor:
+def _layout(
+    tensors: list[Tensor], pieces: Sequence[Piece | None] | None
+) -> tuple[list[bool], dist.ProcessGroup | None]:
+    """Per tensor, whether it is a part of a whole spread over the ranks (a DTensor shard, or an
+    FSDP1 local piece with ``Piece.spread``), and the group to reduce over (``None``: none)."""
+    if pieces is not None and len(pieces) != len(tensors):
+        raise ValueError(f"{len(pieces)} pieces for {len(tensors)} tensors.")
+    found = [p for p in pieces or () if p is not None]
+    if found and dist.is_available() and dist.is_initialized():
+        return [p is not None and p.spread for p in pieces or ()], found[0].group
+    group = shard_group(tensors)
+    return [is_dtensor(t) for t in tensors], group
+
+
+def reduce_shard_statistics(
+    rows: Tensor,
+    tensors: list[Tensor],
+    op: str = "sum",
+    pieces: Sequence[Piece | None] | None = None,
+) -> Tensor:
     """Per-tensor statistics of local shards, made statistics of the whole tensors.
 
     ``rows[i]`` holds statistics of ``local_tensor(tensors[i])``. With ``op="sum"`` (sums,
     counts) the rows of DTensors are summed over the ranks of their mesh; with ``op="max"``
-    the maxima are taken. Rows of ordinary tensors (whole on every rank) are left as they are.
-    A collective when any tensor is a DTensor: call it on every rank.
+    the maxima are taken. ``pieces[i]`` (FSDP1: ``sharded_fsdp1.pieces(model)[name]``, or
+    ``None``) marks ``tensors[i]`` as this rank's flat piece of a parameter: its rows are
+    reduced over the piece's process group the same way (a ``NO_SHARD`` piece, whole on every
+    rank, counts once). Rows of ordinary tensors (whole on every rank) are left as they are.
+    A collective when any tensor is a DTensor or a piece: call it on every rank.
     """
-    group = shard_group(tensors)
+    spread, group = _layout(tensors, pieces)
     if group is None:
         return rows
-    sharded = torch.tensor([is_dtensor(t) for t in tensors], device=rows.device)
+    sharded = torch.tensor(spread, dtype=torch.bool, device=rows.device)
     sharded = sharded.reshape(-1, *([1] * (rows.ndim - 1)))
     if op == "sum":
         # whole tensors: every rank holds the same value, so only one rank contributes it
@@ -547,8 +570,17 @@ def map_local(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
     return as_sharded_like(out, tensors[0])
 
 
+def whole_numel(t: Tensor, piece: Piece | None = None) -> int:
+    """The number of entries of the whole tensor ``t`` is a part of: its own for an ordinary
+    tensor or a DTensor, the parameter's for an FSDP1 piece."""
+    return piece.shape.numel() if piece is not None else t.numel()
+
+
 def sample_entries(
-    tensors: dict[str, Tensor], max_entries: int | None, seed: int = 0
+    tensors: dict[str, Tensor],
+    max_entries: int | None,
+    seed: int = 0,
+    pieces: Mapping[str, Piece] | None = None,
 ) -> dict[str, Tensor]:
     """At most ``max_entries`` entries of each tensor, as flat float32 CPU vectors: all of them
     (in order) when it has no more, else those at ``max_entries`` flat indices drawn uniformly
@@ -557,16 +589,21 @@ def sample_entries(
     The indices are drawn in the whole tensor's index space, so a sharded tensor (DTensor) gives
     the same sample as the unsharded one: each rank contributes the entries of its shard and the
     bounded sample is summed over the mesh (one collective for all tensors; no rank gathers a
-    whole tensor). Histograms of a sharded Fisher are drawn from this sample.
+    whole tensor). ``pieces`` (FSDP1: ``sharded_fsdp1.pieces(model)``) marks the tensors that
+    are a rank's flat piece [start, start + count) of a parameter's flattened entries; they are
+    sampled the same way, over the piece's process group. Histograms of a sharded Fisher are
+    drawn from this sample.
     """
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     names = list(tensors)
+    where = [pieces.get(n) if pieces is not None else None for n in names]
     picks: list[Tensor] = []
     parts: list[Tensor] = []
     for i, name in enumerate(names):
         t = tensors[name]
-        n = t.numel()
+        piece = where[i]
+        n = whole_numel(t, piece)
         if max_entries is None or n <= max_entries:
             index = torch.arange(n)
         else:
@@ -574,6 +611,14 @@ def sample_entries(
             index = torch.randint(n, (max_entries,), generator=gen).unique()  # sorted
         picks.append(index)
         local = local_tensor(t).detach()
+        if piece is not None and piece.spread:
+            # this rank holds flat entries [start, start + count) of the parameter
+            mine = (index >= piece.start) & (index < piece.start + piece.count)
+            values = torch.zeros(index.numel(), dtype=torch.float32)
+            offsets = (index[mine] - piece.start).to(local.device)
+            values[mine] = local.reshape(-1)[offsets].float().cpu()
+            parts.append(values)
+            continue
         if is_dtensor(t) and t.ndim == 0:  # a scalar: take it whole
             local = t.full_tensor().detach()  # type: ignore[attr-defined]
         if not is_dtensor(t) or t.ndim == 0:
@@ -596,11 +641,11 @@ def sample_entries(
                 flat = flat * shape[d] + rel[d]
             values[mine] = local.reshape(-1)[flat.to(local.device)].float().cpu()
         parts.append(values)
-    group = shard_group(tensors.values())
+    spread, group = _layout(list(tensors.values()), where)
     if group is not None and parts:
-        sharded = [is_dtensor(tensors[n]) and tensors[n].ndim > 0 for n in names]
+        sharded = [s and tensors[n].ndim > 0 for n, s in zip(names, spread)]
         device = next(local_tensor(t) for t in tensors.values()).device
-        flat = torch.cat([v for v, s in zip(parts, sharded) if s]).to(device)
+        flat = torch.cat([v for v, s in zip(parts, sharded) if s] or [torch.zeros(0)]).to(device)
         # every sampled entry lives on exactly one rank: the sum is that entry, exactly
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat = flat.cpu()
@@ -691,4 +736,5 @@ __all__ = [
     "shard_state_like",
     "squared_gradient_reduction",
     "unsharded_parameters",
+    "whole_numel",
 ]

@@ -226,6 +226,13 @@ def _prepare(model: nn.Module) -> list[FisherHookState]:
     return states
 
 
+def ensure_fisher_hook(model: nn.Module) -> None:
+    """Register the Fisher communication hook on ``model``'s FSDP1 roots that have none, or
+    raise a ``FisherInputError`` saying what to do when a forward already ran without it (call
+    it before a forward that is not a Fisher pass, e.g. one that reads the number of classes)."""
+    _prepare(model)
+
+
 @contextmanager
 def squared_gradient_reduction(model: nn.Module) -> Iterator[None]:
     """While active, a backward of ``model`` leaves in each FSDP1 parameter's ``.grad`` this rank's
@@ -409,6 +416,83 @@ def shard_state(state: Any, model: nn.Module) -> Any:
     return _walk(state, cut)
 
 
+@contextmanager
+def whole_parameters(
+    model: nn.Module, who: str = "This computation"
+) -> Iterator[dict[str, Tensor]]:
+    """While active, ``model``'s FSDP1 parameters are whole leaf tensors (all-gathered from the
+    ranks' pieces, ``requires_grad`` as the parameters), its FSDP1 modules forward straight to
+    the modules they wrap (no gathering, resharding or gradient hooks), and
+    ``model.named_parameters()`` gives the whole tensors; yields every parameter by name.
+
+    For a double backward (the trace regulariser's ``create_graph``), which FSDP1 cannot run: it
+    frees the gathered flat parameters after each backward and reduces gradients in hooks on
+    them. Here the forward is the wrapped modules' own arithmetic on ordinary tensors, so
+    autograd differentiates it any number of times; gradients land on the yielded tensors, not
+    on FSDP1's. Cost: one all-gather of the model and its whole size on every rank while active.
+    ``MixedPrecision`` parameter dtypes are refused (the forward would not cast as FSDP1 does).
+    Restores the parameters and forwards on exit. A collective: call it on every rank."""
+    check_supported(model, who)
+    fsdp = _fsdp_class()
+    outer = registered_root(model)
+    roots = [outer] if outer is not None else fsdp1_roots(model)
+    units = [m for root in roots for m in root.modules() if isinstance(m, fsdp)]
+    for unit in units:
+        handle = unit._handle
+        if handle is not None and handle._fwd_bwd_param_dtype != handle.flat_param.dtype:
+            raise FisherInputError(
+                f"{who} on FSDP1 runs a forward on whole parameters outside FSDP1, which does "
+                f"not apply FSDP1's MixedPrecision casts (parameters in "
+                f"{handle._fwd_bwd_param_dtype}, held in {handle.flat_param.dtype}); that is not "
+                "implemented. Use full precision (no MixedPrecision param_dtype) for this run."
+            )
+    where = pieces(model)
+    params = dict(model.named_parameters())
+    gathered = full_state({n: params[n].detach() for n in where}, model)
+    whole: dict[str, Tensor] = {}
+    for n, p in params.items():
+        if n in where:
+            w = gathered[clean_name(n)].detach().clone()
+            whole[n] = w.requires_grad_(p.requires_grad)
+        else:  # not flattened by FSDP1: already whole
+            whole[n] = p
+    swap = {id(params[n]): whole[n] for n in where}
+    owners = [
+        (m, attr, p)
+        for m in model.modules()
+        for attr, p in m._parameters.items()
+        if p is not None and id(p) in swap
+    ]
+    try:
+        for unit in units:
+            unit.__dict__["forward"] = unit._fsdp_wrapped_module.__call__
+        for m, attr, p in owners:
+            # a plain tensor, read by the module's forward
+            m._parameters[attr] = swap[id(p)]  # type: ignore[assignment]
+        yield whole
+    finally:
+        for m, attr, p in owners:
+            m._parameters[attr] = p
+        for unit in units:
+            unit.__dict__.pop("forward", None)
+
+
+def local_pieces(tensors: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Per name, this rank's piece of a whole tensor shaped like the FSDP1 parameter of that
+    name (as its local piece is shaped; a copy); tensors of other names are kept as they are.
+    No communication."""
+    where = pieces(model)
+    out: dict[str, Tensor] = {}
+    for name, value in tensors.items():
+        piece = where.get(name)
+        if piece is None or value.shape == piece.local_shape:
+            out[name] = value
+            continue
+        flat = value.reshape(-1)[piece.start : piece.start + piece.count]
+        out[name] = flat.reshape(piece.local_shape).clone()
+    return out
+
+
 def sum_over_ranks(value: Tensor, model: nn.Module) -> Tensor:
     """``value`` (a sum over this rank's pieces) plus the other ranks' sums, for an FSDP1
     ``model``; the gradient flows through this rank's part only (each rank differentiates its
@@ -422,6 +506,21 @@ def sum_over_ranks(value: Tensor, model: nn.Module) -> Tensor:
     total = value.detach().clone()
     dist.all_reduce(total, group=next(iter(where.values())).group)
     return value + (total - value.detach())
+
+
+def mark_pieces(fd: Any, model: nn.Module) -> Any:
+    """``fd`` (a ``FisherDiagonal`` of this rank's pieces of ``model``'s parameters, e.g. one
+    restored from a checkpoint) told which tensors are pieces spread over the ranks, so that
+    ``fd.trace()`` sums them over the ranks (as a Fisher pass's result does); returns ``fd``."""
+    where = pieces(model)
+    if (
+        where
+        and dist.is_initialized()
+        and dist.get_world_size(next(iter(where.values())).group) > 1
+    ):
+        fd.piece_names = frozenset(n for n in fd if n in where and where[n].spread)
+        fd.piece_group = next(iter(where.values())).group
+    return fd
 
 
 def traces(fisher: Mapping[str, Tensor], model: nn.Module) -> dict[str, float]:
@@ -451,11 +550,14 @@ __all__ = [
     "Piece",
     "check_supported",
     "clean_name",
+    "ensure_fisher_hook",
     "fisher_comm_hook",
     "forward_through_root",
     "fsdp1_roots",
     "full_state",
     "is_fsdp1_model",
+    "local_pieces",
+    "mark_pieces",
     "pieces",
     "register_fisher_hook",
     "registered_root",
@@ -463,4 +565,5 @@ __all__ = [
     "squared_gradient_reduction",
     "sum_over_ranks",
     "traces",
+    "whole_parameters",
 ]

@@ -331,11 +331,12 @@ def test_bad_arguments_raise_at_construction(kwargs: dict[str, Any], match: str)
         lf.FisherDiagnostics(**kwargs)
 
 
-def test_sharded_strategies_are_refused_at_setup() -> None:
-    from lightning.pytorch.strategies import FSDPStrategy
+def test_deepspeed_is_refused_at_setup() -> None:
+    # FSDP2 and FSDP1 are supported (tests/test_fsdp_diagnostics.py, tests/test_fsdp1_diagnostics.py)
+    from lightning.pytorch.strategies import DeepSpeedStrategy
 
-    trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
-    with pytest.raises(lf.FisherInputError, match="FSDPStrategy"):
+    trainer = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
+    with pytest.raises(lf.FisherInputError, match=r"DeepSpeedStrategy.*ZeRO"):
         lf.FisherDiagnostics().setup(trainer, None, "fit")  # type: ignore[arg-type]
 
 

@@ -216,10 +216,9 @@ def refuse_sharded_strategy(
         return
     elif isinstance(strategy, FSDPStrategy):
         missing = (
-            "FSDP1 keeps each parameter as a flat 1-D piece of its rank's shard; lf.EWC supports "
-            "that, but this callback's work on whole parameters or DTensor shards is not "
-            "implemented for flat pieces: "
-            + _FSDP1_MISSING.get(who, "its reductions over the ranks")
+            "FSDP1 keeps each parameter as a flat 1-D piece of its rank's shard, and this "
+            "callback's work on whole parameters or DTensor shards is not implemented for flat "
+            "pieces"
         )
     elif isinstance(strategy, ModelParallelStrategy):
         missing = "this callback needs whole parameters on every rank"
@@ -231,23 +230,6 @@ def refuse_sharded_strategy(
         f"Use {supported} (under DDP each rank estimates on its shard of the data; the "
         "all-reduced Fisher is identical on every rank)."
     )
-
-
-#: what each callback other than lf.EWC lacks on FSDP1's flat pieces
-_FSDP1_MISSING = {
-    "lf.FisherMonitor": (
-        "traces, fractions and the logged per-layer numbers reduced over flat pieces "
-        "(FisherDiagonal.trace sums DTensor shards only)"
-    ),
-    "FisherDiagnostics": (
-        "traces, bound ratios, fractions and the bounded histogram sample reduced over flat "
-        "pieces (they are reduced over DTensor shards only)"
-    ),
-    "lf.FisherTraceRegularizer": (
-        "its double backward (create_graph) needs whole parameters held for one step, and FSDP1 "
-        "does not support gradients of gradients"
-    ),
-}
 
 
 def _check_fsdp1_strategy(strategy: Any, who: str) -> None:

@@ -43,6 +43,7 @@ from ._utils import (
     check_name,
     fisher_loader,
     log_metrics,
+    prepare_sharded_strategy,
     refuse_sharded_strategy,
 )
 
@@ -107,7 +108,11 @@ class FisherDiagnostics(Callback):
     the layer-density figure read the bounded sample of ``histogram_entries`` (drawn in the
     whole parameter's index space, so the same entries as unsharded). The deterministic bounds
     run there (one backward per input and column); ``eigenvalues`` and ``spectral_density`` are
-    refused at setup (they need Fisher-vector products on whole parameters).
+    refused at setup (they need Fisher-vector products on whole parameters). Under
+    ``FSDPStrategy`` (FSDP1, ``use_orig_params=True``) the same holds with each diagonal this
+    rank's flat piece of its parameter: sums and counts over the ranks' pieces, the sample drawn
+    in the whole parameter's flat index space, layers named as in the unwrapped model; the
+    Fisher communication hook is registered when the fit starts.
 
     Probes are drawn with the same seeds at every evaluation, so changes over training come from the
     model, not from new probe noise; the ``hutchinson`` trace logged equals the mean over
@@ -272,15 +277,16 @@ class FisherDiagnostics(Callback):
     # Hooks --------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, "FisherDiagnostics", fsdp2=True)
-        from lightning.pytorch.strategies import ModelParallelStrategy
+        refuse_sharded_strategy(trainer, "FisherDiagnostics", fsdp2=True, fsdp1=True)
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-        if isinstance(trainer.strategy, ModelParallelStrategy) and (
+        if isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)) and (
             self.eigenvalues or self.spectral_density
         ):
             raise FisherInputError(
                 f"FisherDiagnostics(eigenvalues={self.eigenvalues}, spectral_density="
-                f"{self.spectral_density}) under ModelParallelStrategy: {SHARDED_SPECTRUM_REFUSAL}."
+                f"{self.spectral_density}) under {type(trainer.strategy).__name__}: "
+                f"{SHARDED_SPECTRUM_REFUSAL}."
             )
 
     @override
@@ -289,6 +295,7 @@ class FisherDiagnostics(Callback):
             self.fit_index += 1  # a fit resumed from a checkpoint keeps the index it had
         self._restored = False
         self._fit_steps = 0
+        prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
         if self.dataloader == "val" and not trainer.enable_validation:
             self._warn_once(
                 "no_val",

@@ -17,6 +17,7 @@ from ..estimators import estimate_fisher
 from ..fisher_diagonal import FisherDiagonal
 from ..options import FisherOptions
 from ..outputs import ClassSelector, FisherInputError, OutputFn
+from ..sharded_fsdp1 import clean_name, mark_pieces
 from ._utils import (
     adopt_old_state_key,
     build_fisher_options,
@@ -25,8 +26,20 @@ from ._utils import (
     check_name,
     fisher_loader,
     log_metrics,
+    prepare_sharded_strategy,
     refuse_sharded_strategy,
 )
+
+
+def _layer_traces(fd: FisherDiagonal) -> dict[str, float]:
+    """Traces grouped by module, named as in the unwrapped model (FSDP1's wrapper prefixes
+    dropped), as ``FisherDiagonal.layer_traces`` groups them."""
+    out: dict[str, float] = {}
+    for name, value in fd.traces().items():
+        name = clean_name(name)
+        layer = name.rsplit(".", 1)[0] if "." in name else name
+        out[layer] = out.get(layer, 0.0) + value
+    return out
 
 
 class FisherMonitor(Callback):
@@ -39,7 +52,10 @@ class FisherMonitor(Callback):
     Under ``ModelParallelStrategy`` (FSDP2) the estimate stays sharded like the parameters
     (DTensors; ``on_estimate`` receives it so), its traces are the local shards' sums added over
     the ranks, so every number logged is the unsharded run's; ``save_dir`` and checkpoints hold
-    it gathered whole.
+    it gathered whole. Under ``FSDPStrategy`` (FSDP1, ``use_orig_params=True``) the same holds
+    with each tensor this rank's flat piece of its parameter (the traces sum the ranks' pieces,
+    layers are named as in the unwrapped model); the Fisher communication hook is registered
+    when the fit starts.
 
     Args:
         method: any ``lf.estimate_fisher`` method; ``hutchinson`` (the default) costs one
@@ -176,13 +192,21 @@ class FisherMonitor(Callback):
             "fisher/n_samples": float(fd.n_samples),
         }
         if self.log_layer_traces:
-            metrics.update({f"fisher/trace/{k}": v for k, v in fd.layer_traces().items()})
+            metrics.update({f"fisher/trace/{k}": v for k, v in _layer_traces(fd).items()})
         log_metrics(trainer, metrics)
         if self.save_dir is not None:
             whole = fd
             if any(sharded.is_dtensor(t) for t in fd.values()):  # gathered on every rank
                 whole = FisherDiagonal(
                     sharded.full_tensors(fd), fd.n_samples, fd.method, fd.options, fd.certificate
+                )
+            elif sharded.is_fsdp1(pl_module):  # pieces gathered whole on every rank
+                whole = FisherDiagonal(
+                    sharded.full_state(dict(fd), pl_module),
+                    fd.n_samples,
+                    fd.method,
+                    fd.options,
+                    fd.certificate,
                 )
             if trainer.is_global_zero:
                 os.makedirs(self.save_dir, exist_ok=True)
@@ -194,8 +218,12 @@ class FisherMonitor(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, "lf.FisherMonitor", fsdp2=True)
+        refuse_sharded_strategy(trainer, "lf.FisherMonitor", fsdp2=True, fsdp1=True)
         self._module = pl_module
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -226,11 +254,13 @@ class FisherMonitor(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        # FSDP2: Lightning writes callback states from rank 0 only, so a sharded estimate is
-        # gathered whole here (a collective: every rank builds the checkpoint).
+        # FSDP2 and FSDP1: Lightning writes callback states from rank 0 only, so a sharded
+        # estimate is gathered whole here (a collective: every rank builds the checkpoint).
         return {
             "fisher": (
-                sharded.full_state(self.fisher.state_dict()) if self.fisher is not None else None
+                sharded.full_state(self.fisher.state_dict(), self._module)
+                if self.fisher is not None
+                else None
             ),
             "step": self.step,
             "epoch": self.epoch,
@@ -240,9 +270,16 @@ class FisherMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         fisher = state_dict.get("fisher")
-        if fisher is not None and self._module is not None and sharded.is_fsdp2(self._module):
+        fsdp1 = self._module is not None and sharded.is_fsdp1(self._module)
+        if (
+            fisher is not None
+            and self._module is not None
+            and (sharded.is_fsdp2(self._module) or fsdp1)
+        ):
             fisher = sharded.shard_state_like(fisher, self._module)  # each rank's slices
         fd = FisherDiagonal.from_state_dict(fisher) if fisher is not None else None
+        if fd is not None and fsdp1:  # its trace sums the ranks' pieces
+            mark_pieces(fd, self._module)  # type: ignore[arg-type]
         if fd is not None and self._module is not None:
             try:
                 fd.check_matches(self._module)

@@ -18,10 +18,16 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from .. import sharded
+from .. import sharded, sharded_fsdp1
 from ..outputs import ClassSelector, FisherInputError, OutputFn
 from ..regularizers import fisher_trace_penalty_grads
-from ._utils import all_reduce_mean_, check_name, grad_scale, refuse_sharded_strategy
+from ._utils import (
+    all_reduce_mean_,
+    check_name,
+    grad_scale,
+    prepare_sharded_strategy,
+    refuse_sharded_strategy,
+)
 
 
 class FisherTraceRegularizer(Callback):
@@ -38,7 +44,14 @@ class FisherTraceRegularizer(Callback):
     (``lightning_fisher.sharded.unsharded_parameters``: one all-gather, the whole model on
     every rank for the step's regulariser; a double backward cannot run through FSDP2's
     per-module resharding), and the gradient, averaged over the ranks like DDP's, is added to
-    each rank's local gradient shards: the update equals the DDP run's.
+    each rank's local gradient shards: the update equals the DDP run's. Under ``FSDPStrategy``
+    (FSDP1, ``use_orig_params=True``), which cannot double-backward through its flat
+    parameters (it frees the gathered flat parameter after each backward and reduces gradients
+    in hooks on it), the recomputation gathers the whole parameters from the ranks' pieces and
+    runs the wrapped modules' own forward on them outside FSDP1
+    (``lightning_fisher.sharded_fsdp1.whole_parameters``; the same cost as under FSDP2); each
+    rank adds its flat piece of the rank-averaged gradient. FSDP1 ``MixedPrecision`` parameter
+    dtypes are refused there.
 
     Cost of a regularised step: one more forward, one backward with ``create_graph`` per probe and
     one double-backward, about 3-4x a plain training step (plus one gradient-sized all-reduce under
@@ -131,7 +144,11 @@ class FisherTraceRegularizer(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        refuse_sharded_strategy(trainer, "lf.FisherTraceRegularizer", fsdp2=True)
+        refuse_sharded_strategy(trainer, "lf.FisherTraceRegularizer", fsdp2=True, fsdp1=True)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        prepare_sharded_strategy(trainer)  # FSDP1: no Fisher pass here, but one hook per model
 
     def _due(self, trainer: pl.Trainer) -> bool:
         return self.alpha > 0 and trainer.global_step % self.every_n_steps == 0
@@ -153,19 +170,22 @@ class FisherTraceRegularizer(Callback):
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
         generator = self.probe_generator(trainer.global_step, trainer.global_rank, pl_module.device)
         fsdp2 = sharded.is_fsdp2(pl_module)
+        fsdp1 = not fsdp2 and sharded.is_fsdp1(pl_module)
         names = {id(p): n for n, p in pl_module.named_parameters()}
-        if fsdp2 and any(id(p) not in names for p in params):
+        if (fsdp2 or fsdp1) and any(id(p) not in names for p in params):
             raise FisherInputError(
-                "lf.FisherTraceRegularizer under FSDP2 needs every optimized parameter to be a "
-                "parameter of the LightningModule (the regulariser differentiates the whole "
-                "parameters by name); the optimizer holds others."
+                f"lf.FisherTraceRegularizer under {'FSDP2' if fsdp2 else 'FSDP1'} needs every "
+                "optimized parameter to be a parameter of the LightningModule (the regulariser "
+                "differentiates the whole parameters by name); the optimizer holds others."
             )
-        hold: AbstractContextManager[dict[str, torch.Tensor]] = (
-            sharded.unsharded_parameters(pl_module) if fsdp2 else nullcontext({})
-        )
+        hold: AbstractContextManager[dict[str, torch.Tensor]] = nullcontext({})
+        if fsdp2:
+            hold = sharded.unsharded_parameters(pl_module)
+        elif fsdp1:
+            hold = sharded_fsdp1.whole_parameters(pl_module, "lf.FisherTraceRegularizer")
         with hold as whole:
-            # under FSDP2 the double backward runs on the whole parameters, named alike
-            targets = [whole[names[id(p)]] for p in params] if fsdp2 else params
+            # under FSDP the double backward runs on the whole parameters, named alike
+            targets = [whole[names[id(p)]] for p in params] if fsdp2 or fsdp1 else params
             extra, trace = fisher_trace_penalty_grads(
                 pl_module,
                 batches,
@@ -182,9 +202,16 @@ class FisherTraceRegularizer(Callback):
         all_reduce_mean_([*extra, trace])  # DDP averages the loss gradient over ranks
         if fsdp2:  # every rank keeps its shard of the mean gradient
             extra = [sharded.local_slice(e, p) for e, p in zip(extra, params)]
+        elif fsdp1:  # every rank keeps its piece of the mean gradient
+            cut = sharded_fsdp1.local_pieces(
+                {names[id(p)]: e for p, e in zip(params, extra)}, pl_module
+            )
+            extra = [cut[names[id(p)]] for p in params]
         scale = grad_scale(trainer, optimizer)
         with torch.no_grad():
             for p, e in zip(params, extra):
+                if not e.numel():  # an FSDP1 piece this rank does not hold
+                    continue
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad.add_(e.to(p.grad.dtype), alpha=scale)

@@ -54,7 +54,9 @@ from ..sharded import (
     local_tensor,
     reduce_shard_statistics,
     sample_entries,
+    whole_numel,
 )
+from ..sharded_fsdp1 import Piece, clean_name
 from ..spectrum import LanczosResult, SpectralDensity, spectral_density, top_eigenvalues
 
 #: Methods ``compute_diagnostics`` runs unless told otherwise: F, its upper and lower bound, and E
@@ -90,10 +92,21 @@ SHARDED_SPECTRUM_REFUSAL = (
 KERNEL_CHUNK_ELEMENTS = 1 << 20
 
 
+#: FSDP1 pieces of a diagonal by parameter name (``sharded_fsdp1.pieces(model)``), or ``None``
+Pieces = Mapping[str, Piece] | None
+
+
 def layer_of(name: str) -> str:
     """The layer a parameter belongs to: its name without the last component (as
-    ``FisherDiagonal.layer_traces`` groups them)."""
+    ``FisherDiagonal.layer_traces`` groups them), without FSDP1's wrapper prefixes (the layer's
+    name in the unwrapped model)."""
+    name = clean_name(name)
     return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _aligned(fd: Mapping[str, Tensor], pieces: Pieces) -> list[Piece | None] | None:
+    """``pieces`` in the order of ``fd``'s names (``None`` for a name that is no piece)."""
+    return None if pieces is None else [pieces.get(k) for k in fd]
 
 
 def layer_values(fd: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -104,20 +117,24 @@ def layer_values(fd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {layer: torch.cat(ts) for layer, ts in parts.items()}
 
 
-def fraction_below(fd: Mapping[str, Tensor], threshold: float = 1e-5) -> dict[str, float]:
-    """Per layer, the fraction of diagonal entries F_i < ``threshold`` (of a sharded diagonal:
-    the local shards' counts summed over the ranks, a collective)."""
+def fraction_below(
+    fd: Mapping[str, Tensor], threshold: float = 1e-5, pieces: Pieces = None
+) -> dict[str, float]:
+    """Per layer, the fraction of diagonal entries F_i < ``threshold`` (of a sharded diagonal,
+    DTensors or the FSDP1 local pieces named in ``pieces``: the local counts summed over the
+    ranks, a collective)."""
     if not fd:
         return {}
     # Counts per parameter, one host sync for all, no concatenated copy of the diagonal.
     tensors = list(fd.values())
+    where = _aligned(fd, pieces)
     local = torch.stack([(local_tensor(t) < threshold).sum() for t in tensors])
-    counts = reduce_shard_statistics(local, tensors).tolist()
+    counts = reduce_shard_statistics(local, tensors, pieces=where).tolist()
     below: dict[str, list[int]] = {}
-    for (name, t), count in zip(fd.items(), counts):
+    for i, ((name, t), count) in enumerate(zip(fd.items(), counts)):
         entry = below.setdefault(layer_of(name), [0, 0])
         entry[0] += int(count)
-        entry[1] += t.numel()
+        entry[1] += whole_numel(t, where[i] if where is not None else None)
     return {layer: k / n if n else float("nan") for layer, (k, n) in below.items()}
 
 
@@ -146,13 +163,16 @@ def mean_fisher(fds: Sequence[FisherDiagonal]) -> FisherDiagonal:
         torch._foreach_div_(values, float(len(fds)))
     tensors = {k: as_sharded_like(v, first[k]) for k, v in zip(names, values)}
     options = {**first.options, "probes": len(fds), "seeds": [fd.options.get("seed") for fd in fds]}
-    return FisherDiagonal(tensors, first.n_samples, first.method, options)
+    out = FisherDiagonal(tensors, first.n_samples, first.method, options)
+    out.piece_names, out.piece_group = first.piece_names, first.piece_group  # FSDP1 pieces
+    return out
 
 
 def probe_cv(
     fds: Sequence[FisherDiagonal],
     traces: Sequence[float] | None = None,
     mean: Mapping[str, Tensor] | None = None,
+    pieces: Pieces = None,
 ) -> dict[str, float]:
     """Coefficient of variation over independent one-probe estimates F^(1..P).
 
@@ -160,7 +180,8 @@ def probe_cv(
     ``cv_max`` = the largest of those, and ``cv_trace`` = std_p(tr F^(p)) / mean_p(tr F^(p));
     standard deviations are the unbiased ones. With Rademacher probes an entry's CV is at most
     sqrt(2) (Sun 2026), less once it averages over several batches. ``traces`` (the tr F^(p))
-    and ``mean`` (``mean_fisher(fds)``): when the caller has them already.
+    and ``mean`` (``mean_fisher(fds)``): when the caller has them already. ``pieces``: the
+    FSDP1 local pieces among the tensors (sums and maxima then cover every rank's piece).
 
     Computed per entry as sqrt(sum_p (F^(p) / mean - 1)^2 / (P - 1)), for P = 2 as
     |F^(1) - F^(2)| / (sqrt(2) mean): never squaring a deviation of the size of an entry, whose
@@ -193,11 +214,12 @@ def probe_cv(
         )
     if parts:  # a sharded diagonal: sums and counts over the ranks' shards, the largest CV
         whole = list(fds[0].values())
+        where = _aligned(fds[0], pieces)
         rows = torch.stack(parts)
         rows = torch.cat(
             [
-                reduce_shard_statistics(rows[:, :2].contiguous(), whole),
-                reduce_shard_statistics(rows[:, 2:].contiguous(), whole, op="max"),
+                reduce_shard_statistics(rows[:, :2].contiguous(), whole, pieces=where),
+                reduce_shard_statistics(rows[:, 2:].contiguous(), whole, "max", where),
             ],
             1,
         )
@@ -219,10 +241,12 @@ def empirical_gap(
     empirical: FisherDiagonal,
     fisher: FisherDiagonal,
     traces: tuple[float, float] | None = None,
+    pieces: Pieces = None,
 ) -> dict[str, float]:
     """``rel_gap`` = sum_i |E_i - F_i| / sum_i F_i and ``trace_ratio`` = tr(E) / tr(F).
 
-    ``traces``: (tr E, tr F), when the caller has them."""
+    ``traces``: (tr E, tr F), when the caller has them; ``pieces``: the FSDP1 local pieces
+    among the tensors (the gap then sums every rank's piece)."""
     if set(empirical) != set(fisher) or any(empirical[k].shape != fisher[k].shape for k in fisher):
         raise ValueError("The empirical Fisher and the Fisher cover different parameters.")
     tr_e, total = traces if traces is not None else (empirical.trace(), fisher.trace())
@@ -233,7 +257,13 @@ def empirical_gap(
         for k in fisher
     ]
     whole = list(fisher.values())
-    gap = float(reduce_shard_statistics(torch.stack(gaps), whole).sum()) if gaps else 0.0
+    gap = (
+        float(
+            reduce_shard_statistics(torch.stack(gaps), whole, pieces=_aligned(fisher, pieces)).sum()
+        )
+        if gaps
+        else 0.0
+    )
     return {"rel_gap": gap / total, "trace_ratio": tr_e / total}
 
 
@@ -395,8 +425,19 @@ def count_classes(
     if first is None:
         raise FisherInputError("The dataloader gave no batches; the diagnostics need at least one.")
     device = next(model.parameters()).device
+    batch = move_batch(first, device)
+
+    def forward() -> ModelOutputs:
+        return model_outputs(model, batch, output_fn, classes, shift_labels)
+
     with eval_mode(model), torch.no_grad():
-        out = model_outputs(model, move_batch(first, device), output_fn, classes, shift_labels)
+        if is_fsdp1(model):  # the hook goes on before the first forward; through the root
+            from ..sharded_fsdp1 import ensure_fisher_hook, forward_through_root
+
+            ensure_fisher_hook(model)
+            out = forward_through_root(model, forward)
+        else:
+            out = forward()
     return int(out.logits.shape[-1])
 
 
@@ -477,10 +518,14 @@ def compute_diagnostics(
     sharded and every number above is the unsharded run's: traces, counts and sums of the local
     shards are summed over the ranks, maxima taken over them, and the histogram sample is drawn
     in the whole parameter's index space and gathered (bounded by ``histogram_entries``). The
-    spectrum (``eigenvalues``, ``density``) is refused there.
+    same holds on an FSDP1 model (``FullyShardedDataParallel`` with ``use_orig_params=True``),
+    whose diagonals are each rank's flat piece of every parameter: sums over the pieces, the
+    sample drawn in the whole parameter's flat index space, layers and ``entries`` named as in
+    the unwrapped model. The spectrum (``eigenvalues``, ``density``) is refused on both.
     """
     methods = check_methods(methods)
-    if (eigenvalues or density) and (is_fsdp2(model) or is_fsdp1(model)):
+    fsdp1 = is_fsdp1(model)
+    if (eigenvalues or density) and (is_fsdp2(model) or fsdp1):
         raise FisherInputError(f"compute_diagnostics: {SHARDED_SPECTRUM_REFUSAL}.")
     _check_positive("histogram_entries", histogram_entries, allow_none=True)
     if probes < 1:
@@ -512,6 +557,9 @@ def compute_diagnostics(
     )
     if n_classes is None and wants_deterministic:
         n_classes = count_classes(model, dataloader, output_fn, classes, shift_labels)
+    # FSDP1: each diagonal is this rank's flat piece of every parameter (read after the first
+    # forward, which lays the pieces out)
+    pieces: Pieces = None
     if n_classes is not None:
         methods = resolve_methods(methods, n_classes, deterministic_bounds_max_classes)
     # One pass over the data for every method and probe: the forwards are shared (also with the
@@ -531,6 +579,10 @@ def compute_diagnostics(
     # Per-parameter traces once per estimate; every trace below is a sum of these (a method's
     # mean over probes has the mean of the probes' traces).
     run_traces = [fd.traces() for fd in runs]
+    if fsdp1:
+        from ..sharded_fsdp1 import pieces as fsdp1_pieces
+
+        pieces = fsdp1_pieces(model)
     fishers: dict[str, FisherDiagonal] = {}
     traces: dict[str, dict[str, float]] = {}
     s: dict[str, float] = {}
@@ -545,7 +597,7 @@ def compute_diagnostics(
             }
             if probes > 1:
                 per_probe = [sum(run_traces[i].values()) for i in mine]
-                for k, v in probe_cv(fds, per_probe, fishers[method]).items():
+                for k, v in probe_cv(fds, per_probe, fishers[method], pieces).items():
                     s[f"{method}/{k}"] = v
                 std = float(torch.tensor(per_probe, dtype=torch.float64).std())
                 se[method] = std / math.sqrt(probes)
@@ -586,20 +638,24 @@ def compute_diagnostics(
         if reference == "exact" and upper == UPPER and lower == LOWER:
             f = fishers["exact"]
             s["bounds/order_violations"] = float(
-                order_violations(fishers[UPPER], f, fishers[LOWER])["total"]
+                order_violations(fishers[UPPER], f, fishers[LOWER], pieces=pieces)["total"]
             )
-            s["bounds/lower_f_rel_diff"] = lower_relative_difference(fishers[LOWER], f)
+            s["bounds/lower_f_rel_diff"] = lower_relative_difference(
+                fishers[LOWER], f, pieces=pieces
+            )
         if "empirical" in fishers:
             gap = empirical_gap(
-                fishers["empirical"], fishers[reference], (totals["empirical"], tr_f)
+                fishers["empirical"], fishers[reference], (totals["empirical"], tr_f), pieces
             )
             for k, v in gap.items():
                 s[f"empirical/{k}"] = v
     if LOWER in fishers:
         s.update(certificate_scalars(fishers[LOWER], "certificate"))
     shown = fishers[reference or methods[0]]
-    below = fraction_below(shown, threshold)
-    entries = sample_entries(dict(shown), histogram_entries, seed)
+    below = fraction_below(shown, threshold, pieces)
+    entries = sample_entries(dict(shown), histogram_entries, seed, pieces)
+    if fsdp1:  # keyed like the unwrapped model's parameters
+        entries = {clean_name(k): v for k, v in entries.items()}
     s["frac_below/min_layer"] = min(below.values())
     s["frac_below/max_layer"] = max(below.values())
     if kernel_sums is not None:
@@ -631,7 +687,8 @@ def compute_diagnostics(
 
     numel: dict[str, int] = {}
     for name, t in fishers[methods[0]].items():
-        numel[layer_of(name)] = numel.get(layer_of(name), 0) + t.numel()
+        size = whole_numel(t, pieces.get(name) if pieces is not None else None)
+        numel[layer_of(name)] = numel.get(layer_of(name), 0) + size
     layer_traces = {m: _by_layer(t) for m, t in traces.items()}
     layers = [
         {"layer": layer, "numel": numel[layer], "frac_below": below[layer]}
@@ -672,6 +729,7 @@ def order_violations(
     lower: Mapping[str, Tensor],
     rtol: float = 1e-5,
     atol: float | None = None,
+    pieces: Pieces = None,
 ) -> dict[str, int]:
     """Entries where upper >= F >= lower fails beyond float tolerance.
 
@@ -680,11 +738,12 @@ def order_violations(
     1e-6 max_j F_j (float32 sums of squares lose about that much on entries far below the
     largest). Deterministic bounds never break the order in exact arithmetic, so any count
     above zero is a defect (or a too tight tolerance); Hutchinson estimates of the bounds break
-    it by noise. Returns ``{"upper": n, "lower": n, "total": n}``.
+    it by noise. ``pieces``: the FSDP1 local pieces among the tensors (counted over every
+    rank). Returns ``{"upper": n, "lower": n, "total": n}``.
     """
     _check_same_parameters(upper, fisher, lower)
     if atol is None:
-        atol = 1e-6 * _largest(fisher)
+        atol = 1e-6 * _largest(fisher, pieces)
     counts = []
     for k in fisher:
         u, f, lo = (local_tensor(t[k]).double() for t in (upper, fisher, lower))
@@ -694,34 +753,47 @@ def order_violations(
     if not counts:
         return {"upper": 0, "lower": 0, "total": 0}
     above, below = (
-        int(c) for c in reduce_shard_statistics(torch.stack(counts), list(fisher.values())).sum(0)
+        int(c)
+        for c in reduce_shard_statistics(
+            torch.stack(counts), list(fisher.values()), pieces=_aligned(fisher, pieces)
+        ).sum(0)
     )
     return {"upper": above, "lower": below, "total": above + below}
 
 
-def _largest(fd: Mapping[str, Tensor]) -> float:
-    """max_i |F_i| over every entry (over every rank's shard of a sharded diagonal)."""
-    tensors = [t for t in fd.values() if t.numel()]
-    if not tensors:
+def _largest(fd: Mapping[str, Tensor], pieces: Pieces = None) -> float:
+    """max_i |F_i| over every entry (over every rank's shard or piece of a sharded diagonal)."""
+    where = _aligned(fd, pieces) or [None] * len(fd)
+    kept = [(t, p) for t, p in zip(fd.values(), where) if whole_numel(t, p)]
+    if not kept:
         return 0.0
     local = torch.stack(
         [
             local_tensor(t).abs().max().double()
             if local_tensor(t).numel()
             else torch.zeros((), dtype=torch.float64, device=local_tensor(t).device)
-            for t in tensors
+            for t, _ in kept
         ]
     )
-    return float(reduce_shard_statistics(local, tensors, op="max").max())
+    tensors = [t for t, _ in kept]
+    return float(
+        reduce_shard_statistics(
+            local, tensors, "max", [p for _, p in kept] if pieces else None
+        ).max()
+    )
 
 
 def lower_relative_difference(
-    lower: Mapping[str, Tensor], fisher: Mapping[str, Tensor], floor: float = 1e-6
+    lower: Mapping[str, Tensor],
+    fisher: Mapping[str, Tensor],
+    floor: float = 1e-6,
+    pieces: Pieces = None,
 ) -> float:
     """max_i |L_i - F_i| / F_i over the entries with F_i > ``floor`` x max_j F_j (entries that
-    are zero for practical purposes have no meaningful relative difference). 0 means L = F."""
+    are zero for practical purposes have no meaningful relative difference). 0 means L = F.
+    ``pieces``: the FSDP1 local pieces among the tensors (the maximum over every rank)."""
     _check_same_parameters(lower, fisher)
-    top = _largest(fisher)
+    top = _largest(fisher, pieces)
     if top <= 0:
         return 0.0
     worst = []
@@ -732,7 +804,11 @@ def lower_relative_difference(
         worst.append(rel.max() if rel.numel() else rel.new_zeros(()))
     if not worst:
         return 0.0
-    return float(reduce_shard_statistics(torch.stack(worst), list(fisher.values()), "max").max())
+    return float(
+        reduce_shard_statistics(
+            torch.stack(worst), list(fisher.values()), "max", _aligned(fisher, pieces)
+        ).max()
+    )
 
 
 def lower_gap_bound(
