@@ -360,6 +360,10 @@ class _MatmulRule(_Rule):
         * Gram, L^2 O I per input, when L < K: (G U^T)^2 summed over k equals
           sum_{l,m} (sum_k G_ol G_om) U_il U_im, one (O x b L^2) @ (b L^2 x I) product. L = 1
           folds the columns: (sum_k g^2)^T @ a^2.
+        * one position, L O I per input, when every column's output gradient G_kx is nonzero at
+          one position l at most (a vocabulary head under per-position columns): then
+          (G_kx U_x^T)^2 = sum_l G_kx,ol^2 U_x,il^2, one (O x b L) @ (b L x I) product of
+          sum_k G^2 with U^2.
         """
         B, K = ctx.B, ctx.K
         gl0, cols0 = self.unfolded(ctx, 0, 1)
@@ -373,6 +377,10 @@ class _MatmulRule(_Rule):
             if "weight" in ctx.names:
                 if L == 1:
                     w = g2.T @ cols.squeeze(-1).square()
+                elif _one_position(gl):
+                    g2l = gl.square().sum(0)  # (b, O, L)
+                    flat_g = g2l.permute(1, 0, 2).reshape(n_out, -1)
+                    w = flat_g @ cols.square().permute(0, 2, 1).reshape(-1, n_in)
                 elif gram:
                     ggt = torch.einsum("kbol,kbom->oblm", gl, gl).reshape(n_out, -1)
                     uut = torch.einsum("bil,bim->blmi", cols, cols).reshape(-1, n_in)
@@ -383,6 +391,12 @@ class _MatmulRule(_Rule):
                 target.add_(self._weight_shaped(w, target.shape), alpha=weight)
             if "bias" in ctx.names:
                 acc[ctx.names["bias"]].add_(g2.sum(0), alpha=weight)
+
+
+def _one_position(gl: Tensor) -> bool:
+    """Whether every (column, input) of output gradients ``gl`` (K, b, O, L) is nonzero at one
+    position at most."""
+    return bool(((gl != 0).any(2).sum(-1) <= 1).all())
 
 
 class _LinearRule(_MatmulRule):
@@ -540,6 +554,42 @@ class _EmbeddingRule(_Rule):
             0, inv, rows
         )
         acc[name].index_add_(0, uniq % V, weight * sums.pow(2))
+
+
+def _tied_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -> bool:
+    """acc += weight * sum over inputs and columns of the squared per-input gradients of one
+    parameter W (V x D) used by one ``nn.Embedding`` call and one ``nn.Linear`` call (tied input
+    and output embeddings), without a per-input V x D gradient.
+
+    Input x's gradient for column k is A + S: A = G U^T from the Linear (G: V x L output
+    gradients, U: D x L inputs), S from the embedding, nonzero only on the rows of the tokens x
+    looks up (row v: the output gradients summed over the positions reading token v). Entrywise
+    (A + S)^2 = A^2 + S^2 + 2 A S: the first two by the two uses' own rules, the cross term on the
+    touched rows only, where A's row v is G_v U^T (K R L D per input, R distinct tokens).
+    Returns False, doing nothing, when the uses are not exactly one such pair.
+    """
+    if sorted(c.handler.rule for c in ctxs) != ["embedding", "linear"]:
+        return False
+    lin = next(c for c in ctxs if c.handler.rule == "linear")
+    emb = next(c for c in ctxs if c.handler.rule == "embedding")
+    name = next(iter(lin.names.values()))
+    target = acc[name]
+    if target.ndim != 2 or lin.K != emb.K:
+        return False
+    _RULES["linear"].sum_squares(lin, acc, weight)
+    _RULES["embedding"].sum_squares(emb, acc, weight)
+    tok, gk = cast(_EmbeddingRule, _RULES["embedding"])._rows(emb)  # (B, S), (K, B, S, D)
+    K, B, _, D = gk.shape
+    rule = cast(_MatmulRule, _RULES["linear"])
+    # One input at a time: the Linear's rule above already held a larger chunk of its buffers.
+    for x in range(B):
+        gl, cols = rule.unfolded(lin, x, x + 1)  # (K, 1, V, L), (1, D, L)
+        uniq, inv = torch.unique(tok[x], return_inverse=True)
+        s_rows = gk.new_zeros(K, uniq.numel(), D).index_add_(1, inv, gk[:, x])
+        a_rows = gl[:, 0, uniq] @ cols[0].T  # (K, R, D)
+        cross = (a_rows * s_rows).sum(0).to(target.dtype)
+        target.index_add_(0, uniq, cross, alpha=2 * weight)
+    return True
 
 
 class _NormRule(_Rule):
@@ -1161,6 +1211,9 @@ class PerInputEngine:
                 (h, c, gs, loc) for h, c, gs in grad_map for loc, g in h.names.items() if g == name
             ]
             if not uses:
+                continue
+            ctxs = [self._ctx(h, c, gs, {loc: name}) for h, c, gs, loc in uses]
+            if _tied_sum_squares(ctxs, acc, weight):
                 continue
             K = uses[0][2][0].shape[0]
             numel = self.params[name].numel()
