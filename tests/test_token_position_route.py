@@ -59,7 +59,7 @@ def _batches() -> list[tuple[Tensor, Tensor]]:
     return [(ids[:3], labels[:3]), (ids[3:], labels[3:])]
 
 
-def _gpt2() -> tuple[nn.Module, list[Any], dict[str, Any]]:
+def _gpt2(position_ids: bool = False) -> tuple[nn.Module, list[Any], dict[str, Any]]:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(
         vocab_size=VOCAB,
@@ -82,6 +82,9 @@ def _gpt2() -> tuple[nn.Module, list[Any], dict[str, Any]]:
         hf.with_lm_labels({"input_ids": ids[i:j], "attention_mask": mask[i:j]})
         for i, j in ((0, 3), (3, 4))
     ]
+    if position_ids:  # one row per sequence: `wpe`'s output gets a batch dimension
+        for b in batches:
+            b["position_ids"] = torch.arange(T).expand(b["input_ids"].shape[0], -1)
     return model, batches, hf.lm_fisher_kwargs(model)
 
 
@@ -123,8 +126,11 @@ def test_hand_written_tie_matches_the_dense_reference(
     assert tied.hits > 0 and tied.hits == tied.calls
 
 
-def test_gpt2_tied_embeddings_match_the_dense_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    model, batches, kw = _gpt2()
+@pytest.mark.parametrize("position_ids", [False, True])
+def test_gpt2_tied_embeddings_match_the_dense_reference(
+    position_ids: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, batches, kw = _gpt2(position_ids)
     tied = _Spy(monkeypatch, "_tied_sum_squares")
     one = _Spy(monkeypatch, "_one_position")
     _check(model, batches, kw, "empirical")
