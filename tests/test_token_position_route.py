@@ -19,7 +19,7 @@ import lightning_fisher as lf
 from lightning_fisher import hf
 from lightning_fisher.estimators import per_input
 
-VOCAB, T = 11, 7
+VOCAB, T = 11, 16  # T >= 16: the direct route's column blocks are used
 RTOL = 1e-6  # the diagonal is stored in float32
 
 
@@ -66,7 +66,7 @@ def _gpt2(position_ids: bool = False) -> tuple[nn.Module, list[Any], dict[str, A
         n_embd=8,
         n_layer=1,
         n_head=2,
-        n_positions=16,
+        n_positions=T,
         bos_token_id=0,
         eos_token_id=0,
         attn_implementation="eager",
@@ -172,3 +172,17 @@ def test_one_position_product_equals_the_direct_one() -> None:
     assert per_input._one_position(g.movedim(2, 3))
     torch.testing.assert_close(acc["weight"], want_w, rtol=1e-12, atol=0)
     torch.testing.assert_close(acc["bias"], want_b, rtol=1e-12, atol=0)
+
+
+def test_direct_route_cut_at_each_columns_last_position() -> None:
+    """Columns sorted into blocks and cut at their last nonzero position give the full product."""
+    gen = torch.Generator().manual_seed(0)
+    K, B, n_out, L, n_in = 37, 2, 5, 40, 3
+    g = torch.randn(K, B, n_out, L, generator=gen, dtype=torch.float64)
+    ends = torch.randint(0, L + 1, (K,), generator=gen)
+    ends[0], ends[1] = 0, L  # a column with no gradient, one reaching the end
+    g *= (torch.arange(L) < ends[:, None]).to(g.dtype)[:, None, None, :]
+    g[3, :, :, : ends[3] - 1] = 0  # zeros before the end do not matter
+    u = torch.randn(B, n_in, L, generator=gen, dtype=torch.float64)
+    want = torch.einsum("kbol,bil->bkoi", g, u).pow(2).sum((0, 1))
+    torch.testing.assert_close(per_input._direct_squares(g, u), want, rtol=1e-12, atol=0)
