@@ -31,6 +31,20 @@ from lightning_fisher import hf
 from .common import device_name, versions
 
 RESULTS = "benchmarks/results/lm_position_route_cpu"
+NOTES = """\
+Ratios compare process CPU seconds with one torch thread (the machine was shared: wall times
+and, less so, CPU times vary between runs by up to about 1.5x). "before" is the engine before
+the one-position head product, the tied-embedding sum and the column blocks; "after" is with
+them. backward / rules: CPU seconds of one run spent in the engine's batched backward to the layer
+outputs and in its per-layer rules. The floor (`gflop()`): T backward columns of about a forward
+each (dense over the vocabulary head, as the columns are handed in), the blocks' per-sequence
+products over causal columns and the head's one-position product, in units of a training step
+(three forwards), assuming the step's FLOP rate. Without `position_ids` in the batch GPT-2's
+`wpe` output has no batch dimension and `wpe` takes the whole-model route (B x T backward
+columns through the whole model): those rows are 2.3-3.7x the rows with batched
+`position_ids`, the rest of their time (beyond backward and rules) being that route. The rules'
+CPU seconds are the steadiest before/after comparison: the step's own time moved between 0.029
+and 0.057 s across these runs, which moves every ratio with it."""
 #: (name, layers, width, heads, vocabulary)
 MODELS = [("gpt2-2x128-v2000", 2, 128, 4, 2000), ("gpt2-2x128-v8000", 2, 128, 4, 8000)]
 
@@ -70,11 +84,57 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def gflop(layers: int, width: int, vocab: int, batch: int, seq_len: int) -> tuple[float, float]:
+    """(a training step, the per-position route's floor) in GFLOP.
+
+    Forward: 2 N (P + V D) for the matrices (P = 12 layers D^2: qkv, projection, MLP) over
+    N = B T tokens, plus 4 layers B T^2 D for attention; a step is three forwards. The route: T
+    backward columns to the layer outputs (about a forward each, dense over the vocabulary head
+    as the columns are handed in), the per-sequence products of the blocks' matrices over causal
+    columns (2 B T(T+1)/2 P) and the one-position head product (2 N V D)."""
+    P = 12 * layers * width**2
+    N = batch * seq_len
+    fwd = 2 * N * (P + vocab * width) + 4 * layers * batch * seq_len**2 * width
+    products = 2 * batch * seq_len * (seq_len + 1) / 2 * P + 2 * N * vocab * width
+    return 3 * fwd / 1e9, (seq_len * fwd + products) / 1e9
+
+
+class _Phases:
+    """Process CPU seconds spent in the engine's backward to the layer outputs and in its
+    per-layer rules (wrapping two of its methods while a run lasts)."""
+
+    def __init__(self) -> None:
+        self.seconds = {"backward": 0.0, "rules": 0.0}
+
+    def __enter__(self) -> _Phases:
+        from lightning_fisher.estimators.per_input import PerInputEngine
+
+        self.saved = {}
+        for phase, name in (("backward", "_output_grads"), ("rules", "_accumulate_chunk")):
+            fn = getattr(PerInputEngine, name)
+            self.saved[name] = fn
+
+            def timed_fn(*a: Any, _fn: Any = fn, _phase: str = phase, **k: Any) -> Any:
+                t = time.process_time()
+                out = _fn(*a, **k)
+                self.seconds[_phase] += time.process_time() - t
+                return out
+
+            setattr(PerInputEngine, name, timed_fn)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        from lightning_fisher.estimators.per_input import PerInputEngine
+
+        for name, fn in self.saved.items():
+            setattr(PerInputEngine, name, fn)
+
+
 def run_model(
     model: Any, vocab: int, args: argparse.Namespace, position_ids: bool
-) -> tuple[tuple[float, float], tuple[float, float]]:
+) -> tuple[tuple[float, float], tuple[float, float], dict[str, float]]:
     """(wall, CPU) seconds of a training step and of token-level ``empirical`` by the
-    per-position route. ``position_ids``: the batch carries them, one row per sequence, so that
+    per-position route, and the CPU seconds of one run's engine phases. ``position_ids``: the batch carries them, one row per sequence, so that
     ``wpe``'s output has a batch dimension (without them it has none, and ``wpe`` goes through
     the engine's whole-model route)."""
     batch = batch_of(vocab, args.batch, args.seq_len)
@@ -107,7 +167,10 @@ def run_model(
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             fisher()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    return step_s, timed(fisher, args.repeats)
+    fisher_s = timed(fisher, args.repeats)
+    with _Phases() as phases:
+        fisher()
+    return step_s, fisher_s, phases.seconds
 
 
 def write_md(report: dict[str, Any], path: str) -> None:
@@ -123,18 +186,23 @@ def write_md(report: dict[str, Any], path: str) -> None:
         "Commands: " + "; ".join(f"`{c}` ({k})" for k, c in report["commands"].items()) + ".",
         "",
         "| label | model | params | seq_len | position_ids | method | route | seconds (wall) "
-        "| CPU seconds | ratio_to_step (CPU) | wall ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU seconds | ratio_to_step (CPU) | wall ratio | backward / rules CPU s "
+        "| floor (x step) | ratio to floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
+        phases = (
+            f"{r['backward_cpu_seconds']} / {r['rules_cpu_seconds']}"
+            if "rules_cpu_seconds" in r
+            else "-"
+        )
         lines.append(
             f"| {r['label']} | {r['model']} | {r['params']} | {r['seq_len']} | "
             f"{r['position_ids']} | {r['method']} | {r['route'] or '-'} | {r['seconds']} | "
-            f"{r['cpu_seconds']} | {r['ratio_to_step']} | {r['wall_ratio_to_step']} |"
+            f"{r['cpu_seconds']} | {r['ratio_to_step']} | {r['wall_ratio_to_step']} | {phases} | "
+            f"{r.get('floor_ratio_to_step', '-')} | {r.get('ratio_to_floor', '-')} |"
         )
-    notes = report.get("notes")
-    if notes:
-        lines += ["", notes]
+    lines += ["", NOTES]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -184,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": args.dtype,
         }
         for position_ids in (False, True):
-            step_s, s = run_model(model, vocab, args, position_ids)
+            step_s, s, phases = run_model(model, vocab, args, position_ids)
+            step_gf, floor_gf = gflop(layers, width, vocab, args.batch, args.seq_len)
             for method, route, (wall, cpu) in (
                 ("train-step", None, step_s),
                 ("empirical-token", "position", s),
@@ -194,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                 row["cpu_seconds"] = round(cpu, 4)
                 row["ratio_to_step"] = round(cpu / step_s[1], 2)
                 row["wall_ratio_to_step"] = round(wall / step_s[0], 2)
+                if route:
+                    row["backward_cpu_seconds"] = round(phases["backward"], 3)
+                    row["rules_cpu_seconds"] = round(phases["rules"], 3)
+                    row["floor_ratio_to_step"] = round(floor_gf / step_gf, 1)
+                    row["ratio_to_floor"] = round(row["ratio_to_step"] / (floor_gf / step_gf), 2)
                 report["rows"].append(row)
                 print(json.dumps(row), flush=True)
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -353,15 +353,15 @@ class _MatmulRule(_Rule):
         return got, scale
 
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
-        """sum_x sum_k (G_kx U_x^T)^2 by the cheaper of two exact routes:
+        """sum_x sum_k (G_kx U_x^T)^2 by the cheapest exact route that applies:
 
         * direct, K L O I per input: materialise the per-input gradients of a chunk of inputs,
           square and sum (columns whose gradients end early cut short, ``_direct_squares``);
         * Gram, L^2 O I per input, when L < K: (G U^T)^2 summed over k equals
           sum_{l,m} (sum_k G_ol G_om) U_il U_im, one (O x b L^2) @ (b L^2 x I) product. L = 1
           folds the columns: (sum_k g^2)^T @ a^2.
-        * one position, L O I per input, when every column's output gradient G_kx is nonzero at
-          one position l at most (a vocabulary head under per-position columns): then
+        * one position, L O I per input, when L >= K and every column's output gradient G_kx
+          is nonzero at one position l at most (a vocabulary head under per-position columns):
           (G_kx U_x^T)^2 = sum_l G_kx,ol^2 U_x,il^2, one (O x b L) @ (b L x I) product of
           sum_k G^2 with U^2.
         """
@@ -377,14 +377,14 @@ class _MatmulRule(_Rule):
             if "weight" in ctx.names:
                 if L == 1:
                     w = g2.T @ cols.squeeze(-1).square()
-                elif _one_position(gl):
-                    g2l = gl.square().sum(0)  # (b, O, L)
-                    flat_g = g2l.permute(1, 0, 2).reshape(n_out, -1)
-                    w = flat_g @ cols.square().permute(0, 2, 1).reshape(-1, n_in)
                 elif gram:
                     ggt = torch.einsum("kbol,kbom->oblm", gl, gl).reshape(n_out, -1)
                     uut = torch.einsum("bil,bim->blmi", cols, cols).reshape(-1, n_in)
                     w = ggt @ uut
+                elif _one_position(gl):
+                    g2l = gl.square().sum(0)  # (b, O, L)
+                    flat_g = g2l.permute(1, 0, 2).reshape(n_out, -1)
+                    w = flat_g @ cols.square().permute(0, 2, 1).reshape(-1, n_in)
                 else:
                     w = _direct_squares(gl, cols)
                 target = acc[ctx.names["weight"]]
