@@ -37,7 +37,9 @@ model), with one log line; when even the whole-model route disagrees (inputs are
 independent) a ``FisherInputError`` is raised.
 
 A parameter used in several places (tied weights, a module called twice) has its per-input
-gradients summed over the uses before squaring. Per-input gradients are materialised in chunks
+gradients summed over the uses before squaring; one ``nn.Embedding`` and one ``nn.Linear`` use
+(tied input and output embeddings) are summed in closed form, without a per-input gradient of the
+whole table (``_tied_sum_squares``). Per-input gradients are materialised in chunks
 whose size keeps memory under ``max_memory_mib``, shared out so that the parts live at the same
 time add up to at most the cap: a quarter for the cotangent columns handed in (the caller cuts
 them), half for the output gradients of a chunk of columns (cotangents included), a quarter for
