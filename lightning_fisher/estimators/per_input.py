@@ -40,7 +40,9 @@ model), with one log line; when even the whole-model route disagrees (inputs are
 independent) a ``FisherInputError`` is raised.
 
 A parameter used in several places (tied weights, a module called twice) has its per-input
-gradients summed over the uses before squaring. Per-input gradients are materialised in chunks
+gradients summed over the uses before squaring; one ``nn.Embedding`` and one ``nn.Linear`` use
+(tied input and output embeddings) are summed in closed form, without a per-input gradient of the
+whole table (``_tied_sum_squares``). Per-input gradients are materialised in chunks
 whose size keeps memory under ``max_memory_mib``, shared out so that the parts live at the same
 time add up to at most the cap: a quarter for the cotangent columns handed in (the caller cuts
 them), half for the output gradients of a chunk of columns (cotangents included), a quarter for
@@ -436,13 +438,17 @@ class _MatmulRule(_Rule):
         return self._scales(ctx, gl, cols)
 
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
-        """sum_x sum_k (G_kx U_x^T)^2 by the cheaper of two exact routes:
+        """sum_x sum_k (G_kx U_x^T)^2 by the cheapest exact route that applies:
 
         * direct, K L O I per input: materialise the per-input gradients of a chunk of inputs,
-          square and sum;
+          square and sum (columns whose gradients end early cut short, ``_direct_squares``);
         * Gram, L^2 O I per input, when L < K: (G U^T)^2 summed over k equals
           sum_{l,m} (sum_k G_ol G_om) U_il U_im, one (O x b L^2) @ (b L^2 x I) product. L = 1
           folds the columns: (sum_k g^2)^T @ a^2.
+        * one position, L O I per input, when L >= K and every column's output gradient G_kx
+          is nonzero at one position l at most (a vocabulary head under per-position columns):
+          (G_kx U_x^T)^2 = sum_l G_kx,ol^2 U_x,il^2, one (O x b L) @ (b L x I) product of
+          sum_k G^2 with U^2.
         """
         B, K = ctx.B, ctx.K
         gl0, cols0 = self.unfolded(ctx, 0, 1)
@@ -460,12 +466,49 @@ class _MatmulRule(_Rule):
                     ggt = torch.einsum("kbol,kbom->oblm", gl, gl).reshape(n_out, -1)
                     uut = torch.einsum("bil,bim->blmi", cols, cols).reshape(-1, n_in)
                     w = ggt @ uut
+                elif _one_position(gl):
+                    g2l = gl.square().sum(0)  # (b, O, L)
+                    flat_g = g2l.permute(1, 0, 2).reshape(n_out, -1)
+                    w = flat_g @ cols.square().permute(0, 2, 1).reshape(-1, n_in)
                 else:
-                    w = torch.einsum("kbol,bil->bkoi", gl, cols).square_().sum((0, 1))
+                    w = _direct_squares(gl, cols)
                 target = acc[ctx.names["weight"]]
                 target.add_(self._weight_shaped(w, target.shape), alpha=weight)
             if "bias" in ctx.names:
                 acc[ctx.names["bias"]].add_(g2.sum(0), alpha=weight)
+
+
+#: column blocks of the direct route, each cut at its last position with a nonzero gradient
+_DIRECT_BLOCKS = 8
+
+
+def _direct_squares(gl: Tensor, cols: Tensor) -> Tensor:
+    """sum over columns k and inputs x of (G_kx U_x^T)^2, (O, I), from output gradients ``gl``
+    (K, b, O, L) and inputs ``cols`` (b, I, L). A column whose output gradients vanish beyond
+    position e needs only the first e positions (under per-position columns of a causal model,
+    column t reaches positions <= t): the columns go in blocks sorted by e, each block's product
+    cut at its largest e, about half the work of the full product there."""
+    K, L = gl.shape[0], gl.shape[-1]
+    nz = (gl != 0).any(2).any(1)  # (K, L)
+    ends = torch.where(nz.any(1), L - nz.flip(1).int().argmax(1), 0)
+    if K < 2 * _DIRECT_BLOCKS or bool((ends == L).all()):
+        return torch.einsum("kbol,bil->bkoi", gl, cols).square_().sum((0, 1))
+    order = torch.argsort(ends)
+    ends_sorted = ends[order].tolist()
+    step = -(-K // _DIRECT_BLOCKS)
+    w = gl.new_zeros(gl.shape[2], cols.shape[1])
+    for k0 in range(0, K, step):
+        e = max(ends_sorted[k0 : k0 + step])
+        if e:
+            g = gl[order[k0 : k0 + step], ..., :e]
+            w += torch.einsum("kbol,bil->bkoi", g, cols[..., :e]).square_().sum((0, 1))
+    return w
+
+
+def _one_position(gl: Tensor) -> bool:
+    """Whether every (column, input) of output gradients ``gl`` (K, b, O, L) is nonzero at one
+    position at most."""
+    return bool(((gl != 0).any(2).sum(-1) <= 1).all())
 
 
 class _LinearRule(_MatmulRule):
@@ -623,6 +666,42 @@ class _EmbeddingRule(_Rule):
             0, inv, rows
         )
         acc[name].index_add_(0, uniq % V, weight * sums.pow(2))
+
+
+def _tied_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -> bool:
+    """acc += weight * sum over inputs and columns of the squared per-input gradients of one
+    parameter W (V x D) used by one ``nn.Embedding`` call and one ``nn.Linear`` call (tied input
+    and output embeddings), without a per-input V x D gradient.
+
+    Input x's gradient for column k is A + S: A = G U^T from the Linear (G: V x L output
+    gradients, U: D x L inputs), S from the embedding, nonzero only on the rows of the tokens x
+    looks up (row v: the output gradients summed over the positions reading token v). Entrywise
+    (A + S)^2 = A^2 + S^2 + 2 A S: the first two by the two uses' own rules, the cross term on the
+    touched rows only, where A's row v is G_v U^T (K R L D per input, R distinct tokens).
+    Returns False, doing nothing, when the uses are not exactly one such pair.
+    """
+    if sorted(c.handler.rule for c in ctxs) != ["embedding", "linear"]:
+        return False
+    lin = next(c for c in ctxs if c.handler.rule == "linear")
+    emb = next(c for c in ctxs if c.handler.rule == "embedding")
+    name = next(iter(lin.names.values()))
+    target = acc[name]
+    if target.ndim != 2 or lin.K != emb.K:
+        return False
+    _RULES["linear"].sum_squares(lin, acc, weight)
+    _RULES["embedding"].sum_squares(emb, acc, weight)
+    tok, gk = cast(_EmbeddingRule, _RULES["embedding"])._rows(emb)  # (B, S), (K, B, S, D)
+    K, B, _, D = gk.shape
+    rule = cast(_MatmulRule, _RULES["linear"])
+    # One input at a time: the Linear's rule above already held a larger chunk of its buffers.
+    for x in range(B):
+        gl, cols = rule.unfolded(lin, x, x + 1)  # (K, 1, V, L), (1, D, L)
+        uniq, inv = torch.unique(tok[x], return_inverse=True)
+        s_rows = gk.new_zeros(K, uniq.numel(), D).index_add_(1, inv, gk[:, x])
+        a_rows = gl[:, 0, uniq] @ cols[0].T  # (K, R, D)
+        cross = (a_rows * s_rows).sum(0).to(target.dtype)
+        target.index_add_(0, uniq, cross, alpha=2 * weight)
+    return True
 
 
 class _NormRule(_Rule):
@@ -1271,6 +1350,9 @@ class PerInputEngine:
                 (h, c, gs, loc) for h, c, gs in grad_map for loc, g in h.names.items() if g == name
             ]
             if not uses:
+                continue
+            ctxs = [self._ctx(h, c, gs, {loc: name}) for h, c, gs, loc in uses]
+            if _tied_sum_squares(ctxs, acc, weight):
                 continue
             K = uses[0][2][0].shape[0]
             numel = self.params[name].numel()
