@@ -337,11 +337,37 @@ def lightning_mlp(shard: bool, fsdp1: bool = False) -> Any:
     return Module(shard)
 
 
+def task_loader(task: int) -> DataLoader[tuple[Tensor, ...]]:
+    """The training data of continual task ``task`` for the Lightning runs (the same on every
+    rank; the strategy's sampler splits it)."""
+    gen = torch.Generator().manual_seed(200 + task)
+    x = torch.randn(32, DIMS[0], generator=gen)
+    y = torch.randint(0, DIMS[2], (32,), generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=BATCH)
+
+
+def cpu_trainer(callbacks: list[Any], strategy: Any, world: int, logger: Any = False) -> Any:
+    """A one-epoch CPU ``Trainer`` over ``world`` processes, quiet, without checkpoints."""
+    import lightning.pytorch as pl
+
+    return pl.Trainer(
+        callbacks=callbacks,
+        strategy=strategy,
+        accelerator="cpu",
+        devices=world,
+        max_epochs=1,
+        logger=logger,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
 def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """``lf.EWC`` over two tasks under Lightning's ``ModelParallelStrategy`` (FSDP2) and under
     ``strategy="ddp"`` from the same weights; after task 0 the sharded run writes a sharded and a
     full checkpoint and restores each into a new callback and Trainer."""
-    import lightning.pytorch as pl
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     import lightning_fisher as lf
@@ -356,25 +382,6 @@ def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     )
     torch.set_num_threads(1)
 
-    def data(task: int) -> DataLoader[tuple[Tensor, ...]]:
-        gen = torch.Generator().manual_seed(200 + task)
-        x = torch.randn(32, DIMS[0], generator=gen)
-        y = torch.randint(0, DIMS[2], (32,), generator=gen)
-        return DataLoader(TensorDataset(x, y), batch_size=BATCH)
-
-    def trainer(ewc: Any, strategy: Any) -> pl.Trainer:
-        return pl.Trainer(
-            callbacks=[ewc],
-            strategy=strategy,
-            accelerator="cpu",
-            devices=world,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-
     def fsdp() -> ModelParallelStrategy:
         return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
 
@@ -382,8 +389,8 @@ def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for name in ("fsdp", "ddp"):
         model = lightning_mlp(shard=name == "fsdp")
         ewc = lf.EWC(lam=LAM, method="exact")
-        t0 = trainer(ewc, fsdp() if name == "fsdp" else "ddp")
-        t0.fit(model, data(0))
+        t0 = cpu_trainer([ewc], world=world, strategy=fsdp() if name == "fsdp" else "ddp")
+        t0.fit(model, task_loader(0))
         res[f"{name}_fisher"] = {
             k: v.full_tensor() if hasattr(v, "full_tensor") else v
             for k, v in ewc.fishers[0].items()
@@ -396,13 +403,17 @@ def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 t0.save_checkpoint(path)
                 restored = lf.EWC(lam=LAM, method="exact")
                 # at max_epochs already: the fit restores the checkpoint and trains nothing
-                trainer(restored, fsdp()).fit(model, data(0), ckpt_path=path)
+                cpu_trainer([restored], world=world, strategy=fsdp()).fit(
+                    model, task_loader(0), ckpt_path=path
+                )
                 same = _bitwise(_locals(restored.core.state_dict()), _locals(state))
                 flag = torch.tensor([int(same)])
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
                 res[f"checkpoint_{kind}_bitwise"] = bool(flag)
         before = full_params(model.net)
-        trainer(ewc, fsdp() if name == "fsdp" else "ddp").fit(model, data(1))  # EWC penalty
+        cpu_trainer([ewc], world=world, strategy=fsdp() if name == "fsdp" else "ddp").fit(
+            model, task_loader(1)
+        )  # EWC penalty
         after = full_params(model.net)
         res[f"{name}_update"] = {k: after[k] - before[k] for k in after}
     if rank == 0:
@@ -640,28 +651,8 @@ def _fsdp1_lightning(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     new callback, module and Trainer. (The module wraps its ``net`` in ``configure_model``: on
     a CPU-only machine FSDP1 needs ``device_id=torch.device("cpu")``, which Lightning's own
     wrapping of the whole module does not pass.)"""
-    import lightning.pytorch as pl
 
     import lightning_fisher as lf
-
-    def data(task: int) -> DataLoader[tuple[Tensor, ...]]:
-        gen = torch.Generator().manual_seed(200 + task)
-        x = torch.randn(32, DIMS[0], generator=gen)
-        y = torch.randint(0, DIMS[2], (32,), generator=gen)
-        return DataLoader(TensorDataset(x, y), batch_size=BATCH)
-
-    def trainer(ewc: Any, strategy: Any) -> pl.Trainer:
-        return pl.Trainer(
-            callbacks=[ewc],
-            strategy=strategy,
-            accelerator="cpu",
-            devices=world,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
 
     _full_state_dicts_without_offload()
     fsdp = cpu_fsdp_strategy
@@ -670,8 +661,8 @@ def _fsdp1_lightning(rank: int, world: int, out_dir: str) -> dict[str, Any]:
     for name in ("fsdp1", "ddp"):
         model = lightning_mlp(shard=False, fsdp1=name == "fsdp1")
         ewc = lf.EWC(lam=LAM, method="exact")
-        t0 = trainer(ewc, fsdp() if name == "fsdp1" else "ddp")
-        t0.fit(model, data(0))
+        t0 = cpu_trainer([ewc], world=world, strategy=fsdp() if name == "fsdp1" else "ddp")
+        t0.fit(model, task_loader(0))
         fisher = dict(ewc.fishers[0])
         res[f"{name}_fisher"] = fsdp1_whole(fisher, model) if name == "fsdp1" else fisher
         if name == "fsdp1":
@@ -683,11 +674,15 @@ def _fsdp1_lightning(rank: int, world: int, out_dir: str) -> dict[str, Any]:
                 restored = lf.EWC(lam=LAM, method="exact")
                 fresh = lightning_mlp(shard=False, fsdp1=True)
                 # at max_epochs already: the fit restores the checkpoint and trains nothing
-                trainer(restored, fsdp()).fit(fresh, data(0), ckpt_path=path)
+                cpu_trainer([restored], world=world, strategy=fsdp()).fit(
+                    fresh, task_loader(0), ckpt_path=path
+                )
                 got = fsdp1_whole_state(restored.core.state_dict(), fresh)
                 res[f"checkpoint_{kind}_bitwise"] = _flag(_bitwise(got, state))
         before = fsdp1_whole(dict(model.named_parameters()), model)
-        trainer(ewc, fsdp() if name == "fsdp1" else "ddp").fit(model, data(1))  # EWC penalty
+        cpu_trainer([ewc], world=world, strategy=fsdp() if name == "fsdp1" else "ddp").fit(
+            model, task_loader(1)
+        )  # EWC penalty
         after = fsdp1_whole(dict(model.named_parameters()), model)
         res[f"{name}_update"] = {k: after[k] - before[k] for k in after}
     return res
@@ -888,18 +883,7 @@ def diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_dir: s
                 if name == "fsdp"
                 else "ddp"
             )
-            return pl.Trainer(
-                callbacks=callbacks,
-                strategy=strategy,
-                accelerator="cpu",
-                devices=world,
-                max_epochs=1,
-                logger=logger,
-                log_every_n_steps=1,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-            )
+            return cpu_trainer(callbacks, strategy, world, logger)
 
         trainer = make_trainer(callbacks, logger)
         before = full_params(copy.deepcopy(make_model()))
@@ -1108,18 +1092,8 @@ def fsdp1_diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_
         callbacks = [monitor, diagnostics, lf.FisherTraceRegularizer(alpha=0.5, probes=2)]
 
         def make_trainer(callbacks: list[Any], logger: Any = False, name: str = name) -> pl.Trainer:
-            return pl.Trainer(
-                callbacks=callbacks,
-                strategy=cpu_fsdp_strategy() if name == "fsdp1" else "ddp",
-                accelerator="cpu",
-                devices=world,
-                max_epochs=1,
-                logger=logger,
-                log_every_n_steps=1,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-            )
+            strategy = cpu_fsdp_strategy() if name == "fsdp1" else "ddp"
+            return cpu_trainer(callbacks, strategy, world, logger)
 
         trainer = make_trainer(callbacks, logger)
         before = full_params(make_model())
