@@ -38,6 +38,11 @@ def device_name(device: torch.device | str = "cpu") -> str:
     return f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def fmt(value: object, spec: str) -> str:
+    """A report cell: ``value`` formatted with ``spec``, or ``-`` when it is missing."""
+    return "-" if value is None else format(value, spec)
+
+
 def max_rel_diff(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
     """max over parameters of max |got - want| / max |want| (in float64)."""
     return max(

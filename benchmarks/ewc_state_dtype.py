@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import lightning_fisher as lf
-from benchmarks.common import device_name, versions
+from benchmarks.common import device_name, fmt, versions
 from benchmarks.lm_fisher_scale import Meter, ModelSpec, batch_of, build, train_step
 from lightning_fisher import _json as strict_json
 from lightning_fisher import ewc as ewc_module
@@ -179,9 +179,6 @@ def write(report: dict[str, Any], out: str) -> str:
     os.makedirs(out, exist_ok=True)
     with open(path + ".json", "w") as f:
         strict_json.dump(report, f, indent=1)
-
-    def fmt(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
 
     s = report["settings"]
     lines = [

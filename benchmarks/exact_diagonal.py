@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 import lightning_fisher as lf
 from benchmarks.bench_models import LogitsOnly, ReducedResNet18, ResNet18, bert_classifier, mlp
-from benchmarks.common import device_name
+from benchmarks.common import device_name, fmt
 from benchmarks.common import versions as base_versions
 from lightning_fisher import _json as strict_json
 from lightning_fisher.estimators.per_input import VERIFY_ROWS, forget_verified
@@ -714,9 +714,6 @@ def versions() -> dict[str, str | None]:
 
 
 def write_markdown(path: str, report: dict[str, Any]) -> None:
-    def fmt(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
-
     lines = [
         f"# {report['name']}",
         "",

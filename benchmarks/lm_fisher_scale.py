@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 import lightning_fisher as lf
-from benchmarks.common import device_name, versions
+from benchmarks.common import device_name, fmt, versions
 from lightning_fisher import _json as strict_json
 from lightning_fisher import hf
 
@@ -175,9 +175,6 @@ def write(report: dict[str, Any], quick: bool, out: str = RESULTS) -> str:
     path = os.path.join(out, name)
     with open(path + ".json", "w") as f:
         strict_json.dump(report, f, indent=1)
-
-    def fmt(v: Any, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
 
     lines = [
         f"# {name}",
