@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -52,14 +53,22 @@ class ModelOutputs:
     def n_classes(self) -> int:
         return self.logits.shape[-1]
 
+    @cached_property
+    def _counts(self) -> tuple[int, int]:
+        # Both counts with one device synchronisation: a GPU pass of a small model is bound by
+        # the host, and every synchronisation stops it from queueing work ahead.
+        rows = self.mask.reshape(self.mask.shape[0], -1)
+        n_inputs, n_sequences = torch.stack([rows.sum(), rows.any(1).sum()]).tolist()
+        return int(n_inputs), int(n_sequences)
+
     @property
     def n_inputs(self) -> int:
-        return int(self.mask.sum().item())
+        return self._counts[0]
 
     @property
     def n_sequences(self) -> int:
         """Rows with at least one counted input (for (B, C) logits: the counted rows)."""
-        return int(self.mask.reshape(self.mask.shape[0], -1).any(1).sum().item())
+        return self._counts[1]
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -164,25 +173,28 @@ def check_logits(logits: Tensor) -> None:
         raise FisherInputError(
             f"Logits must have shape (B, C) or (B, T, C); got shape {tuple(logits.shape)}."
         )
-    if not torch.isfinite(logits).all():
-        bad = int((~torch.isfinite(logits)).sum().item())
+    flat = logits.detach().reshape(-1, logits.shape[-1])
+    # One synchronisation for the three common facts; the rare probability check after it.
+    finite, nonneg, at_most_one = torch.stack(
+        [torch.isfinite(flat).all(), (flat >= 0).all(), (flat <= 1).all()]
+    ).tolist()
+    if not finite:
+        bad = int((~torch.isfinite(flat)).sum().item())
         raise FisherInputError(
             f"The model produced {bad} NaN/Inf logits; the Fisher would be meaningless. Check the "
             "inputs and weights for NaN/Inf (and, for fp16 models, overflow)."
         )
-    if logits.shape[-1] > 1:
-        flat = logits.detach().reshape(-1, logits.shape[-1])
-        looks_like_probs = (flat >= 0).all() and torch.allclose(
+    if logits.shape[-1] > 1 and flat.shape[0] > 1 and nonneg:
+        if torch.allclose(
             flat.double().sum(-1),
             torch.ones(flat.shape[0], dtype=torch.float64, device=flat.device),
             atol=1e-4,
-        )
-        if looks_like_probs and flat.shape[0] > 1:
+        ):
             raise FisherInputError(
                 "The model output looks like probabilities (non-negative rows summing to 1), not "
                 "logits. Return the pre-softmax logits (or log-probabilities) instead."
             )
-        if flat.shape[0] > 1 and bool((flat >= 0).all()) and bool((flat <= 1).all()):
+        if at_most_one:
             import warnings
 
             warnings.warn(
