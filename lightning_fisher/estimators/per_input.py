@@ -28,6 +28,14 @@ gradient) into per-input parameter gradients:
   backward of the whole batch's graph with each column restricted to one input, which equals that
   input's own gradient because the model treats inputs independently (true in eval mode).
 
+Inputs shared by the batch: a module whose tensor inputs have no batch dimension but a leading
+dimension of 1 (GPT-2's ``wpe`` looked up with position ids of shape (1, T)) has an output without
+one. Found when the first batch is recorded; the engine then asks to plan again
+(``finish_recording`` returns False), proves on two rows that the model merely broadcasts the
+module's output (``_prove_expansion``), and from then on runs the module, while planning and
+recording only, on those inputs expanded to the batch (``x.expand(B, *x.shape[1:])``), so that its
+output has a batch dimension and its rule applies. A failed proof keeps the whole-model route.
+
 Self-verification: on the first batch of every traced structure (once per model: a later pass
 over the same model with the same recorded structure relies on the earlier proof) the engine
 draws balanced random signs s_x (half +1, half -1) and compares, per parameter,
@@ -944,6 +952,16 @@ class PerInputEngine:
         #: routes forced by a failed check, by module path (kept across re-planning)
         self._forced: dict[str, str] = {}
         self._forced_model: set[str] = set()
+        #: modules whose inputs are shared by the batch (leading dimension 1, no batch dimension),
+        #: run on those inputs expanded to the batch while planning and recording: proven ones,
+        #: ones waiting for their proof, and the reason for each one refused
+        self.expanded: set[str] = set()
+        self._expand_pending: set[str] = set()
+        self._expand_refused: dict[str, str] = {}
+        #: (leaf, dimension) of the model's inputs that carries the batch, and the rows of the
+        #: forward running now (read from it)
+        self._batch_leaf: tuple[int, int] | None = None
+        self._forward_rows: int | None = None
         self.log: list[str] = []
         self._verify_grads: dict[int, list[Tensor]] = {}
 
@@ -973,6 +991,14 @@ class PerInputEngine:
         """
         B = batch_size
         rows = 1 if B == 2 else 2
+        for path in sorted(self._expand_pending):
+            why = self._prove_expansion(forward, B, path)
+            if why is None:
+                self.expanded.add(path)
+                self.log.append(f"{path}: inputs shared by the batch, expanded to it")
+            else:
+                self._expand_refused[path] = why
+        self._expand_pending.clear()
         for small in (B is not None, False):
             trace = _Trace(rows=rows if small else 0)
             try:
@@ -993,16 +1019,6 @@ class PerInputEngine:
         by_id = {id(p): name for name, p in self.params.items()}
         stack: list[str] = []
         rows = trace.rows
-
-        def resize(_m: nn.Module, args: Any, kwargs: Any) -> Any:
-            leaves, spec = tree_flatten((args, kwargs))
-            out = []
-            for t in leaves:
-                if isinstance(t, Tensor) and B in t.shape:
-                    d = list(t.shape).index(cast(int, B))
-                    t = t.index_select(d, torch.arange(rows, device=t.device) % cast(int, B))
-                out.append(t)
-            return tree_unflatten(out, spec)
 
         def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
             path = paths[id(m)]
@@ -1025,9 +1041,13 @@ class PerInputEngine:
             hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             hooks.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
         if B is not None:
+            index = torch.arange(rows) % B
             hooks.append(
-                self.model.register_forward_pre_hook(resize, with_kwargs=True, prepend=True)
+                self.model.register_forward_pre_hook(
+                    self._resizer(B, index), with_kwargs=True, prepend=True
+                )
             )
+        hooks += self._expansion_hooks()
         hooks.append(self.model.register_forward_hook(finished))
         try:
             with torch.enable_grad(), _UseRecorder(by_id, stack, trace.uses):
@@ -1035,6 +1055,210 @@ class PerInputEngine:
         finally:
             for h in hooks:
                 h.remove()
+
+    def _resizer(self, B: int, index: Tensor) -> Callable[..., Any]:
+        """A forward pre-hook of the model keeping the rows ``index`` of every tensor argument
+        (at its first dimension of size ``B``); notes which argument carries the batch."""
+
+        def resize(_m: nn.Module, args: Any, kwargs: Any) -> Any:
+            leaves, spec = tree_flatten((args, kwargs))
+            out = []
+            for i, t in enumerate(leaves):
+                if isinstance(t, Tensor) and B in t.shape:
+                    d = list(t.shape).index(B)
+                    if not any(isinstance(o, Tensor) and B in o.shape for o in leaves[:i]):
+                        self._batch_leaf = (i, d)
+                    t = t.index_select(d, index.to(t.device))
+                out.append(t)
+            return tree_unflatten(out, spec)
+
+        return resize
+
+    def _rows_of(self, leaves: list[Any]) -> int | None:
+        """The rows of a forward, from the model's arguments: the batch dimension of the
+        argument that carried it when planning (else the first dimension of the first tensor)."""
+        if self._batch_leaf is not None:
+            i, d = self._batch_leaf
+            t = leaves[i] if i < len(leaves) else None
+            if isinstance(t, Tensor) and t.ndim > d:
+                return int(t.shape[d])
+        first = next((t for t in leaves if isinstance(t, Tensor) and t.ndim), None)
+        return None if first is None else int(first.shape[0])
+
+    def _expansion_hooks(self, paths: set[str] | None = None, rows: int | None = None) -> list[Any]:
+        """Forward pre-hooks running the modules ``paths`` (default: the proven ones) on their
+        inputs of leading dimension 1 expanded to ``rows`` (default: the rows of the forward
+        running, read from the model's arguments): x.expand(rows, *x.shape[1:])."""
+        paths = self.expanded if paths is None else paths
+        if not paths:
+            return []
+        hooks = []
+        if rows is None:
+            self._forward_rows = None
+
+            def note_rows(_m: nn.Module, args: Any, kwargs: Any) -> None:
+                self._forward_rows = self._rows_of(tree_flatten((args, kwargs))[0])
+
+            hooks.append(self.model.register_forward_pre_hook(note_rows, with_kwargs=True))
+
+        def expand(_m: nn.Module, args: Any, kwargs: Any) -> Any:
+            n = rows if rows is not None else self._forward_rows
+            if n is None or n == 1:
+                return None
+            leaves, spec = tree_flatten((args, kwargs))
+            leaves = [
+                t.expand(n, *t.shape[1:])
+                if isinstance(t, Tensor) and t.ndim and t.shape[0] == 1
+                else t
+                for t in leaves
+            ]
+            return tree_unflatten(leaves, spec)
+
+        modules = dict(self.model.named_modules())
+        for path in sorted(paths):
+            hooks.append(
+                modules[path].register_forward_pre_hook(expand, with_kwargs=True, prepend=True)
+            )
+        return hooks
+
+    def _shared_inputs(self, h: _Handler) -> bool:
+        """Whether every call of ``h``'s module has tensor inputs without a batch dimension, one
+        at least of leading dimension 1, and outputs of leading dimension 1 without one (a
+        position embedding looked up with ids of shape (1, T), broadcast over the batch)."""
+        if not h.path or not h.calls:
+            return False
+        for c in h.calls:
+            tensors = [(t, d) for t, d in zip(c.leaves, c.leaf_dims) if isinstance(t, Tensor)]
+            if not tensors or any(d is not None for _, d in tensors):
+                return False
+            if not any(t.ndim and t.shape[0] == 1 for t, _ in tensors):
+                return False
+            if any(d is not None for d in c.out_dims) or not c.outputs:
+                return False
+            if any(o.ndim == 0 or o.shape[0] != 1 for o in c.outputs):
+                return False
+        return True
+
+    def _prove_expansion(self, forward: Callable[[], Any], B: int | None, path: str) -> str | None:
+        """None when module ``path`` may run on its shared inputs expanded to the batch, else why
+        not: the model must merely broadcast the module's output over the batch.
+
+        Proof on two rows of the batch: a forward with the module's inputs expanded to 2 rows and
+        row r of its output shifted by a random delta_r (delta_0 = 0), against forwards of each
+        row alone with the module's own (1, ...) output shifted by delta_r. Every output of the
+        model with a batch dimension must agree row by row within the dtype's rounding
+        (``VERIFY_RTOL``). A model that reads another row of the expanded output (indexing [0],
+        a sum over the batch) or depends on its shape (``squeeze(0)``) differs or raises."""
+        if B is None:
+            return "inputs shared by the batch, and no batch size to expand them to"
+        module = dict(self.model.named_modules())[path]
+        P = 2
+        gen = torch.Generator().manual_seed(_VERIFY_SEED)
+        deltas: list[list[Tensor | None]] = []
+        state: dict[str, Any] = {"row": None, "call": 0}
+
+        def shift(_m: nn.Module, _a: Any, out: Any) -> Any:
+            flat, spec = tree_flatten(out)
+            r, j = state["row"], state["call"]
+            state["call"] += 1
+            if r is None:  # the expanded forward draws the shifts
+                ds: list[Tensor | None] = []
+                for t in flat:
+                    if (
+                        isinstance(t, Tensor)
+                        and t.is_floating_point()
+                        and t.ndim
+                        and t.shape[0] == P
+                    ):
+                        scale = float(t.detach().double().pow(2).mean().sqrt()) or 1.0
+                        d = torch.randn(t.shape, generator=gen, dtype=torch.float64) * scale
+                        d[0] = 0
+                        ds.append(d.to(device=t.device, dtype=t.dtype))
+                    else:
+                        ds.append(None)
+                deltas.append(ds)
+            else:
+                ds = [None if d is None else d[r : r + 1] for d in deltas[j]]
+            new = []
+            for t, dt in zip(flat, ds):
+                if dt is not None and (not isinstance(t, Tensor) or t.shape != dt.shape):
+                    raise ValueError("the module's output changed shape between forwards")
+                new.append(t if dt is None else t + dt)
+            return tree_unflatten(new, spec)
+
+        def run(index: Tensor, expand: bool, row: int | None) -> list[Any]:
+            state["row"], state["call"] = row, 0
+            got: list[list[Any]] = []
+
+            def capture(_m: nn.Module, _a: Any, out: Any) -> None:
+                if not got:
+                    got.append(
+                        [
+                            t.detach() if isinstance(t, Tensor) else None
+                            for t in tree_flatten(out)[0]
+                        ]
+                    )
+
+            hooks = [
+                self.model.register_forward_pre_hook(
+                    self._resizer(B, index), with_kwargs=True, prepend=True
+                ),
+                self.model.register_forward_hook(capture),
+                module.register_forward_hook(shift),
+            ]
+            if expand:
+                hooks += self._expansion_hooks({path}, P)
+            try:
+                with torch.no_grad():
+                    try:
+                        forward()
+                    except Exception:
+                        if not got:  # the model itself failed
+                            raise
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            return got[0]
+
+        try:
+            full = run(torch.arange(P) % B, True, None)
+            if not any(d is not None for ds in deltas for d in ds):
+                return "inputs shared by the batch, but expanding them gives no batched output"
+            singles = [run(torch.tensor([r % B]), False, r) for r in range(P)]
+        except Exception as err:
+            if _is_oom(err):
+                raise
+            first = str(err).splitlines()[0] if str(err) else ""
+            return (
+                "inputs shared by the batch; running it on them expanded to the batch fails "
+                f"({type(err).__name__}: {first})"
+            )
+        changed = "inputs shared by the batch; running it on them expanded to the batch changes"
+        compared = 0
+        for r, one in enumerate(singles):
+            if len(one) != len(full):
+                return f"{changed} the model's outputs"
+            for a, b in zip(full, one):
+                if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.is_floating_point()):
+                    continue
+                d = _batch_dim(tuple(a.shape), tuple(b.shape), P, 1)
+                if d is None:  # an output shared by the batch: nothing per input to compare
+                    continue
+                if d == UNKNOWN:
+                    return f"{changed} the shapes of the model's outputs"
+                ar, br = a.narrow(d, r, 1).double(), b.double()
+                if not torch.equal(ar.isfinite(), br.isfinite()):
+                    return f"{changed} the model's outputs (input {r})"
+                ar, br = ar.nan_to_num(0.0, 0.0, 0.0), br.nan_to_num(0.0, 0.0, 0.0)
+                diff = float((ar - br).abs().max()) if ar.numel() else 0.0
+                tol = VERIFY_RTOL.get(a.dtype, 1e-4) * float(br.abs().max() if br.numel() else 0)
+                if diff > tol + 1e-30:
+                    rel = diff / max(float(br.abs().max()), 1e-30)
+                    return f"{changed} the model's outputs (input {r} off by {rel:.2g}, relative)"
+                compared += 1
+        if not compared:
+            return "inputs shared by the batch, and no output with a batch dimension to compare"
+        return None
 
     def _assign(self, trace: _Trace) -> None:
         modules = dict(self.model.named_modules())
@@ -1121,6 +1345,7 @@ class PerInputEngine:
                 return rebuilt if type(rebuilt) is type(out) else None
 
             hooks.append(h.module.register_forward_hook(hook, with_kwargs=True))
+        hooks += self._expansion_hooks()
         self._active = True
         try:
             yield
@@ -1163,7 +1388,8 @@ class PerInputEngine:
             for h in self.handlers
             for j, c in enumerate(h.calls)
         }
-        return True
+        # Modules with inputs shared by the batch: plan again (with the proof) and record again.
+        return not self._expand_pending
 
     def _route(self) -> None:
         """Per handler: its rule if every call's layout suits it, else vjp; the whole-model route
@@ -1174,7 +1400,17 @@ class PerInputEngine:
             rule = _RULES[h.rule]
             vjp_ok = all(_RULES["vjp"].layout_ok(h.module, c) for c in h.calls) and h.calls
             if not vjp_ok:
-                self._to_model_route(h, "an output without a batch dimension or of unknown layout")
+                tried = self.expanded | set(self._expand_refused)
+                if h.path not in tried and self._shared_inputs(h):
+                    # Today's route until the expansion is proven (the caller plans again).
+                    self._expand_pending.add(h.path)
+                    self._to_model_route(h, "inputs shared by the batch", quiet=True)
+                elif h.path in self._expand_refused:
+                    self._to_model_route(h, self._expand_refused[h.path])
+                else:
+                    self._to_model_route(
+                        h, "an output without a batch dimension or of unknown layout"
+                    )
                 continue
             if h.rule not in ("vjp", "loop") and not all(
                 rule.layout_ok(h.module, c) for c in h.calls
@@ -1183,11 +1419,13 @@ class PerInputEngine:
             keep.append(h)
         self.handlers = [h for h in keep if h.names]
 
-    def _to_model_route(self, h: _Handler, why: str) -> None:
+    def _to_model_route(self, h: _Handler, why: str, quiet: bool = False) -> None:
         names = set(h.names.values())
         self.model_route |= names
         for other in self.handlers or []:
             other.names = {k: v for k, v in other.names.items() if v not in names}
+        if quiet:
+            return
         logger.info(
             "lightning_fisher: per-input gradients of module %r (%s) by the whole-model route: %s.",
             h.path or type(h.module).__name__,
