@@ -47,6 +47,16 @@ that disagrees or raises is replaced by the next route (closed form or vjp -> lo
 model), with one log line; when even the whole-model route disagrees (inputs are not
 independent) a ``FisherInputError`` is raised.
 
+Precision: ``product_dtype`` is the dtype of the per-input products, bfloat16 for a bfloat16
+model (its output gradients and activations are bfloat16; the GEMMs accumulate in float32 and
+round each per-input gradient once, a relative error of about 2^-9 per entry, 2^-8 per square),
+else the accumulation dtype (float32, or float64 for float64 models: unchanged). Every square is
+taken after a cast to the accumulation dtype and every sum over inputs or columns is in it, so the
+nonnegative squares add up without further loss. Rules whose per-input gradients are sums of
+elementwise products that may cancel (norms, PReLU: ``model_dtype_products = False``) work in the
+accumulation dtype. float16 models keep float32 products: their range could overflow a per-input
+gradient. Chunk sizes count the bytes really allocated (a 16-bit product and its float32 square).
+
 A parameter used in several places (tied weights, a module called twice) has its per-input
 gradients summed over the uses before squaring; one ``nn.Embedding`` and one ``nn.Linear`` use
 (tied input and output embeddings) are summed in closed form, without a per-input gradient of the
@@ -249,7 +259,21 @@ class _Ctx:
     call: _Call
     grads: list[Tensor]
     names: dict[str, str]
+    #: dtype of the per-input products (the model's for 16-bit models)
     dtype: torch.dtype
+    #: dtype of the squares and of every sum over inputs or columns (default: ``dtype``)
+    acc: torch.dtype | None = None
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        """Dtype of the squares and of every sum over inputs or columns (float32 or float64)."""
+        return self.acc or self.dtype
+
+    @property
+    def square_bytes(self) -> int:
+        """Bytes per entry of a per-input gradient while it is squared: the product and, in
+        ``acc_dtype``, its square (a cast copy squared in place for 16-bit products)."""
+        return _square_bytes(self.dtype, self.acc_dtype)
 
     @property
     def module(self) -> Any:
@@ -290,12 +314,28 @@ class _Ctx:
 # Per-layer rules ------------------------------------------------------------------------------
 
 
+def _square_bytes(dtype: torch.dtype, acc_dtype: torch.dtype) -> int:
+    """Bytes per entry of a tensor in ``dtype`` and its square in ``acc_dtype`` (``_squared``)."""
+    acc = torch.empty((), dtype=acc_dtype).element_size()
+    return 2 * acc if dtype == acc_dtype else torch.empty((), dtype=dtype).element_size() + acc
+
+
+def _squared(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t^2 in ``dtype``: a 16-bit ``t`` is cast first (a copy, squared in place), so no square
+    is rounded to 16 bits."""
+    return t.pow(2) if t.dtype == dtype else t.to(dtype).square_()
+
+
 class _Rule:
     """Turns (inputs, output gradients) of one module call into per-input parameter gradients."""
 
     name: ClassVar[str]
     #: the rule needs the batch as dimension 0 of input and output (channels at dim 1)
     batch_first_only: ClassVar[bool] = False
+    #: per-input gradients in the engine's ``product_dtype`` (matrix products, lookups, a
+    #: module's own vjp); False: in the accumulation dtype (elementwise products summed over
+    #: positions, where a 16-bit sum of rounded terms could cancel badly)
+    model_dtype_products: ClassVar[bool] = True
 
     def applies(self, module: nn.Module, local_names: set[str]) -> bool:
         return False
@@ -319,12 +359,12 @@ class _Rule:
         gradients g_b, and a scale of their size (sum_b ||g_b||^2 or a bound of it, a 0-d
         tensor) for the round-off tolerance."""
         numel = sum(ctx.engine.params[n].numel() for n in ctx.names.values())
-        chunk = ctx.chunk(8 * numel)
+        chunk = ctx.chunk(ctx.square_bytes * numel)
         got: dict[str, Tensor] = {}
         scale: dict[str, Tensor] = {}
         for lo in range(0, ctx.B, chunk):
             for n, t in self.per_input(ctx, lo, min(ctx.B, lo + chunk)).items():
-                t = t[:, 0].detach()
+                t = t[:, 0].detach().to(ctx.acc_dtype)
                 sign = s[lo : lo + t.shape[0]].reshape(-1, *([1] * (t.ndim - 1)))
                 got[n] = (sign * t).sum(0) + got[n] if n in got else (sign * t).sum(0)
                 sq = t.pow(2).sum()
@@ -343,10 +383,10 @@ class _Rule:
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
         """acc += weight * sum over inputs and columns of the squared per-input gradients."""
         numel = sum(ctx.engine.params[n].numel() for n in ctx.names.values())
-        chunk = ctx.chunk(8 * ctx.K * numel)
+        chunk = ctx.chunk(ctx.square_bytes * ctx.K * numel)
         for lo in range(0, ctx.B, chunk):
             for name, t in self.per_input(ctx, lo, min(ctx.B, lo + chunk)).items():
-                acc[name] += weight * t.pow(2).sum((0, 1))
+                acc[name] += weight * _squared(t, ctx.acc_dtype).sum((0, 1))
 
 
 def _default_forward(module: nn.Module, *classes: type[nn.Module]) -> bool:
@@ -399,10 +439,11 @@ class _MatmulRule(_Rule):
     def _scales(self, ctx: _Ctx, gl: Tensor, cols: Tensor) -> dict[str, Tensor]:
         """sum_b ||G_b||^2 ||U_b||^2 for the weight, sum_b ||G_b 1||^2 for the bias."""
         scale = {}
+        g0, cols = gl[0].to(ctx.acc_dtype), cols.to(ctx.acc_dtype)
         if "weight" in ctx.names:
-            scale[ctx.names["weight"]] = (gl[0].pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum()
+            scale[ctx.names["weight"]] = (g0.pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum()
         if "bias" in ctx.names:
-            scale[ctx.names["bias"]] = gl[0].sum(-1).pow(2).sum()
+            scale[ctx.names["bias"]] = g0.sum(-1).pow(2).sum()
         return scale
 
     def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -435,6 +476,7 @@ class _MatmulRule(_Rule):
                 )
             )
             a, b = (flat_u.t(), flat_g.t()) if self.weight_transposed else (flat_g, flat_u)
+            a, b = a.to(target.dtype), b.to(target.dtype)  # 16-bit products: the check in fp32
             if target.is_contiguous() and target.numel() == rows * cols_:
                 target.view(rows, cols_).addmm_(a, b, alpha=-1)
             elif target.ndim == 2 and target.t().is_contiguous():  # a transposed gradient
@@ -458,28 +500,38 @@ class _MatmulRule(_Rule):
           (G_kx U_x^T)^2 = sum_l G_kx,ol^2 U_x,il^2, one (O x b L) @ (b L x I) product of
           sum_k G^2 with U^2.
         """
-        B, K = ctx.B, ctx.K
+        B, K, acc_dtype = ctx.B, ctx.K, ctx.acc_dtype
         gl0, cols0 = self.unfolded(ctx, 0, 1)
         n_out, L, n_in = gl0.shape[2], gl0.shape[3], cols0.shape[1]
         gram = L < K
         per_input = (n_out + n_in) * L * L if gram else K * n_out * n_in + n_in * L
-        chunk = ctx.chunk(8 * per_input)
+        if ctx.dtype == acc_dtype:
+            chunk = ctx.chunk(ctx.square_bytes * per_input)
+        else:
+            # 16-bit products: every route but the direct one works on float32 copies of the
+            # output gradients and inputs; the direct one squares a cast copy of its products.
+            a = torch.empty((), dtype=acc_dtype).element_size()
+            copies = a * (K * n_out * L + n_in * L)
+            own = a * per_input if gram else ctx.square_bytes * K * n_out * n_in
+            chunk = ctx.chunk(copies + own)
         for lo in range(0, B, chunk):
             gl, cols = self.unfolded(ctx, lo, min(B, lo + chunk))
-            g2 = (gl.squeeze(-1) if L == 1 else gl.sum(-1)).square().sum(0)  # (b, O)
+            # the bias's per-input gradients (in the products' dtype), squared in acc_dtype
+            g2 = _squared(gl.squeeze(-1) if L == 1 else gl.sum(-1), acc_dtype).sum(0)  # (b, O)
             if "weight" in ctx.names:
                 if L == 1:
-                    w = g2.T @ cols.squeeze(-1).square()
+                    w = g2.T @ _squared(cols.squeeze(-1), acc_dtype)
                 elif gram:
-                    ggt = torch.einsum("kbol,kbom->oblm", gl, gl).reshape(n_out, -1)
-                    uut = torch.einsum("bil,bim->blmi", cols, cols).reshape(-1, n_in)
+                    glf, colsf = gl.to(acc_dtype), cols.to(acc_dtype)
+                    ggt = torch.einsum("kbol,kbom->oblm", glf, glf).reshape(n_out, -1)
+                    uut = torch.einsum("bil,bim->blmi", colsf, colsf).reshape(-1, n_in)
                     w = ggt @ uut
                 elif _one_position(gl):
-                    g2l = gl.square().sum(0)  # (b, O, L)
+                    g2l = _squared(gl, acc_dtype).sum(0)  # (b, O, L)
                     flat_g = g2l.permute(1, 0, 2).reshape(n_out, -1)
-                    w = flat_g @ cols.square().permute(0, 2, 1).reshape(-1, n_in)
+                    w = flat_g @ _squared(cols, acc_dtype).permute(0, 2, 1).reshape(-1, n_in)
                 else:
-                    w = _direct_squares(gl, cols)
+                    w = _direct_squares(gl, cols, acc_dtype)
                 target = acc[ctx.names["weight"]]
                 target.add_(self._weight_shaped(w, target.shape), alpha=weight)
             if "bias" in ctx.names:
@@ -490,27 +542,37 @@ class _MatmulRule(_Rule):
 _DIRECT_BLOCKS = 8
 
 
-def _direct_squares(gl: Tensor, cols: Tensor) -> Tensor:
-    """sum over columns k and inputs x of (G_kx U_x^T)^2, (O, I), from output gradients ``gl``
-    (K, b, O, L) and inputs ``cols`` (b, I, L). A column whose output gradients vanish beyond
+def _direct_squares(gl: Tensor, cols: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """sum over columns k and inputs x of (G_kx U_x^T)^2, (O, I) in ``dtype`` (default: that of
+    ``gl``), from output
+    gradients ``gl`` (K, b, O, L) and inputs ``cols`` (b, I, L): the products in their dtype,
+    squared and summed in ``dtype``. A column whose output gradients vanish beyond
     position e needs only the first e positions (under per-position columns of a causal model,
     column t reaches positions <= t): the columns go in blocks sorted by e, each block's product
     cut at its largest e, about half the work of the full product there."""
     K, L = gl.shape[0], gl.shape[-1]
+    dtype = dtype or gl.dtype
     nz = (gl != 0).any(2).any(1)  # (K, L)
     ends = torch.where(nz.any(1), L - nz.flip(1).int().argmax(1), 0)
     if K < 2 * _DIRECT_BLOCKS or bool((ends == L).all()):
-        return torch.einsum("kbol,bil->bkoi", gl, cols).square_().sum((0, 1))
+        return _square_in_place(torch.einsum("kbol,bil->bkoi", gl, cols), dtype).sum((0, 1))
     order = torch.argsort(ends)
     ends_sorted = ends[order].tolist()
     step = -(-K // _DIRECT_BLOCKS)
-    w = gl.new_zeros(gl.shape[2], cols.shape[1])
+    w = gl.new_zeros(gl.shape[2], cols.shape[1], dtype=dtype)
     for k0 in range(0, K, step):
         e = max(ends_sorted[k0 : k0 + step])
         if e:
             g = gl[order[k0 : k0 + step], ..., :e]
-            w += torch.einsum("kbol,bil->bkoi", g, cols[..., :e]).square_().sum((0, 1))
+            w += _square_in_place(torch.einsum("kbol,bil->bkoi", g, cols[..., :e]), dtype).sum(
+                (0, 1)
+            )
     return w
+
+
+def _square_in_place(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A fresh product ``t`` squared in ``dtype``: in place when it is in ``dtype`` already."""
+    return t.square_() if t.dtype == dtype else t.to(dtype).square_()
 
 
 def _one_position(gl: Tensor) -> bool:
@@ -645,10 +707,10 @@ class _EmbeddingRule(_Rule):
         token's row; scale: sum of the squared row gradients (times the tokens per input)."""
         tok, gk = self._rows(ctx)
         name = ctx.names["weight"]
-        signed = (gk[0] * s.reshape(-1, 1, 1)).reshape(-1, gk.shape[-1])
-        got = torch.zeros(ctx.param("weight").shape, dtype=ctx.dtype, device=gk.device)
+        signed = (gk[0] * s.reshape(-1, 1, 1)).reshape(-1, gk.shape[-1]).to(ctx.acc_dtype)
+        got = torch.zeros(ctx.param("weight").shape, dtype=ctx.acc_dtype, device=gk.device)
         got.index_add_(0, tok.reshape(-1), signed)
-        return {name: got}, {name: gk[0].pow(2).sum() * tok.shape[1]}
+        return {name: got}, {name: _squared(gk[0], ctx.acc_dtype).sum() * tok.shape[1]}
 
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
         """Per (column, input, token id): sum the rows of g, square, add into the token's row."""
@@ -707,7 +769,7 @@ def _tied_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -
         uniq, inv = torch.unique(tok[x], return_inverse=True)
         s_rows = gk.new_zeros(K, uniq.numel(), D).index_add_(1, inv, gk[:, x])
         a_rows = gl[:, 0, uniq] @ cols[0].T  # (K, R, D)
-        cross = (a_rows * s_rows).sum(0).to(target.dtype)
+        cross = (a_rows.to(target.dtype) * s_rows.to(target.dtype)).sum(0)
         target.index_add_(0, uniq, cross, alpha=2 * weight)
     return True
 
@@ -721,6 +783,7 @@ class _NormRule(_Rule):
     """
 
     name = "norm"
+    model_dtype_products = False
 
     def applies(self, module: nn.Module, local_names: set[str]) -> bool:
         if not _direct(module, local_names, {"weight", "bias"}):
@@ -749,13 +812,15 @@ class _NormRule(_Rule):
     def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
         m = ctx.module
         x, g = ctx.x(lo, hi), ctx.g(lo, hi)  # g: (K, b, *x.shape[1:])
+        # RMSNorm's default eps is that of the dtype its input had in the forward
+        eps_dtype = cast(Tensor, ctx.call.leaves[cast(int, ctx.call.input_index())]).dtype
         if hasattr(m, "normalized_shape"):
             dims_n = tuple(range(-len(m.normalized_shape), 0))
             if isinstance(m, nn.LayerNorm):
                 var, mean = torch.var_mean(x, dims_n, unbiased=False, keepdim=True)
                 xh = (x - mean) * torch.rsqrt(var + m.eps)
             else:
-                eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+                eps = m.eps if m.eps is not None else torch.finfo(eps_dtype).eps
                 xh = x * torch.rsqrt(x.pow(2).mean(dims_n, keepdim=True) + eps)
             dims = tuple(range(2, g.ndim - len(m.normalized_shape)))
         elif isinstance(m, nn.GroupNorm):
@@ -787,6 +852,7 @@ class _PReLURule(_Rule):
     channel (dimension 1)."""
 
     name = "prelu"
+    model_dtype_products = False
     batch_first_only = True
 
     def applies(self, module: nn.Module, local_names: set[str]) -> bool:
@@ -930,9 +996,16 @@ class PerInputEngine:
         model: nn.Module,
         params: dict[str, nn.Parameter],
         max_memory_mib: float = MAX_MEMORY_MIB,
+        product_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.params = params
+        first = next(iter(params.values())).dtype if params else torch.float32
+        #: dtype of the per-input products (output gradients, per-input gradients): the
+        #: model's own for a bfloat16 model (its GEMMs accumulate in float32), else the
+        #: accumulation dtype (float16's range could overflow a per-input gradient); squares
+        #: and sums are always in the accumulation dtype
+        self.product_dtype = product_dtype or (first if first == torch.bfloat16 else self._dtype())
         self.max_bytes = max(1.0, max_memory_mib) * 2**20
         #: shares of the cap: the cotangent columns handed in, the output gradients of a chunk of
         #: columns, a rule's per-input buffers
@@ -1567,7 +1640,9 @@ class PerInputEngine:
             self._model_route_sum_squares(logits, cotangents, acc, weight)
 
     def _ctx(self, h: _Handler, c: _Call, gs: list[Tensor], names: dict[str, str]) -> _Ctx:
-        return _Ctx(self, h, c, gs, names, self._dtype())
+        acc = self._dtype()
+        dtype = self.product_dtype if _RULES[h.rule].model_dtype_products else acc
+        return _Ctx(self, h, c, gs, names, dtype, acc)
 
     def _accumulate_chunk(
         self,
@@ -1595,7 +1670,8 @@ class PerInputEngine:
             K = uses[0][2][0].shape[0]
             numel = self.params[name].numel()
             # (input, column) pairs per step; the squares add up over columns, so K is split too
-            pairs = self.fit(8 * numel * len(uses), self.rule_bytes, f"shared parameter {name!r}")
+            each = sum(c.square_bytes for c in ctxs) * numel
+            pairs = self.fit(each, self.rule_bytes, f"shared parameter {name!r}")
             k = min(K, pairs)
             chunk = max(1, pairs // k)
             for k0 in range(0, K, k):
@@ -1605,7 +1681,7 @@ class PerInputEngine:
                     total = None
                     for h, c, gs, loc in uses:
                         ctx = self._ctx(h, c, [g[cols] for g in gs], {loc: name})
-                        part = _RULES[h.rule].per_input(ctx, lo, hi)[name]
+                        part = _RULES[h.rule].per_input(ctx, lo, hi)[name].to(acc[name].dtype)
                         total = part if total is None else total + part
                     assert total is not None
                     acc[name] += weight * total.pow(2).sum((0, 1))
@@ -1655,8 +1731,14 @@ class PerInputEngine:
         holds a cotangent shaped like the logits and a gradient of each of the route's
         parameters (with its float32 copy and square); the squares add up over columns, so a
         large K is split too."""
-        numel = sum(self.params[n].numel() for n in self.model_route)
-        per = 8 * numel + cot[0].numel() * cot.element_size()
+        # each gradient as autograd gives it, its copy in the accumulation dtype, the square
+        acc = torch.empty((), dtype=self._dtype()).element_size()
+        per = sum(
+            (acc if p.dtype == self._dtype() else p.element_size() + acc) * p.numel()
+            + acc * p.numel()
+            for p in (self.params[n] for n in self.model_route)
+        )
+        per += cot[0].numel() * cot.element_size()
         pairs = self.fit(per, self.rule_bytes, "the whole-model route")
         k = min(cot.shape[0], pairs)
         return k, max(1, pairs // k)
@@ -1860,17 +1942,16 @@ class PerInputEngine:
         """diff[name] -= sum_b s_b g_b, in place, from the engine's per-input gradients g_b for
         the single column ``u``; returns the sums of ||g_b||^2 (the scale of round-off) and the
         parameters whose route raised, with the error."""
-        dtype = self._dtype()
         sizes: dict[str, list[Tensor]] = {n: [] for n in self.params}
         errors: dict[str, str] = {}
         B = self._batch_size = rows  # the rules see the first ``rows`` inputs (u is 0 beyond)
-        sd = s[:rows].to(dtype)
+        sd = s[:rows].to(self.product_dtype)
 
         grad_map = [(h, c, self._verify_grads[id(c)]) for h in self.handlers or [] for c in h.calls]
         for h, c, gs in grad_map:
             ctx = self._ctx(h, c, gs, dict(h.names))
             try:
-                size = _RULES[h.rule].subtract_signed_sum(ctx, sd, diff)
+                size = _RULES[h.rule].subtract_signed_sum(ctx, sd.to(ctx.dtype), diff)
                 for n, v in size.items():
                     sizes[n].append(v)
             except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as err:
