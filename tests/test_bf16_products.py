@@ -249,3 +249,26 @@ def test_bf16_engine_buffers_stay_under_the_cap() -> None:
     # the layers' own buffers (per-input products and their float32 squares) within their share
     assert rule_peaks and all(peak <= share for peak, share in rule_peaks), rule_peaks
     assert max(peak / share for peak, share in rule_peaks) > 0.25, rule_peaks
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm, nn.RMSNorm])
+def test_bf16_norm_rules_match_autograd_per_input_gradients(norm: type[nn.Module]) -> None:
+    """The norms' rules (float32 per-input gradients from the bf16 inputs) against per-input
+    autograd gradients of the bf16 model, one input at a time, with the self-check off; small
+    inputs, so that an eps other than the model's own would show."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), norm(8), nn.Linear(8, 3)).bfloat16().eval()
+    gen = torch.Generator().manual_seed(1)
+    x = (0.02 * torch.randn(10, 6, generator=gen)).bfloat16()
+    y = torch.randint(0, 3, (10,), generator=gen)
+    got = lf.estimate_fisher(model, [(x, y)], method="empirical", verify=False)
+    want = {n: torch.zeros(p.shape) for n, p in model.named_parameters()}
+    for i in range(len(y)):
+        logp = torch.log_softmax(model(x[i : i + 1]).float(), -1)[0, y[i]]
+        for (n, _), g in zip(
+            model.named_parameters(), torch.autograd.grad(logp, list(model.parameters()))
+        ):
+            want[n] += g.float().pow(2) / len(y)
+    for n, w in want.items():
+        err = float((got[n] - w).norm() / w.norm())
+        assert err <= 1e-2, (n, err)

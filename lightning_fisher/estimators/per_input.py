@@ -812,15 +812,13 @@ class _NormRule(_Rule):
     def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
         m = ctx.module
         x, g = ctx.x(lo, hi), ctx.g(lo, hi)  # g: (K, b, *x.shape[1:])
-        # RMSNorm's default eps is that of the dtype its input had in the forward
-        eps_dtype = cast(Tensor, ctx.call.leaves[cast(int, ctx.call.input_index())]).dtype
         if hasattr(m, "normalized_shape"):
             dims_n = tuple(range(-len(m.normalized_shape), 0))
             if isinstance(m, nn.LayerNorm):
                 var, mean = torch.var_mean(x, dims_n, unbiased=False, keepdim=True)
                 xh = (x - mean) * torch.rsqrt(var + m.eps)
             else:
-                eps = m.eps if m.eps is not None else torch.finfo(eps_dtype).eps
+                eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
                 xh = x * torch.rsqrt(x.pow(2).mean(dims_n, keepdim=True) + eps)
             dims = tuple(range(2, g.ndim - len(m.normalized_shape)))
         elif isinstance(m, nn.GroupNorm):
