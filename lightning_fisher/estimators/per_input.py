@@ -259,7 +259,7 @@ class _Ctx:
     call: _Call
     grads: list[Tensor]
     names: dict[str, str]
-    #: dtype of the per-input products (the model's for 16-bit models)
+    #: dtype of the per-input products (the model's own for bfloat16 models)
     dtype: torch.dtype
     #: dtype of the squares and of every sum over inputs or columns (default: ``dtype``)
     acc: torch.dtype | None = None
@@ -543,10 +543,9 @@ _DIRECT_BLOCKS = 8
 
 
 def _direct_squares(gl: Tensor, cols: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """sum over columns k and inputs x of (G_kx U_x^T)^2, (O, I) in ``dtype`` (default: that of
-    ``gl``), from output
-    gradients ``gl`` (K, b, O, L) and inputs ``cols`` (b, I, L): the products in their dtype,
-    squared and summed in ``dtype``. A column whose output gradients vanish beyond
+    """sum over columns k and inputs x of (G_kx U_x^T)^2, (O, I), from output gradients ``gl``
+    (K, b, O, L) and inputs ``cols`` (b, I, L): the products in their dtype, squared and summed
+    in ``dtype`` (default: that of ``gl``). A column whose output gradients vanish beyond
     position e needs only the first e positions (under per-position columns of a causal model,
     column t reaches positions <= t): the columns go in blocks sorted by e, each block's product
     cut at its largest e, about half the work of the full product there."""
@@ -1473,7 +1472,7 @@ class PerInputEngine:
             if not vjp_ok:
                 tried = self.expanded | set(self._expand_refused)
                 if h.path not in tried and self._shared_inputs(h):
-                    # Today's route until the expansion is proven (the caller plans again).
+                    # The whole-model route until the expansion is proven (the caller plans again).
                     self._expand_pending.add(h.path)
                     self._to_model_route(h, "inputs shared by the batch", quiet=True)
                 elif h.path in self._expand_refused:
