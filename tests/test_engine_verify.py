@@ -197,7 +197,9 @@ def test_embedding_with_max_norm() -> None:
 
 def test_recording_never_changes_what_a_module_returns() -> None:
     """A module whose output has no batch dimension (a position embedding looked up with ids of
-    shape (1, T)) and a sequence-first attention: downstream sees the shapes of a plain forward."""
+    shape (1, T)) and a sequence-first attention: downstream sees the shapes of a plain forward,
+    but for the position embedding, which the pass expands to the forward's rows once it has
+    proven that the model merely broadcasts it; a forward after the pass sees (1, T) again."""
     seen: list[tuple[int, ...]] = []
 
     class Positional(nn.Module):
@@ -221,10 +223,14 @@ def test_recording_never_changes_what_a_module_returns() -> None:
     seen.clear()
     fd = lf.estimate_fisher(model, batches(x, y), method="exact")
     assert (1, 5, 4) in seen and (5, 4, 4) in seen and (5, 2, 4) in seen
-    assert all(s[0] == 1 for s in seen[0::2])  # the position embedding stays shared
+    # the position embedding is shared (1 row) or expanded to that forward's rows
+    assert all(p[0] in (1, o[1]) and p[1:] == (5, 4) for p, o in zip(seen[0::2], seen[1::2]))
+    assert (4, 5, 4) in seen[0::2] and (2, 5, 4) in seen[0::2]  # both batches, expanded
     assert fd.n_samples == 6
     assert_close(fd, loop_fisher(model, x, y)[0])
+    seen.clear()
     torch.testing.assert_close(model(x[:4]), plain)
+    assert seen == [(1, 5, 4), (5, 4, 4)]
 
 
 def _shift_inputs(monkeypatch: pytest.MonkeyPatch) -> None:

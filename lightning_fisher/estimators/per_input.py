@@ -28,6 +28,14 @@ gradient) into per-input parameter gradients:
   backward of the whole batch's graph with each column restricted to one input, which equals that
   input's own gradient because the model treats inputs independently (true in eval mode).
 
+Inputs shared by the batch: a module whose tensor inputs have no batch dimension but a leading
+dimension of 1 (GPT-2's ``wpe`` looked up with position ids of shape (1, T)) has an output without
+one. Found when the first batch is recorded; the engine then asks to plan again
+(``finish_recording`` returns False), proves on two rows that the model merely broadcasts the
+module's output (``_prove_expansion``), and from then on runs the module, while planning and
+recording only, on those inputs expanded to the batch (``x.expand(B, *x.shape[1:])``), so that its
+output has a batch dimension and its rule applies. A failed proof keeps the whole-model route.
+
 Self-verification: on the first batch of every traced structure (once per model: a later pass
 over the same model with the same recorded structure relies on the earlier proof) the engine
 draws balanced random signs s_x (half +1, half -1) and compares, per parameter,
@@ -38,6 +46,16 @@ place in the reference gradients, with no other parameter-sized buffer. A rule
 that disagrees or raises is replaced by the next route (closed form or vjp -> loop -> whole
 model), with one log line; when even the whole-model route disagrees (inputs are not
 independent) a ``FisherInputError`` is raised.
+
+Precision: ``product_dtype`` is the dtype of the per-input products, bfloat16 for a bfloat16
+model (its output gradients and activations are bfloat16; the GEMMs accumulate in float32 and
+round each per-input gradient once, a relative error of about 2^-9 per entry, 2^-8 per square),
+else the accumulation dtype (float32, or float64 for float64 models: unchanged). Every square is
+taken after a cast to the accumulation dtype and every sum over inputs or columns is in it, so the
+nonnegative squares add up without further loss. Rules whose per-input gradients are sums of
+elementwise products that may cancel (norms, PReLU: ``model_dtype_products = False``) work in the
+accumulation dtype. float16 models keep float32 products: their range could overflow a per-input
+gradient. Chunk sizes count the bytes really allocated (a 16-bit product and its float32 square).
 
 A parameter used in several places (tied weights, a module called twice) has its per-input
 gradients summed over the uses before squaring; one ``nn.Embedding`` and one ``nn.Linear`` use
@@ -241,7 +259,21 @@ class _Ctx:
     call: _Call
     grads: list[Tensor]
     names: dict[str, str]
+    #: dtype of the per-input products (the model's own for bfloat16 models)
     dtype: torch.dtype
+    #: dtype of the squares and of every sum over inputs or columns (default: ``dtype``)
+    acc: torch.dtype | None = None
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        """Dtype of the squares and of every sum over inputs or columns (float32 or float64)."""
+        return self.acc or self.dtype
+
+    @property
+    def square_bytes(self) -> int:
+        """Bytes per entry of a per-input gradient while it is squared: the product and, in
+        ``acc_dtype``, its square (a cast copy squared in place for 16-bit products)."""
+        return _square_bytes(self.dtype, self.acc_dtype)
 
     @property
     def module(self) -> Any:
@@ -282,12 +314,28 @@ class _Ctx:
 # Per-layer rules ------------------------------------------------------------------------------
 
 
+def _square_bytes(dtype: torch.dtype, acc_dtype: torch.dtype) -> int:
+    """Bytes per entry of a tensor in ``dtype`` and its square in ``acc_dtype`` (``_squared``)."""
+    acc = torch.empty((), dtype=acc_dtype).element_size()
+    return 2 * acc if dtype == acc_dtype else torch.empty((), dtype=dtype).element_size() + acc
+
+
+def _squared(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t^2 in ``dtype``: a 16-bit ``t`` is cast first (a copy, squared in place), so no square
+    is rounded to 16 bits."""
+    return t.pow(2) if t.dtype == dtype else t.to(dtype).square_()
+
+
 class _Rule:
     """Turns (inputs, output gradients) of one module call into per-input parameter gradients."""
 
     name: ClassVar[str]
     #: the rule needs the batch as dimension 0 of input and output (channels at dim 1)
     batch_first_only: ClassVar[bool] = False
+    #: per-input gradients in the engine's ``product_dtype`` (matrix products, lookups, a
+    #: module's own vjp); False: in the accumulation dtype (elementwise products summed over
+    #: positions, where a 16-bit sum of rounded terms could cancel badly)
+    model_dtype_products: ClassVar[bool] = True
 
     def applies(self, module: nn.Module, local_names: set[str]) -> bool:
         return False
@@ -311,12 +359,12 @@ class _Rule:
         gradients g_b, and a scale of their size (sum_b ||g_b||^2 or a bound of it, a 0-d
         tensor) for the round-off tolerance."""
         numel = sum(ctx.engine.params[n].numel() for n in ctx.names.values())
-        chunk = ctx.chunk(8 * numel)
+        chunk = ctx.chunk(ctx.square_bytes * numel)
         got: dict[str, Tensor] = {}
         scale: dict[str, Tensor] = {}
         for lo in range(0, ctx.B, chunk):
             for n, t in self.per_input(ctx, lo, min(ctx.B, lo + chunk)).items():
-                t = t[:, 0].detach()
+                t = t[:, 0].detach().to(ctx.acc_dtype)
                 sign = s[lo : lo + t.shape[0]].reshape(-1, *([1] * (t.ndim - 1)))
                 got[n] = (sign * t).sum(0) + got[n] if n in got else (sign * t).sum(0)
                 sq = t.pow(2).sum()
@@ -335,10 +383,10 @@ class _Rule:
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
         """acc += weight * sum over inputs and columns of the squared per-input gradients."""
         numel = sum(ctx.engine.params[n].numel() for n in ctx.names.values())
-        chunk = ctx.chunk(8 * ctx.K * numel)
+        chunk = ctx.chunk(ctx.square_bytes * ctx.K * numel)
         for lo in range(0, ctx.B, chunk):
             for name, t in self.per_input(ctx, lo, min(ctx.B, lo + chunk)).items():
-                acc[name] += weight * t.pow(2).sum((0, 1))
+                acc[name] += weight * _squared(t, ctx.acc_dtype).sum((0, 1))
 
 
 def _default_forward(module: nn.Module, *classes: type[nn.Module]) -> bool:
@@ -391,10 +439,11 @@ class _MatmulRule(_Rule):
     def _scales(self, ctx: _Ctx, gl: Tensor, cols: Tensor) -> dict[str, Tensor]:
         """sum_b ||G_b||^2 ||U_b||^2 for the weight, sum_b ||G_b 1||^2 for the bias."""
         scale = {}
+        g0, cols = gl[0].to(ctx.acc_dtype), cols.to(ctx.acc_dtype)
         if "weight" in ctx.names:
-            scale[ctx.names["weight"]] = (gl[0].pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum()
+            scale[ctx.names["weight"]] = (g0.pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))).sum()
         if "bias" in ctx.names:
-            scale[ctx.names["bias"]] = gl[0].sum(-1).pow(2).sum()
+            scale[ctx.names["bias"]] = g0.sum(-1).pow(2).sum()
         return scale
 
     def signed_sum(self, ctx: _Ctx, s: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -427,6 +476,7 @@ class _MatmulRule(_Rule):
                 )
             )
             a, b = (flat_u.t(), flat_g.t()) if self.weight_transposed else (flat_g, flat_u)
+            a, b = a.to(target.dtype), b.to(target.dtype)  # 16-bit products: the check in fp32
             if target.is_contiguous() and target.numel() == rows * cols_:
                 target.view(rows, cols_).addmm_(a, b, alpha=-1)
             elif target.ndim == 2 and target.t().is_contiguous():  # a transposed gradient
@@ -450,28 +500,38 @@ class _MatmulRule(_Rule):
           (G_kx U_x^T)^2 = sum_l G_kx,ol^2 U_x,il^2, one (O x b L) @ (b L x I) product of
           sum_k G^2 with U^2.
         """
-        B, K = ctx.B, ctx.K
+        B, K, acc_dtype = ctx.B, ctx.K, ctx.acc_dtype
         gl0, cols0 = self.unfolded(ctx, 0, 1)
         n_out, L, n_in = gl0.shape[2], gl0.shape[3], cols0.shape[1]
         gram = L < K
         per_input = (n_out + n_in) * L * L if gram else K * n_out * n_in + n_in * L
-        chunk = ctx.chunk(8 * per_input)
+        if ctx.dtype == acc_dtype:
+            chunk = ctx.chunk(ctx.square_bytes * per_input)
+        else:
+            # 16-bit products: every route but the direct one works on float32 copies of the
+            # output gradients and inputs; the direct one squares a cast copy of its products.
+            a = torch.empty((), dtype=acc_dtype).element_size()
+            copies = a * (K * n_out * L + n_in * L)
+            own = a * per_input if gram else ctx.square_bytes * K * n_out * n_in
+            chunk = ctx.chunk(copies + own)
         for lo in range(0, B, chunk):
             gl, cols = self.unfolded(ctx, lo, min(B, lo + chunk))
-            g2 = (gl.squeeze(-1) if L == 1 else gl.sum(-1)).square().sum(0)  # (b, O)
+            # the bias's per-input gradients (in the products' dtype), squared in acc_dtype
+            g2 = _squared(gl.squeeze(-1) if L == 1 else gl.sum(-1), acc_dtype).sum(0)  # (b, O)
             if "weight" in ctx.names:
                 if L == 1:
-                    w = g2.T @ cols.squeeze(-1).square()
+                    w = g2.T @ _squared(cols.squeeze(-1), acc_dtype)
                 elif gram:
-                    ggt = torch.einsum("kbol,kbom->oblm", gl, gl).reshape(n_out, -1)
-                    uut = torch.einsum("bil,bim->blmi", cols, cols).reshape(-1, n_in)
+                    glf, colsf = gl.to(acc_dtype), cols.to(acc_dtype)
+                    ggt = torch.einsum("kbol,kbom->oblm", glf, glf).reshape(n_out, -1)
+                    uut = torch.einsum("bil,bim->blmi", colsf, colsf).reshape(-1, n_in)
                     w = ggt @ uut
                 elif _one_position(gl):
-                    g2l = gl.square().sum(0)  # (b, O, L)
+                    g2l = _squared(gl, acc_dtype).sum(0)  # (b, O, L)
                     flat_g = g2l.permute(1, 0, 2).reshape(n_out, -1)
-                    w = flat_g @ cols.square().permute(0, 2, 1).reshape(-1, n_in)
+                    w = flat_g @ _squared(cols, acc_dtype).permute(0, 2, 1).reshape(-1, n_in)
                 else:
-                    w = _direct_squares(gl, cols)
+                    w = _direct_squares(gl, cols, acc_dtype)
                 target = acc[ctx.names["weight"]]
                 target.add_(self._weight_shaped(w, target.shape), alpha=weight)
             if "bias" in ctx.names:
@@ -482,27 +542,36 @@ class _MatmulRule(_Rule):
 _DIRECT_BLOCKS = 8
 
 
-def _direct_squares(gl: Tensor, cols: Tensor) -> Tensor:
+def _direct_squares(gl: Tensor, cols: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """sum over columns k and inputs x of (G_kx U_x^T)^2, (O, I), from output gradients ``gl``
-    (K, b, O, L) and inputs ``cols`` (b, I, L). A column whose output gradients vanish beyond
+    (K, b, O, L) and inputs ``cols`` (b, I, L): the products in their dtype, squared and summed
+    in ``dtype`` (default: that of ``gl``). A column whose output gradients vanish beyond
     position e needs only the first e positions (under per-position columns of a causal model,
     column t reaches positions <= t): the columns go in blocks sorted by e, each block's product
     cut at its largest e, about half the work of the full product there."""
     K, L = gl.shape[0], gl.shape[-1]
+    dtype = dtype or gl.dtype
     nz = (gl != 0).any(2).any(1)  # (K, L)
     ends = torch.where(nz.any(1), L - nz.flip(1).int().argmax(1), 0)
     if K < 2 * _DIRECT_BLOCKS or bool((ends == L).all()):
-        return torch.einsum("kbol,bil->bkoi", gl, cols).square_().sum((0, 1))
+        return _square_in_place(torch.einsum("kbol,bil->bkoi", gl, cols), dtype).sum((0, 1))
     order = torch.argsort(ends)
     ends_sorted = ends[order].tolist()
     step = -(-K // _DIRECT_BLOCKS)
-    w = gl.new_zeros(gl.shape[2], cols.shape[1])
+    w = gl.new_zeros(gl.shape[2], cols.shape[1], dtype=dtype)
     for k0 in range(0, K, step):
         e = max(ends_sorted[k0 : k0 + step])
         if e:
             g = gl[order[k0 : k0 + step], ..., :e]
-            w += torch.einsum("kbol,bil->bkoi", g, cols[..., :e]).square_().sum((0, 1))
+            w += _square_in_place(torch.einsum("kbol,bil->bkoi", g, cols[..., :e]), dtype).sum(
+                (0, 1)
+            )
     return w
+
+
+def _square_in_place(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """A fresh product ``t`` squared in ``dtype``: in place when it is in ``dtype`` already."""
+    return t.square_() if t.dtype == dtype else t.to(dtype).square_()
 
 
 def _one_position(gl: Tensor) -> bool:
@@ -637,10 +706,10 @@ class _EmbeddingRule(_Rule):
         token's row; scale: sum of the squared row gradients (times the tokens per input)."""
         tok, gk = self._rows(ctx)
         name = ctx.names["weight"]
-        signed = (gk[0] * s.reshape(-1, 1, 1)).reshape(-1, gk.shape[-1])
-        got = torch.zeros(ctx.param("weight").shape, dtype=ctx.dtype, device=gk.device)
+        signed = (gk[0] * s.reshape(-1, 1, 1)).reshape(-1, gk.shape[-1]).to(ctx.acc_dtype)
+        got = torch.zeros(ctx.param("weight").shape, dtype=ctx.acc_dtype, device=gk.device)
         got.index_add_(0, tok.reshape(-1), signed)
-        return {name: got}, {name: gk[0].pow(2).sum() * tok.shape[1]}
+        return {name: got}, {name: _squared(gk[0], ctx.acc_dtype).sum() * tok.shape[1]}
 
     def sum_squares(self, ctx: _Ctx, acc: dict[str, Tensor], weight: float) -> None:
         """Per (column, input, token id): sum the rows of g, square, add into the token's row."""
@@ -699,7 +768,7 @@ def _tied_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -
         uniq, inv = torch.unique(tok[x], return_inverse=True)
         s_rows = gk.new_zeros(K, uniq.numel(), D).index_add_(1, inv, gk[:, x])
         a_rows = gl[:, 0, uniq] @ cols[0].T  # (K, R, D)
-        cross = (a_rows * s_rows).sum(0).to(target.dtype)
+        cross = (a_rows.to(target.dtype) * s_rows.to(target.dtype)).sum(0)
         target.index_add_(0, uniq, cross, alpha=2 * weight)
     return True
 
@@ -713,6 +782,7 @@ class _NormRule(_Rule):
     """
 
     name = "norm"
+    model_dtype_products = False
 
     def applies(self, module: nn.Module, local_names: set[str]) -> bool:
         if not _direct(module, local_names, {"weight", "bias"}):
@@ -779,6 +849,7 @@ class _PReLURule(_Rule):
     channel (dimension 1)."""
 
     name = "prelu"
+    model_dtype_products = False
     batch_first_only = True
 
     def applies(self, module: nn.Module, local_names: set[str]) -> bool:
@@ -922,9 +993,16 @@ class PerInputEngine:
         model: nn.Module,
         params: dict[str, nn.Parameter],
         max_memory_mib: float = MAX_MEMORY_MIB,
+        product_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.params = params
+        first = next(iter(params.values())).dtype if params else torch.float32
+        #: dtype of the per-input products (output gradients, per-input gradients): the
+        #: model's own for a bfloat16 model (its GEMMs accumulate in float32), else the
+        #: accumulation dtype (float16's range could overflow a per-input gradient); squares
+        #: and sums are always in the accumulation dtype
+        self.product_dtype = product_dtype or (first if first == torch.bfloat16 else self._dtype())
         self.max_bytes = max(1.0, max_memory_mib) * 2**20
         #: shares of the cap: the cotangent columns handed in, the output gradients of a chunk of
         #: columns, a rule's per-input buffers
@@ -944,6 +1022,16 @@ class PerInputEngine:
         #: routes forced by a failed check, by module path (kept across re-planning)
         self._forced: dict[str, str] = {}
         self._forced_model: set[str] = set()
+        #: modules whose inputs are shared by the batch (leading dimension 1, no batch dimension),
+        #: run on those inputs expanded to the batch while planning and recording: proven ones,
+        #: ones waiting for their proof, and the reason for each one refused
+        self.expanded: set[str] = set()
+        self._expand_pending: set[str] = set()
+        self._expand_refused: dict[str, str] = {}
+        #: (leaf, dimension) of the model's inputs that carries the batch, and the rows of the
+        #: forward running now (read from it)
+        self._batch_leaf: tuple[int, int] | None = None
+        self._forward_rows: int | None = None
         self.log: list[str] = []
         self._verify_grads: dict[int, list[Tensor]] = {}
 
@@ -973,6 +1061,14 @@ class PerInputEngine:
         """
         B = batch_size
         rows = 1 if B == 2 else 2
+        for path in sorted(self._expand_pending):
+            why = self._prove_expansion(forward, B, path)
+            if why is None:
+                self.expanded.add(path)
+                self.log.append(f"{path}: inputs shared by the batch, expanded to it")
+            else:
+                self._expand_refused[path] = why
+        self._expand_pending.clear()
         for small in (B is not None, False):
             trace = _Trace(rows=rows if small else 0)
             try:
@@ -993,16 +1089,6 @@ class PerInputEngine:
         by_id = {id(p): name for name, p in self.params.items()}
         stack: list[str] = []
         rows = trace.rows
-
-        def resize(_m: nn.Module, args: Any, kwargs: Any) -> Any:
-            leaves, spec = tree_flatten((args, kwargs))
-            out = []
-            for t in leaves:
-                if isinstance(t, Tensor) and B in t.shape:
-                    d = list(t.shape).index(cast(int, B))
-                    t = t.index_select(d, torch.arange(rows, device=t.device) % cast(int, B))
-                out.append(t)
-            return tree_unflatten(out, spec)
 
         def pre(m: nn.Module, args: Any, kwargs: Any) -> None:
             path = paths[id(m)]
@@ -1025,9 +1111,13 @@ class PerInputEngine:
             hooks.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             hooks.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
         if B is not None:
+            index = torch.arange(rows) % B
             hooks.append(
-                self.model.register_forward_pre_hook(resize, with_kwargs=True, prepend=True)
+                self.model.register_forward_pre_hook(
+                    self._resizer(B, index), with_kwargs=True, prepend=True
+                )
             )
+        hooks += self._expansion_hooks()
         hooks.append(self.model.register_forward_hook(finished))
         try:
             with torch.enable_grad(), _UseRecorder(by_id, stack, trace.uses):
@@ -1035,6 +1125,210 @@ class PerInputEngine:
         finally:
             for h in hooks:
                 h.remove()
+
+    def _resizer(self, B: int, index: Tensor) -> Callable[..., Any]:
+        """A forward pre-hook of the model keeping the rows ``index`` of every tensor argument
+        (at its first dimension of size ``B``); notes which argument carries the batch."""
+
+        def resize(_m: nn.Module, args: Any, kwargs: Any) -> Any:
+            leaves, spec = tree_flatten((args, kwargs))
+            out = []
+            for i, t in enumerate(leaves):
+                if isinstance(t, Tensor) and B in t.shape:
+                    d = list(t.shape).index(B)
+                    if not any(isinstance(o, Tensor) and B in o.shape for o in leaves[:i]):
+                        self._batch_leaf = (i, d)
+                    t = t.index_select(d, index.to(t.device))
+                out.append(t)
+            return tree_unflatten(out, spec)
+
+        return resize
+
+    def _rows_of(self, leaves: list[Any]) -> int | None:
+        """The rows of a forward, from the model's arguments: the batch dimension of the
+        argument that carried it when planning (else the first dimension of the first tensor)."""
+        if self._batch_leaf is not None:
+            i, d = self._batch_leaf
+            t = leaves[i] if i < len(leaves) else None
+            if isinstance(t, Tensor) and t.ndim > d:
+                return int(t.shape[d])
+        first = next((t for t in leaves if isinstance(t, Tensor) and t.ndim), None)
+        return None if first is None else int(first.shape[0])
+
+    def _expansion_hooks(self, paths: set[str] | None = None, rows: int | None = None) -> list[Any]:
+        """Forward pre-hooks running the modules ``paths`` (default: the proven ones) on their
+        inputs of leading dimension 1 expanded to ``rows`` (default: the rows of the forward
+        running, read from the model's arguments): x.expand(rows, *x.shape[1:])."""
+        paths = self.expanded if paths is None else paths
+        if not paths:
+            return []
+        hooks = []
+        if rows is None:
+            self._forward_rows = None
+
+            def note_rows(_m: nn.Module, args: Any, kwargs: Any) -> None:
+                self._forward_rows = self._rows_of(tree_flatten((args, kwargs))[0])
+
+            hooks.append(self.model.register_forward_pre_hook(note_rows, with_kwargs=True))
+
+        def expand(_m: nn.Module, args: Any, kwargs: Any) -> Any:
+            n = rows if rows is not None else self._forward_rows
+            if n is None or n == 1:
+                return None
+            leaves, spec = tree_flatten((args, kwargs))
+            leaves = [
+                t.expand(n, *t.shape[1:])
+                if isinstance(t, Tensor) and t.ndim and t.shape[0] == 1
+                else t
+                for t in leaves
+            ]
+            return tree_unflatten(leaves, spec)
+
+        modules = dict(self.model.named_modules())
+        for path in sorted(paths):
+            hooks.append(
+                modules[path].register_forward_pre_hook(expand, with_kwargs=True, prepend=True)
+            )
+        return hooks
+
+    def _shared_inputs(self, h: _Handler) -> bool:
+        """Whether every call of ``h``'s module has tensor inputs without a batch dimension, one
+        at least of leading dimension 1, and outputs of leading dimension 1 without one (a
+        position embedding looked up with ids of shape (1, T), broadcast over the batch)."""
+        if not h.path or not h.calls:
+            return False
+        for c in h.calls:
+            tensors = [(t, d) for t, d in zip(c.leaves, c.leaf_dims) if isinstance(t, Tensor)]
+            if not tensors or any(d is not None for _, d in tensors):
+                return False
+            if not any(t.ndim and t.shape[0] == 1 for t, _ in tensors):
+                return False
+            if any(d is not None for d in c.out_dims) or not c.outputs:
+                return False
+            if any(o.ndim == 0 or o.shape[0] != 1 for o in c.outputs):
+                return False
+        return True
+
+    def _prove_expansion(self, forward: Callable[[], Any], B: int | None, path: str) -> str | None:
+        """None when module ``path`` may run on its shared inputs expanded to the batch, else why
+        not: the model must merely broadcast the module's output over the batch.
+
+        Proof on two rows of the batch: a forward with the module's inputs expanded to 2 rows and
+        row r of its output shifted by a random delta_r (delta_0 = 0), against forwards of each
+        row alone with the module's own (1, ...) output shifted by delta_r. Every output of the
+        model with a batch dimension must agree row by row within the dtype's rounding
+        (``VERIFY_RTOL``). A model that reads another row of the expanded output (indexing [0],
+        a sum over the batch) or depends on its shape (``squeeze(0)``) differs or raises."""
+        if B is None:
+            return "inputs shared by the batch, and no batch size to expand them to"
+        module = dict(self.model.named_modules())[path]
+        P = 2
+        gen = torch.Generator().manual_seed(_VERIFY_SEED)
+        deltas: list[list[Tensor | None]] = []
+        state: dict[str, Any] = {"row": None, "call": 0}
+
+        def shift(_m: nn.Module, _a: Any, out: Any) -> Any:
+            flat, spec = tree_flatten(out)
+            r, j = state["row"], state["call"]
+            state["call"] += 1
+            if r is None:  # the expanded forward draws the shifts
+                ds: list[Tensor | None] = []
+                for t in flat:
+                    if (
+                        isinstance(t, Tensor)
+                        and t.is_floating_point()
+                        and t.ndim
+                        and t.shape[0] == P
+                    ):
+                        scale = float(t.detach().double().pow(2).mean().sqrt()) or 1.0
+                        d = torch.randn(t.shape, generator=gen, dtype=torch.float64) * scale
+                        d[0] = 0
+                        ds.append(d.to(device=t.device, dtype=t.dtype))
+                    else:
+                        ds.append(None)
+                deltas.append(ds)
+            else:
+                ds = [None if d is None else d[r : r + 1] for d in deltas[j]]
+            new = []
+            for t, dt in zip(flat, ds):
+                if dt is not None and (not isinstance(t, Tensor) or t.shape != dt.shape):
+                    raise ValueError("the module's output changed shape between forwards")
+                new.append(t if dt is None else t + dt)
+            return tree_unflatten(new, spec)
+
+        def run(index: Tensor, expand: bool, row: int | None) -> list[Any]:
+            state["row"], state["call"] = row, 0
+            got: list[list[Any]] = []
+
+            def capture(_m: nn.Module, _a: Any, out: Any) -> None:
+                if not got:
+                    got.append(
+                        [
+                            t.detach() if isinstance(t, Tensor) else None
+                            for t in tree_flatten(out)[0]
+                        ]
+                    )
+
+            hooks = [
+                self.model.register_forward_pre_hook(
+                    self._resizer(B, index), with_kwargs=True, prepend=True
+                ),
+                self.model.register_forward_hook(capture),
+                module.register_forward_hook(shift),
+            ]
+            if expand:
+                hooks += self._expansion_hooks({path}, P)
+            try:
+                with torch.no_grad():
+                    try:
+                        forward()
+                    except Exception:
+                        if not got:  # the model itself failed
+                            raise
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            return got[0]
+
+        try:
+            full = run(torch.arange(P) % B, True, None)
+            if not any(d is not None for ds in deltas for d in ds):
+                return "inputs shared by the batch, but expanding them gives no batched output"
+            singles = [run(torch.tensor([r % B]), False, r) for r in range(P)]
+        except Exception as err:
+            if _is_oom(err):
+                raise
+            first = str(err).splitlines()[0] if str(err) else ""
+            return (
+                "inputs shared by the batch; running it on them expanded to the batch fails "
+                f"({type(err).__name__}: {first})"
+            )
+        changed = "inputs shared by the batch; running it on them expanded to the batch changes"
+        compared = 0
+        for r, one in enumerate(singles):
+            if len(one) != len(full):
+                return f"{changed} the model's outputs"
+            for a, b in zip(full, one):
+                if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.is_floating_point()):
+                    continue
+                d = _batch_dim(tuple(a.shape), tuple(b.shape), P, 1)
+                if d is None:  # an output shared by the batch: nothing per input to compare
+                    continue
+                if d == UNKNOWN:
+                    return f"{changed} the shapes of the model's outputs"
+                ar, br = a.narrow(d, r, 1).double(), b.double()
+                if not torch.equal(ar.isfinite(), br.isfinite()):
+                    return f"{changed} the model's outputs (input {r})"
+                ar, br = ar.nan_to_num(0.0, 0.0, 0.0), br.nan_to_num(0.0, 0.0, 0.0)
+                diff = float((ar - br).abs().max()) if ar.numel() else 0.0
+                tol = VERIFY_RTOL.get(a.dtype, 1e-4) * float(br.abs().max() if br.numel() else 0)
+                if diff > tol + 1e-30:
+                    rel = diff / max(float(br.abs().max()), 1e-30)
+                    return f"{changed} the model's outputs (input {r} off by {rel:.2g}, relative)"
+                compared += 1
+        if not compared:
+            return "inputs shared by the batch, and no output with a batch dimension to compare"
+        return None
 
     def _assign(self, trace: _Trace) -> None:
         modules = dict(self.model.named_modules())
@@ -1121,6 +1415,7 @@ class PerInputEngine:
                 return rebuilt if type(rebuilt) is type(out) else None
 
             hooks.append(h.module.register_forward_hook(hook, with_kwargs=True))
+        hooks += self._expansion_hooks()
         self._active = True
         try:
             yield
@@ -1163,7 +1458,8 @@ class PerInputEngine:
             for h in self.handlers
             for j, c in enumerate(h.calls)
         }
-        return True
+        # Modules with inputs shared by the batch: plan again (with the proof) and record again.
+        return not self._expand_pending
 
     def _route(self) -> None:
         """Per handler: its rule if every call's layout suits it, else vjp; the whole-model route
@@ -1174,7 +1470,17 @@ class PerInputEngine:
             rule = _RULES[h.rule]
             vjp_ok = all(_RULES["vjp"].layout_ok(h.module, c) for c in h.calls) and h.calls
             if not vjp_ok:
-                self._to_model_route(h, "an output without a batch dimension or of unknown layout")
+                tried = self.expanded | set(self._expand_refused)
+                if h.path not in tried and self._shared_inputs(h):
+                    # The whole-model route until the expansion is proven (the caller plans again).
+                    self._expand_pending.add(h.path)
+                    self._to_model_route(h, "inputs shared by the batch", quiet=True)
+                elif h.path in self._expand_refused:
+                    self._to_model_route(h, self._expand_refused[h.path])
+                else:
+                    self._to_model_route(
+                        h, "an output without a batch dimension or of unknown layout"
+                    )
                 continue
             if h.rule not in ("vjp", "loop") and not all(
                 rule.layout_ok(h.module, c) for c in h.calls
@@ -1183,11 +1489,13 @@ class PerInputEngine:
             keep.append(h)
         self.handlers = [h for h in keep if h.names]
 
-    def _to_model_route(self, h: _Handler, why: str) -> None:
+    def _to_model_route(self, h: _Handler, why: str, quiet: bool = False) -> None:
         names = set(h.names.values())
         self.model_route |= names
         for other in self.handlers or []:
             other.names = {k: v for k, v in other.names.items() if v not in names}
+        if quiet:
+            return
         logger.info(
             "lightning_fisher: per-input gradients of module %r (%s) by the whole-model route: %s.",
             h.path or type(h.module).__name__,
@@ -1329,7 +1637,9 @@ class PerInputEngine:
             self._model_route_sum_squares(logits, cotangents, acc, weight)
 
     def _ctx(self, h: _Handler, c: _Call, gs: list[Tensor], names: dict[str, str]) -> _Ctx:
-        return _Ctx(self, h, c, gs, names, self._dtype())
+        acc = self._dtype()
+        dtype = self.product_dtype if _RULES[h.rule].model_dtype_products else acc
+        return _Ctx(self, h, c, gs, names, dtype, acc)
 
     def _accumulate_chunk(
         self,
@@ -1357,7 +1667,8 @@ class PerInputEngine:
             K = uses[0][2][0].shape[0]
             numel = self.params[name].numel()
             # (input, column) pairs per step; the squares add up over columns, so K is split too
-            pairs = self.fit(8 * numel * len(uses), self.rule_bytes, f"shared parameter {name!r}")
+            each = sum(c.square_bytes for c in ctxs) * numel
+            pairs = self.fit(each, self.rule_bytes, f"shared parameter {name!r}")
             k = min(K, pairs)
             chunk = max(1, pairs // k)
             for k0 in range(0, K, k):
@@ -1367,7 +1678,7 @@ class PerInputEngine:
                     total = None
                     for h, c, gs, loc in uses:
                         ctx = self._ctx(h, c, [g[cols] for g in gs], {loc: name})
-                        part = _RULES[h.rule].per_input(ctx, lo, hi)[name]
+                        part = _RULES[h.rule].per_input(ctx, lo, hi)[name].to(acc[name].dtype)
                         total = part if total is None else total + part
                     assert total is not None
                     acc[name] += weight * total.pow(2).sum((0, 1))
@@ -1417,8 +1728,14 @@ class PerInputEngine:
         holds a cotangent shaped like the logits and a gradient of each of the route's
         parameters (with its float32 copy and square); the squares add up over columns, so a
         large K is split too."""
-        numel = sum(self.params[n].numel() for n in self.model_route)
-        per = 8 * numel + cot[0].numel() * cot.element_size()
+        # each gradient as autograd gives it, its copy in the accumulation dtype, the square
+        acc = torch.empty((), dtype=self._dtype()).element_size()
+        per = sum(
+            (acc if p.dtype == self._dtype() else p.element_size() + acc) * p.numel()
+            + acc * p.numel()
+            for p in (self.params[n] for n in self.model_route)
+        )
+        per += cot[0].numel() * cot.element_size()
         pairs = self.fit(per, self.rule_bytes, "the whole-model route")
         k = min(cot.shape[0], pairs)
         return k, max(1, pairs // k)
@@ -1622,17 +1939,16 @@ class PerInputEngine:
         """diff[name] -= sum_b s_b g_b, in place, from the engine's per-input gradients g_b for
         the single column ``u``; returns the sums of ||g_b||^2 (the scale of round-off) and the
         parameters whose route raised, with the error."""
-        dtype = self._dtype()
         sizes: dict[str, list[Tensor]] = {n: [] for n in self.params}
         errors: dict[str, str] = {}
         B = self._batch_size = rows  # the rules see the first ``rows`` inputs (u is 0 beyond)
-        sd = s[:rows].to(dtype)
+        sd = s[:rows].to(self.product_dtype)
 
         grad_map = [(h, c, self._verify_grads[id(c)]) for h in self.handlers or [] for c in h.calls]
         for h, c, gs in grad_map:
             ctx = self._ctx(h, c, gs, dict(h.names))
             try:
-                size = _RULES[h.rule].subtract_signed_sum(ctx, sd, diff)
+                size = _RULES[h.rule].subtract_signed_sum(ctx, sd.to(ctx.dtype), diff)
                 for n, v in size.items():
                     sizes[n].append(v)
             except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as err:
