@@ -304,13 +304,14 @@ class _SquaredGradients:
 def _record(engine: PerInputEngine, forward: Callable[[], ModelOutputs], rows: int) -> ModelOutputs:
     """The forward of one batch with the engine recording; planned again (on this batch) when
     the traced structure differs from the plan's."""
-    if engine.handlers is None:
+    if engine.handlers is None and not engine.reuse_plan():
         engine.plan(forward, rows)
     for attempt in range(2):
         engine.reset()
         with engine.recording():
             out = forward()
-        if engine.finish_recording(out.logits.shape[0]) or attempt:
+        same = engine.finish_recording(out.logits.shape[0])
+        if (same and engine.same_uses(out.logits)) or attempt:
             return out
         engine.plan(forward, rows)
     return out

@@ -36,6 +36,13 @@ module's output (``_prove_expansion``), and from then on runs the module, while 
 recording only, on those inputs expanded to the batch (``x.expand(B, *x.shape[1:])``), so that its
 output has a batch dimension and its rule applies. A failed proof keeps the whole-model route.
 
+Plans are reused: a later batch of a pass, and a later pass over the same model once its plan
+passed the check (``_PLANS``), record with the plan they have, without a planning forward. Every
+recorded forward is compared with the plan, by the layout of its recorded calls
+(``same_layout``) and by the tracked parameters its autograd graph reaches (``same_uses``, a walk
+of the graph): a module that ran only now or a branch the plan never saw is planned again on
+that batch.
+
 Self-verification: on the first batch of every traced structure (once per model: a later pass
 over the same model with the same recorded structure relies on the earlier proof) the engine
 draws balanced random signs s_x (half +1, half -1) and compares, per parameter,
@@ -147,8 +154,51 @@ _VERIFIED: weakref.WeakKeyDictionary[nn.Module, set[Any]] = weakref.WeakKeyDicti
 
 
 def forget_verified(model: nn.Module) -> None:
-    """Forget the structures of ``model`` that passed the check, so the next pass checks again."""
+    """Forget the structures of ``model`` that passed the check (and the plan kept with them), so
+    the next pass plans and checks again."""
     _VERIFIED.pop(model, None)
+    _PLANS.pop(model, None)
+
+
+@dataclass
+class _Plan:
+    """A verified plan, kept for later passes over the same model: what planning and the first
+    batch's recording found (see ``PerInputEngine.reuse_plan``)."""
+
+    key: Any
+    trace: _Trace
+    handlers: list[tuple[nn.Module, str, dict[str, str], str]]
+    model_route: set[str]
+    shared: set[str]
+    dims: dict[tuple[str, int], Any]
+    expanded: set[str]
+    expand_refused: dict[str, str]
+    log: list[str]
+    messages: list[tuple[Any, ...]]
+    used: frozenset[str] | None
+
+
+#: The last verified plan per model. A later pass reuses it, skipping the planning forward, as a
+#: later batch of a pass does; its first batch is compared with the plan (``same_layout``) and
+#: planned again when it differs.
+_PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
+
+
+def _graph_leaves(root: Tensor, ids: dict[int, str]) -> frozenset[str]:
+    """Names (``ids``: id -> name) of the tracked parameters ``root``'s autograd graph reaches."""
+    used: set[str] = set()
+    seen: set[Any] = set()
+    stack = [root.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf tensor
+        if variable is not None and id(variable) in ids:
+            used.add(ids[id(variable)])
+        stack.extend(f for f, _ in fn.next_functions)
+    return frozenset(used)
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -1033,6 +1083,10 @@ class PerInputEngine:
         self._batch_leaf: tuple[int, int] | None = None
         self._forward_rows: int | None = None
         self.log: list[str] = []
+        #: the whole-model route's log records of this plan (repeated when a pass reuses it)
+        self._messages: list[tuple[Any, ...]] = []
+        #: tracked parameters the graph of the first forward recorded after planning reaches
+        self._used: frozenset[str] | None = None
         self._verify_grads: dict[int, list[Tensor]] = {}
 
     def fit(self, bytes_each: float, share: float, what: str) -> int:
@@ -1049,6 +1103,65 @@ class PerInputEngine:
         return max(1, int(share // max(1.0, bytes_each)))
 
     # Planning -----------------------------------------------------------------------------------
+    def _plan_key(self) -> Any:
+        """What a kept plan must share with this pass: the tracked parameters (names, objects,
+        dtypes, devices)."""
+        return tuple((n, id(p), p.dtype, p.device) for n, p in self.params.items())
+
+    def reuse_plan(self) -> bool:
+        """Take the plan a verified earlier pass over this model left (False: there is none, or
+        its tracked parameters differ). The caller records the first batch as usual; should its
+        layout differ from the plan's, the caller plans again, as for any later batch."""
+        kept = _PLANS.get(self.model)
+        if kept is None or kept.key != self._plan_key():
+            return False
+        self._trace = kept.trace
+        self.handlers = [
+            _Handler(m, path, dict(names), rule) for m, path, names, rule in kept.handlers
+        ]
+        self.model_route = set(kept.model_route)
+        self.shared = set(kept.shared)
+        self._dims = dict(kept.dims)
+        self._dims_known = True
+        self.expanded = set(kept.expanded)
+        self._expand_refused = dict(kept.expand_refused)
+        self.log = list(kept.log)
+        self._messages = list(kept.messages)
+        self._used = kept.used
+        for message in self._messages:
+            logger.info(*message)
+        return True
+
+    def _keep_plan(self) -> None:
+        """Keep this verified plan for later passes; not one whose routes a failed check forced
+        (those are planned and checked again every pass)."""
+        assert self.handlers is not None and self._trace is not None
+        if self._forced or self._forced_model or self._expand_pending:
+            return
+        _PLANS[self.model] = _Plan(
+            key=self._plan_key(),
+            trace=self._trace,
+            handlers=[(h.module, h.path, dict(h.names), h.rule) for h in self.handlers],
+            model_route=set(self.model_route),
+            shared=set(self.shared),
+            dims=dict(self._dims),
+            expanded=set(self.expanded),
+            expand_refused=dict(self._expand_refused),
+            log=list(self.log),
+            messages=list(self._messages),
+            used=self._used,
+        )
+
+    def same_uses(self, logits: Tensor) -> bool:
+        """False when this forward's graph reaches other tracked parameters than the forward
+        recorded right after planning (a branch the plan never saw, a module called only now):
+        plan again on this batch. Shapes alone cannot tell (a module that did not run in the
+        planning forward is not recorded at all)."""
+        used = _graph_leaves(logits, {id(p): n for n, p in self.params.items()})
+        if self._used is None:
+            self._used = used
+        return used == self._used
+
     def plan(self, forward: Callable[[], Any], batch_size: int | None = None) -> None:
         """Trace a forward of two rows of the batch (one if it has two), then assign every tracked
         parameter to the module whose forward contains all its uses.
@@ -1061,6 +1174,8 @@ class PerInputEngine:
         """
         B = batch_size
         rows = 1 if B == 2 else 2
+        self._messages = []
+        self._used = None
         for path in sorted(self._expand_pending):
             why = self._prove_expansion(forward, B, path)
             if why is None:
@@ -1496,12 +1611,14 @@ class PerInputEngine:
             other.names = {k: v for k, v in other.names.items() if v not in names}
         if quiet:
             return
-        logger.info(
+        message = (
             "lightning_fisher: per-input gradients of module %r (%s) by the whole-model route: %s.",
             h.path or type(h.module).__name__,
             ", ".join(sorted(names)),
             why,
         )
+        logger.info(*message)
+        self._messages.append(message)
         self.log.append(f"{h.path}: model ({why})")
 
     def same_layout(self, batch_size: int) -> bool:
@@ -1776,6 +1893,7 @@ class PerInputEngine:
             return
         if self.verified_key(logits.dtype) in _VERIFIED.get(self.model, ()):
             self._verified.add(self.structure_key())  # proven by an earlier pass on this model
+            self._keep_plan()
             return
         B = logits.shape[0]
         if (
@@ -1887,6 +2005,7 @@ class PerInputEngine:
             if not bad:
                 self._verified.add(self.structure_key())
                 _VERIFIED.setdefault(self.model, set()).add(self.verified_key(logits.dtype))
+                self._keep_plan()
                 return
             self._fall_back(bad)
         raise FisherInputError("The per-input gradients could not be verified.")
