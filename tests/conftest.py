@@ -23,6 +23,22 @@ from reference import per_input_jacobians
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def engines(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """Every per-input engine the test's Fisher passes build, in order."""
+    from lightning_fisher.estimators import per_input
+
+    made: list[Any] = []
+    init = per_input.PerInputEngine.__init__
+
+    def spy(self: per_input.PerInputEngine, *a: Any, **k: Any) -> None:
+        init(self, *a, **k)
+        made.append(self)
+
+    monkeypatch.setattr(per_input.PerInputEngine, "__init__", spy)
+    return made
+
+
 @dataclass
 class Case:
     """A model, a loader over its data, and the dense per-input Jacobians of that data."""

@@ -22,28 +22,6 @@ RTOL = 1e-6  # the diagonal is stored in float32
 V, T, D = 10, 5, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def engines(monkeypatch: pytest.MonkeyPatch) -> list[per_input.PerInputEngine]:
-    """Every engine the test's passes build."""
-    made: list[per_input.PerInputEngine] = []
-    init = per_input.PerInputEngine.__init__
-
-    def spy(self: per_input.PerInputEngine, *a: Any, **k: Any) -> None:
-        init(self, *a, **k)
-        made.append(self)
-
-    monkeypatch.setattr(per_input.PerInputEngine, "__init__", spy)
-    return made
-
-
 def no_hooks(model: nn.Module) -> bool:
     return not any(
         m._forward_pre_hooks or m._forward_hooks or m._backward_hooks for m in model.modules()

@@ -30,14 +30,6 @@ MODEL_RTOL = 4e-2
 PRODUCT_RTOL = 2.0**-7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_gpt2() -> tuple[nn.Module, list[Any], dict[str, Any]]:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(
@@ -86,19 +78,6 @@ def bf16(data: list[Any], dtype: torch.dtype = torch.bfloat16) -> list[Any]:
         {k: cast(v) for k, v in b.items()} if isinstance(b, dict) else tuple(map(cast, b))
         for b in data
     ]
-
-
-@pytest.fixture
-def engines(monkeypatch: pytest.MonkeyPatch) -> list[per_input.PerInputEngine]:
-    made: list[per_input.PerInputEngine] = []
-    init = per_input.PerInputEngine.__init__
-
-    def spy(self: per_input.PerInputEngine, *a: Any, **k: Any) -> None:
-        init(self, *a, **k)
-        made.append(self)
-
-    monkeypatch.setattr(per_input.PerInputEngine, "__init__", spy)
-    return made
 
 
 def float32_products(monkeypatch: pytest.MonkeyPatch) -> None:
