@@ -113,11 +113,11 @@ class ElasticWeightConsolidation:
     whatever the dtypes the parameters and the state are stored in: F, theta and theta* are cast
     up, and the sum is rounded once into ``.grad``.
 
-    Routes of :meth:`add_penalty_grad`, per task: on CUDA the ``foreach`` route (three launches
-    that move nine tensors' worth of memory, with a workspace buffer) or, with
-    ``compile_update=True``, one pass over memory per tensor (reads g, F, theta, theta* once,
-    writes g once) by an update compiled with ``torch.compile`` on the first step (where it does
-    not compile, a logged warning and the ``foreach`` route); on CPU two in-place passes with a persistent
+    Routes of :meth:`add_penalty_grad`, per task: on CUDA one pass over memory per tensor (reads
+    g, F, theta, theta* once, writes g once) by an update compiled with ``torch.compile`` on the
+    first step (``compile_update=True``, the default; where it does not compile, a logged warning
+    and the ``foreach`` route: three launches that move nine tensors' worth of memory, with a
+    workspace buffer); on CPU two in-place passes with a persistent
     workspace, or one with ``cpu_kernel=True``. Parameters narrower than float32 (bf16, fp16) and
     offloaded state go one tensor at a time, with float32 temporaries the size of one parameter.
 
@@ -170,7 +170,9 @@ class ElasticWeightConsolidation:
             at every update). Not for FSDP2 (sharded) parameters.
         compile_update: on CUDA, fuse the gradient update into one pass per tensor with
             ``torch.compile`` (compiled on the first step; where it fails, logged, the
-            ``foreach`` ops). Off by default: not yet measured on a GPU.
+            ``foreach`` ops). On an H200 with a 1.3B bf16 GPT-2 the step with EWC takes
+            1.031-1.035x the step without it, against 1.23x by the ``foreach`` ops.
+            ``False`` keeps the ``foreach`` ops (no compilation). Ignored on CPU.
     """
 
     def __init__(
@@ -184,7 +186,7 @@ class ElasticWeightConsolidation:
         cpu_kernel: bool = False,
         state_dtype: torch.dtype | str | None = None,
         offload: bool | str = False,
-        compile_update: bool = False,
+        compile_update: bool = True,
     ) -> None:
         if isinstance(lam, bool) or not isinstance(lam, (int, float)):
             raise FisherInputError(f"EWC: lam must be a finite number >= 0; got {lam!r}.")

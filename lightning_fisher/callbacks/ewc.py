@@ -77,10 +77,9 @@ class EWC(Callback):
     Memory (:meth:`state_bytes`): per consolidated parameter a Fisher in ``state_dtype`` (float32
     by default, bfloat16 or float16 for half) and an anchor in the parameter's dtype, in GPU
     memory or, with ``offload="cpu"``, in CPU memory; separate mode keeps a Fisher and an anchor
-    per task. Cost per optimizer step and task: on CUDA three ``foreach`` launches and a
-    workspace buffer, or with ``compile_update=True`` one pass over g, F, theta and theta* by an
-    update compiled with ``torch.compile`` on the first step (where it does not compile, logged,
-    the ``foreach`` route); on CPU two
+    per task. Cost per optimizer step and task: on CUDA one pass over g, F, theta and theta* by an
+    update compiled with ``torch.compile`` on the first step (``compile_update=False``, or where
+    it does not compile, logged: three ``foreach`` launches and a workspace buffer); on CPU two
     in-place passes (``work = theta - theta*``, then ``grad += lam F work``), or one with
     ``cpu_kernel=True`` (the penalty's value, two more, only on logging steps). The arithmetic is
     float32 whatever the storage dtypes. With ``offload="cpu"`` every step also copies the
@@ -157,7 +156,8 @@ class EWC(Callback):
             them to the GPU at each optimizer step (PCIe traffic of the state's size per step,
             for GPU memory).
         compile_update: on CUDA, fuse the penalty-gradient update with ``torch.compile``
-            (off by default: not yet measured on a GPU).
+            (default; 1.031-1.035x a step on a 1.3B bf16 GPT-2 on an H200, against 1.23x by the
+            ``foreach`` ops that ``False`` keeps).
         name: distinguishes several ``EWC`` instances in one Trainer (their checkpoint keys).
     """
 
@@ -185,7 +185,7 @@ class EWC(Callback):
         cpu_kernel: bool = False,
         state_dtype: torch.dtype | str | None = None,
         offload: bool | str = False,
-        compile_update: bool = False,
+        compile_update: bool = True,
         name: str | None = None,
     ) -> None:
         method = check_method("EWC", method, data_pass=False)
