@@ -165,16 +165,11 @@ class FisherDiagonal(Mapping[str, Tensor]):
         )
 
     def to(self, *args: Any, **kwargs: Any) -> FisherDiagonal:
-        """Move (or cast) every tensor, like ``Tensor.to``."""
-        return self._like(
-            FisherDiagonal(
-                {k: v.to(*args, **kwargs) for k, v in self._tensors.items()},
-                self.n_samples,
-                self.method,
-                self.options,
-                self.certificate,
-            )
-        )
+        """Move (or cast) every tensor, like ``Tensor.to``: a dtype given is kept (the
+        constructor's cast to float32 does not apply)."""
+        out = FisherDiagonal({}, self.n_samples, self.method, self.options, self.certificate)
+        out._tensors = {k: v.to(*args, **kwargs) for k, v in self._tensors.items()}
+        return self._like(out)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain-data form for checkpoints (``load_state_dict`` / ``from_state_dict``)."""

@@ -314,6 +314,23 @@ def test_callback_checkpoint_round_trip_in_a_new_trainer(tmp_path: Any) -> None:
         assert torch.equal(into.fishers[0][k], t.bfloat16())
 
 
+def test_last_fisher_is_kept_like_the_state() -> None:
+    """The estimate kept for inspection is the consolidated estimate, rounded to a 16-bit state
+    dtype (not a float32 copy beside it); float32 state keeps it as estimated."""
+    torch.manual_seed(0)
+    net = Classifier(dtype=torch.float32)
+    est = lf.FisherDiagonal(
+        {n: torch.rand_like(p) for n, p in net.named_parameters()}, method="exact"
+    )
+    for state_dtype, want in ((torch.bfloat16, torch.bfloat16), (None, torch.float32)):
+        cb = lf.EWC(lam=1.0, state_dtype=state_dtype)
+        returned = cb.consolidate(net, fisher=est)
+        assert returned is not None and cb.last_fisher is not None
+        for k, t in est.items():
+            assert cb.last_fisher[k].dtype == want
+            assert torch.equal(cb.last_fisher[k], t.to(want))
+
+
 # bad input -------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kw", "match"),

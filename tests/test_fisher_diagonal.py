@@ -53,3 +53,11 @@ def test_check_matches_names_the_mismatch() -> None:
         ValueError, match=r"not parameters of the model: \['nope'\].*0\.weight \(3, 3\) vs \(8, 6\)"
     ):
         fd.check_matches(case.model)
+
+
+def test_to_keeps_the_dtype_it_casts_to() -> None:
+    fd = lf.FisherDiagonal({"w": torch.rand(3, 2)}, n_samples=4, method="exact")
+    half = fd.to(torch.bfloat16)
+    assert half["w"].dtype == torch.bfloat16 and torch.equal(half["w"], fd["w"].bfloat16())
+    assert (half.n_samples, half.method) == (4, "exact")
+    assert fd.to(dtype=torch.float64)["w"].dtype == torch.float64
