@@ -36,6 +36,7 @@ from ..outputs import (
     move_batch,
     slice_batch,
 )
+from .batched_backward import batched_attention, batched_grad
 from .per_input import PerInputEngine
 
 logger = logging.getLogger("lightning_fisher")
@@ -102,6 +103,10 @@ class Estimator:
 
     def normaliser(self, n_inputs: int, n_batches: int) -> float:
         return float(n_inputs)
+
+    def cotangents_per_batch(self) -> int:
+        """How many cotangents ``batch_cotangents`` gives per batch (one per probe)."""
+        return self.options.probes if "probes" in self.option_names else 1
 
     def finish(self, fd: FisherDiagonal) -> None:
         """Complete the estimate after the pass (``lower`` attaches its certificate)."""
@@ -227,9 +232,9 @@ def _check_finite(tensors: list[Tensor]) -> list[int]:
 class _SquaredGradients:
     """Adds w (J^T u)^2 = w (grad_theta u . z)^2 to an accumulator for each of many cotangents u.
 
-    Cotangents are taken in chunks and each chunk goes through one backward with
-    ``is_grads_batched`` (the graph is walked once, the weight gradients of a chunk are one
-    matmul per layer); a chunk holds its gradients, one parameter-sized tensor per cotangent, so
+    Cotangents are taken in chunks and each chunk goes through one batched backward
+    (``batched_grad``: the graph is walked once, the weight gradients of a chunk are one matmul
+    per layer); a chunk holds its gradients, one parameter-sized tensor per cotangent, so
     its size keeps them and the cotangents under ``max_memory_mib``. The result is that of one
     backward per cotangent, which is also the fallback for a model whose backward cannot be
     batched (an operation without a vmap rule).
@@ -259,14 +264,7 @@ class _SquaredGradients:
     def _chunk(self, logits: Tensor, chunk: list[tuple[Tensor, float, dict[str, Tensor]]]) -> None:
         if len(chunk) > 1 and self.batch:
             try:
-                grads = torch.autograd.grad(
-                    logits,
-                    self.params,
-                    grad_outputs=torch.stack([cot for cot, _, _ in chunk]),
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
+                grads = batched_grad(logits, self.params, torch.stack([c for c, _, _ in chunk]))
             except torch.OutOfMemoryError:
                 # Half the chunk at a time; one cotangent that does not fit is a real OOM.
                 half = len(chunk) // 2
@@ -363,7 +361,13 @@ def run_passes(
             model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
         )
 
-    with eval_mode(model):
+    # Attention through its MATH backend whenever a backward of several cotangents at once runs
+    # through the model's graph (the engine's columns, several probes): the fused kernels have no
+    # batching rule for their backward, so it would be run once per cotangent. Both backends
+    # compute the same attention, up to floating-point rounding. With one cotangent per batch the
+    # model's own attention kernel stays.
+    several = per_input or sum(e.cotangents_per_batch() for e in estimators) > 1
+    with eval_mode(model), batched_attention(several):
         for batch in _progress(loader, opts.progress, f"Fisher ({label})"):
             if opts.max_batches is not None and n_batches >= opts.max_batches:
                 break

@@ -87,6 +87,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..options import MAX_MEMORY_MIB
 from ..outputs import FisherInputError
+from .batched_backward import batched_grad
 
 logger = logging.getLogger("lightning_fisher")
 
@@ -1593,14 +1594,7 @@ class PerInputEngine:
         outputs = [o for _, c in calls for o in c.outputs]
         if not outputs:
             return []
-        grads = torch.autograd.grad(
-            logits,
-            outputs,
-            grad_outputs=cot,
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
+        grads = batched_grad(logits, outputs, cot)
         it = iter(grads)
         out = []
         for h, c in calls:
@@ -1702,9 +1696,7 @@ class PerInputEngine:
         names = sorted(self.model_route)
         params = [self.params[n] for n in names]
         if self._batched_model_route:
-            grads = torch.autograd.grad(
-                logits, params, sep, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
+            grads = batched_grad(logits, params, sep)
         else:
             cols = [
                 torch.autograd.grad(logits, params, s, retain_graph=True, allow_unused=True)
