@@ -14,7 +14,7 @@ whenever a tracked parameter is used. Comparing those shapes with the full batch
 tensor's batch dimension (or that it has none). Each parameter goes to the innermost module whose
 forward contains all its uses (usually the module that owns it). During the real forward, hooks
 record those modules' inputs and outputs; one backward per chunk of columns
-(``is_grads_batched``) gives the gradient at every output; a per-layer rule turns (input, output
+(``batched_grad``) gives the gradient at every output; a per-layer rule turns (input, output
 gradient) into per-input parameter gradients:
 
 * closed forms (``_RULES``) for ``nn.Linear``, ``transformers``' ``Conv1D`` (a Linear with the
@@ -1598,12 +1598,11 @@ class PerInputEngine:
         it = iter(grads)
         out = []
         for h, c in calls:
-            gs = [next(it) for _ in c.outputs]
             gs = [
                 torch.zeros((cot.shape[0], *o.shape), dtype=o.dtype, device=o.device)
                 if g is None
                 else g
-                for g, o in zip(gs, c.outputs)
+                for g, o in zip([next(it) for _ in c.outputs], c.outputs)
             ]
             out.append((h, c, gs))
         return out
