@@ -104,10 +104,6 @@ class Estimator:
     def normaliser(self, n_inputs: int, n_batches: int) -> float:
         return float(n_inputs)
 
-    def cotangents_per_batch(self) -> int:
-        """How many cotangents ``batch_cotangents`` gives per batch (one per probe)."""
-        return self.options.probes if "probes" in self.option_names else 1
-
     def finish(self, fd: FisherDiagonal) -> None:
         """Complete the estimate after the pass (``lower`` attaches its certificate)."""
 
@@ -361,13 +357,12 @@ def run_passes(
             model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
         )
 
-    # Attention through its MATH backend whenever a backward of several cotangents at once runs
-    # through the model's graph (the engine's columns, several probes): the fused kernels have no
-    # batching rule for their backward, so it would be run once per cotangent. Both backends
-    # compute the same attention, up to floating-point rounding. With one cotangent per batch the
-    # model's own attention kernel stays.
-    several = per_input or sum(e.cotangents_per_batch() for e in estimators) > 1
-    with eval_mode(model), batched_attention(several):
+    # Attention through its MATH backend: the fused kernels have no batching rule for their
+    # backward, so a backward of many cotangents at once (the engine's columns, several probes)
+    # would run it once per cotangent. Both backends compute the same attention, up to
+    # floating-point rounding; every pass uses MATH, one-cotangent passes included, so that an
+    # estimate does not depend on which other estimators share its pass.
+    with eval_mode(model), batched_attention():
         for batch in _progress(loader, opts.progress, f"Fisher ({label})"):
             if opts.max_batches is not None and n_batches >= opts.max_batches:
                 break

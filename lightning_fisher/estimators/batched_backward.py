@@ -8,7 +8,7 @@ the backward of layer norm, tanh, softmax or fused attention, so it loops over t
 each of those operations.
 
 ``batched_attention`` runs ``F.scaled_dot_product_attention`` through its MATH backend (matmul,
-softmax, dropout) while the graph of a batched backward is recorded: the fused kernels' backward
+softmax, dropout) while a Fisher pass records its graphs: the fused kernels' backward
 (flash, memory-efficient, the CPU flash kernel) has no batching rule either. The two backends
 compute the same attention; their results differ by floating-point rounding only.
 """
@@ -42,11 +42,8 @@ def batched_grad(
 
 
 @contextmanager
-def batched_attention(enabled: bool = True) -> Iterator[None]:
-    """Scaled dot-product attention through the MATH backend while the block runs (when
-    ``enabled``); the backend choice in force before is restored afterwards."""
-    if not enabled:
-        yield
-        return
+def batched_attention() -> Iterator[None]:
+    """Scaled dot-product attention through the MATH backend while the block runs; the backend
+    choice in force before is restored afterwards."""
     with sdpa_kernel(SDPBackend.MATH):
         yield
