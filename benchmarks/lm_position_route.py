@@ -6,10 +6,12 @@ per sequence position. Each row is the median of ``--repeats`` runs after one wa
 training step (forward, backward, AdamW step) on the same batch; ``ratio_to_step`` compares
 process CPU seconds (one torch thread by default), ``wall_ratio_to_step`` wall seconds.
 
-    python -m benchmarks.lm_position_route [--label after] [--profile] [--out PATH]
+    python -m benchmarks.lm_position_route [--label after] [--attn sdpa] [--profile] [--out PATH]
 
 ``--label`` tags the rows (a "before" and an "after" run go into the same report: rows with the
-same label are replaced). ``--profile`` prints the top operators of one run (torch.profiler).
+same label are replaced). ``--attn`` sets the models' ``attn_implementation`` ("sdpa": attention
+by ``F.scaled_dot_product_attention``, "eager": transformers' own matmul/softmax); without it the
+config's default, which is "sdpa" in recent ``transformers``. ``--profile`` prints the top operators of one run (torch.profiler).
 """
 
 from __future__ import annotations
@@ -35,23 +37,36 @@ NOTES = """\
 Ratios compare process CPU seconds with one torch thread (the machine was shared: wall times
 and, less so, CPU times vary between runs by up to about 1.5x). "before" is the engine before
 the one-position head product, the tied-embedding sum and the column blocks; "after" is with
-them. backward / rules: CPU seconds of one run spent in the engine's batched backward to the layer
+them. All these models run attention by `F.scaled_dot_product_attention` (transformers' default
+`attn_implementation="sdpa"`; the `attn` field of the JSON rows where recorded). backward / rules: CPU seconds of one run spent in the engine's batched backward to the layer
 outputs and in its per-layer rules. The floor (`gflop()`): T backward columns of about a forward
 each (dense over the vocabulary head, as the columns are handed in), the blocks' per-sequence
 products over causal columns and the head's one-position product, in units of a training step
 (three forwards), assuming the step's FLOP rate. Without `position_ids` in the batch GPT-2's
-`wpe` output has no batch dimension and `wpe` takes the whole-model route (B x T backward
-columns through the whole model): those rows are 2.3-3.7x the rows with batched
-`position_ids`, the rest of their time (beyond backward and rules) being that route. The rules'
+`wpe` is looked up with position ids shared by the batch: in the "before" and "after" rows it
+took the whole-model route (B x T backward columns through the whole model, 2.3-3.7x the rows
+with batched `position_ids`); from the "batch-shared" rows on, the engine runs it on ids
+expanded to the batch through its Embedding rule, 0.86-1.2x the rows with batched
+`position_ids`. The rules'
 CPU seconds are the steadiest before/after comparison: the step's own time moved between 0.029
-and 0.057 s across these runs, which moves every ratio with it."""
+and 0.057 s across these runs, which moves every ratio with it. "sdpa-before-N" / "sdpa-after-N"
+(two runs each, `--attn sdpa`): the engine's batched backward by the legacy `is_grads_batched`
+vmap through the fused CPU attention kernel (which, like the layer-norm, tanh and softmax
+backwards, it ran once per column), against `torch.func.vmap` with the pass's forward on the MATH
+attention backend (no operation run per column). On this CPU the backward phase went from
+0.52-0.69 to 0.52-0.65 CPU s and the whole run stayed at 1.2-1.7 s: one torch thread spends
+its time in the per-column arithmetic, not in per-operation calls, so the gain is in launch
+counts on GPUs, not measured here."""
 #: (name, layers, width, heads, vocabulary)
 MODELS = [("gpt2-2x128-v2000", 2, 128, 4, 2000), ("gpt2-2x128-v8000", 2, 128, 4, 8000)]
 
 
-def build(layers: int, width: int, heads: int, vocab: int, dtype: torch.dtype) -> Any:
+def build(
+    layers: int, width: int, heads: int, vocab: int, dtype: torch.dtype, attn: str | None = None
+) -> Any:
     import transformers
 
+    extra = {} if attn is None else {"attn_implementation": attn}
     cfg = transformers.GPT2Config(
         vocab_size=vocab,
         n_embd=width,
@@ -60,6 +75,7 @@ def build(layers: int, width: int, heads: int, vocab: int, dtype: torch.dtype) -
         n_positions=256,
         bos_token_id=vocab - 1,
         eos_token_id=vocab - 1,
+        **extra,
     )
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(cfg).to(dtype)
@@ -216,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--models", default=",".join(m[0] for m in MODELS))
+    ap.add_argument("--attn", choices=["sdpa", "eager"], default=None)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
@@ -241,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, layers, width, heads, vocab in MODELS:
         if name not in args.models.split(","):
             continue
-        model = build(layers, width, heads, vocab, dtype)
+        model = build(layers, width, heads, vocab, dtype, args.attn)
         params = sum(p.numel() for p in model.parameters())
         base = {
             "label": args.label,
@@ -250,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             "seq_len": args.seq_len,
             "batch": args.batch,
             "dtype": args.dtype,
+            "attn": model.config._attn_implementation,
         }
         for position_ids in (False, True):
             step_s, s, phases = run_model(model, vocab, args, position_ids)

@@ -137,8 +137,10 @@ def test_the_p_instead_of_sqrt_p_variant_is_biased() -> None:
 
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])
 def test_batched_probe_backward_equals_one_backward_per_probe(kind, monkeypatch) -> None:
-    """All probes of all Hutchinson estimators go through one backward with is_grads_batched;
-    a model whose backward cannot be batched gets one backward per probe, with the same sums."""
+    """All probes of all Hutchinson estimators go through one batched backward; a model whose
+    backward cannot be batched gets one backward per probe, with the same sums."""
+    from lightning_fisher.estimators import base
+
     case = make_case(kind, dtype=torch.float64)
     methods = ["hutchinson", "hutchinson_upper", {"method": "hutchinson_lower", "probes": 3}]
     batched = lf.estimate_fishers(case.model, case.loader, methods, probes=2, seed=5)
@@ -146,12 +148,15 @@ def test_batched_probe_backward_equals_one_backward_per_probe(kind, monkeypatch)
     calls = []
 
     def no_batching(*args, **kwargs):  # type: ignore[no-untyped-def]
-        calls.append(kwargs.get("is_grads_batched", False))
-        if kwargs.get("is_grads_batched"):
-            raise RuntimeError("no batching rule (simulated)")
+        calls.append(True)
+        raise RuntimeError("no vmap batching rule (simulated)")
+
+    def one_grad(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(False)
         return grad(*args, **kwargs)
 
-    monkeypatch.setattr(torch.autograd, "grad", no_batching)
+    monkeypatch.setattr(base, "batched_grad", no_batching)
+    monkeypatch.setattr(torch.autograd, "grad", one_grad)
     looped = lf.estimate_fishers(case.model, case.loader, methods, probes=2, seed=5)
     assert calls[0] is True and not any(calls[1:])  # tried once, then one backward per probe
     for a, b in zip(batched, looped):

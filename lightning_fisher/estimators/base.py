@@ -36,6 +36,7 @@ from ..outputs import (
     move_batch,
     slice_batch,
 )
+from .batched_backward import batched_attention, batched_grad
 from .per_input import PerInputEngine
 
 logger = logging.getLogger("lightning_fisher")
@@ -227,9 +228,9 @@ def _check_finite(tensors: list[Tensor]) -> list[int]:
 class _SquaredGradients:
     """Adds w (J^T u)^2 = w (grad_theta u . z)^2 to an accumulator for each of many cotangents u.
 
-    Cotangents are taken in chunks and each chunk goes through one backward with
-    ``is_grads_batched`` (the graph is walked once, the weight gradients of a chunk are one
-    matmul per layer); a chunk holds its gradients, one parameter-sized tensor per cotangent, so
+    Cotangents are taken in chunks and each chunk goes through one batched backward
+    (``batched_grad``: the graph is walked once, the weight gradients of a chunk are one matmul
+    per layer); a chunk holds its gradients, one parameter-sized tensor per cotangent, so
     its size keeps them and the cotangents under ``max_memory_mib``. The result is that of one
     backward per cotangent, which is also the fallback for a model whose backward cannot be
     batched (an operation without a vmap rule).
@@ -259,14 +260,7 @@ class _SquaredGradients:
     def _chunk(self, logits: Tensor, chunk: list[tuple[Tensor, float, dict[str, Tensor]]]) -> None:
         if len(chunk) > 1 and self.batch:
             try:
-                grads = torch.autograd.grad(
-                    logits,
-                    self.params,
-                    grad_outputs=torch.stack([cot for cot, _, _ in chunk]),
-                    retain_graph=True,
-                    allow_unused=True,
-                    is_grads_batched=True,
-                )
+                grads = batched_grad(logits, self.params, torch.stack([c for c, _, _ in chunk]))
             except torch.OutOfMemoryError:
                 # Half the chunk at a time; one cotangent that does not fit is a real OOM.
                 half = len(chunk) // 2
@@ -364,7 +358,12 @@ def run_passes(
             model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
         )
 
-    with eval_mode(model):
+    # Attention through its MATH backend: the fused kernels have no batching rule for their
+    # backward, so a backward of many cotangents at once (the engine's columns, several probes)
+    # would run it once per cotangent. Both backends compute the same attention, up to
+    # floating-point rounding; every pass uses MATH, one-cotangent passes included, so that an
+    # estimate does not depend on which other estimators share its pass.
+    with eval_mode(model), batched_attention():
         for batch in _progress(loader, opts.progress, f"Fisher ({label})"):
             if opts.max_batches is not None and n_batches >= opts.max_batches:
                 break

@@ -14,7 +14,7 @@ whenever a tracked parameter is used. Comparing those shapes with the full batch
 tensor's batch dimension (or that it has none). Each parameter goes to the innermost module whose
 forward contains all its uses (usually the module that owns it). During the real forward, hooks
 record those modules' inputs and outputs; one backward per chunk of columns
-(``is_grads_batched``) gives the gradient at every output; a per-layer rule turns (input, output
+(``batched_grad``) gives the gradient at every output; a per-layer rule turns (input, output
 gradient) into per-input parameter gradients:
 
 * closed forms (``_RULES``) for ``nn.Linear``, ``transformers``' ``Conv1D`` (a Linear with the
@@ -94,6 +94,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..options import MAX_MEMORY_MIB
 from ..outputs import FisherInputError
+from .batched_backward import batched_grad
 
 logger = logging.getLogger("lightning_fisher")
 
@@ -1710,23 +1711,15 @@ class PerInputEngine:
         outputs = [o for _, c in calls for o in c.outputs]
         if not outputs:
             return []
-        grads = torch.autograd.grad(
-            logits,
-            outputs,
-            grad_outputs=cot,
-            retain_graph=True,
-            allow_unused=True,
-            is_grads_batched=True,
-        )
+        grads = batched_grad(logits, outputs, cot)
         it = iter(grads)
         out = []
         for h, c in calls:
-            gs = [next(it) for _ in c.outputs]
             gs = [
                 torch.zeros((cot.shape[0], *o.shape), dtype=o.dtype, device=o.device)
                 if g is None
                 else g
-                for g, o in zip(gs, c.outputs)
+                for g, o in zip([next(it) for _ in c.outputs], c.outputs)
             ]
             out.append((h, c, gs))
         return out
@@ -1819,9 +1812,7 @@ class PerInputEngine:
         names = sorted(self.model_route)
         params = [self.params[n] for n in names]
         if self._batched_model_route:
-            grads = torch.autograd.grad(
-                logits, params, sep, retain_graph=True, allow_unused=True, is_grads_batched=True
-            )
+            grads = batched_grad(logits, params, sep)
         else:
             cols = [
                 torch.autograd.grad(logits, params, s, retain_graph=True, allow_unused=True)
