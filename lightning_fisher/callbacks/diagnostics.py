@@ -92,7 +92,7 @@ class FisherDiagnostics(Callback):
     continues counting; a ``fit`` that makes no training step warns that it evaluated nothing.
 
     Cost (Hutchinson bounds): per batch of ``max_batches``, one forward shared by every method and
-    the kernel statistics, one batched backward (``is_grads_batched``) for the ``3 * probes``
+    the kernel statistics, one batched backward (``torch.func.vmap``) for the ``3 * probes``
     Hutchinson cotangents (with the default methods) and one for the empirical Fisher's per-input
     gradients; the weight gradients (one per probe) are most of it. Space evaluations a few
     hundred steps apart to keep them a small fraction of training (``python -m
