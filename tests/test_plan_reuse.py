@@ -4,6 +4,7 @@ changed between passes, a forgotten proof. Every result equals a pass planned fr
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -110,15 +111,26 @@ def test_forget_verified_forgets_the_plan() -> None:
     assert 2 in rows, rows  # planned again
 
 
-def test_a_pass_without_the_check_keeps_no_plan() -> None:
+def test_a_plan_kept_without_the_check_is_checked_when_reused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     torch.manual_seed(0)
     model = Branchy()
     data = batches(1)
     per_input.forget_verified(model)
     lf.estimate_fisher(model, data, "exact", verify=False)
     rows = counted(model)
-    lf.estimate_fisher(model, data, "exact", verify=False)
-    assert 2 in rows, rows  # an unverified plan is never reused
+    checks: list[int] = []
+    real = per_input.PerInputEngine._verify
+    monkeypatch.setattr(
+        per_input.PerInputEngine,
+        "_verify",
+        lambda self, logits: (checks.append(logits.shape[0]), real(self, logits))[1],
+    )
+    got = lf.estimate_fisher(model, data, "exact")
+    assert rows == [6], rows  # the kept plan: no planning forward
+    assert checks == [6]  # but the check it never passed runs
+    same(got, fresh(model, data, "exact"))
 
 
 class DataBranch(Branchy):

@@ -306,6 +306,7 @@ def _record(engine: PerInputEngine, forward: Callable[[], ModelOutputs], rows: i
             out = forward()
         same = engine.finish_recording(out.logits.shape[0])
         if (same and engine.same_uses(out.logits)) or attempt:
+            engine.keep_plan()
             return out
         engine.plan(forward, rows)
     return out

@@ -36,8 +36,9 @@ module's output (``_prove_expansion``), and from then on runs the module, while 
 recording only, on those inputs expanded to the batch (``x.expand(B, *x.shape[1:])``), so that its
 output has a batch dimension and its rule applies. A failed proof keeps the whole-model route.
 
-Plans are reused: a later batch of a pass, and a later pass over the same model once its plan
-passed the check (``_PLANS``), record with the plan they have, without a planning forward. Every
+Plans are reused: a later batch of a pass, and a later pass over the same model (``_PLANS``,
+the model's last plan, not one a failed check changed), record with the plan they have, without
+a planning forward; the check itself is kept per structure (``_VERIFIED``). Every
 recorded forward is compared with the plan, by the layout of its recorded calls
 (``same_layout``) and by the tracked parameters its autograd graph reaches (``same_uses``, a walk
 of the graph): a module that ran only now or a branch the plan never saw is planned again on
@@ -163,8 +164,8 @@ def forget_verified(model: nn.Module) -> None:
 
 @dataclass
 class _Plan:
-    """A verified plan, kept for later passes over the same model: what planning and the first
-    batch's recording found (see ``PerInputEngine.reuse_plan``)."""
+    """A plan kept for later passes over the same model: what planning and the first batch's
+    recording found (see ``PerInputEngine.reuse_plan``)."""
 
     key: Any
     trace: _Trace
@@ -179,8 +180,8 @@ class _Plan:
     used: frozenset[str] | None
 
 
-#: The last verified plan per model. A later pass reuses it, skipping the planning forward, as a
-#: later batch of a pass does; its first batch is compared with the plan (``same_layout``) and
+#: The last plan per model. A later pass reuses it, skipping the planning forward, as a later
+#: batch of a pass does; its first batch is compared with the plan (``same_layout``) and
 #: planned again when it differs.
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
 
@@ -1110,8 +1111,8 @@ class PerInputEngine:
         return tuple((n, id(p), p.dtype, p.device) for n, p in self.params.items())
 
     def reuse_plan(self) -> bool:
-        """Take the plan a verified earlier pass over this model left (False: there is none, or
-        its tracked parameters differ). The caller records the first batch as usual; should its
+        """Take the plan an earlier pass over this model left (False: there is none, or its
+        tracked parameters differ). The caller records the first batch as usual; should its
         layout differ from the plan's, the caller plans again, as for any later batch."""
         kept = _PLANS.get(self.model)
         if kept is None or kept.key != self._plan_key():
@@ -1133,11 +1134,16 @@ class PerInputEngine:
             logger.info(*message)
         return True
 
-    def _keep_plan(self) -> None:
-        """Keep this verified plan for later passes; not one whose routes a failed check forced
-        (those are planned and checked again every pass)."""
+    def keep_plan(self) -> None:
+        """Keep this plan, once a batch has been recorded with it, for later passes over the
+        model; not one whose routes a failed check forced (a new pass plans the default routes
+        and checks them again). Whether a structure passed the check is kept apart
+        (``_VERIFIED``): a kept plan is checked like any other."""
         assert self.handlers is not None and self._trace is not None
         if self._forced or self._forced_model or self._expand_pending:
+            return
+        kept = _PLANS.get(self.model)
+        if kept is not None and kept.trace is self._trace:
             return
         _PLANS[self.model] = _Plan(
             key=self._plan_key(),
@@ -1884,7 +1890,6 @@ class PerInputEngine:
             return
         if self.verified_key(logits.dtype) in _VERIFIED.get(self.model, ()):
             self._verified.add(self.structure_key())  # proven by an earlier pass on this model
-            self._keep_plan()
             return
         B = logits.shape[0]
         if (
@@ -1996,7 +2001,6 @@ class PerInputEngine:
             if not bad:
                 self._verified.add(self.structure_key())
                 _VERIFIED.setdefault(self.model, set()).add(self.verified_key(logits.dtype))
-                self._keep_plan()
                 return
             self._fall_back(bad)
         raise FisherInputError("The per-input gradients could not be verified.")
