@@ -481,7 +481,17 @@ def _work(rank: int, world: int, strategy: str, cfg: Config, out_dir: str) -> No
     measure.schedule = [True] * cfg.ewc_warmup
     for r in range(cfg.ewc_rounds):
         measure.schedule += [True, False] if r % 2 == 0 else [False, True]
+    # which steps added the penalty gradient: exactly those the schedule marks
+    penalised: list[int] = []
+    add_penalty_grad = ewc.core.add_penalty_grad
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        penalised.append(len(measure.steps))
+        return add_penalty_grad(*args, **kwargs)
+
+    ewc.core.add_penalty_grad = counted  # type: ignore[method-assign]
     fit([ewc, measure], 1, len(measure.schedule))
+    res["penalty_as_scheduled"] = penalised == [i for i, on in enumerate(measure.schedule) if on]
     steps = measure.steps[cfg.ewc_warmup :]
     res["step_with"] = [s for on, s in steps if on]
     res["step_without"] = [s for on, s in steps if not on]
@@ -547,6 +557,7 @@ def run_row(world: int, strategy: str, cfg: Config) -> dict[str, Any]:
         "ewc_step_seconds": round(with_ewc, 5),
         "step_seconds": round(without, 5),
         "ewc_step_ratio": round(with_ewc / without, 4),
+        "ewc_penalty_as_scheduled": all(r["penalty_as_scheduled"] for r in ranks),
         "speedup": None,
         "big": cfg.big,
         "seconds": round(time.perf_counter() - start, 1),
@@ -576,6 +587,9 @@ def estimate(cfg: Config, world: int, done: list[dict[str, Any]], strategy: str)
 def write(report: dict[str, Any], out: Path) -> None:
     from lightning_fisher import _json as strict_json
 
+    report["rows"].sort(
+        key=lambda r: (STRATEGIES.index(r["strategy"]), r.get("big", False), r["gpus"])
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(strict_json.dumps(report, indent=2) + "\n")
     lines = [

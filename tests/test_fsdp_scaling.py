@@ -34,6 +34,8 @@ def test_fsdp_scaling_script_tiny_on_cpu(tmp_path: Path) -> None:
         assert row["fisher_sharded"] is True, row
         # Fisher and anchors: each rank holds about its share of the whole
         assert abs(row["fisher_fraction_per_rank"] - 1 / gpus) <= 0.05 / gpus, row
+        # the steps timed "with" added the penalty gradient, those "without" did not
+        assert row["ewc_penalty_as_scheduled"] is True, row
         assert row["ewc_step_ratio"] > 0 and row["fisher_seqs_per_second"] > 0
         assert row["speedup"] == 1.0 if gpus == 1 else row["speedup"] > 0
     assert out.with_suffix(".md").exists()
