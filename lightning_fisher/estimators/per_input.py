@@ -1945,12 +1945,17 @@ class PerInputEngine:
         body = [(h, cl) for h in self.handlers for cl in h.calls if cl is not c]
         backward = any(cl.outputs for _, cl in body) and x.requires_grad
         es = cotangents.element_size()
-        # Per column: the gradients at the recorded outputs and as much again for the rules'
-        # buffers that grow with the columns (an embedding's rows), the gradient at the head's
-        # input and about two more of its size inside the backward, the (B, C) slice and (B, D)
-        # product at the head. Sized (and refused) before anything is allocated.
-        outs = sum(o.numel() * o.element_size() for _, cl in body for o in cl.outputs)
-        per_column = 2 * outs + 3 * x.numel() * x.element_size()
+        # Per column: the gradients at the recorded outputs; the embedding rule's buffers (its
+        # rows, their sums and squares in the accumulation dtype, not chunked); the gradient at
+        # the head's input and about three more of the largest output's size alive inside the
+        # backward; the (B, C) slice and (B, D) product at the head. Sized (and refused) before
+        # anything is allocated.
+        acc_size = torch.empty((), dtype=self._dtype()).element_size()
+        sizes = [o.numel() * o.element_size() for _, cl in body for o in cl.outputs]
+        per_column = sum(sizes) + 4 * max([x.numel() * x.element_size(), *sizes])
+        per_column += sum(
+            4 * acc_size * o.numel() for h, cl in body if h.rule == "embedding" for o in cl.outputs
+        )
         per_column += B * C * es + B * x.shape[-1] * y.element_size()
         n = min(
             self.fit(per_column, self.column_bytes, "the output gradients of one column"),
