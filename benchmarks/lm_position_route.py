@@ -48,8 +48,8 @@ and 0.057 s across these runs, which moves every ratio with it. "head-split" spl
 at the vocabulary head (its squares once for all columns, u W at its input, one backward from
 there per chunk): the backward no longer runs dense over the head, which the floor above still
 counts, so those rows can fall below it (ratio to floor < 1); their CPU seconds against
-"batch-shared" are the comparison (two runs: 0.89-0.93 s against 1.23-1.47 s on v2000, 0.86-1.08 s
-against 2.08-2.41 s on v8000; the second run's rows are in the table)."""
+"batch-shared" are the comparison (three runs: 0.74-0.95 s against 1.23-1.47 s on v2000,
+0.86-1.08 s against 2.08-2.41 s on v8000; the last run's rows are in the table)."""
 #: (name, layers, width, heads, vocabulary)
 MODELS = [("gpt2-2x128-v2000", 2, 128, 4, 2000), ("gpt2-2x128-v8000", 2, 128, 4, 8000)]
 
