@@ -49,7 +49,12 @@ with batched `position_ids`); from the "batch-shared" rows on, the engine runs i
 expanded to the batch through its Embedding rule, 0.86-1.2x the rows with batched
 `position_ids`. The rules'
 CPU seconds are the steadiest before/after comparison: the step's own time moved between 0.029
-and 0.057 s across these runs, which moves every ratio with it. "sdpa-before-N" / "sdpa-after-N"
+and 0.057 s across these runs, which moves every ratio with it. "head-split" splits the columns
+at the vocabulary head (its squares once for all columns, u W at its input, one backward from
+there per chunk): the backward no longer runs dense over the head, which the floor above still
+counts, so those rows can fall below it (ratio to floor < 1); their CPU seconds against
+"batch-shared" are the comparison (three runs: 0.74-0.95 s against 1.23-1.47 s on v2000,
+0.86-1.08 s against 2.08-2.41 s on v8000; the last run's rows are in the table). "sdpa-before-N" / "sdpa-after-N"
 (two runs each, `--attn sdpa`): the engine's batched backward by the legacy `is_grads_batched`
 vmap through the fused CPU attention kernel (which, like the layer-norm, tanh and softmax
 backwards, it ran once per column), against `torch.func.vmap` with the pass's forward on the MATH

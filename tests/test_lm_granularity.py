@@ -391,13 +391,20 @@ def test_engine_buffers_stay_under_the_cap(method: str, kw: dict[str, Any]) -> N
     ids = torch.randint(0, vocab, (B, L))
     cap = 3.0  # MiB; one position's cotangent is B L C 8 bytes = 0.44 MiB, all of them 10.5 MiB
     peaks: list[int] = []
-    original = PerInputEngine.accumulate
-
-    def measured(self: PerInputEngine, logits: Tensor, cot: Tensor, *a: Any, **k: Any) -> None:
-        peaks.append(cot.nbytes + _peak_bytes(lambda: original(self, logits, cot, *a, **k)))
-
     mp = pytest.MonkeyPatch()
-    mp.setattr(PerInputEngine, "accumulate", measured)
+    for name in ("accumulate", "accumulate_positions"):  # dense columns, and split at the head
+        original = getattr(PerInputEngine, name)
+
+        def measured(
+            self: PerInputEngine, logits: Tensor, cot: Tensor, *a: Any, _f: Any = original, **k: Any
+        ) -> Any:
+            out: list[Any] = []
+            peaks.append(
+                cot.nbytes + _peak_bytes(lambda: out.append(_f(self, logits, cot, *a, **k)))
+            )
+            return out[0]
+
+        mp.setattr(PerInputEngine, name, measured)
     try:
         capped = lf.estimate_fisher(
             model, [(ids, ids)], method=method, max_memory_mib=cap, seed=1, **kw
@@ -413,7 +420,13 @@ def test_engine_buffers_stay_under_the_cap(method: str, kw: dict[str, Any]) -> N
     assert max(peaks) > cap * 2**20 / 4, f"peak {max(peaks) / 2**20:.2f} MiB"
 
 
-def test_a_cap_below_one_column_is_refused_before_allocating() -> None:
+def test_a_cap_below_one_column_is_refused_before_allocating(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from lightning_fisher.estimators.per_input import PerInputEngine
+
+    # the dense per-position columns (split at the head, a column is (B, C) only)
+    monkeypatch.setattr(PerInputEngine, "head_split", False)
     torch.manual_seed(0)
     model = CausalLM(4000, 16).double().eval()
     ids = torch.randint(0, 4000, (4, 40))

@@ -31,6 +31,13 @@ def one_thread() -> Any:
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def dense_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These closed forms serve the dense per-position columns: the head split (its own tests in
+    test_position_head_split.py) is off here."""
+    monkeypatch.setattr(per_input.PerInputEngine, "head_split", False)
+
+
 class TiedLM(nn.Module):
     """Embedding (with a padding row), tanh of a Linear, a causal running mean, and a vocabulary
     head that shares the embedding table (``tied=True``) or has its own."""

@@ -399,9 +399,11 @@ def run_passes(
                     assert engine is not None
                     cot, weight = e.columns(out, p, gen)
                     cot = (cot * mask).to(out.logits.dtype)
-                    parts = (cot,) if e.per_sequence else _per_position(cot, engine.cotangent_bytes)
-                    for part in parts:
-                        engine.accumulate(out.logits, part, acc, weight)
+                    if e.per_sequence:
+                        engine.accumulate(out.logits, cot, acc, weight)
+                    elif not engine.accumulate_positions(out.logits, cot, acc, weight):
+                        for part in _per_position(cot, engine.cotangent_bytes):
+                            engine.accumulate(out.logits, part, acc, weight)
             # Every batch-gradient estimator's cotangents (all probes) go through one batched
             # backward: each estimator still draws from its own generator in its own order.
             cotangents = (

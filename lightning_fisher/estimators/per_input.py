@@ -44,6 +44,19 @@ recorded forward is compared with the plan, by the layout of its recorded calls
 of the graph): a module that ran only now or a branch the plan never saw is planned again on
 that batch.
 
+Per-position columns (token-level logits (B, T, C), column (k, t) nonzero at position t only)
+are split at the vocabulary head where the logits are the output of a closed-form matrix head
+z_t = W h_t + b (``nn.Linear``, ``Conv1D``, or a Linear tied to an ``nn.Embedding``), called once,
+up to autograd nodes that move no entry to another position (a clone, a dtype cast, a view of
+the same shape, a slice of the positions: ``_head_offset`` walks the chain at each batch).
+``accumulate_positions`` then takes each column as its (B, C) slice u at position t: the head's
+own squares for all columns at once (its rule on the B T (input, position) pairs as inputs of
+one position), u W at the head's input, one batched backward from there for the chunk, and for a
+tied weight the cross term with the embedding's rows. No (B, T, C) tensor is formed per column
+and the chunks are sized for the smaller cost. The check below covers the split (its gradients
+at the recorded outputs come from the same split on the checked batch); a failed check refuses
+it for the engine.
+
 Self-verification: on the first batch of every traced structure (once per model: a later pass
 over the same model with the same recorded structure relies on the earlier proof) the engine
 draws balanced random signs s_x (half +1, half -1) and compares, per parameter,
@@ -556,7 +569,12 @@ class _MatmulRule(_Rule):
         gl0, cols0 = self.unfolded(ctx, 0, 1)
         n_out, L, n_in = gl0.shape[2], gl0.shape[3], cols0.shape[1]
         gram = L < K
-        per_input = (n_out + n_in) * L * L if gram else K * n_out * n_in + n_in * L
+        if L == 1:  # the columns fold: their squares (K, b, O) and the inputs' (b, I), no product
+            per_input = K * n_out + n_in
+        elif gram:
+            per_input = (n_out + n_in) * L * L
+        else:
+            per_input = K * n_out * n_in + n_in * L
         if ctx.dtype == acc_dtype:
             chunk = ctx.chunk(ctx.square_bytes * per_input)
         else:
@@ -564,7 +582,7 @@ class _MatmulRule(_Rule):
             # output gradients and inputs; the direct one squares a cast copy of its products.
             a = torch.empty((), dtype=acc_dtype).element_size()
             copies = a * (K * n_out * L + n_in * L)
-            own = a * per_input if gram else ctx.square_bytes * K * n_out * n_in
+            own = a * per_input if gram or L == 1 else ctx.square_bytes * K * n_out * n_in
             chunk = ctx.chunk(copies + own)
         for lo in range(0, B, chunk):
             gl, cols = self.unfolded(ctx, lo, min(B, lo + chunk))
@@ -825,6 +843,79 @@ def _tied_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -
     return True
 
 
+#: autograd nodes that may lie between a vocabulary head's output and the logits without moving
+#: an entry to another position or class: a clone (the recording's own), a dtype cast, a view or
+#: alias of the same shape. A slice along the positions (``shift_labels``) is read separately.
+_POSITIONWISE = frozenset(
+    {
+        "CloneBackward0",
+        "ToCopyBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "AliasBackward0",
+        "ReshapeAliasBackward0",
+        "_ReshapeAliasBackward0",
+    }
+)
+
+
+def _head_offset(logits: Tensor, head_out: Tensor) -> int | None:
+    """The offset o with logits[:, t] = head_out[:, t + o] (up to a dtype cast), when the autograd
+    chain from ``logits`` (B, T, C) back to ``head_out`` (B, T', C) holds nothing but
+    ``_POSITIONWISE`` nodes of unchanged shape and slices of the positions with step 1; else None.
+    """
+    if logits.ndim != 3 or head_out.ndim != 3 or head_out.grad_fn is None:
+        return None
+    if logits.shape[0] != head_out.shape[0] or logits.shape[2] != head_out.shape[2]:
+        return None
+    node, target = logits.grad_fn, head_out.grad_fn
+    shape, offset = tuple(logits.shape), 0
+    for _ in range(64):
+        if node is None:
+            return None
+        if node is target:
+            return offset if shape == tuple(head_out.shape) else None
+        nxt = [f for f, _ in node.next_functions if f is not None]
+        if len(nxt) != 1:
+            return None
+        name = type(node).__name__
+        size = getattr(node, "_saved_self_sym_sizes", None)
+        if name == "SliceBackward0":
+            size = tuple(cast(Any, size))
+            dim, start, step = node._saved_dim, node._saved_start, node._saved_step  # type: ignore[attr-defined]
+            if len(size) != 3 or dim != 1 or step != 1 or (size[0], size[2]) != shape[::2]:
+                return None
+            start = start - 2**64 if start >= 2**63 else start  # stored unsigned
+            offset += min(max(start + size[1] if start < 0 else start, 0), size[1])
+            shape = size
+        elif name not in _POSITIONWISE or (size is not None and tuple(size) != shape):
+            return None
+        node = nxt[0]
+    return None
+
+
+@dataclass
+class _HeadSplit:
+    """A closed-form matrix head (``nn.Linear``, ``Conv1D``) called once, whose output is the
+    logits with positions shifted by ``offset`` (``_head_offset``); ``tied``: the
+    ``nn.Embedding`` handler sharing its weight, if any."""
+
+    handler: _Handler
+    call: _Call
+    offset: int
+    tied: _Handler | None
+
+    @property
+    def x(self) -> Tensor:
+        """The head's input (B, T', D), as recorded (part of the graph)."""
+        return cast(Tensor, self.call.leaves[cast(int, self.call.input_index())])
+
+    def weight(self, dtype: torch.dtype) -> Tensor:
+        """The head's weight as a (C, D) matrix in ``dtype``."""
+        w = cast(Tensor, cast(Any, self.handler.module).weight).detach()
+        return (w.t() if self.handler.rule == "hf_conv1d" else w).to(dtype)
+
+
 class _NormRule(_Rule):
     """Affine parameters of LayerNorm, RMSNorm, GroupNorm and BatchNorm (running statistics).
 
@@ -1040,6 +1131,9 @@ class PerInputEngine:
     next forward.
     """
 
+    #: split per-position columns at a closed-form vocabulary head (``accumulate_positions``)
+    head_split = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -1090,6 +1184,12 @@ class PerInputEngine:
         #: tracked parameters the graph of the first forward recorded after planning reaches
         self._used: frozenset[str] | None = None
         self._verify_grads: dict[int, list[Tensor]] = {}
+        #: the head split is refused for this engine (its check failed)
+        self._head_split_refused = False
+        #: path of the head the last ``accumulate_positions`` split off (None: not taken)
+        self.split_head: str | None = None
+        #: the most columns one backward of this engine took (a chunk's size)
+        self.max_backward_columns = 0
 
     def fit(self, bytes_each: float, share: float, what: str) -> int:
         """How many items of ``bytes_each`` fit in ``share`` bytes; refuses when not one does."""
@@ -1662,6 +1762,7 @@ class PerInputEngine:
             tuple(sorted(self.model_route)),
             tuple((h.path, h.rule, tuple(h.names.items()), len(h.calls)) for h in self.handlers),
             id(self._trace),
+            self._head_split_refused,
         )
 
     def verified_key(self, dtype: torch.dtype) -> Any:
@@ -1689,6 +1790,7 @@ class PerInputEngine:
             ),
             dtype,
             next(iter(self.params.values())).device.type if self.params else "cpu",
+            self._head_split_refused,
         )
 
     def reset(self) -> None:
@@ -1711,12 +1813,17 @@ class PerInputEngine:
                         )
 
     def _output_grads(
-        self, logits: Tensor, cot: Tensor
+        self, logits: Tensor, cot: Tensor, calls: list[tuple[_Handler, _Call]] | None = None
     ) -> list[tuple[_Handler, _Call, list[Tensor]]]:
-        calls = [(h, c) for h in self.handlers or [] for c in h.calls]
+        """Gradients ``(K, *output.shape)`` at the outputs of ``calls`` (default: every recorded
+        call) for the K cotangents ``cot`` of ``logits`` (or of any tensor of the graph upstream
+        of the logits), through one batched backward."""
+        if calls is None:
+            calls = [(h, c) for h in self.handlers or [] for c in h.calls]
         outputs = [o for _, c in calls for o in c.outputs]
         if not outputs:
             return []
+        self.max_backward_columns = max(self.max_backward_columns, cot.shape[0])
         grads = batched_grad(logits, outputs, cot)
         it = iter(grads)
         out = []
@@ -1752,6 +1859,202 @@ class PerInputEngine:
         if self.model_route:
             self._model_route_sum_squares(logits, cotangents, acc, weight)
 
+    # Per-position columns split at the vocabulary head ------------------------------------------
+    def _head_split_for(self, logits: Tensor) -> _HeadSplit | None:
+        """The recorded call whose output is the logits up to ops that keep every position
+        (``_head_offset``), when it is a closed-form matrix head (``linear``/``hf_conv1d`` rule,
+        batch first, called once) whose parameters are its own or, for the weight only, shared with
+        one ``nn.Embedding`` call (tied input and output embeddings); else None (also with a
+        whole-model route, or once a check refused the split)."""
+        if (
+            not self.head_split
+            or self._head_split_refused
+            or self.model_route
+            or logits.ndim != 3
+            or not logits.requires_grad
+        ):
+            return None
+        for h in self.handlers or []:
+            if h.rule not in ("linear", "hf_conv1d") or len(h.calls) != 1:
+                continue
+            c = h.calls[0]
+            i = c.input_index()
+            if i is None or len(c.outputs) != 1 or c.leaf_dims[i] != 0 or c.out_dims != [0]:
+                continue
+            x = c.leaves[i]
+            if not isinstance(x, Tensor) or x.ndim != 3:
+                continue
+            y = c.outputs[0]
+            offset = _head_offset(logits, y)
+            if offset is None or offset < 0 or offset + logits.shape[1] > y.shape[1]:
+                continue
+            shared = [n for n in h.names.values() if n in self.shared]
+            if not shared:
+                return _HeadSplit(h, c, offset, None)
+            if h.rule != "linear" or shared != [h.names.get("weight")]:
+                return None
+            uses = [g for g in self.handlers or [] if g is not h and shared[0] in g.names.values()]
+            if len(uses) != 1 or uses[0].rule != "embedding" or len(uses[0].calls) != 1:
+                return None
+            return _HeadSplit(h, c, offset, uses[0])
+        return None
+
+    def accumulate_positions(
+        self, logits: Tensor, cotangents: Tensor, acc: dict[str, Tensor], weight: float = 1.0
+    ) -> bool:
+        """Per-position columns of token-level logits (B, T, C) split at the vocabulary head.
+
+        Column (k, t) of input x is ``cotangents[k, x]`` kept at position t only (zero elsewhere),
+        the columns ``_per_position`` would hand to :meth:`accumulate` one chunk at a time. When
+        the logits are the output of a closed-form matrix head z_t = W h_t + b (``_head_split_for``)
+        nothing dense over (B, T, C) is formed per column:
+
+        * the head's own per-input gradients u ⊗ h_t (weight) and u (bias), u = u_{k,x,t}, are
+          squared and summed over every column at once by the Linear rule's one-position (L = 1)
+          product over the B T rows: sum_{x,t} (sum_k u_{k,x,t}^2) h_{x,t}^2;
+        * the gradient at the head's input is u W (B, D) at position t only, and one batched
+          backward from the head's input (``batched_grad``) gives the gradients at every
+          other recorded output; a chunk holds as many columns as the shares of the cap allow for
+          those gradients (``column_bytes``) and the (B, C) slices of the columns
+          (``cotangent_bytes``), many more positions than the dense columns would;
+        * a weight tied to an ``nn.Embedding`` (input x's gradient A + S, A = u h_t^T from the
+          head, S from the lookups) adds the embedding's squares and the cross term 2 A S on the
+          looked-up rows, sum_k u_v (h_t . S_v) for token v.
+
+        Columns zero for every input (masked positions) are skipped. The engine's check covers
+        this route: on a batch where it applies, the check's gradients at the recorded outputs
+        come from the same split (u W at the head's input, the backward from there, u at the
+        head), so its signed sums use the per-input gradients the accumulation uses; a failed
+        check refuses the split for this engine and checks the dense route instead.
+
+        Returns False, doing nothing, where the split does not apply (the caller then takes the
+        dense per-position columns).
+        """
+        assert self.handlers is not None
+        split = self._head_split_for(logits)
+        if split is None:
+            self.split_head = None
+            return False
+        _, B, _, C = cotangents.shape
+        self._batch_size = B
+        self._check_versions()
+        self.split_head = split.handler.path
+        c, x = split.call, split.x
+        y = c.outputs[0]
+        body = [(h, cl) for h in self.handlers for cl in h.calls if cl is not c]
+        backward = any(cl.outputs for _, cl in body) and x.requires_grad
+        es = cotangents.element_size()
+        # Per column: the gradients at the recorded outputs; the embedding rule's buffers (its
+        # rows, their sums and squares in the accumulation dtype, not chunked); the gradient at
+        # the head's input and about three more of the largest output's size alive inside the
+        # backward; the (B, C) slice and (B, D) product at the head. Sized (and refused) before
+        # anything is allocated.
+        acc_size = torch.empty((), dtype=self._dtype()).element_size()
+        sizes = [o.numel() * o.element_size() for _, cl in body for o in cl.outputs]
+        per_column = sum(sizes) + 4 * max([x.numel() * x.element_size(), *sizes])
+        per_column += sum(
+            4 * acc_size * o.numel() for h, cl in body if h.rule == "embedding" for o in cl.outputs
+        )
+        per_column += B * C * es + B * x.shape[-1] * y.element_size()
+        n = min(
+            self.fit(per_column, self.column_bytes, "the output gradients of one column"),
+            self.fit(B * C * es, self.cotangent_bytes, "the cotangents of one column"),
+        )
+        self._head_sum_squares(split, cotangents, acc, weight)
+        if not backward:
+            return True
+        ts, ks = torch.nonzero(cotangents.ne(0).any(-1).any(1).t(), as_tuple=True)  # t-major
+        w = split.weight(y.dtype)
+        tied = split.tied.names["weight"] if split.tied is not None else None
+        for j0 in range(0, ts.numel(), n):
+            kj, tj = ks[j0 : j0 + n], ts[j0 : j0 + n]
+            u = cotangents[kj, :, tj]  # (m, B, C): column j at its position
+            gx = x.new_zeros((len(kj), *x.shape))
+            gx[torch.arange(len(kj), device=x.device), :, tj + split.offset] = (
+                u.to(y.dtype) @ w
+            ).to(x.dtype)
+            grad_map = self._output_grads(x, gx, body)
+            del gx
+            self._accumulate_chunk(grad_map, acc, weight, frozenset({tied} if tied else ()))
+            if split.tied is not None:
+                emb = next((e for e in grad_map if e[0] is split.tied), None)
+                if emb is not None:
+                    ctx = self._ctx(emb[0], emb[1], emb[2], dict(emb[0].names))
+                    _RULES["embedding"].sum_squares(ctx, acc, weight)
+                    self._tied_cross(split, ctx, u, tj, acc, weight)
+        return True
+
+    def _head_sum_squares(
+        self, split: _HeadSplit, cotangents: Tensor, acc: dict[str, Tensor], weight: float
+    ) -> None:
+        """acc += weight * the squares of the head's own per-input gradients over every
+        per-position column: its rule on the B T (input, position) pairs as inputs of one
+        position each (L = 1 folds the columns)."""
+        h, c = split.handler, split.call
+        K, B, T, C = cotangents.shape
+        x = split.x.detach()[:, split.offset : split.offset + T]
+        rows = B * T
+        call = _Call([x.reshape(rows, x.shape[-1])], None, [0], [], [0], [], [0], [0])
+        g = cotangents.to(c.outputs[0].dtype).reshape(K, rows, C)
+        saved = self._batch_size
+        self._batch_size = rows
+        try:
+            _RULES[h.rule].sum_squares(self._ctx(h, call, [g], dict(h.names)), acc, weight)
+        finally:
+            self._batch_size = saved
+
+    def _tied_cross(
+        self,
+        split: _HeadSplit,
+        emb: _Ctx,
+        u: Tensor,
+        tj: Tensor,
+        acc: dict[str, Tensor],
+        weight: float,
+    ) -> None:
+        """acc[W] += 2 weight sum over the chunk's columns j and inputs x of A * S: A = u_j h_t^T
+        from the head (u_j the column's (C,) slice at its position t = tj[j]), S the embedding's
+        rows; on the rows v that x looks up, sum_j u_{j,v} h_t * S_{j,v} (one (m, R, D) product
+        per input, R distinct tokens)."""
+        tok, gk = cast(_EmbeddingRule, _RULES["embedding"])._rows(emb)  # (B, S), (m, B, S, D)
+        target = acc[emb.names["weight"]]
+        dt = target.dtype
+        h = split.x.detach()[:, tj + split.offset].to(dt)  # (B, m, D)
+        for b in range(tok.shape[0]):
+            uniq, inv = torch.unique(tok[b], return_inverse=True)
+            s_rows = gk.new_zeros(gk.shape[0], uniq.numel(), gk.shape[-1]).index_add_(
+                1, inv, gk[:, b]
+            )
+            a = u[:, b][:, uniq].to(dt)  # (m, R)
+            cross = torch.einsum("mr,md,mrd->rd", a, h[b], s_rows.to(dt))
+            target.index_add_(0, uniq, cross, alpha=2 * weight)
+
+    def _split_check_grads(
+        self, split: _HeadSplit, u: Tensor, calls: list[tuple[_Handler, _Call]]
+    ) -> dict[int, list[Tensor]]:
+        """The check's gradients at every recorded output (by ``id`` of the call) for the
+        column ``u`` (B, T, C), as the head split computes them: u at the head's output, u W
+        at its input and a backward from there to the other outputs."""
+        c, x = split.call, split.x
+        y = c.outputs[0]
+        gy = torch.zeros((1, *y.shape), dtype=y.dtype, device=y.device)
+        gy[0, :, split.offset : split.offset + u.shape[1]] = u
+        out = {id(c): [gy]}
+        body = [(h, cl) for h, cl in calls if cl is not c]
+        grads = (
+            self._output_grads(x, (gy @ split.weight(y.dtype)).to(x.dtype), body)
+            if x.requires_grad
+            else []
+        )
+        for _, cl, gs in grads:
+            out[id(cl)] = gs
+        for _, cl in body:  # outputs the head's input does not reach
+            out.setdefault(
+                id(cl),
+                [torch.zeros((1, *o.shape), dtype=o.dtype, device=o.device) for o in cl.outputs],
+            )
+        return out
+
     def _ctx(self, h: _Handler, c: _Call, gs: list[Tensor], names: dict[str, str]) -> _Ctx:
         acc = self._dtype()
         dtype = self.product_dtype if _RULES[h.rule].model_dtype_products else acc
@@ -1762,7 +2065,10 @@ class PerInputEngine:
         grad_map: list[tuple[_Handler, _Call, list[Tensor]]],
         acc: dict[str, Tensor],
         weight: float,
+        skip: frozenset[str] = frozenset(),
     ) -> None:
+        """The rules' sums of squares for one chunk of columns; the shared parameters ``skip``
+        are left to the caller."""
         for h, c, gs in grad_map:
             single = {loc: g for loc, g in h.names.items() if g not in self.shared}
             if single:
@@ -1771,7 +2077,7 @@ class PerInputEngine:
             return
         # Shared parameters: per-input gradients summed over every use, then squared.
         B = self._batch_size
-        for name in self.shared:
+        for name in self.shared - skip:
             uses = [
                 (h, c, gs, loc) for h, c, gs in grad_map for loc, g in h.names.items() if g == name
             ]
@@ -1949,16 +2255,34 @@ class PerInputEngine:
         # Two plain backwards, each to what it is needed for: u to the recorded outputs (the
         # engine's input), s u to the parameters (the reference). One batched backward of both
         # columns to outputs and parameters computes twice the gradients and is slower.
-        out_grads = (
-            [
-                None if g is None else g.unsqueeze(0)
-                for g in torch.autograd.grad(
-                    logits, outputs, u, retain_graph=True, allow_unused=True
+
+        def output_grads(split: _HeadSplit | None) -> dict[int, list[Tensor]]:
+            """The gradients at the recorded outputs, by the route the accumulation takes."""
+            if split is not None:
+                return self._split_check_grads(
+                    split, u, [(h, c) for h in handlers for c in h.calls]
                 )
-            ]
-            if outputs
-            else []
-        )
+            out_grads = (
+                [
+                    None if g is None else g.unsqueeze(0)
+                    for g in torch.autograd.grad(
+                        logits, outputs, u, retain_graph=True, allow_unused=True
+                    )
+                ]
+                if outputs
+                else []
+            )
+            it = iter(out_grads)
+            return {
+                id(c): [
+                    torch.zeros((1, *o.shape), dtype=o.dtype, device=o.device) if g is None else g
+                    for g, o in zip((next(it) for _ in c.outputs), c.outputs)
+                ]
+                for c in calls
+            }
+
+        handlers = self.handlers
+        split = self._head_split_for(logits) if logits.ndim == 3 else None
         dtype = self._dtype()
 
         def reference() -> dict[str, Tensor]:
@@ -1969,14 +2293,7 @@ class PerInputEngine:
             return dict(zip(names, _owned(grads, params, dtype, signed)))
 
         ref = reference()
-        it = iter(out_grads)
-        self._verify_grads = {
-            id(c): [
-                torch.zeros((1, *o.shape), dtype=o.dtype, device=o.device) if g is None else g
-                for g, o in zip((next(it) for _ in c.outputs), c.outputs)
-            ]
-            for c in calls
-        }
+        self._verify_grads = output_grads(split)
         rtol = VERIFY_RTOL.get(logits.dtype, 1e-4)
         for attempt in range(8):
             if attempt:  # the last attempt overwrote the reference with its differences
@@ -2002,6 +2319,19 @@ class PerInputEngine:
                 self._verified.add(self.structure_key())
                 _VERIFIED.setdefault(self.model, set()).add(self.verified_key(logits.dtype))
                 return
+            if split is not None:
+                # The split's gradients differ: the dense columns from now on, checked again.
+                logger.info(
+                    "lightning_fisher: splitting the per-position columns at head %r failed the "
+                    "per-input check (%s); dense per-position columns instead.",
+                    split.handler.path,
+                    next(iter(bad.values())),
+                )
+                self.log.append(f"{split.handler.path}: head split refused")
+                self._head_split_refused = True
+                split = None
+                self._verify_grads = output_grads(None)
+                continue
             self._fall_back(bad)
         raise FisherInputError("The per-input gradients could not be verified.")
 
