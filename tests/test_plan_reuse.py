@@ -4,6 +4,8 @@ changed between passes, a forgotten proof. Every result equals a pass planned fr
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -151,3 +153,29 @@ def test_a_batch_reaching_parameters_the_plan_never_saw_is_planned_again() -> No
     assert float(fb["extra.weight"].abs().sum()) > 0
     for n in both:
         torch.testing.assert_close(both[n], (fa[n] + fb[n]) / 2, rtol=1e-5, atol=1e-9)
+
+
+def test_an_sdpa_gpt2_with_shared_position_ids_over_several_passes(engines: list) -> None:
+    """Everything at once on a tiny GPT-2: sdpa attention (MATH during the pass), default (1, T)
+    position ids (expanded to the batch), the per-position split at the tied head,
+    a float64 model so the dense reference decides, and a reused plan from the second pass on."""
+    transformers = pytest.importorskip("transformers")
+    from dense_reference import max_relative_error
+    from test_hf_conv1d_rule import case
+
+    base, data, kw, ref = case()
+    model = copy.deepcopy(base)
+    model.set_attn_implementation("sdpa")
+    assert isinstance(model, transformers.GPT2LMHeadModel)
+    per_input.forget_verified(model)
+    rows = counted(model.transformer)
+    for pass_ in range(2):
+        rows.clear()
+        for method, want in (("exact", ref.exact()), ("empirical", ref.empirical())):
+            got = lf.estimate_fisher(model, data, method=method, **kw)
+            err, where = max_relative_error(dict(got.items()), want)
+            assert err <= 1e-6, f"pass {pass_} {method}: {err:.2e} on {where}"
+        if pass_:  # no planning forward and no expansion proof: one forward per batch and method
+            assert rows == [len(b["input_ids"]) for b in data] * 2, rows
+    assert all(e.expanded == {"transformer.wpe"} for e in engines)
+    assert all(e.split_head is not None for e in engines)
