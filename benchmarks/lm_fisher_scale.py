@@ -16,10 +16,11 @@ one batch of ``--batch`` sequences of ``--seq-len`` tokens, labels = input ids
 
 Every row: ``model``, ``params``, ``dtype``, ``seq_len``, ``method``, ``granularity``,
 ``seconds`` (median of the timed runs of one batch, after one untimed run: the timed runs are
-later passes over the same model, which reuse the engine's plan of the first), ``ratio_to_step``, ``peak_mib`` (CUDA peak
-allocated during the row above what was allocated before it: the model, its optimizer state and
-earlier rows' leftovers are excluded). Fisher rows run with ``verify=False`` unless ``--verify``
-(the self-check runs once per pass, on its first batch; here every pass is one batch). The report
+later passes over the same model, which reuse the engine's plan of the first),
+``ratio_to_step``, ``peak_mib`` (CUDA peak allocated during the row above what was allocated
+before it: the model, its optimizer state and earlier rows' leftovers are excluded). Fisher rows
+run with ``verify=False`` unless ``--verify`` (the self-check then runs in the untimed first
+pass, and the timed passes rely on its proof). The report
 is rewritten after every row, so a run stopped by a time limit keeps the rows that finished;
 ``--row-cap`` bounds one row's repeats and ``--total-cap`` skips rows that would start after it.
 
