@@ -15,7 +15,9 @@ Protocol per method (every EWC row, plus NONE):
 1. search: seed 0 over lambda = 10^(c - span * step) .. 10^(c + span * step) (``--step`` decades
    apart, 1 by default) around the method's centre c; while the best lambda sits at an edge of
    what was tried, the grid grows one step that way (``--max-extend`` times), so the chosen lambda
-   is bracketed;
+   is bracketed; with ``--flat-tolerance d`` it stops growing when the edge beats its neighbour by
+   less than d points (a curve flat within the seeds' noise, where more lambdas would chase
+   noise; the report marks such a lambda "edge, flat");
 2. final: the best lambda on ``--seeds`` fresh seeds (1..S), which give the reported mean and
    standard error (seed 0 only selects lambda, so the mean carries no selection bias).
 
@@ -311,9 +313,16 @@ class Plan:
         lambdas: list[float] | None,
         reuse_search_seed: bool = False,
         step: float = 1.0,
+        flat_tolerance: float | None = None,
     ) -> None:
         if not step > 0:
             raise SystemExit(f"error: --step must be a positive number of decades; got {step}.")
+        if flat_tolerance is not None and not flat_tolerance >= 0:
+            raise SystemExit(
+                f"error: --flat-tolerance must be a non-negative number of points; got "
+                f"{flat_tolerance}."
+            )
+        self.flat_tolerance = flat_tolerance
         self.methods = list(methods)
         first = SEARCH_SEED if reuse_search_seed else SEARCH_SEED + 1
         self.final_seeds = list(range(first, first + seeds))
@@ -354,7 +363,12 @@ class Plan:
         assert best is not None
         lo, hi = min(tried), max(tried)
         extended = len(tried) - len(window)
-        if extended < self.max_extend and not self.lambdas and best in (lo, hi):
+        if (
+            extended < self.max_extend
+            and not self.lambdas
+            and best in (lo, hi)
+            and not self.flat_at_edge(method)
+        ):
             factor = 10.0**self.step
             nxt = best / factor if best == lo else best * factor
             return [cell_key(method, nxt, SEARCH_SEED)], False
@@ -412,9 +426,23 @@ class Plan:
                     if m == "NONE" or best is None or not math.isfinite(self.search(m)[best])
                     else self.search(m)[best],
                     "lambda_bracketed": None if m == "NONE" else searched and self._bracketed(m),
+                    "lambda_flat_at_edge": None if m == "NONE" else self.flat_at_edge(m),
                 }
             )
         return rows
+
+    def flat_at_edge(self, method: str) -> bool:
+        """The best lambda is at an edge and beats its neighbour by less than
+        ``flat_tolerance`` points (always False without a tolerance)."""
+        tried = self.search(method)
+        best = self.best_lambda(method)
+        if self.flat_tolerance is None or best is None or len(tried) < 2:
+            return False
+        order = sorted(tried)
+        if best not in (order[0], order[-1]):
+            return False
+        neighbour = order[1] if best == order[0] else order[-2]
+        return tried[best] - tried[neighbour] < self.flat_tolerance
 
     def _bracketed(self, method: str) -> bool:
         tried = self.search(method)
@@ -592,7 +620,7 @@ def write_report(
     for r in rows:
         lam = "—" if r["best_lambda"] is None else f"1e{math.log10(r['best_lambda']):.0f}"
         if r["best_lambda"] is not None and not r["lambda_bracketed"]:
-            lam += " (edge)"
+            lam += " (edge, flat)" if r.get("lambda_flat_at_edge") else " (edge)"
         acc = _fmt(r["mean_acc"], ".2f") + ("" if r["sem"] is None else f" ± {r['sem']:.2f}")
         lines.append(
             f"| {r['method']} | {lam} | {acc} | {r['n_seeds']} | "
@@ -676,6 +704,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-extend", type=int, default=4, help="extra decades when the best is at an edge"
+    )
+    p.add_argument(
+        "--flat-tolerance",
+        type=float,
+        help="stop widening a search whose best lambda, at an edge, beats its neighbour by less "
+        "than this many accuracy points (default: widen up to --max-extend)",
     )
     p.add_argument(
         "--lambdas", type=float, nargs="+", help="one fixed grid for every method instead"
@@ -818,6 +852,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.lambdas,
         args.reuse_search_seed,
         args.step,
+        args.flat_tolerance,
     )
     plan.done = read_cells(cells_path, settings)
     command = "python -m recipes.reproduce " + shlex.join(sys.argv[1:] if argv is None else argv)

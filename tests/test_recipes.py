@@ -578,3 +578,34 @@ def test_batched_lambda_scaling_writes_rows_fit_and_figure_and_resumes(tmp_path:
     assert len(cells) == 3 * (2 + 1)
     scaling.main(argv)
     assert (tmp_path / "batched_lambda_scaling.cells.jsonl").read_text().splitlines() == cells
+
+
+def test_a_flat_edge_stops_the_search_with_a_tolerance() -> None:
+    """A curve flat within the tolerance at its edge is not widened (and the report says so);
+    without a tolerance, or where the edge really climbs, it is."""
+
+    def run(flat: float | None, slope: float) -> tuple[dict[str, object], int]:
+        plan = reproduce.Plan(
+            ["EXACT"],
+            seeds=1,
+            centres={"EXACT": 3},
+            span=1,
+            max_extend=3,
+            lambdas=None,
+            flat_tolerance=flat,
+        )
+        while todo := plan.todo():
+            for method, lam, seed in todo:
+                acc = 19.0 + slope * (3 - math.log10(lam))  # best at the low edge
+                plan.done[(method, lam, seed)] = {"avg_acc": acc, "fisher_seconds": 0.1}
+        (row,) = plan.rows()
+        return row, len(plan.search("EXACT"))
+
+    row, tried = run(0.5, slope=0.1)  # the edge beats its neighbour by 0.1 < 0.5
+    assert tried == 3 and row["lambda_flat_at_edge"] and not row["lambda_bracketed"]
+    row, tried = run(None, slope=0.1)
+    assert tried == 6 and not row["lambda_flat_at_edge"]  # widened up to max_extend
+    row, tried = run(0.5, slope=1.0)
+    assert tried == 6 and not row["lambda_flat_at_edge"]  # a real climb is followed
+    with pytest.raises(SystemExit, match="flat-tolerance"):
+        reproduce.Plan(["EXACT"], 1, {"EXACT": 3}, 1, 1, None, flat_tolerance=-1.0)
