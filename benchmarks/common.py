@@ -29,6 +29,19 @@ def versions(*extra: str) -> dict[str, str | None]:
     return out
 
 
+def rank_environment(rank: int, world: int, port: int) -> None:
+    """The environment variables a process of a one-host process group (and Lightning's
+    strategies inside it) read: rank ``rank`` of ``world``, rendezvous on localhost:``port``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+    )
+
+
 def device_name(device: torch.device | str = "cpu") -> str:
     """The GPU's name, or the CPU's with its core and torch thread counts."""
     device = torch.device(device)

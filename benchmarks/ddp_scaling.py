@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import max_rel_diff
+from benchmarks.common import max_rel_diff, rank_environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,14 +98,7 @@ def make_data(n: int, dims: tuple[int, ...], seed: int) -> tuple[torch.Tensor, t
 
 def _worker(rank: int, world: int, port: int, cfg: Config, out_dir: str) -> None:
     warnings.filterwarnings("ignore")
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
+    rank_environment(rank, world, port)
     import lightning.pytorch as pl
 
     import lightning_fisher as lf

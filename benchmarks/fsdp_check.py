@@ -74,7 +74,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_fisher import _json as strict_json
 
-from .common import max_rel_diff, versions
+from .common import max_rel_diff, rank_environment, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -372,14 +372,7 @@ def lightning_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     import lightning_fisher as lf
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
+    rank_environment(rank, world, port)
     torch.set_num_threads(1)
 
     def fsdp() -> ModelParallelStrategy:
@@ -457,14 +450,7 @@ def fsdp1_worker(
     """FSDP1 (``FullyShardedDataParallel``, ``use_orig_params=True``) in plain PyTorch, then
     ``lf.EWC`` under Lightning's ``FSDPStrategy``: one spawn for both (the plain group on a
     port of its own, destroyed before Lightning makes its group)."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(ports[1]),  # Lightning's group
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
+    rank_environment(rank, world, ports[1])  # Lightning's group
     torch.set_num_threads(1)
     init = f"tcp://127.0.0.1:{ports[0]}"
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -821,14 +807,7 @@ def diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_dir: s
     import lightning_fisher as lf
     from lightning_fisher.diagnostics import compute_diagnostics
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(ports[1]),  # Lightning's group
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
+    rank_environment(rank, world, ports[1])  # Lightning's group
     torch.set_num_threads(1)
     # A port of its own: a client of the next group must not reach this group's store
     init = f"tcp://127.0.0.1:{ports[0]}"
@@ -990,14 +969,7 @@ def fsdp1_diagnostics_worker(rank: int, world: int, ports: tuple[int, int], out_
         whole_parameters,
     )
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(ports[1]),  # Lightning's group
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
+    rank_environment(rank, world, ports[1])  # Lightning's group
     torch.set_num_threads(1)
     init = f"tcp://127.0.0.1:{ports[0]}"
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)

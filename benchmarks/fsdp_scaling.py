@@ -83,7 +83,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from benchmarks.common import device_name, fmt, max_rel_diff, versions
+from benchmarks.common import device_name, fmt, max_rel_diff, rank_environment, versions
 from benchmarks.ddp_scaling import _free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -502,14 +502,7 @@ def _work(rank: int, world: int, strategy: str, cfg: Config, out_dir: str) -> No
 
 def _worker(rank: int, world: int, port: int, strategy: str, cfg: Config, out_dir: str) -> None:
     warnings.filterwarnings("ignore")
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(world),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
+    rank_environment(rank, world, port)
     if cfg.cpu:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world)
