@@ -179,3 +179,41 @@ def test_an_sdpa_gpt2_with_shared_position_ids_over_several_passes(engines: list
             assert rows == [len(b["input_ids"]) for b in data] * 2, rows
     assert all(e.expanded == {"transformer.wpe"} for e in engines)
     assert all(e.split_head is not None for e in engines)
+
+
+class OutsideUse(Branchy):
+    """With ``use_extra``, ``a.weight`` is used once more outside its module: the module calls
+    (and so the recorded layout) stay the same, only the graph's uses of the weight change."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if self.use_extra:
+            h = h + torch.tanh(nn.functional.linear(x, self.a.weight))
+        return self.head(h)
+
+
+def test_a_parameter_used_once_more_outside_its_module_is_planned_again() -> None:
+    torch.manual_seed(0)
+    model = OutsideUse()
+    data = batches()
+    fresh(model, data, "exact")
+    model.use_extra = True  # a later pass: the kept plan knows one use of a.weight
+    same(lf.estimate_fisher(model, data, "exact"), fresh(model, data, "exact"))
+    # within one pass: the second batch adds the use
+    model.use_extra = False
+    per_input.forget_verified(model)
+    xa, ya = batches(1, seed=4)[0]
+    xb, yb = batches(1, seed=5)[0]
+
+    class Switch(OutsideUse):
+        def forward(self, x: Tensor) -> Tensor:
+            self.use_extra = bool(x[0, 0] > 0)
+            return super().forward(x)
+
+    switch = Switch()
+    switch.load_state_dict(model.state_dict())
+    xa[0, 0], xb[0, 0] = -1.0, 1.0
+    both = fresh(switch, [(xa, ya), (xb, yb)], "exact")
+    fa, fb = fresh(switch, [(xa, ya)], "exact"), fresh(switch, [(xb, yb)], "exact")
+    for n in both:
+        torch.testing.assert_close(both[n], (fa[n] + fb[n]) / 2, rtol=1e-5, atol=1e-9)

@@ -40,9 +40,9 @@ Plans are reused: a later batch of a pass, and a later pass over the same model 
 the model's last plan, not one a failed check changed), record with the plan they have, without
 a planning forward; the check itself is kept per structure (``_VERIFIED``). Every
 recorded forward is compared with the plan, by the layout of its recorded calls
-(``same_layout``) and by the tracked parameters its autograd graph reaches (``same_uses``, a walk
-of the graph): a module that ran only now or a branch the plan never saw is planned again on
-that batch.
+(``same_layout``) and by the tracked parameters its autograd graph reaches and how often it uses
+each (``same_uses``, a walk of the graph): a module that ran only now, a branch the plan never
+saw or a parameter used once more outside its module is planned again on that batch.
 
 Per-position columns (token-level logits (B, T, C), column (k, t) nonzero at position t only)
 are split at the vocabulary head where the logits are the output of a closed-form matrix head
@@ -190,7 +190,7 @@ class _Plan:
     expand_refused: dict[str, str]
     log: list[str]
     messages: list[tuple[Any, ...]]
-    used: frozenset[str] | None
+    used: frozenset[tuple[str, int]] | None
 
 
 #: The last plan per model. A later pass reuses it, skipping the planning forward, as a later
@@ -199,9 +199,11 @@ class _Plan:
 _PLANS: weakref.WeakKeyDictionary[nn.Module, _Plan] = weakref.WeakKeyDictionary()
 
 
-def _graph_leaves(root: Tensor, ids: dict[int, str]) -> frozenset[str]:
-    """Names (``ids``: id -> name) of the tracked parameters ``root``'s autograd graph reaches."""
-    used: set[str] = set()
+def _parameter_uses(root: Tensor, ids: dict[int, str]) -> frozenset[tuple[str, int]]:
+    """(name, uses) of every tracked parameter (``ids``: id -> name) that ``root``'s autograd
+    graph reaches, ``uses`` counting the graph's edges into that parameter: a parameter used
+    once more (a second use outside its module, say) changes its count."""
+    uses: dict[str, int] = {}
     seen: set[Any] = set()
     stack = [root.grad_fn]
     while stack:
@@ -209,11 +211,14 @@ def _graph_leaves(root: Tensor, ids: dict[int, str]) -> frozenset[str]:
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        variable = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf tensor
-        if variable is not None and id(variable) in ids:
-            used.add(ids[id(variable)])
-        stack.extend(f for f, _ in fn.next_functions)
-    return frozenset(used)
+        for nxt, _ in fn.next_functions:
+            variable = getattr(nxt, "variable", None)  # an AccumulateGrad node: a leaf tensor
+            if variable is not None and id(variable) in ids:
+                name = ids[id(variable)]
+                uses[name] = uses.get(name, 0) + 1
+            else:
+                stack.append(nxt)
+    return frozenset(uses.items())
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -1182,7 +1187,7 @@ class PerInputEngine:
         #: the whole-model route's log records of this plan (repeated when a pass reuses it)
         self._messages: list[tuple[Any, ...]] = []
         #: tracked parameters the graph of the first forward recorded after planning reaches
-        self._used: frozenset[str] | None = None
+        self._used: frozenset[tuple[str, int]] | None = None
         self._verify_grads: dict[int, list[Tensor]] = {}
         #: the head split is refused for this engine (its check failed)
         self._head_split_refused = False
@@ -1260,11 +1265,12 @@ class PerInputEngine:
         )
 
     def same_uses(self, logits: Tensor) -> bool:
-        """False when this forward's graph reaches other tracked parameters than the forward
-        recorded right after planning (a branch the plan never saw, a module called only now):
+        """False when this forward's graph reaches other tracked parameters, or uses one of them
+        a different number of times, than the forward recorded right after planning (a branch the
+        plan never saw, a module called only now, a parameter used again outside its module):
         plan again on this batch. Shapes alone cannot tell (a module that did not run in the
-        planning forward is not recorded at all)."""
-        used = _graph_leaves(logits, {id(p): n for n, p in self.params.items()})
+        planning forward is not recorded at all; a use outside a module is not recorded)."""
+        used = _parameter_uses(logits, {id(p): n for n, p in self.params.items()})
         if self._used is None:
             self._used = used
         return used == self._used
