@@ -1,6 +1,9 @@
-"""Small models shared by the tests: an MLP, a CNN with BatchNorm, a tiny transformer."""
+"""Small models shared by the tests: an MLP, a CNN with BatchNorm, a tiny transformer, a tiny
+random-weight GPT-2 from ``transformers``."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,3 +76,32 @@ def seeded(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) 
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     return model.to(dtype)
+
+
+def random_gpt2(
+    vocab: int,
+    *,
+    positions: int = 16,
+    width: int = 8,
+    layers: int = 1,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    **config: Any,
+) -> nn.Module:
+    """A random-weight ``transformers`` GPT-2 LM head model with 2 heads (eager attention unless
+    ``attn_implementation`` is in ``config``), initialised under ``torch.manual_seed(seed)``, in
+    ``dtype`` and eval mode. The caller skips the test when ``transformers`` is missing."""
+    import transformers
+
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_embd=width,
+        n_layer=layers,
+        n_head=2,
+        n_positions=positions,
+        bos_token_id=0,
+        eos_token_id=0,
+        **{"attn_implementation": "eager", **config},
+    )
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from dense_reference import DenseReference, dense_reference, max_relative_error
+from models import random_gpt2
 from torch import Tensor, nn
 
 import lightning_fisher as lf
@@ -55,18 +56,7 @@ def _ids(n: int, seed: int) -> tuple[Tensor, Tensor]:
 
 
 def gpt2_case() -> tuple[nn.Module, list[Any], dict[str, Any]]:
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    model = random_gpt2(VOCAB, attn_implementation="sdpa")
     ids, mask = _ids(5, 3)
     batches = [
         hf.with_lm_labels({"input_ids": ids[i:j], "attention_mask": mask[i:j]})

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import random_gpt2
 from torch import Tensor, nn
 
 import lightning_fisher as lf
@@ -31,19 +32,8 @@ PRODUCT_RTOL = 2.0**-7
 
 
 def tiny_gpt2() -> tuple[nn.Module, list[Any], dict[str, Any]]:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(
-        vocab_size=40,
-        n_embd=16,
-        n_layer=2,
-        n_head=2,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    pytest.importorskip("transformers")
+    model = random_gpt2(40, width=16, layers=2, dtype=torch.float32)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 40, (6, 8), generator=gen)
     mask = (torch.arange(8) < torch.tensor([8, 5, 8, 8, 3, 8])[:, None]).long()

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from dense_reference import DenseReference, dense_reference, draw_labels, max_relative_error
+from models import random_gpt2
 from torch import Tensor, nn
 
 import lightning_fisher as lf
@@ -35,18 +36,7 @@ def one_thread() -> Any:
 
 
 def tiny_gpt2() -> nn.Module:
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    model = random_gpt2(VOCAB)
     for m in model.modules():  # larger than GPT-2's init, so no Conv1D gradient is near zero
         if isinstance(m, Conv1D):
             nn.init.normal_(m.weight, std=0.4)

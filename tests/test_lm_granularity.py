@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from dense_reference import DenseReference, dense_reference, draw_labels, max_relative_error
+from models import random_gpt2
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -69,19 +70,8 @@ def plain_case() -> tuple[nn.Module, list[Any], dict[str, Any]]:
 
 
 def gpt2_case() -> tuple[nn.Module, list[Any], dict[str, Any]]:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    pytest.importorskip("transformers")
+    model = random_gpt2(VOCAB)
     ids, mask = _ids(5, 3)
     ids = ids.masked_fill(mask == 0, 0)
     batches = [

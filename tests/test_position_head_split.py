@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from dense_reference import dense_reference, max_relative_error
+from models import random_gpt2
 from torch import Tensor, nn
 
 import lightning_fisher as lf
@@ -63,20 +64,8 @@ def _batches(crop: int = 0) -> list[tuple[Tensor, Tensor]]:
 
 
 def _gpt2(tied: bool) -> tuple[nn.Module, list[Any], dict[str, Any]]:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        n_positions=T,
-        bos_token_id=0,
-        eos_token_id=0,
-        tie_word_embeddings=tied,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    pytest.importorskip("transformers")
+    model = random_gpt2(VOCAB, positions=T, tie_word_embeddings=tied)
     assert (model.lm_head.weight is model.transformer.wte.weight) == tied
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 5, (3, T), generator=gen)

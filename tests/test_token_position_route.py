@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 from dense_reference import dense_reference, max_relative_error
+from models import random_gpt2
 from torch import Tensor, nn
 
 import lightning_fisher as lf
@@ -67,19 +68,8 @@ def _batches() -> list[tuple[Tensor, Tensor]]:
 
 
 def _gpt2(position_ids: bool = False) -> tuple[nn.Module, list[Any], dict[str, Any]]:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        n_positions=T,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    pytest.importorskip("transformers")
+    model = random_gpt2(VOCAB, positions=T)
     assert model.lm_head.weight is model.transformer.wte.weight
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 5, (4, T), generator=gen)

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from models import random_gpt2
 from reference import dense_fisher, per_input_jacobians, per_label_grads, unflatten
 from torch import Tensor, nn
 
@@ -54,18 +55,7 @@ def tiny_bert(n_classes: int = 3, seed: int = 0) -> nn.Module:
 
 
 def tiny_gpt2(vocab: int = VOCAB, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
-    cfg = transformers.GPT2Config(
-        vocab_size=vocab,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        n_positions=16,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+    return random_gpt2(vocab, width=16, dtype=dtype, seed=seed)
 
 
 def padded_ids(n: int = 5, seed: int = 1) -> tuple[Tensor, Tensor]:
