@@ -18,6 +18,7 @@ import torch
 from dense_reference import DenseReference, dense_reference, max_relative_error
 from models import random_gpt2
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lightning_fisher as lf
 from lightning_fisher import hf
@@ -192,6 +193,18 @@ def test_several_probes_batch_their_backward_through_sdpa(fallback_warnings: Non
         torch.testing.assert_close(many[name], single[name], rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["hutchinson", "batched"])
+def test_one_cotangent_passes_keep_the_fused_kernels_and_the_same_estimate(method: str) -> None:
+    """A pass whose only backward is one plain backward keeps the model's fused attention; its
+    estimate is the one under MATH up to rounding."""
+    model, batches, kw, _ = case("gpt2")
+    fused = lf.estimate_fisher(model, batches, method=method, probes=1, seed=4, **kw)
+    with sdpa_kernel(SDPBackend.MATH):
+        math = lf.estimate_fisher(model, batches, method=method, probes=1, seed=4, **kw)
+    for name in fused:
+        torch.testing.assert_close(fused[name], math[name], rtol=1e-4, atol=1e-9)
+
+
 def test_fused_attention_backward_would_loop_under_vmap(fallback_warnings: None) -> None:
     """The check above can fail: outside the pass (the fused CPU kernel, the model's default),
     a batched backward through the same model loops over the attention backward."""
@@ -221,9 +234,16 @@ class _BackendSpy(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "args", [dict(method="empirical"), dict(method="hutchinson", probes=2), dict(method="batched")]
+    "args, math",
+    [
+        (dict(method="empirical"), True),
+        (dict(method="exact", max_memory_mib=1e-6), True),  # the engine, one column at a time
+        (dict(method="hutchinson", probes=2), True),
+        (dict(method="hutchinson", probes=1), False),  # one plain backward: the fused kernels
+        (dict(method="batched"), False),
+    ],
 )
-def test_backend_only_changes_inside_the_pass(args: dict[str, Any]) -> None:
+def test_backend_only_changes_inside_the_pass(args: dict[str, Any], math: bool) -> None:
     model, batches, _, _ = case("encoder_batch_first")
     spy = _BackendSpy(model)
     x = batches[0][0]
@@ -235,7 +255,7 @@ def test_backend_only_changes_inside_the_pass(args: dict[str, Any]) -> None:
     assert flags[0], "the flash backend is enabled by default"
     before = model(x).detach()
     lf.estimate_fisher(spy, batches, progress=False, **args)  # type: ignore[arg-type]
-    assert spy.flash and not any(spy.flash)  # MATH inside the pass
+    assert spy.flash and all(flash is not math for flash in spy.flash)
     after = (
         torch.backends.cuda.flash_sdp_enabled(),
         torch.backends.cuda.mem_efficient_sdp_enabled(),
@@ -243,3 +263,24 @@ def test_backend_only_changes_inside_the_pass(args: dict[str, Any]) -> None:
     )
     assert after == flags
     assert torch.equal(model(x).detach(), before)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_batched_grad_equals_one_backward_per_cotangent(k: int) -> None:
+    """Entry i stacks the K products of inputs[i] (None for an input the outputs do not reach),
+    by vmap for K > 1 and by one plain backward for K = 1."""
+    gen = torch.Generator().manual_seed(k)
+    w = torch.randn(4, 3, generator=gen, requires_grad=True)
+    unused = torch.randn(2, requires_grad=True)
+    x = torch.randn(5, 4, generator=gen, requires_grad=True)
+    out = torch.tanh(x @ w).softmax(-1)
+    cot = torch.randn(k, *out.shape, generator=gen)
+    got = batched_grad(out, [w, unused, x], cot)
+    assert got[1] is None
+    for i, inp in [(0, w), (2, x)]:
+        want = torch.stack(
+            [torch.autograd.grad(out, inp, c, retain_graph=True)[0] for c in cot.unbind(0)]
+        )
+        g = got[i]
+        assert g is not None and g.shape == (k, *inp.shape)
+        torch.testing.assert_close(g, want, rtol=1e-6, atol=1e-7)

@@ -12,11 +12,12 @@ Two kinds of estimator plug into it:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -100,6 +101,11 @@ class Estimator:
     ) -> Iterator[tuple[Tensor, float]]:
         """Cotangents for the whole batch, one per probe, with their weights."""
         raise NotImplementedError
+
+    @property
+    def cotangents_per_batch(self) -> int:
+        """How many cotangents ``batch_cotangents`` yields for one batch."""
+        return 1
 
     def normaliser(self, n_inputs: int, n_batches: int) -> float:
         return float(n_inputs)
@@ -317,6 +323,18 @@ def _first_rows(forward: Callable[[Any], ModelOutputs], batch: Any, rows: int) -
     return forward(slice_batch(batch, rows)).logits
 
 
+def _attention_for(estimators: list[Estimator]) -> AbstractContextManager[None]:
+    """Attention through its MATH backend (``batched_attention``) unless every backward of the
+    pass is a plain one of one cotangent: the fused kernels have no batching rule for their
+    backward, so a backward of many cotangents at once (the engine's columns, several probes)
+    would run them once per cotangent. The per-input engine always records under MATH, whatever
+    its column count, so that its per-layer rules see one attention graph. Both backends compute
+    the same attention, up to floating-point rounding."""
+    if any(e.per_input for e in estimators) or sum(e.cotangents_per_batch for e in estimators) > 1:
+        return batched_attention()
+    return contextlib.nullcontext()
+
+
 def run_passes(
     model: nn.Module,
     loader: Iterable[Any],
@@ -359,12 +377,7 @@ def run_passes(
             model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
         )
 
-    # Attention through its MATH backend: the fused kernels have no batching rule for their
-    # backward, so a backward of many cotangents at once (the engine's columns, several probes)
-    # would run it once per cotangent. Both backends compute the same attention, up to
-    # floating-point rounding; every pass uses MATH, one-cotangent passes included, so that an
-    # estimate does not depend on which other estimators share its pass.
-    with eval_mode(model), batched_attention():
+    with eval_mode(model), _attention_for(estimators):
         for batch in _progress(loader, opts.progress, f"Fisher ({label})"):
             if opts.max_batches is not None and n_batches >= opts.max_batches:
                 break

@@ -29,7 +29,12 @@ def batched_grad(
     """``torch.autograd.grad(outputs, inputs, cotangents, is_grads_batched=True,
     retain_graph=True, allow_unused=True)`` by ``torch.func.vmap``: entry i is the
     ``(K, *inputs[i].shape)`` stack of the K products, or None when ``outputs`` does not depend on
-    ``inputs[i]``."""
+    ``inputs[i]``. One cotangent takes a plain backward (no vmap around it)."""
+    if cotangents.shape[0] == 1:
+        grads = torch.autograd.grad(
+            outputs, inputs, cotangents[0], retain_graph=True, allow_unused=True
+        )
+        return tuple(None if g is None else g.unsqueeze(0) for g in grads)
     used: list[bool] = []
 
     def one(v: Tensor) -> tuple[Tensor, ...]:

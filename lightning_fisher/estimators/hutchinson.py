@@ -71,6 +71,10 @@ class HutchinsonEstimator(Estimator):
         for _ in range(probes):
             yield self.kernel_cotangent(p, prepared, generator), 1.0
 
+    @property
+    def cotangents_per_batch(self) -> int:
+        return int(self.options.probes)
+
     def normaliser(self, n_inputs: int, n_batches: int) -> float:
         return float(n_inputs * self.options.probes)
 
