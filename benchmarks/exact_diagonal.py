@@ -375,7 +375,7 @@ def curvlinops_hutchinson(case: Case) -> Diag:
     try:
         from curvlinops import GGNLinearOperator, hutchinson_diag
     except ImportError as e:
-        raise Skip("curvlinops-for-pytorch is not installed") from e
+        raise Skip(f"curvlinops-for-pytorch is not importable ({e})") from e
     model = LogitsOnly(case.model) if case.kind == "bert" else case.model
     params = named_params(case.model)
     data = [(case.x, case.y)]
@@ -593,8 +593,8 @@ def run_model(name: str, device: torch.device, args: argparse.Namespace) -> list
             None,
             note="one GGN matvec; stochastic, not compared",
         )
-    except ImportError:
-        skipped["curvlinops-hutchinson-diag"] = "curvlinops-for-pytorch is not installed"
+    except ImportError as e:
+        skipped["curvlinops-hutchinson-diag"] = f"curvlinops-for-pytorch is not importable ({e})"
     try:
         import nngeometry  # noqa: F401
 
