@@ -9,6 +9,7 @@ import torch
 from conftest import Case, make_case
 from reference import dense_fisher, per_label_grads, unflatten
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lightning_fisher as lf
 
@@ -193,7 +194,9 @@ def test_low_precision_models_accumulate_in_float32() -> None:
 
 
 def test_one_pass_for_several_methods_equals_separate_passes() -> None:
-    """estimate_fishers shares the forwards only: every result equals its own estimate_fisher."""
+    """estimate_fishers shares the forwards only: every result equals its own estimate_fisher
+    (bitwise under the same attention backend; a one-probe pass alone keeps the fused kernel,
+    which agrees to rounding)."""
     c = make_case("transformer_tokens")
     specs = [
         "exact",
@@ -206,9 +209,13 @@ def test_one_pass_for_several_methods_equals_separate_passes() -> None:
     together = lf.estimate_fishers(c.model, c.loader, specs)
     for spec, fd in zip(specs, together):
         spec = {"method": spec} if isinstance(spec, str) else spec
-        alone = lf.estimate_fisher(c.model, c.loader, **spec)  # type: ignore[arg-type]
+        with sdpa_kernel(SDPBackend.MATH):  # the shared pass's backend
+            alone = lf.estimate_fisher(c.model, c.loader, **spec)  # type: ignore[arg-type]
         assert fd.method == alone.method and fd.options == alone.options
         assert all(torch.equal(fd[k], alone[k]) for k in alone)
+        fused = lf.estimate_fisher(c.model, c.loader, **spec)  # type: ignore[arg-type]
+        for k in alone:
+            torch.testing.assert_close(fused[k], alone[k], rtol=1e-4, atol=1e-10)
     with pytest.raises(ValueError, match="Per-method options"):
         lf.estimate_fishers(c.model, c.loader, [{"method": "exact", "classes": [0]}])
 
@@ -230,3 +237,19 @@ def test_confident_float32_model_matches_its_float64_twin(method: str) -> None:
     for name, w in want.items():
         rel = float((got[name].double() - w).abs().max() / w.abs().max())
         assert rel < 1e-4, (name, rel)
+
+
+@pytest.mark.parametrize("draws", [None, 3])
+def test_label_cotangent_equals_one_hot_minus_p_bitwise(draws: int | None) -> None:
+    from lightning_fisher.estimators.empirical import minus_p_plus_one_at
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(4, 6, 11, generator=gen, dtype=torch.float64).softmax(-1)
+    shape = (4, 6) if draws is None else (draws, 4, 6)
+    index = torch.randint(0, 11, shape, generator=gen)
+    want = torch.nn.functional.one_hot(index, 11).to(p.dtype) - p
+    got = minus_p_plus_one_at(p, index)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.equal(
+        p, torch.randn(4, 6, 11, generator=gen.manual_seed(0), dtype=p.dtype).softmax(-1)
+    )  # p untouched

@@ -345,7 +345,8 @@ def run_passes(
 
     Data options (``max_samples``, ``max_batches``, ``output_fn``, ``classes``, ``param_filter``,
     ...) come from the first estimator; each estimator keeps its own seed, so every result equals
-    what a pass of that estimator alone gives. ``observe(out)``, if given, sees the outputs of
+    what a pass of that estimator alone gives (up to rounding where that pass alone would keep a
+    fused attention kernel, see ``_attention_for``). ``observe(out)``, if given, sees the outputs of
     every batch with at least one input (statistics of p that need no extra forward).
     """
     # Sharded (FSDP) models: the pass keeps the Fisher sharded like the parameters.

@@ -14,7 +14,6 @@ quantity, not an estimate of the token-level one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..outputs import FisherInputError, ModelOutputs
@@ -30,16 +29,25 @@ def true_label_cotangent(out: ModelOutputs, p: Tensor) -> Tensor:
             "This estimator needs labels, but the batch has none (expected `batch[1]` or a "
             "`labels` entry shaped like the logits without their class dimension)."
         )
-    labels = out.labels.clamp_min(0)
-    counted = out.labels[out.mask]
-    too_big = counted[counted >= p.shape[-1]]
-    if too_big.numel():
+    too_big = (out.labels >= p.shape[-1]) & out.mask
+    if bool(too_big.any()):  # the batch's one host sync here
+        found = sorted(set(out.labels[too_big][:5].tolist()))
         raise FisherInputError(
-            f"Found labels {sorted(set(too_big[:5].tolist()))} >= the number of classes "
+            f"Found labels {found} >= the number of classes "
             f"C = {p.shape[-1]} of the logits; expected class indices in [0, {p.shape[-1]}). "
             "Check the number of output units (or `classes=`) against the data's labels."
         )
-    return F.one_hot(labels, p.shape[-1]).to(p.dtype) - p
+    return minus_p_plus_one_at(p, out.labels.clamp_min(0))
+
+
+def minus_p_plus_one_at(p: Tensor, index: Tensor) -> Tensor:
+    """e_index - p along the last dimension, ``index`` shaped like ``p`` without it (or with a
+    leading dimension of draws, broadcast against ``p``): a scatter into -p, with no one-hot
+    tensor of indices (int64, as large as ``p``) and the same rounding as e - p."""
+    shape = (*index.shape, p.shape[-1])
+    cot = (-p).expand(shape).clone() if tuple(p.shape) != shape else -p
+    at = index.unsqueeze(-1)
+    return cot.scatter_(-1, at, cot.gather(-1, at) + 1)
 
 
 class EmpiricalEstimator(Estimator):

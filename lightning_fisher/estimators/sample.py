@@ -16,11 +16,11 @@ sequences instead: E = (1/N_seq) sum_s sum_t F_{s,t}.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..outputs import ModelOutputs
 from .base import Estimator
+from .empirical import minus_p_plus_one_at
 
 
 class SampleEstimator(Estimator):
@@ -39,5 +39,4 @@ class SampleEstimator(Estimator):
             raise ValueError(f"mc_samples must be at least 1; got {k}.")
         flat = p.reshape(-1, p.shape[-1])
         draws = torch.multinomial(flat.float(), k, replacement=True, generator=generator)  # (n, k)
-        onehot = F.one_hot(draws.T, p.shape[-1]).to(p.dtype).reshape(k, *p.shape)
-        return onehot - p.unsqueeze(0), 1.0 / k
+        return minus_p_plus_one_at(p, draws.T.reshape(k, *p.shape[:-1])), 1.0 / k
