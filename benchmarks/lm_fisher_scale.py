@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lightning_fisher as lf
 from benchmarks.common import device_name, fmt, versions
@@ -77,7 +78,7 @@ FULL = (
         12,
         50257,
         8192,
-        ("step", "hutchinson", "sample-token", "empirical-sequence", "empirical-token"),
+        ("step", "hutchinson", "sample-token", "empirical-sequence", "backward", "empirical-token"),
     ),
     ModelSpec(
         "gpt2-1.3b", 24, 2048, 16, 50257, 24576, ("step", "hutchinson", "sample-token", "ewc")
@@ -216,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default="",
         help="comma-separated '<model>:<row>' substrings (e.g. '1.3b:ewc,small:sample'; rows: "
-        "step, hutchinson, sample-token, empirical-sequence, empirical-token, ewc); the step of "
-        "a model always runs when one of its rows does",
+        "step, hutchinson, sample-token, empirical-sequence, backward, empirical-token, ewc); the "
+        "step of a model always runs when one of its rows does",
     )
     ap.add_argument("--batch", type=int, default=None, help="sequences per batch (default 8)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 512)")
@@ -311,6 +312,7 @@ def run_model(
         "seq_len": seq_len,
     }
     step_s: float | None = None
+    backward_s: float | None = None
 
     def emit(row: dict[str, Any]) -> None:
         r = {**base, **row}
@@ -370,6 +372,11 @@ def run_model(
             if row == "ewc":
                 emit(ewc_row(model, opt, batch, meter, step))
                 continue
+            if row == "backward":
+                r = backward_row(model, batch, meter)
+                backward_s = r["seconds"]
+                emit({**r, "ratio_to_step": None if step_s is None else backward_s / step_s})
+                continue
             data, scale, note = [batch], 1.0, ""
             if row == "empirical-token":  # T columns per batch: fewer sequences, one run
                 m = min(args.position_seqs, batch_n)
@@ -382,6 +389,9 @@ def run_model(
             else:
                 s, peak, n = meter(functools.partial(fisher, data, method, extra))
             s *= scale
+            if row == "empirical-token" and backward_s is not None:
+                floor = seq_len * backward_s
+                note += f"; floor {seq_len} x backward = {floor:.1f} s, {s / floor:.2f}x of it"
             emit(
                 {
                     "method": method,
@@ -404,6 +414,29 @@ def run_model(
                     "note": f"failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}",
                 }
             )
+
+
+def backward_row(model: nn.Module, batch: dict[str, Any], meter: Meter) -> dict[str, Any]:
+    """One backward of the batch from a random cotangent on the logits, its graph recorded once
+    under MATH attention (as a Fisher pass records it): the per-position route's unit, of which
+    its arithmetic is T (one column per position; the head split saves the head's share)."""
+    model.eval()
+    with sdpa_kernel(SDPBackend.MATH):
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    params = [p for p in model.parameters() if p.requires_grad]
+    cot = torch.randn_like(logits)
+
+    def backward() -> None:
+        torch.autograd.grad(logits, params, cot, retain_graph=True)
+
+    s, peak, n = meter(backward)
+    return {
+        "method": "backward",
+        "granularity": None,
+        "seconds": s,
+        "peak_mib": peak,
+        "note": f"one backward of the batch, graph kept (MATH attention), {n} runs",
+    }
 
 
 def ewc_row(

@@ -8,7 +8,10 @@ configs with random weights.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -428,22 +431,24 @@ def test_a_cap_below_one_column_is_refused_before_allocating(
         lf.estimate_fisher(model, [(ids, ids)], method="sample", max_memory_mib=8)
 
 
-def test_scale_benchmark_writes_its_rows(tmp_path: Any) -> None:
-    """The H200 benchmark's code path on CPU: one model, a step and token-level `sample`."""
-    import json
-    import sys
-    from pathlib import Path
-
+def _scale_benchmark(tmp_path: Path, only: str, seq_len: int) -> dict[str, dict[str, Any]]:
+    """Rows of the H200 benchmark's code path on CPU (tiny configs), by method."""
     pytest.importorskip("transformers")
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)
     from benchmarks import lm_fisher_scale
 
-    args = ["--quick", "--only", "small:sample", "--seq-len", "8", "--batch", "2"]
-    assert lm_fisher_scale.main([*args, "--repeats", "1", "--out", str(tmp_path)]) == 0
+    args = ["--quick", "--only", only, "--seq-len", str(seq_len), "--batch", "2", "--repeats", "1"]
+    assert lm_fisher_scale.main([*args, "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "lm_fisher_scale_quick.json").read_text())
-    rows = {r["method"]: r for r in report["rows"]}
+    assert "| gpt2-small" in (tmp_path / "lm_fisher_scale_quick.md").read_text()
+    return {r["method"]: r for r in report["rows"]}
+
+
+def test_scale_benchmark_writes_its_rows(tmp_path: Path) -> None:
+    """One model, a step and token-level `sample`."""
+    rows = _scale_benchmark(tmp_path, "small:sample", 8)
     assert set(rows) == {"train-step", "sample"}
     fields = {"model", "params", "dtype", "seq_len", "method", "granularity", "seconds"}
     for r in rows.values():
@@ -453,4 +458,12 @@ def test_scale_benchmark_writes_its_rows(tmp_path: Any) -> None:
     assert (
         rows["sample"]["ratio_to_step"] == rows["sample"]["seconds"] / rows["train-step"]["seconds"]
     )
-    assert "| gpt2-small" in (tmp_path / "lm_fisher_scale_quick.md").read_text()
+
+
+def test_scale_benchmark_sets_the_position_route_against_its_floor(tmp_path: Path) -> None:
+    """The per-position row against T backwards of the batch (its arithmetic)."""
+    rows = _scale_benchmark(tmp_path, "small:backward,small:empirical-token", 6)
+    assert set(rows) == {"train-step", "backward", "empirical"}
+    b, e = rows["backward"]["seconds"], rows["empirical"]
+    assert b > 0 and rows["backward"]["ratio_to_step"] == b / rows["train-step"]["seconds"]
+    assert f"floor 6 x backward = {6 * b:.1f} s, {e['seconds'] / (6 * b):.2f}x of it" in e["note"]
