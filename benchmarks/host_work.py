@@ -1,0 +1,319 @@
+"""Host work per batch: aten ops, Python calls and CPU time of a Fisher pass on small models.
+
+On a GPU, the MLPs of the exact-diagonal benchmark are bound by the host: every aten op is one
+or more kernel launches plus the Python around it, so the number of ops dispatched and of Python
+calls made per batch sets the time long before the arithmetic does. This benchmark counts them
+on CPU, where no GPU is needed::
+
+    python -m benchmarks.host_work                # -> results/host_work_cpu.{json,md}
+
+For each MLP of ``benchmarks.exact_diagonal`` (same widths and batch sizes, ``--n`` to change
+one), and for each implementation (a training step, ours ``exact`` and ``empirical`` through
+``lf.estimate_fisher``, BackPACK's ``DiagGGNExact`` and ``SumGradSquared`` when BackPACK is
+installed), it runs the implementation twice (our plan and the self-check's proof are then kept
+with the model: the steady state of a later pass), then on the third run counts
+
+* ``aten_ops``: the aten ops dispatched (a ``TorchDispatchMode`` counter, also per op name);
+  ``kernel_ops``: those that are not views or metadata (``detach``, ``view``, ``permute``,
+  ``_unsafe_view``, ``promote_types``, ...), about the ops that launch a kernel on a GPU;
+* ``python_calls``: every Python and builtin function call of the run (cProfile's total);
+* ``seconds``: the median wall time of ``--repeats`` runs (CPU, ``--threads`` torch threads).
+
+Ours run a pass of one batch, as the exact-diagonal benchmark times them, which includes the
+pass's own work (the accumulators, the final NaN/Inf checks); ``aten_ops_per_batch`` is the
+number that one more batch of the same pass adds (a pass of two batches minus one of one).
+``--before FILE`` adds the counts of an earlier run (the JSON this script wrote, with earlier
+code on the path) to the report, for a before/after table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import gc
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lightning_fisher as lf
+from benchmarks.common import device_name
+from benchmarks.common import versions as base_versions
+from benchmarks.exact_diagonal import (
+    Case,
+    Skip,
+    backpack_model,
+    backpack_run,
+    build_case,
+    train_step,
+)
+from lightning_fisher import _json as strict_json
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODELS = ("mlp-784-512-512-10", "mlp-3072-1024-1024-100", "mlp-2048-1024-1024-1000")
+#: ops that move no data: views, aliases, dtype queries
+METADATA_OPS = frozenset({"aten._unsafe_view", "aten.promote_types", "aten.lift_fresh"})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, by name (``aten.mm``) and in total; ops that
+    are views or metadata (``METADATA_OPS``) are also counted apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.metadata = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        if getattr(func, "is_view", False) or name in METADATA_OPS:
+            self.metadata += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def count_ops(fn: Callable[[], Any]) -> OpCounter:
+    with OpCounter() as counter:
+        fn()
+    return counter
+
+
+def python_calls(fn: Callable[[], Any]) -> int:
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        fn()
+    finally:
+        prof.disable()
+    return int(pstats.Stats(prof).total_calls)  # type: ignore[attr-defined]
+
+
+def implementations(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """name -> (run the whole thing once, run a pass of two batches or None), or the reason it
+    is skipped (a string)."""
+    out: dict[str, Any] = {"train-step": (train_step(case), None)}
+    for method in ("exact", "empirical"):
+        model = copy.deepcopy(case.model)  # its own plan and proof, kept across runs
+
+        def ours(batches: int, model: Any = model, method: str = method) -> None:
+            lf.estimate_fisher(
+                model,
+                [case.batch()] * batches,
+                method=method,
+                max_memory_mib=args.max_memory_mib,
+                progress=False,
+            )
+
+        out[f"ours-{method}"] = (lambda f=ours: f(1), lambda f=ours: f(2))
+    for impl, ext in (
+        ("backpack-diagggn-exact", "DiagGGNExact"),
+        ("backpack-sum-grad-squared", "SumGradSquared"),
+    ):
+        try:
+            bp = backpack_model(case)
+        except Skip as why:
+            out[impl] = str(why)
+            continue
+        out[impl] = (lambda bp=bp, ext=ext: backpack_run(bp, case, ext), None)
+    return out
+
+
+def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    case = build_case(name, torch.device("cpu"), args)
+    print(f"\n== {name}: N={case.n}", flush=True)
+    rows = []
+    for impl, spec in implementations(case, args).items():
+        if isinstance(spec, str):
+            rows.append({"model": name, "implementation": impl, "note": f"skipped: {spec}"})
+            print(f"  {impl:26s} skipped: {spec}", flush=True)
+            continue
+        run, run_two = spec
+        for _ in range(2):  # plans and proofs kept: the steady state
+            run()
+        counter = count_ops(run)
+        calls = python_calls(run)
+        per_batch = None
+        if run_two is not None:
+            run_two()
+            per_batch = count_ops(run_two).total - counter.total
+        times = []
+        for _ in range(args.repeats):
+            gc.collect()
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        row = {
+            "model": name,
+            "implementation": impl,
+            "n_inputs": case.n,
+            "aten_ops": counter.total,
+            "kernel_ops": counter.total - counter.metadata,
+            "aten_ops_per_batch": per_batch,
+            "python_calls": calls,
+            "seconds": statistics.median(times),
+            "ops_by_name": dict(counter.ops.most_common()),
+            "note": None,
+        }
+        rows.append(row)
+        print(
+            f"  {impl:26s} {row['aten_ops']:5d} aten ops ({row['kernel_ops']} non-view), "
+            f"{calls:6d} Python calls, {row['seconds'] * 1e3:8.2f} ms",
+            flush=True,
+        )
+    step = next((r["seconds"] for r in rows if r["implementation"] == "train-step"), None)
+    for r in rows:
+        r["ratio_to_step"] = r["seconds"] / step if step and r.get("seconds") else None
+    return rows
+
+
+def _cell(value: Any, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_markdown(path: str, report: dict[str, Any]) -> None:
+    before = {
+        (r["model"], r["implementation"]): r for r in (report.get("before") or {}).get("rows", [])
+    }
+    lines = [
+        f"# {report['name']}",
+        "",
+        f"Device: {report['device']}. Command: `{report['command']}`.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
+        "",
+        "One batch in steady state (the third run: our plan and the self-check's proof are "
+        "reused). `aten ops`: ops dispatched (a `TorchDispatchMode` counter); `non-view`: those "
+        "that are not views or metadata (about the kernel launches on a GPU); `per batch`: what "
+        "one more batch of the same pass adds; `Python calls`: cProfile's total; seconds: "
+        "median wall time on CPU.",
+    ]
+    if before:
+        b = report["before"]
+        lines += [
+            "",
+            f"Before: the same command on the code of {b.get('code', 'an earlier revision')} "
+            f"(`{b.get('command', '')}`), shown as before -> now.",
+        ]
+    lines += [
+        "",
+        "| model | implementation | aten ops | non-view | per batch | Python calls | ms | "
+        "ratio to step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pair(r: dict[str, Any], key: str, spec: str = "") -> str:
+        old = before.get((r["model"], r["implementation"]), {}).get(key)
+        now = _cell(r.get(key), spec)
+        return now if old is None or old == r.get(key) else f"{_cell(old, spec)} -> {now}"
+
+    for r in report["rows"]:
+        if r.get("aten_ops") is None:
+            lines.append(
+                f"| {r['model']} | {r['implementation']} | - | - | - | - | - | - | "
+                + (r.get("note") or "")
+            )
+            continue
+        ms = {**r, "ms": r["seconds"] * 1e3}
+        old = before.get((r["model"], r["implementation"]))
+        if old is not None and old.get("seconds") is not None:
+            before[(r["model"], r["implementation"])] = {**old, "ms": old["seconds"] * 1e3}
+        lines.append(
+            f"| {r['model']} | {r['implementation']} | {pair(r, 'aten_ops')} | "
+            f"{pair(r, 'kernel_ops')} | {pair(r, 'aten_ops_per_batch')} | "
+            f"{pair(r, 'python_calls')} | {pair(ms, 'ms', '.2f')} | "
+            f"{pair(r, 'ratio_to_step', '.2f')} |"
+        )
+    lines += ["", "## Where the ops go", ""]
+    for model in dict.fromkeys(r["model"] for r in report["rows"]):
+        rows = [r for r in report["rows"] if r["model"] == model and r.get("ops_by_name")]
+        names = Counter[str]()
+        for r in rows:
+            names.update(r["ops_by_name"])
+        top = [n for n, _ in names.most_common(args_top(report))]
+        lines += [
+            f"{model}: aten ops per implementation, the {len(top)} most frequent names "
+            "(all implementations together), then the rest.",
+            "",
+            "| op | " + " | ".join(r["implementation"] for r in rows) + " |",
+            "|---|" + "---:|" * len(rows),
+        ]
+        for n in top:
+            lines.append(
+                f"| {n.removeprefix('aten.')} | "
+                + " | ".join(str(r["ops_by_name"].get(n, 0)) for r in rows)
+                + " |"
+            )
+        rest = [sum(v for k, v in r["ops_by_name"].items() if k not in top) for r in rows]
+        lines += ["| (other) | " + " | ".join(map(str, rest)) + " |", ""]
+    if report.get("notes"):
+        lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def args_top(report: dict[str, Any]) -> int:
+    return int(report.get("top_ops", 20))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--n", nargs="*", default=[], metavar="MODEL=N", help="batch size per model")
+    ap.add_argument("--repeats", type=int, default=10, help="timed runs per implementation")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--max-memory-mib", type=float, default=2048.0, help="our engine's memory cap")
+    ap.add_argument("--top-ops", type=int, default=20, help="op names listed per model")
+    ap.add_argument("--before", default=None, help="a JSON this script wrote with earlier code")
+    ap.add_argument("--code", default=None, help="what code ran (a revision), for the report")
+    ap.add_argument("--out", default="host_work_cpu", help="report name, or a path without suffix")
+    args = ap.parse_args(argv)
+    args.n = {k: int(v) for k, v in (s.split("=") for s in args.n)}
+    torch.set_num_threads(args.threads)
+    command = " ".join(
+        ["python -m benchmarks.host_work", *(argv if argv is not None else sys.argv[1:])]
+    )
+    out = args.out if os.sep in args.out else os.path.join(RESULTS, args.out)
+    rows: list[dict[str, Any]] = []
+    notes = []
+    for m in args.models:
+        rows += run_model(m, args)
+    skipped = sorted({r["implementation"] for r in rows if r.get("aten_ops") is None})
+    if skipped:
+        notes.append(f"not run here (not installed in this environment): {', '.join(skipped)}")
+    report: dict[str, Any] = {
+        "name": os.path.basename(out),
+        "command": command,
+        "code": args.code,
+        "device": device_name("cpu"),
+        "versions": base_versions("backpack-for-pytorch"),
+        "repeats": args.repeats,
+        "max_memory_mib": args.max_memory_mib,
+        "top_ops": args.top_ops,
+        "notes": notes,
+        "rows": rows,
+    }
+    if args.before:
+        with open(args.before) as f:
+            old = json.load(f)
+        report["before"] = {k: old.get(k) for k in ("command", "code", "versions", "rows")}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        strict_json.dump(report, f, indent=1)
+    write_markdown(out + ".md", report)
+    print(f"\nwrote {out}.json/.md")
+
+
+if __name__ == "__main__":
+    main()
