@@ -14,7 +14,6 @@ quantity, not an estimate of the token-level one.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..outputs import FisherInputError, ModelOutputs
@@ -30,16 +29,21 @@ def true_label_cotangent(out: ModelOutputs, p: Tensor) -> Tensor:
             "This estimator needs labels, but the batch has none (expected `batch[1]` or a "
             "`labels` entry shaped like the logits without their class dimension)."
         )
-    labels = out.labels.clamp_min(0)
-    counted = out.labels[out.mask]
-    too_big = counted[counted >= p.shape[-1]]
-    if too_big.numel():
+    C = p.shape[-1]
+    # One synchronisation for the range check (a mask, not the counted labels gathered, and no
+    # check of its own inside the one-hot): a small model's GPU pass is bound by the host.
+    too_big = (out.labels >= C) & out.mask
+    if bool(too_big.any()):
+        found = out.labels[too_big]
         raise FisherInputError(
-            f"Found labels {sorted(set(too_big[:5].tolist()))} >= the number of classes "
-            f"C = {p.shape[-1]} of the logits; expected class indices in [0, {p.shape[-1]}). "
+            f"Found labels {sorted(set(found[:5].tolist()))} >= the number of classes "
+            f"C = {C} of the logits; expected class indices in [0, {C}). "
             "Check the number of output units (or `classes=`) against the data's labels."
         )
-    return F.one_hot(labels, p.shape[-1]).to(p.dtype) - p
+    # Inputs that do not count (label -100, masked positions) get any valid index: the caller
+    # zeroes their columns.
+    labels = out.labels.clamp(0, C - 1)
+    return torch.zeros_like(p).scatter_(-1, labels.unsqueeze(-1), 1.0) - p
 
 
 class EmpiricalEstimator(Estimator):

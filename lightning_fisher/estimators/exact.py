@@ -13,7 +13,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from ..kernel import softmax_fisher_sqrt
 from ..outputs import FisherInputError, ModelOutputs
 from .base import Estimator
 
@@ -58,10 +57,11 @@ def reduced_fisher_sqrt(p: Tensor) -> Tensor:
     M = (L R)[:, :C-1] = L[:, :C-1] - 2 L[:, C] w[:C-1]^T / w^T w, using L w = L e_C. C = 2 needs
     one column instead of two, C = 10 nine instead of ten.
     """
-    L = softmax_fisher_sqrt(p)
+    s = p.clamp_min(0).sqrt()
+    # L as kernel.softmax_fisher_sqrt builds it, sharing sqrt(p) with w
+    L = torch.diag_embed(s) - p.unsqueeze(-1) * s.unsqueeze(-2)
     if p.shape[-1] < 2:
         return L
-    w = p.clamp_min(0).sqrt()
-    w[..., -1] += 1
+    w = torch.cat([s[..., :-1], s[..., -1:] + 1], -1)  # sqrt(p) + e_C
     scale = 2 / (w * w).sum(-1, keepdim=True)  # (..., 1)
     return L[..., :, :-1] - (scale.unsqueeze(-1) * L[..., :, -1:]) * w[..., None, :-1]

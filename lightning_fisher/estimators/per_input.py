@@ -363,13 +363,16 @@ class _Ctx:
         assert i is not None
         d = self.call.leaf_dims[i]
         assert d is not None and d >= 0
-        return cast(Tensor, self.call.leaves[i]).detach().movedim(d, 0)[lo:hi].to(self.dtype)
+        x = cast(Tensor, self.call.leaves[i])
+        return _rows(x.detach() if x.requires_grad else x, d, lo, hi).to(self.dtype)
 
     def g(self, lo: int, hi: int, j: int = 0) -> Tensor:
         """Gradient at output j for rows lo:hi, shaped (K, hi - lo, ...)."""
         d = self.call.out_dims[j]
         assert d is not None and d >= 0
-        return self.grads[j].movedim(1 + d, 1)[:, lo:hi].to(self.dtype)
+        g = self.grads[j]
+        g = g.movedim(1 + d, 1) if d else g
+        return (g if lo == 0 and hi >= g.shape[1] else g[:, lo:hi]).to(self.dtype)
 
     def param(self, local: str) -> Tensor:
         return self.engine.params[self.names[local]]
@@ -381,13 +384,19 @@ class _Ctx:
         )
 
 
+def _rows(t: Tensor, d: int, lo: int, hi: int) -> Tensor:
+    """Rows lo:hi of ``t`` along dimension ``d``, moved first; no view op where none is needed
+    (a GPU pass of a small model is bound by the ops it dispatches)."""
+    t = t.movedim(d, 0) if d else t
+    return t if lo == 0 and hi >= t.shape[0] else t[lo:hi]
+
+
 # Per-layer rules ------------------------------------------------------------------------------
 
 
 def _square_bytes(dtype: torch.dtype, acc_dtype: torch.dtype) -> int:
     """Bytes per entry of a tensor in ``dtype`` and its square in ``acc_dtype`` (``_squared``)."""
-    acc = torch.empty((), dtype=acc_dtype).element_size()
-    return 2 * acc if dtype == acc_dtype else torch.empty((), dtype=dtype).element_size() + acc
+    return 2 * acc_dtype.itemsize if dtype == acc_dtype else dtype.itemsize + acc_dtype.itemsize
 
 
 def _squared(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -481,11 +490,16 @@ class _MatmulRule(_Rule):
         """(..., O, I) products reshaped to (..., *shape), transposed first for an (I, O) weight."""
         if self.weight_transposed:
             w = w.transpose(-1, -2)
-        return w.reshape(*w.shape[:-2], *shape)
+        return w if w.shape[-2:] == shape else w.reshape(*w.shape[:-2], *shape)
 
     def unfolded(self, ctx: _Ctx, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         """Output gradients ``gl`` (K, b, O, L) and inputs ``cols`` (b, I, L)."""
         raise NotImplementedError
+
+    def sizes(self, ctx: _Ctx) -> tuple[int, int, int]:
+        """(O, L, I) of :meth:`unfolded`, from the shapes alone."""
+        gl, cols = self.unfolded(ctx, 0, 1)
+        return gl.shape[2], gl.shape[3], cols.shape[1]
 
     def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
         gl, cols = self.unfolded(ctx, lo, hi)
@@ -571,8 +585,7 @@ class _MatmulRule(_Rule):
           sum_k G^2 with U^2.
         """
         B, K, acc_dtype = ctx.B, ctx.K, ctx.acc_dtype
-        gl0, cols0 = self.unfolded(ctx, 0, 1)
-        n_out, L, n_in = gl0.shape[2], gl0.shape[3], cols0.shape[1]
+        n_out, L, n_in = self.sizes(ctx)
         gram = L < K
         if L == 1:  # the columns fold: their squares (K, b, O) and the inputs' (b, I), no product
             per_input = K * n_out + n_in
@@ -585,7 +598,7 @@ class _MatmulRule(_Rule):
         else:
             # 16-bit products: every route but the direct one works on float32 copies of the
             # output gradients and inputs; the direct one squares a cast copy of its products.
-            a = torch.empty((), dtype=acc_dtype).element_size()
+            a = acc_dtype.itemsize
             copies = a * (K * n_out * L + n_in * L)
             own = a * per_input if gram or L == 1 else ctx.square_bytes * K * n_out * n_in
             chunk = ctx.chunk(copies + own)
@@ -611,6 +624,47 @@ class _MatmulRule(_Rule):
                 target.add_(self._weight_shaped(w, target.shape), alpha=weight)
             if "bias" in ctx.names:
                 acc[ctx.names["bias"]].add_(g2.sum(0), alpha=weight)
+
+
+def _folded_bytes(ctx: _Ctx) -> int | None:
+    """The bytes :func:`_folded_sum_squares` allocates for this call of a Linear (or ``Conv1D``)
+    at one position per input (L = 1) whose products are in the accumulation dtype; None for any
+    other call."""
+    rule = _RULES[ctx.handler.rule]
+    if not isinstance(rule, _LinearRule) or ctx.dtype != ctx.acc_dtype:
+        return None
+    n_out, L, n_in = rule.sizes(ctx)
+    if L != 1:
+        return None
+    return ctx.B * ctx.square_bytes * (ctx.K * n_out + n_in)
+
+
+def _folded_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -> None:
+    """The L = 1 route of :meth:`_MatmulRule.sum_squares` for several layers at once, the
+    elementwise steps of all of them as one op each (squares of the output gradients g (K, B, O)
+    and of the inputs a (B, I), the final additions into ``acc``): per layer, the weight gets
+    (sum_k g^2)^T @ a^2 and the bias sum_b sum_k g^2, the same products in the same order as
+    the rule's, so the same numbers, with fewer ops dispatched."""
+    gs, xs = [], []
+    for ctx in ctxs:
+        gl, cols = cast(_LinearRule, _RULES[ctx.handler.rule]).unfolded(ctx, 0, ctx.B)
+        gs.append(gl.squeeze(-1))
+        if "weight" in ctx.names:
+            xs.append(cols.squeeze(-1))
+    g_sq = torch._foreach_mul(gs, gs)
+    x_sq = iter(torch._foreach_mul(xs, xs)) if xs else iter(())
+    targets, values = [], []
+    for ctx, g2k in zip(ctxs, g_sq):
+        g2 = g2k.sum(0)  # (B, O)
+        if "weight" in ctx.names:
+            target = acc[ctx.names["weight"]]
+            rule = cast(_LinearRule, _RULES[ctx.handler.rule])
+            targets.append(target)
+            values.append(rule._weight_shaped(g2.T @ next(x_sq), target.shape))
+        if "bias" in ctx.names:
+            targets.append(acc[ctx.names["bias"]])
+            values.append(g2.sum(0))
+    torch._foreach_add_(targets, values, alpha=weight)
 
 
 #: column blocks of the direct route, each cut at its last position with a nonzero gradient
@@ -676,9 +730,18 @@ class _LinearRule(_MatmulRule):
 
     def unfolded(self, ctx: _Ctx, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         a, g = ctx.x(lo, hi), ctx.g(lo, hi)
+        if a.ndim == 2 and g.ndim == 3:  # (b, I) and (K, b, O): L = 1, one view each
+            return g.unsqueeze(-1), a.unsqueeze(-1)
         K, b = g.shape[0], g.shape[1]
         cols = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
         return g.reshape(K, b, -1, g.shape[-1]).transpose(2, 3), cols
+
+    def sizes(self, ctx: _Ctx) -> tuple[int, int, int]:
+        x = cast(Tensor, ctx.call.leaves[cast(int, ctx.call.input_index())])
+        g = ctx.grads[0]
+        b = g.shape[1 + cast(int, ctx.call.out_dims[0])]
+        n_out = g.shape[-1]
+        return n_out, g.numel() // max(1, g.shape[0] * b * n_out), x.shape[-1]
 
 
 class _HFConv1DRule(_LinearRule):
@@ -729,6 +792,10 @@ class _ConvRule(_MatmulRule):
             ks, st, pd, dl = m.kernel_size, m.stride, m.padding, m.dilation
         cols = F.unfold(a, ks, dilation=dl, padding=pd, stride=st)  # (b, Cin*k, L)
         return g.reshape(K, b, g.shape[2], -1), cols
+
+    def sizes(self, ctx: _Ctx) -> tuple[int, int, int]:
+        m, g = ctx.module, ctx.grads[0]  # g: (K, B, O, *output positions)
+        return g.shape[2], math.prod(g.shape[3:]), m.in_channels * math.prod(m.kernel_size)
 
 
 class _EmbeddingRule(_Rule):
@@ -1149,6 +1216,7 @@ class PerInputEngine:
         self.model = model
         self.params = params
         first = next(iter(params.values())).dtype if params else torch.float32
+        self._acc_dtype = torch.promote_types(first, torch.float32)
         #: dtype of the per-input products (output gradients, per-input gradients): the
         #: model's own for a bfloat16 model (its GEMMs accumulate in float32), else the
         #: accumulation dtype (float16's range could overflow a per-input gradient); squares
@@ -1805,7 +1873,8 @@ class PerInputEngine:
 
     # Accumulation -------------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
-        return torch.promote_types(next(iter(self.params.values())).dtype, torch.float32)
+        """The accumulation dtype: float32, or float64 for float64 models."""
+        return self._acc_dtype
 
     def _check_versions(self) -> None:
         for h in self.handlers or []:
@@ -1856,11 +1925,12 @@ class PerInputEngine:
         self._check_versions()
         calls = [c for h in self.handlers for c in h.calls]
         if calls:
+            K = cotangents.shape[0]
             per_column = sum(o.numel() * o.element_size() for c in calls for o in c.outputs)
-            per_column += cotangents[0].numel() * cotangents.element_size()
+            per_column += cotangents.numel() // max(1, K) * cotangents.element_size()
             k_chunk = self.fit(per_column, self.column_bytes, "the output gradients of one column")
-            for start in range(0, cotangents.shape[0], k_chunk):
-                cot = cotangents[start : start + k_chunk]
+            for start in range(0, K, k_chunk):
+                cot = cotangents if k_chunk >= K else cotangents[start : start + k_chunk]
                 self._accumulate_chunk(self._output_grads(logits, cot), acc, weight)
         if self.model_route:
             self._model_route_sum_squares(logits, cotangents, acc, weight)
@@ -1955,7 +2025,7 @@ class PerInputEngine:
         # the head's input and about three more of the largest output's size alive inside the
         # backward; the (B, C) slice and (B, D) product at the head. Sized (and refused) before
         # anything is allocated.
-        acc_size = torch.empty((), dtype=self._dtype()).element_size()
+        acc_size = self._dtype().itemsize
         sizes = [o.numel() * o.element_size() for _, cl in body for o in cl.outputs]
         per_column = sum(sizes) + 4 * max([x.numel() * x.element_size(), *sizes])
         per_column += sum(
@@ -2075,10 +2145,21 @@ class PerInputEngine:
     ) -> None:
         """The rules' sums of squares for one chunk of columns; the shared parameters ``skip``
         are left to the caller."""
+        folded: list[_Ctx] = []
+        folded_bytes = 0
         for h, c, gs in grad_map:
             single = {loc: g for loc, g in h.names.items() if g not in self.shared}
-            if single:
-                _RULES[h.rule].sum_squares(self._ctx(h, c, gs, single), acc, weight)
+            if not single:
+                continue
+            ctx = self._ctx(h, c, gs, single)
+            size = _folded_bytes(ctx)
+            if size is not None and folded_bytes + size <= self.rule_bytes:
+                folded.append(ctx)
+                folded_bytes += size
+            else:
+                _RULES[h.rule].sum_squares(ctx, acc, weight)
+        if folded:
+            _folded_sum_squares(folded, acc, weight)
         if not self.shared:
             return
         # Shared parameters: per-input gradients summed over every use, then squared.
@@ -2155,7 +2236,7 @@ class PerInputEngine:
         parameters (with its float32 copy and square); the squares add up over columns, so a
         large K is split too."""
         # each gradient as autograd gives it, its copy in the accumulation dtype, the square
-        acc = torch.empty((), dtype=self._dtype()).element_size()
+        acc = self._dtype().itemsize
         per = sum(
             (acc if p.dtype == self._dtype() else p.element_size() + acc) * p.numel()
             + acc * p.numel()
