@@ -36,6 +36,10 @@ module's output (``_prove_expansion``), and from then on runs the module, while 
 recording only, on those inputs expanded to the batch (``x.expand(B, *x.shape[1:])``), so that its
 output has a batch dimension and its rule applies. A failed proof keeps the whole-model route.
 
+Recorded outputs are handed on to the rest of the forward as clones until a forward has shown
+that nothing rewrites them in place, then as they are (their versions checked on every batch; a
+rewritten one is recorded again, cloned): one op and one activation copy fewer per output.
+
 Plans are reused: a later batch of a pass, and a later pass over the same model (``_PLANS``,
 the model's last plan, not one a failed check changed), record with the plan they have, without
 a planning forward; the check itself is kept per structure (``_VERIFIED``). Every
@@ -191,6 +195,8 @@ class _Plan:
     log: list[str]
     messages: list[tuple[Any, ...]]
     used: frozenset[tuple[str, int]] | None
+    uncloned: set[str]
+    cloned: set[str]
 
 
 #: The last plan per model. A later pass reuses it, skipping the planning forward, as a later
@@ -302,6 +308,14 @@ class _Call:
     out_shapes: list[Any]
     leaf_dims: list[int | None] = field(default_factory=list)
     out_dims: list[int | None] = field(default_factory=list)
+    #: the outputs as handed on to the rest of the forward (clones, or ``outputs`` themselves)
+    #: with their version then, until the recording is finished; whether they are clones
+    handed: list[tuple[Tensor, int]] = field(default_factory=list)
+    cloned: bool = True
+
+    def modified(self) -> bool:
+        """Whether an output handed on was modified in place since (by the forward after it)."""
+        return any(t._version != v for t, v in self.handed)
 
     def input_index(self) -> int | None:
         """Index (among the leaves) of the module's first tensor argument."""
@@ -1263,6 +1277,10 @@ class PerInputEngine:
         self.split_head: str | None = None
         #: the most columns one backward of this engine took (a chunk's size)
         self.max_backward_columns = 0
+        #: modules whose outputs are handed on without a clone (a recorded forward left them
+        #: alone), and those whose outputs the forward rewrites in place (kept cloned)
+        self._uncloned: set[str] = set()
+        self._cloned: set[str] = set()
 
     def fit(self, bytes_each: float, share: float, what: str) -> int:
         """How many items of ``bytes_each`` fit in ``share`` bytes; refuses when not one does."""
@@ -1303,6 +1321,8 @@ class PerInputEngine:
         self.log = list(kept.log)
         self._messages = list(kept.messages)
         self._used = kept.used
+        self._uncloned = set(kept.uncloned)
+        self._cloned = set(kept.cloned)
         for message in self._messages:
             logger.info(*message)
         return True
@@ -1330,6 +1350,8 @@ class PerInputEngine:
             log=list(self.log),
             messages=list(self._messages),
             used=self._used,
+            uncloned=set(self._uncloned),
+            cloned=set(self._cloned),
         )
 
     def same_uses(self, logits: Tensor) -> bool:
@@ -1687,9 +1709,12 @@ class PerInputEngine:
     def recording(self, batch_size: int | None = None) -> Iterator[None]:
         """Record the inputs and outputs of every handled module during a forward.
 
-        Each output is handed on as a clone (same shape, dtype and strides), so that an in-place
-        op downstream (ReLU(inplace=True), x += ...) cannot rewrite the tensor whose gradient we
-        take; the module's return value is otherwise unchanged.
+        An in-place op downstream (ReLU(inplace=True), x += ...) must not rewrite the tensor whose
+        gradient we take, so each output is handed on as a clone (same shape, dtype and strides;
+        the module's return value is otherwise unchanged) until a recorded forward has shown that
+        nothing rewrites the module's outputs (``finish_recording``); from then on the outputs
+        themselves are handed on, one op and one copy of the activation fewer per output, and
+        every recorded forward checks their versions: one rewritten is recorded again, cloned.
         """
         assert self.handlers is not None, "call plan() first"
         hooks = []
@@ -1703,12 +1728,22 @@ class PerInputEngine:
                 flat, out_spec = tree_flatten(out)
                 idx = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
                 kept = [flat[i] for i in idx]
+                call = _Call(leaves, spec, versions, kept, idx, _shapes(flat))
+                h.calls.append(call)
+                if h.path in self._uncloned:
+                    call.cloned = False
+                    call.handed = [(t, t._version) for t in kept]
+                    return None
                 new = list(flat)
                 for i in idx:
                     new[i] = flat[i].clone()
                 rebuilt = tree_unflatten(new, out_spec)
-                h.calls.append(_Call(leaves, spec, versions, kept, idx, _shapes(flat)))
-                return rebuilt if type(rebuilt) is type(out) else None
+                if type(rebuilt) is not type(out):
+                    call.cloned = False  # the output cannot be rebuilt: handed on as it is
+                    call.handed = [(t, t._version) for t in kept]
+                    return None
+                call.handed = [(new[i], new[i]._version) for i in idx]
+                return rebuilt
 
             hooks.append(h.module.register_forward_hook(hook, with_kwargs=True))
         hooks += self._expansion_hooks()
@@ -1728,6 +1763,8 @@ class PerInputEngine:
         (plan again with this batch, then record again)."""
         assert self.handlers is not None and self._trace is not None
         self._batch_size = B = batch_size
+        if not self._settle_clones():
+            return False
         if self._dims_known:
             return self.same_layout(B)
         trace = self._trace
@@ -1756,6 +1793,29 @@ class PerInputEngine:
         }
         # Modules with inputs shared by the batch: plan again (with the proof) and record again.
         return not self._expand_pending
+
+    def _settle_clones(self) -> bool:
+        """After a recorded forward: a module whose outputs, handed on as clones, were left
+        alone by the rest of the forward hands on its outputs themselves from now on; one whose
+        outputs were rewritten in place keeps its clones. False when an output handed on without
+        a clone (by this choice) was rewritten: the recorded tensor is no longer the module's
+        output, so the module keeps clones from now on and the caller plans and records again."""
+        assert self.handlers is not None
+        again = False
+        for h in self.handlers:
+            if not h.calls:
+                continue
+            rewritten = [c for c in h.calls if c.modified()]
+            if rewritten:
+                again |= h.path in self._uncloned and any(not c.cloned for c in rewritten)
+                self._cloned.add(h.path)
+                self._uncloned.discard(h.path)
+            elif h.path not in self._cloned:
+                self._uncloned.add(h.path)
+            for c in h.calls:
+                if c.cloned:
+                    c.handed = []  # the clones need not outlive the forward
+        return not again
 
     def _route(self) -> None:
         """Per handler: its rule if every call's layout suits it, else vjp; the whole-model route
@@ -1879,6 +1939,12 @@ class PerInputEngine:
     def _check_versions(self) -> None:
         for h in self.handlers or []:
             for c in h.calls:
+                if not c.cloned and c.modified():
+                    raise FisherInputError(
+                        f"The output of module {h.path!r} was modified in place after the forward; "
+                        "per-input gradients would be wrong. Avoid in-place ops on the model's "
+                        "tensors between its forward and the Fisher pass's backward."
+                    )
                 for leaf, version in zip(c.leaves, c.versions):
                     if isinstance(leaf, Tensor) and leaf._version != version:
                         raise FisherInputError(
@@ -2314,6 +2380,8 @@ class PerInputEngine:
                 return False
             if small is None or small.ndim == 0 or small.shape[0] != R or not self.same_layout(R):
                 return False
+            if any(not c.cloned and c.modified() for h in self.handlers for c in h.calls):
+                return False  # an output handed on without a clone was rewritten
             self._batch_size = R
             self._verify(small)
             return True
