@@ -66,11 +66,14 @@ METADATA_OPS = frozenset({"aten._unsafe_view", "aten.promote_types", "aten.lift_
 
 class OpCounter(TorchDispatchMode):
     """Counts the aten ops dispatched while active, by name (``aten.mm``) and in total; ops that
-    are views or metadata (``METADATA_OPS``) are also counted apart."""
+    are views or metadata (``METADATA_OPS``) are also counted apart, and every op by where it
+    was dispatched from (``sources``: the innermost function of lightning_fisher, or of BackPACK,
+    on the Python stack; ``torch`` for the rest: the model's layers, autograd)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()
         self.metadata = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -78,11 +81,23 @@ class OpCounter(TorchDispatchMode):
         self.ops[name] += 1
         if getattr(func, "is_view", False) or name in METADATA_OPS:
             self.metadata += 1
+        self.sources[_source(sys._getframe(1))] += 1
         return func(*args, **(kwargs or {}))
 
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+def _source(frame: Any) -> str:
+    while frame is not None:
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        for package in ("lightning_fisher/", "backpack/"):
+            if package in path:
+                module = path.rsplit(package, 1)[1].removesuffix(".py").replace("/", ".")
+                return f"{package[:-1]}.{module}.{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "torch"
 
 
 def count_ops(fn: Callable[[], Any]) -> OpCounter:
@@ -134,7 +149,7 @@ def implementations(case: Case, args: argparse.Namespace) -> dict[str, Any]:
 def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     case = build_case(name, torch.device("cpu"), args)
     print(f"\n== {name}: N={case.n}", flush=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for impl, spec in implementations(case, args).items():
         if isinstance(spec, str):
             rows.append({"model": name, "implementation": impl, "note": f"skipped: {spec}"})
@@ -145,17 +160,18 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             run()
         counter = count_ops(run)
         calls = python_calls(run)
-        per_batch = None
+        per_batch = calls_per_batch = None
         if run_two is not None:
             run_two()
             per_batch = count_ops(run_two).total - counter.total
+            calls_per_batch = python_calls(run_two) - calls
         times = []
         for _ in range(args.repeats):
             gc.collect()
             t0 = time.perf_counter()
             run()
             times.append(time.perf_counter() - t0)
-        row = {
+        row: dict[str, Any] = {
             "model": name,
             "implementation": impl,
             "n_inputs": case.n,
@@ -163,8 +179,10 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "kernel_ops": counter.total - counter.metadata,
             "aten_ops_per_batch": per_batch,
             "python_calls": calls,
+            "python_calls_per_batch": calls_per_batch,
             "seconds": statistics.median(times),
             "ops_by_name": dict(counter.ops.most_common()),
+            "ops_by_source": dict(counter.sources.most_common()),
             "note": None,
         }
         rows.append(row)
@@ -196,75 +214,97 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         "One batch in steady state (the third run: our plan and the self-check's proof are "
         "reused). `aten ops`: ops dispatched (a `TorchDispatchMode` counter); `non-view`: those "
         "that are not views or metadata (about the kernel launches on a GPU); `per batch`: what "
-        "one more batch of the same pass adds; `Python calls`: cProfile's total; seconds: "
-        "median wall time on CPU.",
+        "one more batch of the same pass adds; `Python calls`: cProfile's total; ms: median "
+        "wall time on CPU; ours run a pass of one batch (with the pass's own setup and final "
+        "checks), as the exact-diagonal benchmark times them.",
     ]
     if before:
         b = report["before"]
         lines += [
             "",
-            f"Before: the same command on the code of {b.get('code', 'an earlier revision')} "
-            f"(`{b.get('command', '')}`), shown as before -> now.",
+            f"`a -> b`: a on {b.get('code') or 'the earlier code'} (`{b.get('command', '')}`), "
+            "b on this code.",
         ]
     lines += [
         "",
-        "| model | implementation | aten ops | non-view | per batch | Python calls | ms | "
-        "ratio to step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | implementation | aten ops | non-view | aten ops per batch | Python calls | "
+        "Python calls per batch | ms | ratio to step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def pair(r: dict[str, Any], key: str, spec: str = "") -> str:
+    def pair(r: dict[str, Any], key: str, spec: str = "", scale: float = 1.0) -> str:
         old = before.get((r["model"], r["implementation"]), {}).get(key)
-        now = _cell(r.get(key), spec)
-        return now if old is None or old == r.get(key) else f"{_cell(old, spec)} -> {now}"
+        now = r.get(key)
+        if old is None or old == now:
+            return _cell(None if now is None else now * scale, spec)
+        return f"{_cell(old * scale, spec)} -> {_cell(None if now is None else now * scale, spec)}"
 
     for r in report["rows"]:
         if r.get("aten_ops") is None:
             lines.append(
-                f"| {r['model']} | {r['implementation']} | - | - | - | - | - | - | "
-                + (r.get("note") or "")
+                f"| {r['model']} | {r['implementation']} |" + " - |" * 7 + f" {r.get('note')} |"
             )
             continue
-        ms = {**r, "ms": r["seconds"] * 1e3}
-        old = before.get((r["model"], r["implementation"]))
-        if old is not None and old.get("seconds") is not None:
-            before[(r["model"], r["implementation"])] = {**old, "ms": old["seconds"] * 1e3}
         lines.append(
             f"| {r['model']} | {r['implementation']} | {pair(r, 'aten_ops')} | "
             f"{pair(r, 'kernel_ops')} | {pair(r, 'aten_ops_per_batch')} | "
-            f"{pair(r, 'python_calls')} | {pair(ms, 'ms', '.2f')} | "
-            f"{pair(r, 'ratio_to_step', '.2f')} |"
+            f"{pair(r, 'python_calls')} | {pair(r, 'python_calls_per_batch')} | "
+            f"{pair(r, 'seconds', '.2f', 1e3)} | {pair(r, 'ratio_to_step', '.2f')} |"
         )
+    top = int(report.get("top_ops", 20))
     lines += ["", "## Where the ops go", ""]
     for model in dict.fromkeys(r["model"] for r in report["rows"]):
         rows = [r for r in report["rows"] if r["model"] == model and r.get("ops_by_name")]
-        names = Counter[str]()
-        for r in rows:
-            names.update(r["ops_by_name"])
-        top = [n for n, _ in names.most_common(args_top(report))]
-        lines += [
-            f"{model}: aten ops per implementation, the {len(top)} most frequent names "
-            "(all implementations together), then the rest.",
-            "",
-            "| op | " + " | ".join(r["implementation"] for r in rows) + " |",
-            "|---|" + "---:|" * len(rows),
-        ]
-        for n in top:
-            lines.append(
-                f"| {n.removeprefix('aten.')} | "
-                + " | ".join(str(r["ops_by_name"].get(n, 0)) for r in rows)
-                + " |"
-            )
-        rest = [sum(v for k, v in r["ops_by_name"].items() if k not in top) for r in rows]
-        lines += ["| (other) | " + " | ".join(map(str, rest)) + " |", ""]
+        lines += _table(
+            f"{model}: aten ops by name (the {top} most frequent over all implementations)",
+            "op",
+            rows,
+            "ops_by_name",
+            top,
+            lambda n: n.removeprefix("aten."),
+        )
+    first = next(iter(dict.fromkeys(r["model"] for r in report["rows"])), None)
+    rows = [r for r in report["rows"] if r["model"] == first and r.get("ops_by_source")]
+    lines += _table(
+        f"{first}: aten ops by where they were dispatched from (the innermost function of "
+        "lightning_fisher or BackPACK on the stack; `torch`: the model's layers and autograd "
+        "outside both)",
+        "function",
+        rows,
+        "ops_by_source",
+        top,
+        lambda n: n,
+    )
     if report.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
 
-def args_top(report: dict[str, Any]) -> int:
-    return int(report.get("top_ops", 20))
+def _table(
+    title: str,
+    head: str,
+    rows: list[dict[str, Any]],
+    key: str,
+    top: int,
+    label: Callable[[str], str],
+) -> list[str]:
+    """A Markdown table of the counts ``row[key]`` (name -> count) per implementation: the
+    ``top`` largest names over all rows, then the rest summed."""
+    total: Counter[str] = Counter()
+    for r in rows:
+        total.update(r[key])
+    names = [n for n, _ in total.most_common(top)]
+    lines = [
+        f"{title}:",
+        "",
+        f"| {head} | " + " | ".join(r["implementation"] for r in rows) + " |",
+        "|---|" + "---:|" * len(rows),
+    ]
+    for n in names:
+        lines.append(f"| {label(n)} | " + " | ".join(str(r[key].get(n, 0)) for r in rows) + " |")
+    rest = [sum(v for k, v in r[key].items() if k not in names) for r in rows]
+    return [*lines, "| (the rest) | " + " | ".join(map(str, rest)) + " |", ""]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-ops", type=int, default=20, help="op names listed per model")
     ap.add_argument("--before", default=None, help="a JSON this script wrote with earlier code")
     ap.add_argument("--code", default=None, help="what code ran (a revision), for the report")
+    ap.add_argument("--note", nargs="*", default=[], help="lines added to the report's notes")
     ap.add_argument("--out", default="host_work_cpu", help="report name, or a path without suffix")
     args = ap.parse_args(argv)
     args.n = {k: int(v) for k, v in (s.split("=") for s in args.n)}
@@ -286,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = args.out if os.sep in args.out else os.path.join(RESULTS, args.out)
     rows: list[dict[str, Any]] = []
-    notes = []
+    notes = list(args.note)
     for m in args.models:
         rows += run_model(m, args)
     skipped = sorted({r["implementation"] for r in rows if r.get("aten_ops") is None})

@@ -62,6 +62,7 @@ def reduced_fisher_sqrt(p: Tensor) -> Tensor:
     L = torch.diag_embed(s) - p.unsqueeze(-1) * s.unsqueeze(-2)
     if p.shape[-1] < 2:
         return L
-    w = torch.cat([s[..., :-1], s[..., -1:] + 1], -1)  # sqrt(p) + e_C
+    head = s[..., :-1]  # w[:-1]
+    w = torch.cat([head, s[..., -1:] + 1], -1)  # sqrt(p) + e_C
     scale = 2 / (w * w).sum(-1, keepdim=True)  # (..., 1)
-    return L[..., :, :-1] - (scale.unsqueeze(-1) * L[..., :, -1:]) * w[..., None, :-1]
+    return L[..., :, :-1] - (scale.unsqueeze(-1) * L[..., :, -1:]) * head.unsqueeze(-2)
