@@ -17,7 +17,8 @@ with the model: the steady state of a later pass), then on the third run counts
   ``kernel_ops``: those that are not views or metadata (``detach``, ``view``, ``permute``,
   ``_unsafe_view``, ``promote_types``, ...), about the ops that launch a kernel on a GPU;
 * ``python_calls``: every Python and builtin function call of the run (cProfile's total);
-* ``seconds``: the median wall time of ``--repeats`` runs (CPU, ``--threads`` torch threads).
+* ``seconds``: the median wall time of ``--repeats`` runs (fewer once ``--time-budget`` seconds
+  are spent; CPU, ``--threads`` torch threads).
 
 Ours run a pass of one batch, as the exact-diagonal benchmark times them, which includes the
 pass's own work (the accumulators, the final NaN/Inf checks); ``aten_ops_per_batch`` is the
@@ -165,8 +166,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             run_two()
             per_batch = count_ops(run_two).total - counter.total
             calls_per_batch = python_calls(run_two) - calls
-        times = []
-        for _ in range(args.repeats):
+        times: list[float] = []
+        while len(times) < args.repeats and (not times or sum(times) < args.time_budget):
             gc.collect()
             t0 = time.perf_counter()
             run()
@@ -181,6 +182,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "python_calls": calls,
             "python_calls_per_batch": calls_per_batch,
             "seconds": statistics.median(times),
+            "repeats": len(times),
             "ops_by_name": dict(counter.ops.most_common()),
             "ops_by_source": dict(counter.sources.most_common()),
             "note": None,
@@ -235,9 +237,11 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     def pair(r: dict[str, Any], key: str, spec: str = "", scale: float = 1.0) -> str:
         old = before.get((r["model"], r["implementation"]), {}).get(key)
         now = r.get(key)
+        if scale != 1.0:
+            old, now = (None if v is None else v * scale for v in (old, now))
         if old is None or old == now:
-            return _cell(None if now is None else now * scale, spec)
-        return f"{_cell(old * scale, spec)} -> {_cell(None if now is None else now * scale, spec)}"
+            return _cell(now, spec)
+        return f"{_cell(old, spec)} -> {_cell(now, spec)}"
 
     for r in report["rows"]:
         if r.get("aten_ops") is None:
@@ -312,12 +316,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     ap.add_argument("--n", nargs="*", default=[], metavar="MODEL=N", help="batch size per model")
     ap.add_argument("--repeats", type=int, default=10, help="timed runs per implementation")
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=20.0,
+        help="seconds of timed runs after which an implementation is not repeated further",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--max-memory-mib", type=float, default=2048.0, help="our engine's memory cap")
     ap.add_argument("--top-ops", type=int, default=20, help="op names listed per model")
     ap.add_argument("--before", default=None, help="a JSON this script wrote with earlier code")
     ap.add_argument("--code", default=None, help="what code ran (a revision), for the report")
-    ap.add_argument("--note", nargs="*", default=[], help="lines added to the report's notes")
     ap.add_argument("--out", default="host_work_cpu", help="report name, or a path without suffix")
     args = ap.parse_args(argv)
     args.n = {k: int(v) for k, v in (s.split("=") for s in args.n)}
@@ -327,12 +336,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     out = args.out if os.sep in args.out else os.path.join(RESULTS, args.out)
     rows: list[dict[str, Any]] = []
-    notes = list(args.note)
+    notes = [
+        "ms are CPU times, where these models are bound by arithmetic, not by the host: the "
+        "op and call counts are what stands for a GPU's launch-bound time.",
+    ]
     for m in args.models:
         rows += run_model(m, args)
     skipped = sorted({r["implementation"] for r in rows if r.get("aten_ops") is None})
     if skipped:
-        notes.append(f"not run here (not installed in this environment): {', '.join(skipped)}")
+        notes.append(
+            f"not run here (not installed in this environment): {', '.join(skipped)}; "
+            "BackPACK is in /work/bench-venv (run there with PYTHONPATH=<checkout>)."
+        )
     report: dict[str, Any] = {
         "name": os.path.basename(out),
         "command": command,

@@ -95,6 +95,7 @@ refuses with a ``FisherInputError`` before allocating it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -244,6 +245,20 @@ class _Trace:
     calls: dict[str, list[tuple[list[Any], list[Any]]]] = field(default_factory=dict)
     #: parameter name -> paths of the innermost modules running when it was used
     uses: dict[str, set[str]] = field(default_factory=dict)
+
+
+@functools.cache
+def _args_spec(n: int) -> Any:
+    """The tree spec of ``(args, {})`` for ``n`` positional arguments that are tensors."""
+    return tree_flatten((tuple(range(n)), {}))[1]
+
+
+def _flatten_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any]:
+    """``tree_flatten((args, kwargs))``; a module called on tensors alone (the usual call)
+    without walking the tree."""
+    if not kwargs and all(isinstance(a, Tensor) for a in args):
+        return list(args), _args_spec(len(args))
+    return tree_flatten((args, kwargs))
 
 
 def _shapes(leaves: list[Any]) -> list[Any]:
@@ -1723,9 +1738,9 @@ class PerInputEngine:
             def hook(_m: nn.Module, args: Any, kwargs: Any, out: Any, h: _Handler = h) -> Any:
                 if not self._active:
                     return None
-                leaves, spec = tree_flatten((args, kwargs))
+                leaves, spec = _flatten_call(args, kwargs)
                 versions = [x._version if isinstance(x, Tensor) else -1 for x in leaves]
-                flat, out_spec = tree_flatten(out)
+                flat, out_spec = ([out], None) if isinstance(out, Tensor) else tree_flatten(out)
                 idx = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
                 kept = [flat[i] for i in idx]
                 call = _Call(leaves, spec, versions, kept, idx, _shapes(flat))
@@ -1737,7 +1752,7 @@ class PerInputEngine:
                 new = list(flat)
                 for i in idx:
                     new[i] = flat[i].clone()
-                rebuilt = tree_unflatten(new, out_spec)
+                rebuilt = new[0] if out_spec is None else tree_unflatten(new, out_spec)
                 if type(rebuilt) is not type(out):
                     call.cloned = False  # the output cannot be rebuilt: handed on as it is
                     call.handed = [(t, t._version) for t in kept]
