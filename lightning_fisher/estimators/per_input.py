@@ -1755,7 +1755,6 @@ class PerInputEngine:
                 rebuilt = new[0] if out_spec is None else tree_unflatten(new, out_spec)
                 if type(rebuilt) is not type(out):
                     call.cloned = False  # the output cannot be rebuilt: handed on as it is
-                    call.handed = [(t, t._version) for t in kept]
                     return None
                 call.handed = [(new[i], new[i]._version) for i in idx]
                 return rebuilt
