@@ -161,10 +161,12 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             run()
         counter = count_ops(run)
         calls = python_calls(run)
-        per_batch = calls_per_batch = None
+        per_batch = kernel_per_batch = calls_per_batch = None
         if run_two is not None:
             run_two()
-            per_batch = count_ops(run_two).total - counter.total
+            two = count_ops(run_two)
+            per_batch = two.total - counter.total
+            kernel_per_batch = (two.total - two.metadata) - (counter.total - counter.metadata)
             calls_per_batch = python_calls(run_two) - calls
         times: list[float] = []
         while len(times) < args.repeats and (not times or sum(times) < args.time_budget):
@@ -179,6 +181,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "aten_ops": counter.total,
             "kernel_ops": counter.total - counter.metadata,
             "aten_ops_per_batch": per_batch,
+            "kernel_ops_per_batch": kernel_per_batch,
             "python_calls": calls,
             "python_calls_per_batch": calls_per_batch,
             "seconds": statistics.median(times),
@@ -229,9 +232,9 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         ]
     lines += [
         "",
-        "| model | implementation | aten ops | non-view | aten ops per batch | Python calls | "
-        "Python calls per batch | ms | ratio to step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | implementation | aten ops | non-view | aten ops per batch | non-view per batch "
+        "| Python calls | Python calls per batch | ms | ratio to step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def pair(r: dict[str, Any], key: str, spec: str = "", scale: float = 1.0) -> str:
@@ -246,12 +249,13 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     for r in report["rows"]:
         if r.get("aten_ops") is None:
             lines.append(
-                f"| {r['model']} | {r['implementation']} |" + " - |" * 7 + f" {r.get('note')} |"
+                f"| {r['model']} | {r['implementation']} |" + " - |" * 8 + f" {r.get('note')} |"
             )
             continue
         lines.append(
             f"| {r['model']} | {r['implementation']} | {pair(r, 'aten_ops')} | "
             f"{pair(r, 'kernel_ops')} | {pair(r, 'aten_ops_per_batch')} | "
+            f"{pair(r, 'kernel_ops_per_batch')} | "
             f"{pair(r, 'python_calls')} | {pair(r, 'python_calls_per_batch')} | "
             f"{pair(r, 'seconds', '.2f', 1e3)} | {pair(r, 'ratio_to_step', '.2f')} |"
         )
