@@ -20,6 +20,10 @@ with the model: the steady state of a later pass), then on the third run counts
 * ``seconds``: the median wall time of ``--repeats`` runs (fewer once ``--time-budget`` seconds
   are spent; CPU, ``--threads`` torch threads).
 
+* ``host_seconds``: the same on the model's tiny twin (same depth and classes, widths 16, 8
+  inputs), where the arithmetic is negligible: the host's own time, what a launch-bound GPU run
+  pays; for ours also ``host_seconds_per_batch``, what one more batch of a pass adds.
+
 Ours run a pass of one batch, as the exact-diagonal benchmark times them, which includes the
 pass's own work (the accumulators, the final NaN/Inf checks); ``aten_ops_per_batch`` is the
 number that one more batch of the same pass adds (a pass of two batches minus one of one).
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import cProfile
+import functools
 import gc
 import json
 import os
@@ -47,6 +52,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_fisher as lf
+from benchmarks.bench_models import mlp
 from benchmarks.common import device_name
 from benchmarks.common import versions as base_versions
 from benchmarks.exact_diagonal import (
@@ -118,8 +124,8 @@ def python_calls(fn: Callable[[], Any]) -> int:
 
 
 def implementations(case: Case, args: argparse.Namespace) -> dict[str, Any]:
-    """name -> (run the whole thing once, run a pass of two batches or None), or the reason it
-    is skipped (a string)."""
+    """name -> (run the whole thing once, ``f(n)`` running a pass of n batches or None), or the
+    reason it is skipped (a string)."""
     out: dict[str, Any] = {"train-step": (train_step(case), None)}
     for method in ("exact", "empirical"):
         model = copy.deepcopy(case.model)  # its own plan and proof, kept across runs
@@ -133,7 +139,7 @@ def implementations(case: Case, args: argparse.Namespace) -> dict[str, Any]:
                 progress=False,
             )
 
-        out[f"ours-{method}"] = (lambda f=ours: f(1), lambda f=ours: f(2))
+        out[f"ours-{method}"] = (lambda f=ours: f(1), ours)
     for impl, ext in (
         ("backpack-diagggn-exact", "DiagGGNExact"),
         ("backpack-sum-grad-squared", "SumGradSquared"),
@@ -151,6 +157,17 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     case = build_case(name, torch.device("cpu"), args)
     print(f"\n== {name}: N={case.n}", flush=True)
     rows: list[dict[str, Any]] = []
+    sizes = [int(s) for s in name.split("-")[1:]]
+    g = torch.Generator().manual_seed(0)
+    small = Case(
+        f"{name}-tiny",
+        mlp([TINY_WIDTH] * (len(sizes) - 1) + [sizes[-1]]).eval(),
+        torch.randn(TINY_N, TINY_WIDTH, generator=g),
+        torch.randint(0, sizes[-1], (TINY_N,), generator=g),
+        sizes[-1],
+        "mlp",
+    )
+    tiny = implementations(small, args)
     for impl, spec in implementations(case, args).items():
         if isinstance(spec, str):
             rows.append({"model": name, "implementation": impl, "note": f"skipped: {spec}"})
@@ -159,15 +176,17 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         run, run_two = spec
         for _ in range(2):  # plans and proofs kept: the steady state
             run()
+        host = host_time(tiny[impl], args) if isinstance(tiny.get(impl), tuple) else (None, None)
         counter = count_ops(run)
         calls = python_calls(run)
         per_batch = kernel_per_batch = calls_per_batch = None
         if run_two is not None:
-            run_two()
-            two = count_ops(run_two)
+            pass_of_two = functools.partial(run_two, 2)
+            pass_of_two()
+            two = count_ops(pass_of_two)
             per_batch = two.total - counter.total
             kernel_per_batch = (two.total - two.metadata) - (counter.total - counter.metadata)
-            calls_per_batch = python_calls(run_two) - calls
+            calls_per_batch = python_calls(pass_of_two) - calls
         times: list[float] = []
         while len(times) < args.repeats and (not times or sum(times) < args.time_budget):
             gc.collect()
@@ -186,6 +205,8 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "python_calls_per_batch": calls_per_batch,
             "seconds": statistics.median(times),
             "repeats": len(times),
+            "host_seconds": host[0],
+            "host_seconds_per_batch": host[1],
             "ops_by_name": dict(counter.ops.most_common()),
             "ops_by_source": dict(counter.sources.most_common()),
             "note": None,
@@ -197,9 +218,39 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             flush=True,
         )
     step = next((r["seconds"] for r in rows if r["implementation"] == "train-step"), None)
+    host_step = next((r["host_seconds"] for r in rows if r["implementation"] == "train-step"), None)
     for r in rows:
         r["ratio_to_step"] = r["seconds"] / step if step and r.get("seconds") else None
+        r["host_ratio_to_step"] = (
+            r["host_seconds"] / host_step if host_step and r.get("host_seconds") else None
+        )
     return rows
+
+
+#: the host-bound twin of each MLP: same depth and classes, these widths and inputs
+TINY_WIDTH, TINY_N = 16, 8
+
+
+def host_time(spec: tuple[Any, Any], args: argparse.Namespace) -> tuple[float, float | None]:
+    """Seconds of one run on the tiny twin (the arithmetic is negligible: the host's work), and
+    for ours what one more batch of a pass adds (median of a pass of 11 batches minus median of
+    a pass of one, over 10)."""
+    run, run_n = spec
+    for _ in range(3):
+        run()
+
+    def median(fn: Callable[[], Any]) -> float:
+        times = []
+        for _ in range(args.host_repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    one = median(run)
+    if run_n is None:
+        return one, None
+    return one, (median(lambda: run_n(11)) - one) / 10
 
 
 def _cell(value: Any, spec: str = "") -> str:
@@ -233,8 +284,9 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     lines += [
         "",
         "| model | implementation | aten ops | non-view | aten ops per batch | non-view per batch "
-        "| Python calls | Python calls per batch | ms | ratio to step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Python calls | Python calls per batch | ms | ratio to step | host ms | host ms per batch "
+        "| host ratio to step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def pair(r: dict[str, Any], key: str, spec: str = "", scale: float = 1.0) -> str:
@@ -249,7 +301,7 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     for r in report["rows"]:
         if r.get("aten_ops") is None:
             lines.append(
-                f"| {r['model']} | {r['implementation']} |" + " - |" * 8 + f" {r.get('note')} |"
+                f"| {r['model']} | {r['implementation']} |" + " - |" * 11 + f" {r.get('note')} |"
             )
             continue
         lines.append(
@@ -257,7 +309,9 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
             f"{pair(r, 'kernel_ops')} | {pair(r, 'aten_ops_per_batch')} | "
             f"{pair(r, 'kernel_ops_per_batch')} | "
             f"{pair(r, 'python_calls')} | {pair(r, 'python_calls_per_batch')} | "
-            f"{pair(r, 'seconds', '.2f', 1e3)} | {pair(r, 'ratio_to_step', '.2f')} |"
+            f"{pair(r, 'seconds', '.2f', 1e3)} | {pair(r, 'ratio_to_step', '.2f')} | "
+            f"{pair(r, 'host_seconds', '.3f', 1e3)} | {pair(r, 'host_seconds_per_batch', '.3f', 1e3)} "
+            f"| {pair(r, 'host_ratio_to_step', '.2f')} |"
         )
     top = int(report.get("top_ops", 20))
     lines += ["", "## Where the ops go", ""]
@@ -327,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds of timed runs after which an implementation is not repeated further",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument(
+        "--host-repeats", type=int, default=30, help="timed runs on each tiny twin (host time)"
+    )
     ap.add_argument("--max-memory-mib", type=float, default=2048.0, help="our engine's memory cap")
     ap.add_argument("--top-ops", type=int, default=20, help="op names listed per model")
     ap.add_argument("--before", default=None, help="a JSON this script wrote with earlier code")
