@@ -169,7 +169,20 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         "mlp",
     )
     tiny = implementations(small, args)
-    for impl, spec in implementations(case, args).items():
+    if args.host_only:
+        for impl, spec in tiny.items():
+            host = host_time(spec, args) if isinstance(spec, tuple) else (None, None)
+            rows.append(
+                {
+                    "model": name,
+                    "implementation": impl,
+                    "host_seconds": host[0],
+                    "host_seconds_per_batch": host[1],
+                    "note": None if isinstance(spec, tuple) else f"skipped: {spec}",
+                }
+            )
+            print(f"  {impl:26s} host {host[0]} s, per batch {host[1]} s", flush=True)
+    for impl, spec in [] if args.host_only else implementations(case, args).items():
         if isinstance(spec, str):
             rows.append({"model": name, "implementation": impl, "note": f"skipped: {spec}"})
             print(f"  {impl:26s} skipped: {spec}", flush=True)
@@ -218,7 +231,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             f"{calls:6d} Python calls, {row['seconds'] * 1e3:8.2f} ms",
             flush=True,
         )
-    step = next((r["seconds"] for r in rows if r["implementation"] == "train-step"), None)
+    step = next((r.get("seconds") for r in rows if r["implementation"] == "train-step"), None)
     host_step = next((r["host_seconds"] for r in rows if r["implementation"] == "train-step"), None)
     for r in rows:
         r["ratio_to_step"] = r["seconds"] / step if step and r.get("seconds") else None
@@ -302,7 +315,7 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         return f"{_cell(old, spec)} -> {_cell(now, spec)}"
 
     for r in report["rows"]:
-        if r.get("aten_ops") is None:
+        if r.get("aten_ops") is None and r.get("host_seconds") is None:
             lines.append(
                 f"| {r['model']} | {r['implementation']} |" + " - |" * 11 + f" {r.get('note')} |"
             )
@@ -320,6 +333,8 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     lines += ["", "## Where the ops go", ""]
     for model in dict.fromkeys(r["model"] for r in report["rows"]):
         rows = [r for r in report["rows"] if r["model"] == model and r.get("ops_by_name")]
+        if not rows:
+            continue
         lines += _table(
             f"{model}: aten ops by name (the {top} most frequent over all implementations)",
             "op",
@@ -335,15 +350,19 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         for (model, impl), r in before.items()
         if model == first and impl.startswith("ours-") and r.get("ops_by_source")
     ]
-    lines += _table(
-        f"{first}: aten ops by where they were dispatched from (the innermost function of "
-        "lightning_fisher or BackPACK on the stack; `torch`: the model's layers and autograd "
-        "outside both)",
-        "function",
-        rows,
-        "ops_by_source",
-        top,
-        lambda n: n,
+    lines += (
+        []
+        if not rows
+        else _table(
+            f"{first}: aten ops by where they were dispatched from (the innermost function of "
+            "lightning_fisher or BackPACK on the stack; `torch`: the model's layers and autograd "
+            "outside both)",
+            "function",
+            rows,
+            "ops_by_source",
+            top,
+            lambda n: n,
+        )
     )
     if report.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
@@ -394,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--max-memory-mib", type=float, default=2048.0, help="our engine's memory cap")
     ap.add_argument("--top-ops", type=int, default=20, help="op names listed per model")
+    ap.add_argument(
+        "--host-only", action="store_true", help="only the host times of the tiny twins (fast)"
+    )
     ap.add_argument("--before", default=None, help="a JSON this script wrote with earlier code")
     ap.add_argument("--code", default=None, help="what code ran (a revision), for the report")
     ap.add_argument("--out", default="host_work_cpu", help="report name, or a path without suffix")
