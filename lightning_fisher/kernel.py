@@ -48,13 +48,14 @@ def softmax_fisher(p: Tensor) -> Tensor:
     return torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2)
 
 
-def softmax_fisher_sqrt(p: Tensor) -> Tensor:
+def softmax_fisher_sqrt(p: Tensor, sqrt_p: Tensor | None = None) -> Tensor:
     """L = diag(sqrt p) - p sqrt(p)^T, shape ``(..., C, C)``, so that L L^T = I(p).
 
     Column c of L is the cotangent u_c = sqrt(p_c) (e_c - p): J^T u_c = sqrt(p_c) g_c, hence
-    sum_c (J^T u_c)^2 = sum_c p_c g_c^2, the exact Fisher diagonal of one input.
+    sum_c (J^T u_c)^2 = sum_c p_c g_c^2, the exact Fisher diagonal of one input. ``sqrt_p``: the
+    caller's ``p.clamp_min(0).sqrt()``, when it has one.
     """
-    s = p.clamp_min(0).sqrt()
+    s = p.clamp_min(0).sqrt() if sqrt_p is None else sqrt_p
     return torch.diag_embed(s) - p.unsqueeze(-1) * s.unsqueeze(-2)
 
 

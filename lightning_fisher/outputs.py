@@ -10,6 +10,7 @@ position ``t`` whose attention mask is 1 and whose label is not ``-100``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -173,18 +174,21 @@ def check_logits(logits: Tensor) -> None:
         raise FisherInputError(
             f"Logits must have shape (B, C) or (B, T, C); got shape {tuple(logits.shape)}."
         )
-    flat = logits.detach().reshape(-1, logits.shape[-1])
-    # One synchronisation for the three common facts; the rare probability check after it.
-    finite, nonneg, at_most_one = torch.stack(
-        [torch.isfinite(flat).all(), (flat >= 0).all(), (flat <= 1).all()]
-    ).tolist()
+    z = logits.detach()
+    # The three common facts from the smallest and largest logit (both NaN when any is NaN), two
+    # ops and one synchronisation; the rare probability check after it.
+    low, high = torch.stack(torch.aminmax(z)).tolist() if z.numel() else (0.0, 0.0)
+    finite = math.isfinite(low) and math.isfinite(high)
+    nonneg, at_most_one = low >= 0, high <= 1
     if not finite:
-        bad = int((~torch.isfinite(flat)).sum().item())
+        bad = int((~torch.isfinite(z)).sum().item())
         raise FisherInputError(
             f"The model produced {bad} NaN/Inf logits; the Fisher would be meaningless. Check the "
             "inputs and weights for NaN/Inf (and, for fp16 models, overflow)."
         )
-    if logits.shape[-1] > 1 and flat.shape[0] > 1 and nonneg:
+    C = logits.shape[-1]
+    if C > 1 and z.numel() > C and nonneg:  # at least two rows
+        flat = z.reshape(-1, C)
         if torch.allclose(
             flat.double().sum(-1),
             torch.ones(flat.shape[0], dtype=torch.float64, device=flat.device),

@@ -29,25 +29,26 @@ def true_label_cotangent(out: ModelOutputs, p: Tensor) -> Tensor:
             "This estimator needs labels, but the batch has none (expected `batch[1]` or a "
             "`labels` entry shaped like the logits without their class dimension)."
         )
-    too_big = (out.labels >= p.shape[-1]) & out.mask
-    if bool(too_big.any()):  # the batch's one host sync here
-        found = sorted(set(out.labels[too_big][:5].tolist()))
+    C = p.shape[-1]
+    too_big = (out.labels >= C) & out.mask
+    if bool(too_big.any()):  # the batch's one synchronisation here
+        found = out.labels[too_big]
         raise FisherInputError(
-            f"Found labels {found} >= the number of classes "
-            f"C = {p.shape[-1]} of the logits; expected class indices in [0, {p.shape[-1]}). "
+            f"Found labels {sorted(set(found[:5].tolist()))} >= the number of classes "
+            f"C = {C} of the logits; expected class indices in [0, {C}). "
             "Check the number of output units (or `classes=`) against the data's labels."
         )
-    return minus_p_plus_one_at(p, out.labels.clamp_min(0))
+    # Inputs that do not count (label -100, masked positions) get any valid index: the caller
+    # zeroes their columns.
+    return minus_p_plus_one_at(p, out.labels.clamp(0, C - 1))
 
 
 def minus_p_plus_one_at(p: Tensor, index: Tensor) -> Tensor:
     """e_index - p along the last dimension, ``index`` shaped like ``p`` without it (or with a
-    leading dimension of draws, broadcast against ``p``): a scatter into -p, with no one-hot
-    tensor of indices (int64, as large as ``p``) and the same rounding as e - p."""
-    shape = (*index.shape, p.shape[-1])
-    cot = (-p).expand(shape).clone() if tuple(p.shape) != shape else -p
-    at = index.unsqueeze(-1)
-    return cot.scatter_(-1, at, cot.gather(-1, at) + 1)
+    leading dimension of draws, broadcast against ``p``): ones scattered into zeros, minus p, as
+    ``one_hot(index) - p`` rounds it, with no int64 one-hot tensor as large as ``p``."""
+    e = torch.zeros((*index.shape, p.shape[-1]), dtype=p.dtype, device=p.device)
+    return e.scatter_(-1, index.unsqueeze(-1), 1.0) - p
 
 
 class EmpiricalEstimator(Estimator):

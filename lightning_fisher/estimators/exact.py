@@ -58,10 +58,11 @@ def reduced_fisher_sqrt(p: Tensor) -> Tensor:
     M = (L R)[:, :C-1] = L[:, :C-1] - 2 L[:, C] w[:C-1]^T / w^T w, using L w = L e_C. C = 2 needs
     one column instead of two, C = 10 nine instead of ten.
     """
-    L = softmax_fisher_sqrt(p)
+    s = p.clamp_min(0).sqrt()
+    L = softmax_fisher_sqrt(p, s)  # sqrt(p) shared with w
     if p.shape[-1] < 2:
         return L
-    w = p.clamp_min(0).sqrt()
-    w[..., -1] += 1
+    head = s[..., :-1]  # w[:-1]
+    w = torch.cat([head, s[..., -1:] + 1], -1)  # sqrt(p) + e_C
     scale = 2 / (w * w).sum(-1, keepdim=True)  # (..., 1)
-    return L[..., :, :-1] - (scale.unsqueeze(-1) * L[..., :, -1:]) * w[..., None, :-1]
+    return L[..., :, :-1] - (scale.unsqueeze(-1) * L[..., :, -1:]) * head.unsqueeze(-2)

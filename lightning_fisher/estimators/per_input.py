@@ -36,6 +36,10 @@ module's output (``_prove_expansion``), and from then on runs the module, while 
 recording only, on those inputs expanded to the batch (``x.expand(B, *x.shape[1:])``), so that its
 output has a batch dimension and its rule applies. A failed proof keeps the whole-model route.
 
+Recorded outputs are handed on to the rest of the forward as clones until a forward has shown
+that nothing rewrites them in place, then as they are (their versions checked on every batch; a
+rewritten one is recorded again, cloned): one op and one activation copy fewer per output.
+
 Plans are reused: a later batch of a pass, and a later pass over the same model (``_PLANS``,
 the model's last plan, not one a failed check changed), record with the plan they have, without
 a planning forward; the check itself is kept per structure (``_VERIFIED``). Every
@@ -91,6 +95,7 @@ refuses with a ``FisherInputError`` before allocating it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -191,6 +196,8 @@ class _Plan:
     log: list[str]
     messages: list[tuple[Any, ...]]
     used: frozenset[tuple[str, int]] | None
+    uncloned: set[str]
+    cloned: set[str]
 
 
 #: The last plan per model. A later pass reuses it, skipping the planning forward, as a later
@@ -238,6 +245,20 @@ class _Trace:
     calls: dict[str, list[tuple[list[Any], list[Any]]]] = field(default_factory=dict)
     #: parameter name -> paths of the innermost modules running when it was used
     uses: dict[str, set[str]] = field(default_factory=dict)
+
+
+@functools.cache
+def _args_spec(n: int) -> Any:
+    """The tree spec of ``(args, {})`` for ``n`` positional arguments that are tensors."""
+    return tree_flatten((tuple(range(n)), {}))[1]
+
+
+def _flatten_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any]:
+    """``tree_flatten((args, kwargs))``; a module called on tensors alone (the usual call)
+    without walking the tree."""
+    if not kwargs and all(isinstance(a, Tensor) for a in args):
+        return list(args), _args_spec(len(args))
+    return tree_flatten((args, kwargs))
 
 
 def _shapes(leaves: list[Any]) -> list[Any]:
@@ -302,6 +323,14 @@ class _Call:
     out_shapes: list[Any]
     leaf_dims: list[int | None] = field(default_factory=list)
     out_dims: list[int | None] = field(default_factory=list)
+    #: the outputs as handed on to the rest of the forward (clones, or ``outputs`` themselves)
+    #: with their version then, until the recording is finished; whether they are clones
+    handed: list[tuple[Tensor, int]] = field(default_factory=list)
+    cloned: bool = True
+
+    def modified(self) -> bool:
+        """Whether an output handed on was modified in place since (by the forward after it)."""
+        return any(t._version != v for t, v in self.handed)
 
     def input_index(self) -> int | None:
         """Index (among the leaves) of the module's first tensor argument."""
@@ -363,13 +392,16 @@ class _Ctx:
         assert i is not None
         d = self.call.leaf_dims[i]
         assert d is not None and d >= 0
-        return cast(Tensor, self.call.leaves[i]).detach().movedim(d, 0)[lo:hi].to(self.dtype)
+        x = cast(Tensor, self.call.leaves[i])
+        return _rows(x.detach() if x.requires_grad else x, d, lo, hi).to(self.dtype)
 
     def g(self, lo: int, hi: int, j: int = 0) -> Tensor:
         """Gradient at output j for rows lo:hi, shaped (K, hi - lo, ...)."""
         d = self.call.out_dims[j]
         assert d is not None and d >= 0
-        return self.grads[j].movedim(1 + d, 1)[:, lo:hi].to(self.dtype)
+        g = self.grads[j]
+        g = g.movedim(1 + d, 1) if d else g
+        return (g if lo == 0 and hi >= g.shape[1] else g[:, lo:hi]).to(self.dtype)
 
     def param(self, local: str) -> Tensor:
         return self.engine.params[self.names[local]]
@@ -381,13 +413,19 @@ class _Ctx:
         )
 
 
+def _rows(t: Tensor, d: int, lo: int, hi: int) -> Tensor:
+    """Rows lo:hi of ``t`` along dimension ``d``, moved first; no view op where none is needed
+    (a GPU pass of a small model is bound by the ops it dispatches)."""
+    t = t.movedim(d, 0) if d else t
+    return t if lo == 0 and hi >= t.shape[0] else t[lo:hi]
+
+
 # Per-layer rules ------------------------------------------------------------------------------
 
 
 def _square_bytes(dtype: torch.dtype, acc_dtype: torch.dtype) -> int:
     """Bytes per entry of a tensor in ``dtype`` and its square in ``acc_dtype`` (``_squared``)."""
-    acc = torch.empty((), dtype=acc_dtype).element_size()
-    return 2 * acc if dtype == acc_dtype else torch.empty((), dtype=dtype).element_size() + acc
+    return 2 * acc_dtype.itemsize if dtype == acc_dtype else dtype.itemsize + acc_dtype.itemsize
 
 
 def _squared(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -481,11 +519,16 @@ class _MatmulRule(_Rule):
         """(..., O, I) products reshaped to (..., *shape), transposed first for an (I, O) weight."""
         if self.weight_transposed:
             w = w.transpose(-1, -2)
-        return w.reshape(*w.shape[:-2], *shape)
+        return w if w.shape[-2:] == shape else w.reshape(*w.shape[:-2], *shape)
 
     def unfolded(self, ctx: _Ctx, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         """Output gradients ``gl`` (K, b, O, L) and inputs ``cols`` (b, I, L)."""
         raise NotImplementedError
+
+    def sizes(self, ctx: _Ctx) -> tuple[int, int, int]:
+        """(O, L, I) of :meth:`unfolded`, from the shapes alone."""
+        gl, cols = self.unfolded(ctx, 0, 1)
+        return gl.shape[2], gl.shape[3], cols.shape[1]
 
     def per_input(self, ctx: _Ctx, lo: int, hi: int) -> dict[str, Tensor]:
         gl, cols = self.unfolded(ctx, lo, hi)
@@ -571,8 +614,7 @@ class _MatmulRule(_Rule):
           sum_k G^2 with U^2.
         """
         B, K, acc_dtype = ctx.B, ctx.K, ctx.acc_dtype
-        gl0, cols0 = self.unfolded(ctx, 0, 1)
-        n_out, L, n_in = gl0.shape[2], gl0.shape[3], cols0.shape[1]
+        n_out, L, n_in = self.sizes(ctx)
         gram = L < K
         if L == 1:  # the columns fold: their squares (K, b, O) and the inputs' (b, I), no product
             per_input = K * n_out + n_in
@@ -585,7 +627,7 @@ class _MatmulRule(_Rule):
         else:
             # 16-bit products: every route but the direct one works on float32 copies of the
             # output gradients and inputs; the direct one squares a cast copy of its products.
-            a = torch.empty((), dtype=acc_dtype).element_size()
+            a = acc_dtype.itemsize
             copies = a * (K * n_out * L + n_in * L)
             own = a * per_input if gram or L == 1 else ctx.square_bytes * K * n_out * n_in
             chunk = ctx.chunk(copies + own)
@@ -611,6 +653,47 @@ class _MatmulRule(_Rule):
                 target.add_(self._weight_shaped(w, target.shape), alpha=weight)
             if "bias" in ctx.names:
                 acc[ctx.names["bias"]].add_(g2.sum(0), alpha=weight)
+
+
+def _folded_bytes(ctx: _Ctx) -> int | None:
+    """The bytes :func:`_folded_sum_squares` allocates for this call of a Linear (or ``Conv1D``)
+    at one position per input (L = 1) whose products are in the accumulation dtype; None for any
+    other call."""
+    rule = _RULES[ctx.handler.rule]
+    if not isinstance(rule, _LinearRule) or ctx.dtype != ctx.acc_dtype:
+        return None
+    n_out, L, n_in = rule.sizes(ctx)
+    if L != 1:
+        return None
+    return ctx.B * ctx.square_bytes * (ctx.K * n_out + n_in)
+
+
+def _folded_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -> None:
+    """The L = 1 route of :meth:`_MatmulRule.sum_squares` for several layers at once, the
+    elementwise steps of all of them as one op each (squares of the output gradients g (K, B, O)
+    and of the inputs a (B, I), the final additions into ``acc``): per layer, the weight gets
+    (sum_k g^2)^T @ a^2 and the bias sum_b sum_k g^2, the same products in the same order as
+    the rule's, so the same numbers, with fewer ops dispatched."""
+    gs, xs = [], []
+    for ctx in ctxs:
+        gl, cols = cast(_LinearRule, _RULES[ctx.handler.rule]).unfolded(ctx, 0, ctx.B)
+        gs.append(gl.squeeze(-1))
+        if "weight" in ctx.names:
+            xs.append(cols.squeeze(-1))
+    g_sq = torch._foreach_mul(gs, gs)
+    x_sq = iter(torch._foreach_mul(xs, xs)) if xs else iter(())
+    targets, values = [], []
+    for ctx, g2k in zip(ctxs, g_sq):
+        g2 = g2k.sum(0)  # (B, O)
+        if "weight" in ctx.names:
+            target = acc[ctx.names["weight"]]
+            rule = cast(_LinearRule, _RULES[ctx.handler.rule])
+            targets.append(target)
+            values.append(rule._weight_shaped(g2.T @ next(x_sq), target.shape))
+        if "bias" in ctx.names:
+            targets.append(acc[ctx.names["bias"]])
+            values.append(g2.sum(0))
+    torch._foreach_add_(targets, values, alpha=weight)
 
 
 #: column blocks of the direct route, each cut at its last position with a nonzero gradient
@@ -676,9 +759,18 @@ class _LinearRule(_MatmulRule):
 
     def unfolded(self, ctx: _Ctx, lo: int, hi: int) -> tuple[Tensor, Tensor]:
         a, g = ctx.x(lo, hi), ctx.g(lo, hi)
+        if a.ndim == 2 and g.ndim == 3:  # (b, I) and (K, b, O): L = 1, one view each
+            return g.unsqueeze(-1), a.unsqueeze(-1)
         K, b = g.shape[0], g.shape[1]
         cols = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
         return g.reshape(K, b, -1, g.shape[-1]).transpose(2, 3), cols
+
+    def sizes(self, ctx: _Ctx) -> tuple[int, int, int]:
+        x = cast(Tensor, ctx.call.leaves[cast(int, ctx.call.input_index())])
+        g = ctx.grads[0]
+        b = g.shape[1 + cast(int, ctx.call.out_dims[0])]
+        n_out = g.shape[-1]
+        return n_out, g.numel() // max(1, g.shape[0] * b * n_out), x.shape[-1]
 
 
 class _HFConv1DRule(_LinearRule):
@@ -729,6 +821,10 @@ class _ConvRule(_MatmulRule):
             ks, st, pd, dl = m.kernel_size, m.stride, m.padding, m.dilation
         cols = F.unfold(a, ks, dilation=dl, padding=pd, stride=st)  # (b, Cin*k, L)
         return g.reshape(K, b, g.shape[2], -1), cols
+
+    def sizes(self, ctx: _Ctx) -> tuple[int, int, int]:
+        m, g = ctx.module, ctx.grads[0]  # g: (K, B, O, *output positions)
+        return g.shape[2], math.prod(g.shape[3:]), m.in_channels * math.prod(m.kernel_size)
 
 
 class _EmbeddingRule(_Rule):
@@ -1149,6 +1245,7 @@ class PerInputEngine:
         self.model = model
         self.params = params
         first = next(iter(params.values())).dtype if params else torch.float32
+        self._acc_dtype = torch.promote_types(first, torch.float32)
         #: dtype of the per-input products (output gradients, per-input gradients): the
         #: model's own for a bfloat16 model (its GEMMs accumulate in float32), else the
         #: accumulation dtype (float16's range could overflow a per-input gradient); squares
@@ -1195,6 +1292,10 @@ class PerInputEngine:
         self.split_head: str | None = None
         #: the most columns one backward of this engine took (a chunk's size)
         self.max_backward_columns = 0
+        #: modules whose outputs are handed on without a clone (a recorded forward left them
+        #: alone), and those whose outputs the forward rewrites in place (kept cloned)
+        self._uncloned: set[str] = set()
+        self._cloned: set[str] = set()
 
     def fit(self, bytes_each: float, share: float, what: str) -> int:
         """How many items of ``bytes_each`` fit in ``share`` bytes; refuses when not one does."""
@@ -1235,6 +1336,8 @@ class PerInputEngine:
         self.log = list(kept.log)
         self._messages = list(kept.messages)
         self._used = kept.used
+        self._uncloned = set(kept.uncloned)
+        self._cloned = set(kept.cloned)
         for message in self._messages:
             logger.info(*message)
         return True
@@ -1262,6 +1365,8 @@ class PerInputEngine:
             log=list(self.log),
             messages=list(self._messages),
             used=self._used,
+            uncloned=set(self._uncloned),
+            cloned=set(self._cloned),
         )
 
     def same_uses(self, logits: Tensor) -> bool:
@@ -1619,9 +1724,12 @@ class PerInputEngine:
     def recording(self, batch_size: int | None = None) -> Iterator[None]:
         """Record the inputs and outputs of every handled module during a forward.
 
-        Each output is handed on as a clone (same shape, dtype and strides), so that an in-place
-        op downstream (ReLU(inplace=True), x += ...) cannot rewrite the tensor whose gradient we
-        take; the module's return value is otherwise unchanged.
+        An in-place op downstream (ReLU(inplace=True), x += ...) must not rewrite the tensor whose
+        gradient we take, so each output is handed on as a clone (same shape, dtype and strides;
+        the module's return value is otherwise unchanged) until a recorded forward has shown that
+        nothing rewrites the module's outputs (``finish_recording``); from then on the outputs
+        themselves are handed on, one op and one copy of the activation fewer per output, and
+        every recorded forward checks their versions: one rewritten is recorded again, cloned.
         """
         assert self.handlers is not None, "call plan() first"
         hooks = []
@@ -1630,17 +1738,26 @@ class PerInputEngine:
             def hook(_m: nn.Module, args: Any, kwargs: Any, out: Any, h: _Handler = h) -> Any:
                 if not self._active:
                     return None
-                leaves, spec = tree_flatten((args, kwargs))
+                leaves, spec = _flatten_call(args, kwargs)
                 versions = [x._version if isinstance(x, Tensor) else -1 for x in leaves]
-                flat, out_spec = tree_flatten(out)
+                flat, out_spec = ([out], None) if isinstance(out, Tensor) else tree_flatten(out)
                 idx = [i for i, t in enumerate(flat) if isinstance(t, Tensor) and t.requires_grad]
                 kept = [flat[i] for i in idx]
+                call = _Call(leaves, spec, versions, kept, idx, _shapes(flat))
+                h.calls.append(call)
+                if h.path in self._uncloned:
+                    call.cloned = False
+                    call.handed = [(t, t._version) for t in kept]
+                    return None
                 new = list(flat)
                 for i in idx:
                     new[i] = flat[i].clone()
-                rebuilt = tree_unflatten(new, out_spec)
-                h.calls.append(_Call(leaves, spec, versions, kept, idx, _shapes(flat)))
-                return rebuilt if type(rebuilt) is type(out) else None
+                rebuilt = new[0] if out_spec is None else tree_unflatten(new, out_spec)
+                if type(rebuilt) is not type(out):
+                    call.cloned = False  # the output cannot be rebuilt: handed on as it is
+                    return None
+                call.handed = [(new[i], new[i]._version) for i in idx]
+                return rebuilt
 
             hooks.append(h.module.register_forward_hook(hook, with_kwargs=True))
         hooks += self._expansion_hooks()
@@ -1660,6 +1777,8 @@ class PerInputEngine:
         (plan again with this batch, then record again)."""
         assert self.handlers is not None and self._trace is not None
         self._batch_size = B = batch_size
+        if not self._settle_clones():
+            return False
         if self._dims_known:
             return self.same_layout(B)
         trace = self._trace
@@ -1688,6 +1807,29 @@ class PerInputEngine:
         }
         # Modules with inputs shared by the batch: plan again (with the proof) and record again.
         return not self._expand_pending
+
+    def _settle_clones(self) -> bool:
+        """After a recorded forward: a module whose outputs, handed on as clones, were left
+        alone by the rest of the forward hands on its outputs themselves from now on; one whose
+        outputs were rewritten in place keeps its clones. False when an output handed on without
+        a clone (by this choice) was rewritten: the recorded tensor is no longer the module's
+        output, so the module keeps clones from now on and the caller plans and records again."""
+        assert self.handlers is not None
+        again = False
+        for h in self.handlers:
+            if not h.calls:
+                continue
+            rewritten = [c for c in h.calls if c.modified()]
+            if rewritten:
+                again |= h.path in self._uncloned and any(not c.cloned for c in rewritten)
+                self._cloned.add(h.path)
+                self._uncloned.discard(h.path)
+            elif h.path not in self._cloned:
+                self._uncloned.add(h.path)
+            for c in h.calls:
+                if c.cloned:
+                    c.handed = []  # the clones need not outlive the forward
+        return not again
 
     def _route(self) -> None:
         """Per handler: its rule if every call's layout suits it, else vjp; the whole-model route
@@ -1805,11 +1947,18 @@ class PerInputEngine:
 
     # Accumulation -------------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
-        return torch.promote_types(next(iter(self.params.values())).dtype, torch.float32)
+        """The accumulation dtype: float32, or float64 for float64 models."""
+        return self._acc_dtype
 
     def _check_versions(self) -> None:
         for h in self.handlers or []:
             for c in h.calls:
+                if not c.cloned and c.modified():
+                    raise FisherInputError(
+                        f"The output of module {h.path!r} was modified in place after the forward; "
+                        "per-input gradients would be wrong. Avoid in-place ops on the model's "
+                        "tensors between its forward and the Fisher pass's backward."
+                    )
                 for leaf, version in zip(c.leaves, c.versions):
                     if isinstance(leaf, Tensor) and leaf._version != version:
                         raise FisherInputError(
@@ -1856,11 +2005,12 @@ class PerInputEngine:
         self._check_versions()
         calls = [c for h in self.handlers for c in h.calls]
         if calls:
+            K = cotangents.shape[0]
             per_column = sum(o.numel() * o.element_size() for c in calls for o in c.outputs)
-            per_column += cotangents[0].numel() * cotangents.element_size()
+            per_column += cotangents.numel() // max(1, K) * cotangents.element_size()
             k_chunk = self.fit(per_column, self.column_bytes, "the output gradients of one column")
-            for start in range(0, cotangents.shape[0], k_chunk):
-                cot = cotangents[start : start + k_chunk]
+            for start in range(0, K, k_chunk):
+                cot = cotangents if k_chunk >= K else cotangents[start : start + k_chunk]
                 self._accumulate_chunk(self._output_grads(logits, cot), acc, weight)
         if self.model_route:
             self._model_route_sum_squares(logits, cotangents, acc, weight)
@@ -1955,7 +2105,7 @@ class PerInputEngine:
         # the head's input and about three more of the largest output's size alive inside the
         # backward; the (B, C) slice and (B, D) product at the head. Sized (and refused) before
         # anything is allocated.
-        acc_size = torch.empty((), dtype=self._dtype()).element_size()
+        acc_size = self._dtype().itemsize
         sizes = [o.numel() * o.element_size() for _, cl in body for o in cl.outputs]
         per_column = sum(sizes) + 4 * max([x.numel() * x.element_size(), *sizes])
         per_column += sum(
@@ -2075,10 +2225,21 @@ class PerInputEngine:
     ) -> None:
         """The rules' sums of squares for one chunk of columns; the shared parameters ``skip``
         are left to the caller."""
+        folded: list[_Ctx] = []
+        folded_bytes = 0
         for h, c, gs in grad_map:
             single = {loc: g for loc, g in h.names.items() if g not in self.shared}
-            if single:
-                _RULES[h.rule].sum_squares(self._ctx(h, c, gs, single), acc, weight)
+            if not single:
+                continue
+            ctx = self._ctx(h, c, gs, single)
+            size = _folded_bytes(ctx)
+            if size is not None and folded_bytes + size <= self.rule_bytes:
+                folded.append(ctx)
+                folded_bytes += size
+            else:
+                _RULES[h.rule].sum_squares(ctx, acc, weight)
+        if folded:
+            _folded_sum_squares(folded, acc, weight)
         if not self.shared:
             return
         # Shared parameters: per-input gradients summed over every use, then squared.
@@ -2155,7 +2316,7 @@ class PerInputEngine:
         parameters (with its float32 copy and square); the squares add up over columns, so a
         large K is split too."""
         # each gradient as autograd gives it, its copy in the accumulation dtype, the square
-        acc = torch.empty((), dtype=self._dtype()).element_size()
+        acc = self._dtype().itemsize
         per = sum(
             (acc if p.dtype == self._dtype() else p.element_size() + acc) * p.numel()
             + acc * p.numel()
@@ -2233,6 +2394,8 @@ class PerInputEngine:
                 return False
             if small is None or small.ndim == 0 or small.shape[0] != R or not self.same_layout(R):
                 return False
+            if any(not c.cloned and c.modified() for h in self.handlers for c in h.calls):
+                return False  # an output handed on without a clone was rewritten
             self._batch_size = R
             self._verify(small)
             return True

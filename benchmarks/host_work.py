@@ -1,0 +1,466 @@
+"""Host work per batch: aten ops, Python calls and CPU time of a Fisher pass on small models.
+
+On a GPU, the MLPs of the exact-diagonal benchmark are bound by the host: every aten op is one
+or more kernel launches plus the Python around it, so the number of ops dispatched and of Python
+calls made per batch sets the time long before the arithmetic does. This benchmark counts them
+on CPU, where no GPU is needed::
+
+    python -m benchmarks.host_work                # -> results/host_work_cpu.{json,md}
+
+For each MLP of ``benchmarks.exact_diagonal`` (same widths and batch sizes, ``--n`` to change
+one), and for each implementation (a training step, ours ``exact`` and ``empirical`` through
+``lf.estimate_fisher``, BackPACK's ``DiagGGNExact`` and ``SumGradSquared`` when BackPACK is
+installed), it runs the implementation twice (our plan and the self-check's proof are then kept
+with the model: the steady state of a later pass), then on the third run counts
+
+* ``aten_ops``: the aten ops dispatched (a ``TorchDispatchMode`` counter, also per op name);
+  ``kernel_ops``: those that are not views or metadata (``detach``, ``view``, ``permute``,
+  ``_unsafe_view``, ``promote_types``, ...), about the ops that launch a kernel on a GPU;
+* ``python_calls``: every Python and builtin function call of the run (cProfile's total);
+* ``seconds``: the median wall time of ``--repeats`` runs (fewer once ``--time-budget`` seconds
+  are spent; CPU, ``--threads`` torch threads).
+
+* ``host_seconds``: the fastest run on the model's tiny twin (same depth and classes, widths 16,
+  8 inputs), where the arithmetic is negligible but for the (N, C, C-1) columns of a large C:
+  the host's own time, what a launch-bound GPU run pays; for ours also
+  ``host_seconds_per_batch``, what one more batch of a pass adds.
+
+Ours run a pass of one batch, as the exact-diagonal benchmark times them, which includes the
+pass's own work (the accumulators, the final NaN/Inf checks); ``aten_ops_per_batch`` is the
+number that one more batch of the same pass adds (a pass of two batches minus one of one).
+``--before FILE`` adds the counts of an earlier run (the JSON this script wrote, with earlier
+code on the path) to the report, for a before/after table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import cProfile
+import functools
+import gc
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lightning_fisher as lf
+from benchmarks.bench_models import mlp
+from benchmarks.common import device_name
+from benchmarks.common import versions as base_versions
+from benchmarks.exact_diagonal import (
+    Case,
+    Skip,
+    backpack_model,
+    backpack_run,
+    build_case,
+    train_step,
+)
+from lightning_fisher import _json as strict_json
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODELS = ("mlp-784-512-512-10", "mlp-3072-1024-1024-100", "mlp-2048-1024-1024-1000")
+#: ops that move no data: views, aliases, dtype queries
+METADATA_OPS = frozenset({"aten._unsafe_view", "aten.promote_types", "aten.lift_fresh"})
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while active, by name (``aten.mm``) and in total; ops that
+    are views or metadata (``METADATA_OPS``) are also counted apart, and every op by where it
+    was dispatched from (``sources``: the innermost function of lightning_fisher, or of BackPACK,
+    on the Python stack; ``torch`` for the rest: the model's layers, autograd)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()
+        self.metadata = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        if getattr(func, "is_view", False) or name in METADATA_OPS:
+            self.metadata += 1
+        self.sources[_source(sys._getframe(1))] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def _source(frame: Any) -> str:
+    while frame is not None:
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        for package in ("lightning_fisher/", "backpack/"):
+            if package in path:
+                module = path.rsplit(package, 1)[1].removesuffix(".py").replace("/", ".")
+                return f"{package[:-1]}.{module}.{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "torch"
+
+
+def count_ops(fn: Callable[[], Any]) -> OpCounter:
+    with OpCounter() as counter:
+        fn()
+    return counter
+
+
+def python_calls(fn: Callable[[], Any]) -> int:
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        fn()
+    finally:
+        prof.disable()
+    return int(pstats.Stats(prof).total_calls)  # type: ignore[attr-defined]
+
+
+def implementations(case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """name -> (run the whole thing once, ``f(n)`` running a pass of n batches or None), or the
+    reason it is skipped (a string)."""
+    out: dict[str, Any] = {"train-step": (train_step(case), None)}
+    for method in ("exact", "empirical"):
+        model = copy.deepcopy(case.model)  # its own plan and proof, kept across runs
+
+        def ours(batches: int, model: Any = model, method: str = method) -> None:
+            lf.estimate_fisher(
+                model,
+                [case.batch()] * batches,
+                method=method,
+                max_memory_mib=args.max_memory_mib,
+                progress=False,
+            )
+
+        out[f"ours-{method}"] = (lambda f=ours: f(1), ours)
+    for impl, ext in (
+        ("backpack-diagggn-exact", "DiagGGNExact"),
+        ("backpack-sum-grad-squared", "SumGradSquared"),
+    ):
+        try:
+            bp = backpack_model(case)
+        except Skip as why:
+            out[impl] = str(why)
+            continue
+        out[impl] = (lambda bp=bp, ext=ext: backpack_run(bp, case, ext), None)
+    return out
+
+
+def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    case = build_case(name, torch.device("cpu"), args)
+    print(f"\n== {name}: N={case.n}", flush=True)
+    rows: list[dict[str, Any]] = []
+    sizes = [int(s) for s in name.split("-")[1:]]
+    g = torch.Generator().manual_seed(0)
+    small = Case(
+        f"{name}-tiny",
+        mlp([TINY_WIDTH] * (len(sizes) - 1) + [sizes[-1]]).eval(),
+        torch.randn(TINY_N, TINY_WIDTH, generator=g),
+        torch.randint(0, sizes[-1], (TINY_N,), generator=g),
+        sizes[-1],
+        "mlp",
+    )
+    tiny = implementations(small, args)
+    if args.host_only:
+        for impl, spec in tiny.items():
+            host = host_time(spec, args) if isinstance(spec, tuple) else (None, None)
+            rows.append(
+                {
+                    "model": name,
+                    "implementation": impl,
+                    "host_seconds": host[0],
+                    "host_seconds_per_batch": host[1],
+                    "note": None if isinstance(spec, tuple) else f"skipped: {spec}",
+                }
+            )
+            print(f"  {impl:26s} host {host[0]} s, per batch {host[1]} s", flush=True)
+    for impl, spec in [] if args.host_only else implementations(case, args).items():
+        if isinstance(spec, str):
+            rows.append({"model": name, "implementation": impl, "note": f"skipped: {spec}"})
+            print(f"  {impl:26s} skipped: {spec}", flush=True)
+            continue
+        run, run_two = spec
+        for _ in range(2):  # plans and proofs kept: the steady state
+            run()
+        host = host_time(tiny[impl], args) if isinstance(tiny.get(impl), tuple) else (None, None)
+        counter = count_ops(run)
+        calls = python_calls(run)
+        per_batch = kernel_per_batch = calls_per_batch = None
+        if run_two is not None:
+            pass_of_two = functools.partial(run_two, 2)
+            pass_of_two()
+            two = count_ops(pass_of_two)
+            per_batch = two.total - counter.total
+            kernel_per_batch = (two.total - two.metadata) - (counter.total - counter.metadata)
+            calls_per_batch = python_calls(pass_of_two) - calls
+        times: list[float] = []
+        while len(times) < args.repeats and (not times or sum(times) < args.time_budget):
+            gc.collect()
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        row: dict[str, Any] = {
+            "model": name,
+            "implementation": impl,
+            "n_inputs": case.n,
+            "aten_ops": counter.total,
+            "kernel_ops": counter.total - counter.metadata,
+            "aten_ops_per_batch": per_batch,
+            "kernel_ops_per_batch": kernel_per_batch,
+            "python_calls": calls,
+            "python_calls_per_batch": calls_per_batch,
+            "seconds": statistics.median(times),
+            "repeats": len(times),
+            "host_seconds": host[0],
+            "host_seconds_per_batch": host[1],
+            "ops_by_name": dict(counter.ops.most_common()),
+            "ops_by_source": dict(counter.sources.most_common()),
+            "note": None,
+        }
+        rows.append(row)
+        print(
+            f"  {impl:26s} {row['aten_ops']:5d} aten ops ({row['kernel_ops']} non-view), "
+            f"{calls:6d} Python calls, {row['seconds'] * 1e3:8.2f} ms",
+            flush=True,
+        )
+    step = next((r.get("seconds") for r in rows if r["implementation"] == "train-step"), None)
+    host_step = next((r["host_seconds"] for r in rows if r["implementation"] == "train-step"), None)
+    for r in rows:
+        r["ratio_to_step"] = r["seconds"] / step if step and r.get("seconds") else None
+        r["host_ratio_to_step"] = (
+            r["host_seconds"] / host_step if host_step and r.get("host_seconds") else None
+        )
+    return rows
+
+
+#: the host-bound twin of each MLP: same depth and classes, these widths and inputs
+TINY_WIDTH, TINY_N = 16, 8
+
+
+def host_time(spec: tuple[Any, Any], args: argparse.Namespace) -> tuple[float, float | None]:
+    """Seconds of one run on the tiny twin, where the arithmetic is negligible: the host's own
+    work; for ours also what one more batch of a pass adds (a pass of 11 batches minus a pass
+    of one, over 10). The fastest of ``--host-repeats`` runs: the host's work is what is left
+    when nothing else on the machine interrupts it (a median moves with the machine's load).
+    Passes of 1 and 11 batches alternate, so both see the same conditions."""
+    run, run_n = spec
+    for _ in range(3):
+        run()
+    one: list[float] = []
+    many: list[float] = []
+    for _ in range(args.host_repeats):
+        for fn, times in ((run, one), (None if run_n is None else lambda: run_n(11), many)):
+            if fn is None:
+                continue
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return min(one), None if run_n is None else (min(many) - min(one)) / 10
+
+
+def _cell(value: Any, spec: str = "") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_markdown(path: str, report: dict[str, Any]) -> None:
+    before = {
+        (r["model"], r["implementation"]): r for r in (report.get("before") or {}).get("rows", [])
+    }
+    lines = [
+        f"# {report['name']}",
+        "",
+        f"Device: {report['device']}. Command: `{report['command']}`.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
+        "",
+        "One batch in steady state (the third run: our plan and the self-check's proof are "
+        "reused). `aten ops`: ops dispatched (a `TorchDispatchMode` counter); `non-view`: those "
+        "that are not views or metadata (about the kernel launches on a GPU); `per batch`: what "
+        "one more batch of the same pass adds; `Python calls`: cProfile's total; ms: median "
+        "wall time on CPU; ours run a pass of one batch (with the pass's own setup and final "
+        "checks), as the exact-diagonal benchmark times them. `host ms`: the fastest run on the "
+        f"model's tiny twin (same depth and classes, widths {TINY_WIDTH}, {TINY_N} inputs), "
+        "where the host's work is all there is (but for the (N, C, C-1) columns of exact at "
+        "C = 1000); `host ms per batch`: what one more batch of our pass adds there.",
+    ]
+    if before:
+        b = report["before"]
+        lines += [
+            "",
+            f"`a -> b`: a on {b.get('code') or 'the earlier code'} (`{b.get('command', '')}`), "
+            "b on this code.",
+        ]
+    lines += [
+        "",
+        "| model | implementation | aten ops | non-view | aten ops per batch | non-view per batch "
+        "| Python calls | Python calls per batch | ms | ratio to step | host ms | host ms per batch "
+        "| host ratio to step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def pair(r: dict[str, Any], key: str, spec: str = "", scale: float = 1.0) -> str:
+        old = before.get((r["model"], r["implementation"]), {}).get(key)
+        now = r.get(key)
+        if scale != 1.0:
+            old, now = (None if v is None else v * scale for v in (old, now))
+        if old is None or old == now:
+            return _cell(now, spec)
+        return f"{_cell(old, spec)} -> {_cell(now, spec)}"
+
+    for r in report["rows"]:
+        if r.get("aten_ops") is None and r.get("host_seconds") is None:
+            lines.append(
+                f"| {r['model']} | {r['implementation']} |" + " - |" * 11 + f" {r.get('note')} |"
+            )
+            continue
+        lines.append(
+            f"| {r['model']} | {r['implementation']} | {pair(r, 'aten_ops')} | "
+            f"{pair(r, 'kernel_ops')} | {pair(r, 'aten_ops_per_batch')} | "
+            f"{pair(r, 'kernel_ops_per_batch')} | "
+            f"{pair(r, 'python_calls')} | {pair(r, 'python_calls_per_batch')} | "
+            f"{pair(r, 'seconds', '.2f', 1e3)} | {pair(r, 'ratio_to_step', '.2f')} | "
+            f"{pair(r, 'host_seconds', '.3f', 1e3)} | {pair(r, 'host_seconds_per_batch', '.3f', 1e3)} "
+            f"| {pair(r, 'host_ratio_to_step', '.2f')} |"
+        )
+    top = int(report.get("top_ops", 20))
+    lines += ["", "## Where the ops go", ""]
+    for model in dict.fromkeys(r["model"] for r in report["rows"]):
+        rows = [r for r in report["rows"] if r["model"] == model and r.get("ops_by_name")]
+        if not rows:
+            continue
+        lines += _table(
+            f"{model}: aten ops by name (the {top} most frequent over all implementations)",
+            "op",
+            rows,
+            "ops_by_name",
+            top,
+            lambda n: n.removeprefix("aten."),
+        )
+    first = next(iter(dict.fromkeys(r["model"] for r in report["rows"])), None)
+    rows = [r for r in report["rows"] if r["model"] == first and r.get("ops_by_source")]
+    rows += [
+        {**r, "implementation": f"{r['implementation']} (before)"}
+        for (model, impl), r in before.items()
+        if model == first and impl.startswith("ours-") and r.get("ops_by_source")
+    ]
+    lines += (
+        []
+        if not rows
+        else _table(
+            f"{first}: aten ops by where they were dispatched from (the innermost function of "
+            "lightning_fisher or BackPACK on the stack; `torch`: the model's layers and autograd "
+            "outside both)",
+            "function",
+            rows,
+            "ops_by_source",
+            top,
+            lambda n: n,
+        )
+    )
+    if report.get("notes"):
+        lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def _table(
+    title: str,
+    head: str,
+    rows: list[dict[str, Any]],
+    key: str,
+    top: int,
+    label: Callable[[str], str],
+) -> list[str]:
+    """A Markdown table of the counts ``row[key]`` (name -> count) per implementation: the
+    ``top`` largest names over all rows, then the rest summed."""
+    total: Counter[str] = Counter()
+    for r in rows:
+        total.update(r[key])
+    names = [n for n, _ in total.most_common(top)]
+    lines = [
+        f"{title}:",
+        "",
+        f"| {head} | " + " | ".join(r["implementation"] for r in rows) + " |",
+        "|---|" + "---:|" * len(rows),
+    ]
+    for n in names:
+        lines.append(f"| {label(n)} | " + " | ".join(str(r[key].get(n, 0)) for r in rows) + " |")
+    rest = [sum(v for k, v in r[key].items() if k not in names) for r in rows]
+    return [*lines, "| (the rest) | " + " | ".join(map(str, rest)) + " |", ""]
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
+    ap.add_argument("--n", nargs="*", default=[], metavar="MODEL=N", help="batch size per model")
+    ap.add_argument("--repeats", type=int, default=10, help="timed runs per implementation")
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=20.0,
+        help="seconds of timed runs after which an implementation is not repeated further",
+    )
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument(
+        "--host-repeats", type=int, default=50, help="timed runs on each tiny twin (host time)"
+    )
+    ap.add_argument("--max-memory-mib", type=float, default=2048.0, help="our engine's memory cap")
+    ap.add_argument("--top-ops", type=int, default=20, help="op names listed per model")
+    ap.add_argument(
+        "--host-only", action="store_true", help="only the host times of the tiny twins (fast)"
+    )
+    ap.add_argument("--before", default=None, help="a JSON this script wrote with earlier code")
+    ap.add_argument("--code", default=None, help="what code ran (a revision), for the report")
+    ap.add_argument("--out", default="host_work_cpu", help="report name, or a path without suffix")
+    args = ap.parse_args(argv)
+    args.n = {k: int(v) for k, v in (s.split("=") for s in args.n)}
+    torch.set_num_threads(args.threads)
+    command = " ".join(
+        ["python -m benchmarks.host_work", *(argv if argv is not None else sys.argv[1:])]
+    )
+    out = args.out if os.sep in args.out else os.path.join(RESULTS, args.out)
+    rows: list[dict[str, Any]] = []
+    notes = [
+        "ms are CPU times, where these models are bound by arithmetic, not by the host: the "
+        "op and call counts are what stands for a GPU's launch-bound time.",
+    ]
+    for m in args.models:
+        rows += run_model(m, args)
+    skipped = sorted({r["implementation"] for r in rows if r.get("aten_ops") is None})
+    if skipped:
+        notes.append(
+            f"not run here (not installed in this environment): {', '.join(skipped)}; "
+            "BackPACK is in /work/bench-venv (run there with PYTHONPATH=<checkout>)."
+        )
+    report: dict[str, Any] = {
+        "name": os.path.basename(out),
+        "command": command,
+        "code": args.code,
+        "device": device_name("cpu"),
+        "versions": base_versions("backpack-for-pytorch"),
+        "repeats": args.repeats,
+        "max_memory_mib": args.max_memory_mib,
+        "top_ops": args.top_ops,
+        "notes": notes,
+        "rows": rows,
+    }
+    if args.before:
+        with open(args.before) as f:
+            old = json.load(f)
+        report["before"] = {k: old.get(k) for k in ("command", "code", "versions", "rows")}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        strict_json.dump(report, f, indent=1)
+    write_markdown(out + ".md", report)
+    print(f"\nwrote {out}.json/.md")
+
+
+if __name__ == "__main__":
+    main()
