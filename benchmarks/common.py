@@ -6,6 +6,7 @@ import gzip
 import importlib.metadata as md
 import os
 import platform
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,6 +50,17 @@ def device_name(device: torch.device | str = "cpu") -> str:
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
     return f"CPU ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def report_header(title: str, report: dict[str, Any]) -> list[str]:
+    """The first lines of a Markdown report: its title, device and command, versions."""
+    return [
+        f"# {title}",
+        "",
+        f"Device: {report['device']}. Command: `{report['command']}`.",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
+        "",
+    ]
 
 
 def fmt(value: object, spec: str) -> str:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import lightning_fisher as lf
-from benchmarks.common import device_name, fmt, versions
+from benchmarks.common import device_name, fmt, report_header, versions
 from benchmarks.lm_fisher_scale import Meter, ModelSpec, batch_of, build, train_step
 from lightning_fisher import _json as strict_json
 from lightning_fisher import ewc as ewc_module
@@ -182,11 +182,7 @@ def write(report: dict[str, Any], out: str) -> str:
 
     s = report["settings"]
     lines = [
-        f"# {NAME}_{report['device_type']}",
-        "",
-        f"Device: {report['device']}. Command: `{report['command']}`.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
-        "",
+        *report_header(f"{NAME}_{report['device_type']}", report),
         f"Random-weight GPT-2 ({s['layers']} layers x {s['width']}, vocabulary {s['vocab']}), "
         f"one batch of {s['batch']} x {s['seq_len']} tokens, AdamW. `EWC step / step`: median "
         "step with `add_penalty_grad` over median step without, interleaved rounds. `state MiB`: "

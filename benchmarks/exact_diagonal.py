@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 import lightning_fisher as lf
 from benchmarks.bench_models import LogitsOnly, ReducedResNet18, ResNet18, bert_classifier, mlp
-from benchmarks.common import device_name, fmt
+from benchmarks.common import device_name, fmt, report_header
 from benchmarks.common import versions as base_versions
 from lightning_fisher import _json as strict_json
 from lightning_fisher.estimators.per_input import VERIFY_ROWS, forget_verified
@@ -734,11 +734,7 @@ def versions() -> dict[str, str | None]:
 
 def write_markdown(path: str, report: dict[str, Any]) -> None:
     lines = [
-        f"# {report['name']}",
-        "",
-        f"Device: {report['device']}. Command: `{report['command']}`.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
-        "",
+        *report_header(report["name"], report),
         "Ratios are medians of interleaved rounds in one process, relative to a training step "
         "(forward + backward) on the same batch. `max_rel_diff` is against ours-exact "
         "(ours-empirical for SumGradSquared); `*` marks seconds scaled from a subset of the batch.",

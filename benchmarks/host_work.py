@@ -54,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_fisher as lf
 from benchmarks.bench_models import mlp
-from benchmarks.common import device_name
+from benchmarks.common import device_name, fmt, report_header
 from benchmarks.common import versions as base_versions
 from benchmarks.exact_diagonal import (
     Case,
@@ -266,20 +266,12 @@ def host_time(spec: tuple[Any, Any], args: argparse.Namespace) -> tuple[float, f
     return min(one), None if run_n is None else (min(many) - min(one)) / 10
 
 
-def _cell(value: Any, spec: str = "") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def write_markdown(path: str, report: dict[str, Any]) -> None:
     before = {
         (r["model"], r["implementation"]): r for r in (report.get("before") or {}).get("rows", [])
     }
     lines = [
-        f"# {report['name']}",
-        "",
-        f"Device: {report['device']}. Command: `{report['command']}`.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
-        "",
+        *report_header(report["name"], report),
         "One batch in steady state (the third run: our plan and the self-check's proof are "
         "reused). `aten ops`: ops dispatched (a `TorchDispatchMode` counter); `non-view`: those "
         "that are not views or metadata (about the kernel launches on a GPU); `per batch`: what "
@@ -311,8 +303,8 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         if scale != 1.0:
             old, now = (None if v is None else v * scale for v in (old, now))
         if old is None or old == now:
-            return _cell(now, spec)
-        return f"{_cell(old, spec)} -> {_cell(now, spec)}"
+            return fmt(now, spec)
+        return f"{fmt(old, spec)} -> {fmt(now, spec)}"
 
     for r in report["rows"]:
         if r.get("aten_ops") is None and r.get("host_seconds") is None:

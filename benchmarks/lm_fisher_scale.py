@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lightning_fisher as lf
-from benchmarks.common import device_name, fmt, versions
+from benchmarks.common import device_name, fmt, report_header, versions
 from lightning_fisher import _json as strict_json
 from lightning_fisher import hf
 
@@ -180,11 +180,7 @@ def write(report: dict[str, Any], quick: bool, out: str = RESULTS) -> str:
         strict_json.dump(report, f, indent=1)
 
     lines = [
-        f"# {name}",
-        "",
-        f"Device: {report['device']}. Command: `{report['command']}`.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
-        "",
+        *report_header(name, report),
         "Random-weight GPT-2 models from `transformers` configs, one batch of "
         f"{report['settings']['batch']} x {report['settings']['seq_len']} tokens, next-token "
         "labels. `seconds`: median over the timed runs of one batch; `ratio to step`: against a "

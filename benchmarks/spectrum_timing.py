@@ -42,7 +42,7 @@ from torch.func import functional_call, jacrev
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_fisher as lf
-from benchmarks.common import versions
+from benchmarks.common import report_header, versions
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -152,11 +152,7 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
     rows = report["rows"]
     k, n = report["settings"]["k"], rows[0]["n_inputs"]
     lines = [
-        f"# {report['name']}",
-        "",
-        f"Device: {report['device']}. Command: `{report['command']}`.",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
-        "",
+        *report_header(report["name"], report),
         f"Top {k} eigenvalues of F = (1/N) sum_x J^T I(p) J on N = {n} random inputs. "
         "`max rel diff` is against a dense eigendecomposition (small models only), "
         "`vs ours` against ours-lanczos; both over the top k, relative to the largest eigenvalue. "
