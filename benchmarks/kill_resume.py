@@ -38,8 +38,8 @@ Usage::
     python -m benchmarks.kill_resume --points 3      # fewer
     python -m benchmarks.kill_resume --worker DIR [--kill train:1:5 | --kill fisher:2:1 | ...]
 
-Workers are forked children of the driver (POSIX), killed with SIGKILL; ``--worker`` runs one in
-the foreground.
+Workers are children forked from a fork server (POSIX), killed with SIGKILL; ``--worker`` runs one
+in the foreground.
 """
 
 from __future__ import annotations
@@ -222,14 +222,22 @@ def _child(work_dir: Path, kill: str | None) -> None:
         traceback.print_exc(file=log)
         code = 1
     log.flush()
-    # Leave without the parent's exit machinery (a test runner's, for one), which a fork inherits.
+    # Leave without any exit machinery a fork inherits (a test runner's, for one).
     os._exit(code)
 
 
+#: what the fork server imports once, so that every worker forked from it starts at once
+_PRELOAD = ["benchmarks.kill_resume", "lightning.pytorch", "lightning_fisher.callbacks.ewc"]
+
+
 def run(work_dir: Path, kill: str | None = None, timeout: float = 600) -> int:
-    """Run a worker in a forked child process (the parent's imports are inherited, so it starts at
-    once); returns its exit code (``-9`` when it was SIGKILLed)."""
-    child = multiprocessing.get_context("fork").Process(target=_child, args=(work_dir, kill))
+    """Run a worker in a child forked from a fork server (a clean process that has imported
+    ``_PRELOAD``, so the child starts at once without inheriting the caller's threads, locks or
+    process groups, which a fork of the caller itself would); returns its exit code (``-9`` when
+    it was SIGKILLed)."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    child = ctx.Process(target=_child, args=(work_dir, kill))
     child.start()
     child.join(timeout)
     if child.exitcode is None:
@@ -319,11 +327,7 @@ def main() -> None:
     if args.worker is not None:
         run_worker(args.worker, args.kill)
         return
-
     import lightning
-    import lightning.pytorch  # imported once here, inherited by the forked workers
-
-    import lightning_fisher.callbacks.ewc  # noqa: F401
 
     start = time.perf_counter()
     points = kill_points(args.points, args.seed)

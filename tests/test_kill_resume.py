@@ -30,7 +30,7 @@ def test_sigkill_in_training_and_in_fisher_pass_resumes_bitwise(tmp_path: Path) 
     # batch 2 of task 1's consolidation, which runs before the checkpoint of the task's last step
     # is written (resumes from the step-4 checkpoint too, retrains the last epoch and consolidates).
     points = ["train:1:6", "fisher:1:2"]
-    # One forked worker at a time: forking while other threads run is best avoided.
+    # One worker at a time.
     assert kill_resume.run(tmp_path / "reference", timeout=240) == 0
     outcomes = [kill_resume.kill_and_resume(tmp_path / p.replace(":", "_"), p) for p in points]
     reference = kill_resume.load_final(tmp_path / "reference")
