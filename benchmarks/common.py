@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import lightning_fisher as lf
 
@@ -21,11 +22,11 @@ def versions(*extra: str) -> dict[str, str | None]:
     """Python's version and those of torch, lightning, lightning-fisher and ``extra``
     distributions (``None`` where one is not installed)."""
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in (*BASE_DISTRIBUTIONS, *extra):
+    for name in (*BASE_DISTRIBUTIONS, *extra):
         try:
-            out[dist] = md.version(dist)
+            out[name] = md.version(name)
         except md.PackageNotFoundError:
-            out[dist] = None
+            out[name] = None
     out["lightning-fisher"] = lf.__version__  # the code that ran, installed or not
     return out
 
@@ -41,6 +42,19 @@ def rank_environment(rank: int, world: int, port: int) -> None:
         LOCAL_RANK=str(rank),
         NODE_RANK="0",
     )
+
+
+def join_process_group(rank: int, world: int, cpu: bool) -> torch.device:
+    """Join the process group of ``rank_environment``: gloo with one CPU thread, or NCCL on GPU
+    ``rank``; returns the rank's device."""
+    if cpu:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        return torch.device("cpu")
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    return device
 
 
 def device_name(device: torch.device | str = "cpu") -> str:

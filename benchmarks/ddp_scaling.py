@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from benchmarks.common import max_rel_diff, rank_environment
+from benchmarks.common import join_process_group, max_rel_diff, rank_environment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -103,14 +103,7 @@ def _worker(rank: int, world: int, port: int, cfg: Config, out_dir: str) -> None
 
     import lightning_fisher as lf
 
-    if cfg.cpu:
-        device = torch.device("cpu")
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    else:
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    device = join_process_group(rank, world, cfg.cpu)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -83,7 +83,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor, nn
 
-from benchmarks.common import device_name, fmt, max_rel_diff, rank_environment, versions
+from benchmarks.common import (
+    device_name,
+    fmt,
+    join_process_group,
+    max_rel_diff,
+    rank_environment,
+    versions,
+)
 from benchmarks.ddp_scaling import _free_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -503,13 +510,7 @@ def _work(rank: int, world: int, strategy: str, cfg: Config, out_dir: str) -> No
 def _worker(rank: int, world: int, port: int, strategy: str, cfg: Config, out_dir: str) -> None:
     warnings.filterwarnings("ignore")
     rank_environment(rank, world, port)
-    if cfg.cpu:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    else:
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    join_process_group(rank, world, cfg.cpu)
     try:
         _work(rank, world, strategy, cfg, out_dir)
     finally:
