@@ -467,3 +467,21 @@ def test_scale_benchmark_sets_the_position_route_against_its_floor(tmp_path: Pat
     b, e = rows["backward"]["seconds"], rows["empirical"]
     assert b > 0 and rows["backward"]["ratio_to_step"] == b / rows["train-step"]["seconds"]
     assert f"floor 6 x backward = {6 * b:.1f} s, {e['seconds'] / (6 * b):.2f}x of it" in e["note"]
+
+
+def test_host_profile_benchmark_writes_its_rows(tmp_path: Path) -> None:
+    """The host/device profile of the single-backward LM passes: every row, its counts."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import lm_host_profile
+
+    args = ["--quick", "--batch", "2", "--seq-len", "8", "--repeats", "1", "--top", "3"]
+    assert lm_host_profile.main([*args, "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "lm_host_profile_quick.json").read_text())
+    assert set(report["rows"]) == set(lm_host_profile.ROWS)
+    for r in report["rows"].values():
+        assert r["wall_ms_min"] > 0 and r["host_ms"] > 0 and r["casts"] >= 0
+        assert len(r["top_cpu_ops"]) == 3 and r["top_cpu_ops"][0]["calls"] >= 1
+    text = (tmp_path / "lm_host_profile_quick.md").read_text()
+    assert "| sample-token |" in text and "Top ops by self CPU time, sample-sequence" in text
