@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import lightning_fisher as lf
+from lightning_fisher import _json as strict_json
 
 #: the distributions every benchmark reports; a benchmark adds the ones it compares against
 BASE_DISTRIBUTIONS = ("torch", "lightning")
@@ -75,6 +76,17 @@ def report_header(title: str, report: dict[str, Any]) -> list[str]:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v) + ".",
         "",
     ]
+
+
+def write_json_md(path: str, report: dict[str, Any], lines: list[str]) -> str:
+    """Write ``report`` to ``path.json`` (strict JSON) and ``lines`` to ``path.md``; returns
+    ``path``."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".json", "w") as f:
+        strict_json.dump(report, f, indent=1)
+    with open(path + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def fmt(value: object, spec: str) -> str:

@@ -41,9 +41,8 @@ import torch
 from torch import nn
 
 import lightning_fisher as lf
-from benchmarks.common import device_name, fmt, report_header, versions
+from benchmarks.common import device_name, fmt, report_header, versions, write_json_md
 from benchmarks.lm_fisher_scale import Meter, ModelSpec, batch_of, build, train_step
-from lightning_fisher import _json as strict_json
 from lightning_fisher import ewc as ewc_module
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -176,10 +175,6 @@ def ewc_row(
 
 def write(report: dict[str, Any], out: str) -> str:
     path = os.path.join(out, f"{NAME}_{report['device_type']}")
-    os.makedirs(out, exist_ok=True)
-    with open(path + ".json", "w") as f:
-        strict_json.dump(report, f, indent=1)
-
     s = report["settings"]
     lines = [
         *report_header(f"{NAME}_{report['device_type']}", report),
@@ -203,9 +198,7 @@ def write(report: dict[str, Any], out: str) -> str:
             f"{fmt(r['peak_mib'], '.0f')} | {r['route']} | "
             f"{fmt(r['max_rel_diff_vs_eager'], '.1e')} |"
         )
-    with open(path + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+    return write_json_md(path, report, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

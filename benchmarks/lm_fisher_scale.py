@@ -51,8 +51,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import lightning_fisher as lf
-from benchmarks.common import device_name, fmt, report_header, versions
-from lightning_fisher import _json as strict_json
+from benchmarks.common import device_name, fmt, report_header, versions, write_json_md
 from lightning_fisher import hf
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -174,11 +173,7 @@ def train_step(
 
 def write(report: dict[str, Any], quick: bool, out: str = RESULTS) -> str:
     name = NAME + ("_quick" if quick else "")
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, name)
-    with open(path + ".json", "w") as f:
-        strict_json.dump(report, f, indent=1)
-
     lines = [
         *report_header(name, report),
         "Random-weight GPT-2 models from `transformers` configs, one batch of "
@@ -200,9 +195,7 @@ def write(report: dict[str, Any], quick: bool, out: str = RESULTS) -> str:
             f"{fmt(r['ratio_to_step'], '.2f')} | {fmt(r['peak_mib'], '.0f')} | "
             f"{r.get('note') or ''} |"
         )
-    with open(path + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+    return write_json_md(path, report, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,9 +34,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lightning_fisher as lf
-from benchmarks.common import device_name, fmt, report_header, versions
+from benchmarks.common import device_name, fmt, report_header, versions, write_json_md
 from benchmarks.lm_fisher_scale import FULL, QUICK, RESULTS, batch_of, build
-from lightning_fisher import _json as strict_json
 from lightning_fisher import hf
 
 NAME = "lm_host_profile"
@@ -91,9 +90,6 @@ def profile_row(fn: Any, device: torch.device, repeats: int, top: int) -> dict[s
 
 def write(report: dict[str, Any], out: str) -> str:
     path = os.path.join(out, report["name"])
-    os.makedirs(out, exist_ok=True)
-    with open(path + ".json", "w") as f:
-        strict_json.dump(report, f, indent=1)
     s = report["settings"]
     lines = [
         *report_header(report["name"], report),
@@ -118,9 +114,7 @@ def write(report: dict[str, Any], out: str) -> str:
         lines += [
             f"| `{o['op']}` | {o['calls']} | {o['self_cpu_ms']:.2f} |" for o in r["top_cpu_ops"]
         ]
-    with open(path + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+    return write_json_md(path, report, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
