@@ -6,7 +6,7 @@ one batch of ``--batch`` sequences of ``--seq-len`` tokens, labels = input ids
 
 * ``gpt2-small`` (12 layers x 768, 124M): a training step (forward, cross-entropy backward,
   AdamW step), ``hutchinson`` (one probe), token-level ``sample`` (one backward per sequence),
-  sequence-level ``empirical``, and per-position token-level ``empirical`` (T backward columns
+  sequence-level ``empirical``, and per-position token-level ``empirical`` (causal cut; T backward columns
   per batch: measured on ``--position-seqs`` sequences and scaled to the batch, marked
   ``scaled_from``);
 * ``gpt2-1.3b`` (24 layers x 2048): a step, ``hutchinson``, token-level ``sample``, and the EWC
@@ -381,6 +381,8 @@ def run_model(
             if row == "empirical-token" and backward_s is not None:
                 floor = seq_len * backward_s
                 note += f"; floor {seq_len} x backward = {floor:.1f} s, {s / floor:.2f}x of it"
+                if kw.get("causal"):
+                    note += " (the floor of the uncut columns; this row runs the causal cut)"
             emit(
                 {
                     "method": method,

@@ -81,9 +81,10 @@ def lm_fisher_kwargs(model: nn.Module) -> dict[str, Any]:
     """Keyword arguments for ``lf.estimate_fisher`` (and the callbacks) that fit ``model``.
 
     A causal LM gets ``shift_labels=True`` (logits at t predict token t + 1, each unmasked next
-    token is one input, C = vocabulary size); a classifier gets nothing.
+    token is one input, C = vocabulary size) and ``causal=True`` (the per-position route runs
+    each block of positions through its prefix only); a classifier gets nothing.
     """
-    return {"shift_labels": True} if is_causal_lm(model) else {}
+    return {"shift_labels": True, "causal": True} if is_causal_lm(model) else {}
 
 
 def adapter_filter(patterns: Sequence[str] = ADAPTER_PATTERNS) -> Callable[[str], bool]:

@@ -71,6 +71,13 @@ class FisherOptions:
             y_t ~ p_t drawn independently, one backward per sequence; the cross terms vanish in
             expectation, so it is unbiased for the same token-level Fisher, with more variance.
             ``"auto"``: ``"sequence"`` for ``sample``, ``"position"`` for the others.
+        causal: token-level logits at position t depend on the inputs at positions <= t only (a
+            causal LM; ``hf.lm_fisher_kwargs`` sets it for Hugging Face causal LMs). The
+            per-position route then runs each block of positions [a, b) through a forward of
+            the batch's first b positions (the causal cut: about half the backward arithmetic
+            of a long sequence), and refuses a batch whose prefix logits differ from the whole
+            sequence's beyond rounding. The same Fisher, up to rounding. Sharded (FSDP) passes
+            do not cut.
 
     ``FisherOptions.build(options, **overrides)`` gives a copy with some options replaced and
     refuses unknown names.
@@ -96,6 +103,7 @@ class FisherOptions:
     exact_max_classes: int = EXACT_MAX_CLASSES
     granularity: str = "token"
     token_route: str = "auto"
+    causal: bool = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name not in _CHECKS:
@@ -225,4 +233,5 @@ _CHECKS: Mapping[str, Callable[[str, Any], None]] = {
     "exact_max_classes": _positive_int,
     "granularity": _choice(GRANULARITIES),
     "token_route": _choice(TOKEN_ROUTES),
+    "causal": _flag,
 }

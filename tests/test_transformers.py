@@ -124,7 +124,7 @@ def gpt2_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
 def _case(request: pytest.FixtureRequest, name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     model, batches, jac = request.getfixturevalue(name)
     kwargs = hf.lm_fisher_kwargs(model)
-    assert kwargs == ({"shift_labels": True} if name.startswith("gpt2") else {})
+    assert kwargs == ({"shift_labels": True, "causal": True} if name.startswith("gpt2") else {})
     return model, batches, jac, kwargs
 
 
@@ -182,7 +182,7 @@ def test_sample_converges_to_exact_on_the_lm(gpt2_case: Any) -> None:
 def test_padding_changes_nothing_but_counts_only_real_tokens() -> None:
     """A padded batch gives the Fisher of its sequences taken one by one without padding."""
     ids, mask = padded_ids()
-    for model, kw in ((tiny_bert(), {}), (tiny_gpt2(), {"shift_labels": True})):
+    for model, kw in ((tiny_bert(), {}), (tiny_gpt2(), {"shift_labels": True, "causal": True})):
         padded = (
             [hf.with_lm_labels({"input_ids": ids, "attention_mask": mask})]
             if kw

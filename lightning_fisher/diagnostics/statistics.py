@@ -471,13 +471,14 @@ def compute_diagnostics(
     slq_iters: int = 30,
     options: FisherOptions | None = None,
     histogram_entries: int | None = HISTOGRAM_ENTRIES,
+    causal: bool = False,
 ) -> DiagnosticsResult:
     """Estimate the Fisher with every method in ``methods`` and summarise it (see module doc).
 
     ``options`` (a ``FisherOptions``) gives the estimators' other options (``param_filter``,
     ``max_memory_mib``, ``ignore_index``, ...); the arguments here override its ``output_fn``,
-    ``classes`` and ``shift_labels`` when set, and always set ``max_batches``, the seeds, the
-    probes and the rank.
+    ``classes``, ``shift_labels`` and ``causal`` when set, and always set ``max_batches``, the
+    seeds, the probes and the rank (so ``**hf.lm_fisher_kwargs(model)`` fits here too).
 
     With C <= ``deterministic_bounds_max_classes`` classes (``None`` or 0: never) the
     stochastic ``hutchinson``, ``hutchinson_upper`` and ``hutchinson_lower`` in ``methods`` run as
@@ -551,6 +552,8 @@ def compute_diagnostics(
         base.classes = classes
     if shift_labels:  # causal LMs: position t predicts token t + 1
         base.shift_labels = True
+    if causal:
+        base.causal = True
     output_fn, classes, shift_labels = base.output_fn, base.classes, base.shift_labels
     wants_deterministic = bool(deterministic_bounds_max_classes) and any(
         m in DETERMINISTIC for m in methods

@@ -38,6 +38,7 @@ from ..outputs import (
     slice_batch,
 )
 from .batched_backward import batched_attention, batched_grad
+from .causal_cut import causal_blocks, check_prefix, position_lse, prefix_batch
 from .per_input import PerInputEngine
 
 logger = logging.getLogger("lightning_fisher")
@@ -318,6 +319,42 @@ def _record(engine: PerInputEngine, forward: Callable[[], ModelOutputs], rows: i
     return out
 
 
+def _accumulate_positions(
+    engine: PerInputEngine, logits: Tensor, cot: Tensor, acc: dict[str, Tensor], weight: float
+) -> None:
+    """Per-position columns ``cot`` (K, B, *S, C): split at the vocabulary head where the engine
+    can, else dense, a chunk of positions at a time."""
+    if not engine.accumulate_positions(logits, cot, acc, weight):
+        for part in _per_position(cot, engine.cotangent_bytes):
+            engine.accumulate(logits, part, acc, weight)
+
+
+def _prefix_blocks(
+    engine: PerInputEngine,
+    forward: Callable[[Any], ModelOutputs],
+    batch: Any,
+    full_lse: Tensor,
+    blocks: list[tuple[int, int]],
+    deferred: list[tuple[Tensor, dict[str, Tensor], float]],
+    opts: FisherOptions,
+) -> None:
+    """The causal cut: the per-position columns of each block [a, b) of positions (``deferred``:
+    the columns before the last block, per estimator, with its sums and weight) through a recorded
+    forward of the batch's first b positions (plus the one ``shift_labels`` drops), checked
+    against the whole sequence's logits (``full_lse``) first."""
+    B, T = full_lse.shape
+    shift = int(opts.shift_labels)
+    for a, b in blocks:
+        prefix = prefix_batch(batch, b + shift, T + shift)
+        out = _record(engine, functools.partial(forward, prefix), B)
+        check_prefix(out.logits, full_lse, b)
+        for early, acc, weight in deferred:
+            cot = early.new_zeros((*early.shape[:2], out.logits.shape[1], *early.shape[3:]))
+            cot[:, :, a:b] = early[:, :, a:b]
+            _accumulate_positions(engine, out.logits, cot, acc, weight)
+        engine.reset()
+
+
 def _first_rows(forward: Callable[[Any], ModelOutputs], batch: Any, rows: int) -> Tensor:
     """Logits of the batch's first ``rows`` rows (the engine's check runs on them)."""
     return forward(slice_batch(batch, rows)).logits
@@ -408,6 +445,14 @@ def run_passes(
                 observe(out)
             p = probabilities(out.logits)
             mask = out.mask.unsqueeze(-1)
+            # Per-position columns before the last causal block run on prefixes, after this
+            # forward's graph is freed.
+            blocks = (
+                causal_blocks(out.logits.shape[1])
+                if opts.causal and out.logits.ndim == 3
+                else [(0, 0)]
+            )
+            deferred: list[tuple[Tensor, dict[str, Tensor], float]] = []
             for e, acc, gen in zip(estimators, accs, generators):
                 if e.per_input:
                     assert engine is not None
@@ -415,9 +460,12 @@ def run_passes(
                     cot = (cot * mask).to(out.logits.dtype)
                     if e.per_sequence:
                         engine.accumulate(out.logits, cot, acc, weight)
-                    elif not engine.accumulate_positions(out.logits, cot, acc, weight):
-                        for part in _per_position(cot, engine.cotangent_bytes):
-                            engine.accumulate(out.logits, part, acc, weight)
+                        continue
+                    a = blocks[-1][0]
+                    if a:
+                        deferred.append((cot[:, :, :a].clone(), acc, weight))
+                        cot[:, :, :a] = 0
+                    _accumulate_positions(engine, out.logits, cot, acc, weight)
             # Every batch-gradient estimator's cotangents (all probes) go through one batched
             # backward: each estimator still draws from its own generator in its own order.
             cotangents = (
@@ -429,7 +477,13 @@ def run_passes(
             batched.accumulate(out.logits, cotangents)
             if engine is not None:
                 engine.reset()
-            del out
+            if deferred:
+                assert engine is not None
+                full_lse = position_lse(out.logits)
+                del out, p, mask, cot, cotangents
+                _prefix_blocks(engine, forward, batch, full_lse, blocks[:-1], deferred, opts)
+            else:
+                del out
     if n_batches == 0:
         raise FisherInputError(
             "The dataloader yielded no batches, so there is no data to estimate a Fisher from. "
