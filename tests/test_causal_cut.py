@@ -4,6 +4,7 @@ reference; refused for a model that reads ahead."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -57,7 +58,7 @@ def test_blocks_cover_the_positions_once() -> None:
     for n in (1, 5, 7, 8, 19, 100, 511, 512):
         blocks = causal_blocks(n)
         assert blocks[0][0] == 0 and blocks[-1][1] == n
-        assert all(b0[1] == b1[0] and b0[0] < b0[1] for b0, b1 in zip(blocks, blocks[1:]))
+        assert all(b0[1] == b1[0] and b0[0] < b0[1] for b0, b1 in itertools.pairwise(blocks))
     assert len(causal_blocks(7)) == 1 and len(causal_blocks(19)) == 3
     assert len(causal_blocks(511)) == 16
 
