@@ -144,8 +144,9 @@ class ReadsAhead(nn.Module):
         return self.head(h + h.mean(1, keepdim=True))
 
 
-def test_a_model_that_reads_ahead_is_refused() -> None:
-    model = ReadsAhead().double()
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_model_that_reads_ahead_is_refused(dtype: torch.dtype) -> None:
+    model = ReadsAhead().to(dtype)
     batches = lm_batches()
     lf.estimate_fisher(model, batches, method="empirical", shift_labels=True)  # uncut: fine
     with pytest.raises(FisherInputError, match="reads ahead"):

@@ -348,6 +348,8 @@ def _prefix_blocks(
         prefix = prefix_batch(batch, b + shift, T + shift)
         out = _record(engine, functools.partial(forward, prefix), B)
         check_prefix(out.logits, full_lse, b)
+        if opts.verify:  # a no-op unless the prefix traced a structure the pass has not proven
+            engine.verify(out.logits, functools.partial(_first_rows, forward, prefix))
         for early, acc, weight in deferred:
             cot = early.new_zeros((*early.shape[:2], out.logits.shape[1], *early.shape[3:]))
             cot[:, :, a:b] = early[:, :, a:b]

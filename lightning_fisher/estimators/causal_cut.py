@@ -30,8 +30,8 @@ from torch import Tensor
 from ..outputs import FisherInputError
 
 #: relative tolerance of the prefix check per logits dtype (two forwards of different lengths
-#: round differently; a model that reads ahead differs at O(1))
-PREFIX_RTOL = {torch.float64: 1e-9, torch.float32: 1e-3}
+#: round differently, float32 matmuls possibly in TF32; a model that reads ahead differs at O(1))
+PREFIX_RTOL = {torch.float64: 1e-9, torch.float32: 1e-2}
 PREFIX_RTOL_LOW_PRECISION = 5e-2
 
 
