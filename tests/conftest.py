@@ -23,6 +23,16 @@ from reference import per_input_jacobians
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Any:
+    """Every test module starts on one torch thread, whatever an earlier module (a recipe or
+    benchmark run that sets its own count) left behind."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def engines(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     """Every per-input engine the test's Fisher passes build, in order."""

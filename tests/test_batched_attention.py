@@ -31,14 +31,6 @@ RTOL = 1e-6  # the diagonal is stored in float32
 FALLBACK = "performance drop"  # vmap's warning when it loops over an operation's batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def fallback_warnings() -> Iterator[None]:
     """vmap's fallback warnings on (the legacy prototype's are off by default)."""

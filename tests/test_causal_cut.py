@@ -22,14 +22,6 @@ pytest.importorskip("transformers")
 VOCAB, T = 24, 20  # 19 predicted positions per sequence: 3 causal blocks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def lm_batches(n: int = 4, seed: int = 1) -> list[dict[str, Tensor]]:
     """Two batches of token ids with right padding of varied lengths, labels = ids."""
     gen = torch.Generator().manual_seed(seed)

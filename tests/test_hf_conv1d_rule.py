@@ -27,14 +27,6 @@ VOCAB, T = 12, 6
 RTOL = 1e-6  # the diagonal is stored in float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_gpt2() -> nn.Module:
     model = random_gpt2(VOCAB)
     for m in model.modules():  # larger than GPT-2's init, so no Conv1D gradient is near zero

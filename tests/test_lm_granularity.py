@@ -31,14 +31,6 @@ VOCAB, T = 12, 6
 RTOL = 1e-6  # the diagonal is stored in float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class CausalLM(nn.Module):
     """Embedding, a causal running mean over positions, tanh, a vocabulary head: every position's
     logits depend on the earlier positions, so sequence gradients have cross terms."""

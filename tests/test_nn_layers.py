@@ -33,14 +33,6 @@ RTOL = 1e-6
 SEED, MC = 5, 2  # ``sample``: seed and draws per input
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.cache
 def case(name: str) -> tuple[Built, DenseReference]:
     if "hf" in ZOO[name].tags:

@@ -24,14 +24,6 @@ VOCAB, T = 11, 16  # T >= 16: the direct route's column blocks are used
 RTOL = 1e-6  # the diagonal is stored in float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def dense_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     """These closed forms serve the dense per-position columns: the head split (its own tests in

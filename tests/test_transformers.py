@@ -30,15 +30,6 @@ if str(ROOT) not in sys.path:  # recipes/ and benchmarks/ live beside the packag
 VOCAB, T = 30, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Any:
-    """Tiny models run far faster on one thread, above all on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_bert(n_classes: int = 3, seed: int = 0) -> nn.Module:
     cfg = transformers.BertConfig(
         vocab_size=VOCAB,
