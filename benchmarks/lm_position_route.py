@@ -67,8 +67,8 @@ its time in the per-column arithmetic, not in per-operation calls, so the gain i
 counts on GPUs, not measured here. "uncut-T128" / "cut-T128" (T = 128, batched `position_ids`,
 one run each, the machine shared with another session): the route without and with the causal
 cut (`causal=True`: 8 blocks, each block's columns through a forward of its prefix). CPU
-seconds 6.22 -> 2.58 (v2000) and 4.96 -> 2.55 (v8000); the backward phase 5.06 -> 1.16 and
-3.96 -> 1.08 CPU s, more than the 0.57 of the columns' arithmetic that the cut leaves (shorter
+seconds 6.22 -> 2.30 (v2000) and 4.96 -> 2.27 (v8000); the backward phase 5.06 -> 1.24 and
+3.96 -> 0.90 CPU s, more than the 0.57 of the columns' arithmetic that the cut leaves (shorter
 prefixes also let more columns into each backward under the same `max_memory_mib`; the two are not
 separated here). The floor
 column still counts the uncut columns, so the cut rows fall below it."""

@@ -339,9 +339,9 @@ def _prefix_blocks(
     opts: FisherOptions,
 ) -> None:
     """The causal cut: the per-position columns of each block [a, b) of positions (``deferred``:
-    the columns before the last block, per estimator, with its sums and weight) through a recorded
-    forward of the batch's first b positions (plus the one ``shift_labels`` drops), checked
-    against the whole sequence's logits (``full_lse``) first."""
+    each estimator's columns, sums and weight) through a recorded forward of the batch's first b
+    positions (plus the one ``shift_labels`` drops), checked against the whole sequence's logits
+    (``full_lse``) first; the columns and logits of the block go in as slices of the positions."""
     B, T = full_lse.shape
     shift = int(opts.shift_labels)
     for a, b in blocks:
@@ -350,10 +350,8 @@ def _prefix_blocks(
         check_prefix(out.logits, full_lse, b)
         if opts.verify:  # a no-op unless the prefix traced a structure the pass has not proven
             engine.verify(out.logits, functools.partial(_first_rows, forward, prefix))
-        for early, acc, weight in deferred:
-            cot = early.new_zeros((*early.shape[:2], out.logits.shape[1], *early.shape[3:]))
-            cot[:, :, a:b] = early[:, :, a:b]
-            _accumulate_positions(engine, out.logits, cot, acc, weight)
+        for cot, acc, weight in deferred:
+            _accumulate_positions(engine, out.logits[:, a:b], cot[:, :, a:b], acc, weight)
         engine.reset()
 
 
@@ -464,10 +462,11 @@ def run_passes(
                         engine.accumulate(out.logits, cot, acc, weight)
                         continue
                     a = blocks[-1][0]
-                    if a:
-                        deferred.append((cot[:, :, :a].clone(), acc, weight))
-                        cot[:, :, :a] = 0
-                    _accumulate_positions(engine, out.logits, cot, acc, weight)
+                    if a:  # the last block here, on the positions' slices; the rest later
+                        deferred.append((cot, acc, weight))
+                        _accumulate_positions(engine, out.logits[:, a:], cot[:, :, a:], acc, weight)
+                    else:
+                        _accumulate_positions(engine, out.logits, cot, acc, weight)
             # Every batch-gradient estimator's cotangents (all probes) go through one batched
             # backward: each estimator still draws from its own generator in its own order.
             cotangents = (
