@@ -8,7 +8,8 @@ not -100 as one input. This module adds what is specific to language models and 
 * a causal LM predicts token t + 1 from position t, so its Fisher over next-token predictions is
   F = (1/N) sum_{b, t < T-1, mask[b, t+1]} J_{b,t}^T I(p_{b,t}) J_{b,t} with C = vocabulary size;
   ``lm_fisher_kwargs`` / ``with_lm_labels`` set that up (``shift_labels=True``, labels = input ids
-  with -100 on padding);
+  with -100 on padding; ``causal=True``: the per-position route runs each block of positions
+  through its prefix only);
 * ``adapter_filter``: a ``param_filter`` keeping only adapter (LoRA) parameters; without one only
   parameters with ``requires_grad=True`` count, so a PEFT model's frozen base is skipped anyway;
 * ``block_of`` / ``block_values``: group parameters by transformer block (embeddings, layer i,
