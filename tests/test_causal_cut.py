@@ -145,6 +145,53 @@ def test_a_model_that_reads_ahead_is_refused(dtype: torch.dtype) -> None:
         lf.estimate_fisher(model, batches, method="empirical", shift_labels=True, causal=True)
 
 
+class SequenceFirst(nn.Module):
+    """A causal LM on sequence-first token ids (T, B) (a running mean of embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, VOCAB)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.emb(ids).cumsum(0) / torch.arange(1, ids.shape[0] + 1).view(-1, 1, 1)
+        return self.head(h)  # (T, B, C)
+
+
+def test_sequence_first_inputs_are_refused_not_cut_wrongly() -> None:
+    """Positions on dim 0 of the inputs: when dim 1 (the batch) happens to have the sequence's
+    length the cut would take rows, not positions; the prefix check refuses it."""
+    model = SequenceFirst().double()
+    ids = torch.randint(0, VOCAB, (T, T), generator=torch.Generator().manual_seed(0))
+    batch = (ids, ids.t())  # inputs (T, B) with B = T; labels (B, T)
+
+    def output_fn(m: nn.Module, b: Any) -> Tensor:
+        return m(b[0]).transpose(0, 1)
+
+    kw = {"method": "empirical", "shift_labels": True, "output_fn": output_fn}
+    lf.estimate_fisher(model, [batch], **kw)  # uncut: fine
+    with pytest.raises(FisherInputError, match="sequence-first inputs"):
+        lf.estimate_fisher(model, [batch], causal=True, **kw)
+
+
+def test_a_cut_that_misses_the_inputs_warns_and_stays_right() -> None:
+    """Sequence-first inputs whose batch size is not the length: only the (B, T) labels are cut,
+    the model reads every position, and the Fisher is still the uncut one."""
+    model = SequenceFirst().double()
+    ids = torch.randint(0, VOCAB, (T, 3), generator=torch.Generator().manual_seed(0))
+
+    def output_fn(m: nn.Module, b: Any) -> Tensor:
+        return m(b[0]).transpose(0, 1)
+
+    kw = {"method": "empirical", "shift_labels": True, "output_fn": output_fn}
+    full = lf.estimate_fisher(model, [(ids, ids.t())], **kw)
+    with pytest.warns(UserWarning, match="inputs were not cut"):
+        cut = lf.estimate_fisher(model, [(ids, ids.t())], causal=True, **kw)
+    for name in full:
+        assert torch.allclose(cut[name], full[name], rtol=1e-10, atol=0)
+
+
 def test_prefix_batch_cuts_the_sequence_tensors_only() -> None:
     x = torch.zeros(2, 10, 3)
     batch = {"input_ids": torch.zeros(2, 10), "pixel": torch.zeros(2, 4), "x": x}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,11 +82,21 @@ def check_prefix(prefix_logits: Tensor, full_lse: Tensor, b: int) -> None:
     """Refuse the cut unless the prefix's logits at positions < b equal the whole sequence's to
     rounding (their log-sum-exp within ``PREFIX_RTOL`` of the logits dtype, relative to
     1 + |lse|)."""
-    if prefix_logits.ndim != 3 or prefix_logits.shape[1] < b:
+    B = full_lse.shape[0]
+    if prefix_logits.ndim != 3 or prefix_logits.shape[0] != B or prefix_logits.shape[1] < b:
         raise FisherInputError(
             f"causal=True: the forward of a {b}-position prefix gave logits of shape "
-            f"{tuple(prefix_logits.shape)}, not (B, >= {b}, C): the batch's sequences are not "
-            "cut where the logits' positions are. Pass causal=False."
+            f"{tuple(prefix_logits.shape)}, not ({B}, >= {b}, C): the batch's sequences are not "
+            "on dim 1 of its tensors (sequence-first inputs?), so they were not cut where the "
+            "logits' positions are. Pass causal=False."
+        )
+    if prefix_logits.shape[1] > b:
+        warnings.warn(
+            f"causal=True: the forward of a {b}-position prefix still gave "
+            f"{prefix_logits.shape[1]} positions, so the model's inputs were not cut (only other "
+            "tensors of the batch were) and every block costs the whole sequence. The Fisher is "
+            "right; pass causal=False to skip the prefix forwards.",
+            stacklevel=4,
         )
     rtol = PREFIX_RTOL.get(prefix_logits.dtype, PREFIX_RTOL_LOW_PRECISION)
     got, want = position_lse(prefix_logits[:, :b]), full_lse[:, :b]
