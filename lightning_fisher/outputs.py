@@ -49,6 +49,9 @@ class ModelOutputs:
     labels: Tensor | None
     #: why the batch's labels cannot be used as class indices (raised by estimators that need them)
     label_error: str | None = None
+    #: how many counted inputs have a label >= C (read with the batch's other facts); None: not
+    #: read yet (estimators that need labels then read it themselves)
+    n_labels_too_big: int | None = None
 
     @property
     def n_classes(self) -> int:
@@ -335,8 +338,8 @@ def model_outputs(
         )
     rows = mask.reshape(mask.shape[0], -1)
     facts = [rows.sum(), rows.any(1).sum()]
-    if negative is not None:
-        facts.append(negative[1].sum())
+    if negative is not None and labels is not None:
+        facts += [negative[1].sum(), ((labels >= logits.shape[-1]) & mask).sum()]
     read = torch.stack(facts).double()
     if not checked and logit_range is not None:
         read = torch.cat([logit_range, read])
@@ -351,6 +354,7 @@ def model_outputs(
             f"ignore index {ignore_index}; expected class indices in [0, C) or "
             f"{ignore_index} (pass `ignore_index=` if the data marks ignored inputs differently)."
         )
-    out = ModelOutputs(logits=logits, mask=mask, labels=labels, label_error=label_error)
+    too_big = int(values[3]) if negative is not None and labels is not None else None
+    out = ModelOutputs(logits, mask, labels, label_error, too_big)
     out.__dict__["_counts"] = (int(values[0]), int(values[1]))  # the cached counts, read above
     return out

@@ -945,19 +945,32 @@ class _EmbeddingRule(_Rule):
         tok = idx.reshape(B, -1)
         gk = ctx.grads[0].movedim(1 + cast(int, ctx.call.out_dims[0]), 1)
         gk = gk.reshape(K, B, -1, D).to(acc[name].dtype)
-        keep = (
-            torch.ones_like(tok, dtype=torch.bool)
-            if m.padding_idx is None
-            else tok != m.padding_idx
-        )
+        if m.padding_idx is not None:  # padding rows add nothing (their segments sum to 0)
+            gk = torch.where((tok != m.padding_idx)[None, :, :, None], gk, 0)
         unit = torch.arange(K * B, device=tok.device).reshape(K, B, 1)
-        key = (unit * V + tok.unsqueeze(0)).expand(K, B, tok.shape[1])[keep.expand(K, -1, -1)]
-        rows = gk[keep.expand(K, -1, -1)]
-        uniq, inv = torch.unique(key, return_inverse=True)
-        sums = torch.zeros(uniq.numel(), D, dtype=rows.dtype, device=rows.device).index_add_(
-            0, inv, rows
-        )
-        acc[name].index_add_(0, uniq % V, weight * sums.pow(2))
+        key = (unit * V + tok.unsqueeze(0)).expand(K, B, tok.shape[1]).reshape(-1)
+        inv, seg_key, _ = _segments(key)
+        rows = gk.reshape(-1, D)
+        sums = torch.zeros_like(rows).index_add_(0, inv, rows)
+        acc[name].index_add_(0, seg_key % V, weight * sums.pow(2))
+
+
+def _segments(key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.unique(key, return_inverse=True)`` without reading the number of distinct values
+    from the device (one wait for the device per call): for n keys, n segments, the first R
+    (the distinct keys, ascending) as unique gives them, the rest empty. Returns each key's
+    segment (n,), each segment's key (n,; 0 for the empty ones) and which segments are used (n,
+    bool). Sums into the segments by ``index_add_`` add the same entries in the same order as
+    into unique's; the empty segments get nothing, so they add zeros wherever they go."""
+    n = key.shape[0]
+    sorted_key, order = torch.sort(key, stable=True)
+    start = torch.ones(n, dtype=torch.bool, device=key.device)
+    torch.ne(sorted_key[1:], sorted_key[:-1], out=start[1:])
+    seg = start.cumsum(0) - 1
+    inv = torch.empty_like(seg).scatter_(0, order, seg)
+    seg_key = torch.zeros_like(sorted_key).scatter_(0, seg, sorted_key)
+    used = torch.arange(n, device=key.device) <= seg[-1:]
+    return inv, seg_key, used
 
 
 def _tied_pair(ctxs: list[_Ctx]) -> bool:
@@ -995,11 +1008,12 @@ def _tied_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -
     # One input at a time: the Linear's rule above already held a larger chunk of its buffers.
     for x in range(B):
         gl, cols = rule.unfolded(lin, x, x + 1)  # (K, 1, V, L), (1, D, L)
-        uniq, inv = torch.unique(tok[x], return_inverse=True)
-        s_rows = gk.new_zeros(K, uniq.numel(), D).index_add_(1, inv, gk[:, x])
-        a_rows = gl[:, 0, uniq] @ cols[0].T  # (K, R, D)
+        # the S positions' tokens in S segments, the first R the distinct tokens
+        inv, uniq, used = _segments(tok[x])
+        s_rows = gk.new_zeros(K, inv.numel(), D).index_add_(1, inv, gk[:, x])
+        a_rows = gl[:, 0, uniq] @ cols[0].T  # (K, S, D)
         cross = (a_rows.to(target.dtype) * s_rows.to(target.dtype)).sum(0)
-        target.index_add_(0, uniq, cross, alpha=2 * weight)
+        target.index_add_(0, uniq, torch.where(used[:, None], cross, 0), alpha=2 * weight)
     return True
 
 
@@ -2236,13 +2250,13 @@ class PerInputEngine:
         dt = target.dtype
         h = split.x.detach()[:, tj + split.offset].to(dt)  # (B, m, D)
         for b in range(tok.shape[0]):
-            uniq, inv = torch.unique(tok[b], return_inverse=True)
-            s_rows = gk.new_zeros(gk.shape[0], uniq.numel(), gk.shape[-1]).index_add_(
+            inv, uniq, used = _segments(tok[b])  # S segments, the first R the distinct tokens
+            s_rows = gk.new_zeros(gk.shape[0], inv.numel(), gk.shape[-1]).index_add_(
                 1, inv, gk[:, b]
             )
-            a = u[:, b][:, uniq].to(dt)  # (m, R)
+            a = u[:, b][:, uniq].to(dt)  # (m, S)
             cross = torch.einsum("mr,md,mrd->rd", a, h[b], s_rows.to(dt))
-            target.index_add_(0, uniq, cross, alpha=2 * weight)
+            target.index_add_(0, uniq, torch.where(used[:, None], cross, 0), alpha=2 * weight)
 
     def _split_check_grads(
         self, split: _HeadSplit, u: Tensor, calls: list[tuple[_Handler, _Call]]
