@@ -108,6 +108,99 @@ def _source(frame: Any) -> str:
     return "torch"
 
 
+#: aten ops that read a value from the device to the host (on a GPU each one waits for every
+#: kernel queued before it): ``item``/``bool``/``int``/``float`` (``_local_scalar_dense``),
+#: ``torch.equal``, and ops whose output size depends on the values (``nonzero``, ``unique``,
+#: ``masked_select``); boolean-mask indexing is counted apart (``_bool_index``)
+READ_OPS = frozenset(
+    {
+        "aten._local_scalar_dense",
+        "aten.equal",
+        "aten.nonzero",
+        "aten._unique",
+        "aten._unique2",
+        "aten.unique_dim",
+        "aten.unique_consecutive",
+        "aten.masked_select",
+    }
+)
+#: Tensor methods that copy to the host: no aten op on a CPU tensor, a read on a GPU
+READ_METHODS = ("tolist", "cpu", "numpy")
+
+
+class ReadCounter(TorchDispatchMode):
+    """Counts the device-to-host reads of a run on CPU that would stop a GPU run: the
+    ``READ_OPS`` dispatched, indexing by a boolean mask (its output size is read), and calls of
+    ``Tensor.tolist``/``.cpu``/``.numpy`` (patched while active). Also by where each came from
+    (``sources``: the innermost frame of lightning_fisher, transformers or the caller, with its
+    line) and by kind (``kinds``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()
+        self._saved: dict[str, Any] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.kinds.values())
+
+    def _hit(self, kind: str, frame: Any) -> None:
+        self.kinds[kind] += 1
+        self.sources[_read_source(frame)] += 1
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = str(func.overloadpacket)
+        if name in READ_OPS:
+            self._hit(name.removeprefix("aten."), sys._getframe(1))
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())
+        ):
+            self._hit("_bool_index", sys._getframe(1))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self) -> ReadCounter:
+        for method in READ_METHODS:
+            original = getattr(torch.Tensor, method)
+            self._saved[method] = original
+
+            def counted(t: Any, *a: Any, _f: Any = original, _m: str = method, **k: Any) -> Any:
+                self._hit(_m, sys._getframe(1))
+                return _f(t, *a, **k)
+
+            setattr(torch.Tensor, method, counted)
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for method, original in self._saved.items():
+            setattr(torch.Tensor, method, original)
+
+
+def _read_source(frame: Any) -> str:
+    """``package.module.function:line`` of the innermost frame of lightning_fisher or
+    transformers (else the first frame outside torch) on the stack."""
+    first = None
+    while frame is not None:
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        for package in ("lightning_fisher/", "transformers/"):
+            if package in path:
+                module = path.rsplit(package, 1)[1].removesuffix(".py").replace("/", ".")
+                return f"{package[:-1]}.{module}.{frame.f_code.co_name}:{frame.f_lineno}"
+        if first is None and "/torch/" not in path:
+            first = f"{os.path.basename(path)}:{frame.f_code.co_name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return first or "torch"
+
+
+def count_reads(fn: Callable[[], Any]) -> ReadCounter:
+    with ReadCounter() as counter:
+        fn()
+    return counter
+
+
 def count_ops(fn: Callable[[], Any]) -> OpCounter:
     with OpCounter() as counter:
         fn()
