@@ -17,6 +17,10 @@ with the model: the steady state of a later pass), then on the third run counts
   ``kernel_ops``: those that are not views or metadata (``detach``, ``view``, ``permute``,
   ``_unsafe_view``, ``promote_types``, ...), about the ops that launch a kernel on a GPU;
 * ``python_calls``: every Python and builtin function call of the run (cProfile's total);
+* ``reads``: the device-to-host reads of the run (``ReadCounter``: ``item``/``bool``/``int``,
+  ``nonzero``, ``unique``, ``equal``, boolean-mask indexing, ``tolist``/``cpu``/``numpy``), each
+  a wait for the device on a GPU, by where they come from; ``reads_per_batch``: what one more
+  batch of a pass adds;
 * ``seconds``: the median wall time of ``--repeats`` runs (fewer once ``--time-budget`` seconds
   are spent; CPU, ``--threads`` torch threads).
 
@@ -24,6 +28,10 @@ with the model: the steady state of a later pass), then on the third run counts
   8 inputs), where the arithmetic is negligible but for the (N, C, C-1) columns of a large C:
   the host's own time, what a launch-bound GPU run pays; for ours also
   ``host_seconds_per_batch``, what one more batch of a pass adds.
+
+GPT-2-small-shaped rows (``LM_MODELS``: 12 blocks, tiny widths) count the same for a training
+step and ours ``sample`` (token level, one backward per sequence), ``empirical`` and ``sample``
+at ``granularity="sequence"``, as ``benchmarks.lm_fisher_scale`` runs them.
 
 Ours run a pass of one batch, as the exact-diagonal benchmark times them, which includes the
 pass's own work (the accumulators, the final NaN/Inf checks); ``aten_ops_per_batch`` is the
@@ -285,8 +293,9 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             run()
         host = host_time(tiny[impl], args) if isinstance(tiny.get(impl), tuple) else (None, None)
         counter = count_ops(run)
+        reads = count_reads(run)
         calls = python_calls(run)
-        per_batch = kernel_per_batch = calls_per_batch = None
+        per_batch = kernel_per_batch = calls_per_batch = reads_per_batch = None
         if run_two is not None:
             pass_of_two = functools.partial(run_two, 2)
             pass_of_two()
@@ -294,6 +303,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             per_batch = two.total - counter.total
             kernel_per_batch = (two.total - two.metadata) - (counter.total - counter.metadata)
             calls_per_batch = python_calls(pass_of_two) - calls
+            reads_per_batch = count_reads(pass_of_two).total - reads.total
         times: list[float] = []
         while len(times) < args.repeats and (not times or sum(times) < args.time_budget):
             gc.collect()
@@ -310,6 +320,9 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "kernel_ops_per_batch": kernel_per_batch,
             "python_calls": calls,
             "python_calls_per_batch": calls_per_batch,
+            "reads": reads.total,
+            "reads_per_batch": reads_per_batch,
+            "reads_by_source": dict(reads.sources.most_common()),
             "seconds": statistics.median(times),
             "repeats": len(times),
             "host_seconds": host[0],
@@ -331,6 +344,106 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         r["host_ratio_to_step"] = (
             r["host_seconds"] / host_step if host_step and r.get("host_seconds") else None
         )
+    return rows
+
+
+#: GPT-2-small-shaped language models (12 blocks as GPT-2 small, tiny widths: the counts
+#: depend on the depth, not on the widths): name -> (layers, width, heads, vocabulary)
+LM_MODELS = {"gpt2-small-shaped (12 x 32)": (12, 32, 4, 500)}
+#: the passes of the LM rows: implementation -> estimate_fisher options
+LM_PASSES = {
+    "ours-sample-token": {"method": "sample", "token_route": "sequence"},
+    "ours-empirical-sequence": {"method": "empirical", "granularity": "sequence"},
+    "ours-sample-sequence": {"method": "sample", "granularity": "sequence"},
+}
+
+
+def run_lm(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The LM rows: a training step and the passes of ``LM_PASSES`` on a random-weight GPT-2 of
+    ``LM_MODELS`` (``transformers``' default attention), ``--lm-batch`` sequences of
+    ``--lm-seq-len`` tokens, next-token labels, the options ``lm_fisher_scale`` times them with
+    (``verify=False``, ``max_memory_mib``); counts of the third run as for the MLPs."""
+    from benchmarks.lm_fisher_scale import ModelSpec, batch_of, build
+    from lightning_fisher import hf
+
+    layers, width, heads, vocab = LM_MODELS[name]
+    spec = ModelSpec(name, layers, width, heads, vocab, args.max_memory_mib, ())
+    cpu = torch.device("cpu")
+    model = build(spec, args.lm_seq_len, cpu, torch.float32)
+    batch = batch_of(spec, args.lm_batch, args.lm_seq_len, cpu)
+    print(f"\n== {name}: B={args.lm_batch}, T={args.lm_seq_len}", flush=True)
+    step_model = copy.deepcopy(model)
+
+    def step(_n: int = 1) -> None:
+        step_model.train()
+        step_model(**batch).loss.backward()
+        for p in step_model.parameters():
+            p.grad = None
+
+    runs: dict[str, Callable[[int], None]] = {"train-step": step}
+    for impl, kw in LM_PASSES.items():
+
+        def ours(n: int, kw: dict[str, Any] = kw) -> None:
+            lf.estimate_fisher(
+                model,
+                [batch] * n,
+                progress=False,
+                verify=False,
+                max_memory_mib=args.max_memory_mib,
+                **hf.lm_fisher_kwargs(model),
+                **kw,
+            )
+
+        runs[impl] = ours
+    rows = []
+    for impl, fn in runs.items():
+        one = functools.partial(fn, 1)
+        for _ in range(2):
+            one()
+        counter, reads, calls = count_ops(one), count_reads(one), python_calls(one)
+        row: dict[str, Any] = {"model": name, "implementation": impl, "n_inputs": args.lm_batch}
+        if impl != "train-step":
+            two = functools.partial(fn, 2)
+            two()
+            ops_two, reads_two = count_ops(two), count_reads(two)
+            row.update(
+                aten_ops_per_batch=ops_two.total - counter.total,
+                kernel_ops_per_batch=(ops_two.total - ops_two.metadata)
+                - (counter.total - counter.metadata),
+                python_calls_per_batch=python_calls(two) - calls,
+                reads_per_batch=reads_two.total - reads.total,
+                reads_per_batch_by_source=dict((reads_two.sources - reads.sources).most_common()),
+            )
+        times: list[float] = []
+        while len(times) < args.repeats and (not times or sum(times) < args.time_budget):
+            gc.collect()
+            t0 = time.perf_counter()
+            one()
+            times.append(time.perf_counter() - t0)
+        row.update(
+            aten_ops=counter.total,
+            kernel_ops=counter.total - counter.metadata,
+            python_calls=calls,
+            reads=reads.total,
+            reads_by_source=dict(reads.sources.most_common()),
+            seconds=statistics.median(times),
+            repeats=len(times),
+            ops_by_name=dict(counter.ops.most_common()),
+            ops_by_source=dict(counter.sources.most_common()),
+            note=None,
+        )
+        rows.append(row)
+        print(
+            f"  {impl:26s} {row['aten_ops']:6d} aten ops ({row['kernel_ops']} non-view), "
+            f"{row['reads']} reads ({row.get('reads_per_batch')} per batch), "
+            f"{row['seconds'] * 1e3:8.2f} ms",
+            flush=True,
+        )
+    step_s = rows[0]["seconds"]
+    for r in rows:
+        r["ratio_to_step"] = r["seconds"] / step_s
+        r.setdefault("host_seconds", None)
+        r.setdefault("host_ratio_to_step", None)
     return rows
 
 
@@ -373,7 +486,11 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         "checks), as the exact-diagonal benchmark times them. `host ms`: the fastest run on the "
         f"model's tiny twin (same depth and classes, widths {TINY_WIDTH}, {TINY_N} inputs), "
         "where the host's work is all there is (but for the (N, C, C-1) columns of exact at "
-        "C = 1000); `host ms per batch`: what one more batch of our pass adds there.",
+        "C = 1000); `host ms per batch`: what one more batch of our pass adds there. `reads`: "
+        "device-to-host reads (`ReadCounter`: `item`/`bool`, `nonzero`, `unique`, boolean-mask "
+        "indexing, `tolist`/`cpu`), each of which makes a GPU run wait for the device; `reads "
+        "per batch`: what one more batch adds. The GPT-2 rows run a pass of one batch of "
+        "`lm_batch` x `lm_seq_len` tokens (no host twin).",
     ]
     if before:
         b = report["before"]
@@ -385,9 +502,9 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     lines += [
         "",
         "| model | implementation | aten ops | non-view | aten ops per batch | non-view per batch "
-        "| Python calls | Python calls per batch | ms | ratio to step | host ms | host ms per batch "
-        "| host ratio to step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Python calls | Python calls per batch | reads | reads per batch | ms | ratio to step "
+        "| host ms | host ms per batch | host ratio to step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def pair(r: dict[str, Any], key: str, spec: str = "", scale: float = 1.0) -> str:
@@ -402,7 +519,7 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     for r in report["rows"]:
         if r.get("aten_ops") is None and r.get("host_seconds") is None:
             lines.append(
-                f"| {r['model']} | {r['implementation']} |" + " - |" * 11 + f" {r.get('note')} |"
+                f"| {r['model']} | {r['implementation']} |" + " - |" * 13 + f" {r.get('note')} |"
             )
             continue
         lines.append(
@@ -410,6 +527,7 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
             f"{pair(r, 'kernel_ops')} | {pair(r, 'aten_ops_per_batch')} | "
             f"{pair(r, 'kernel_ops_per_batch')} | "
             f"{pair(r, 'python_calls')} | {pair(r, 'python_calls_per_batch')} | "
+            f"{pair(r, 'reads')} | {pair(r, 'reads_per_batch')} | "
             f"{pair(r, 'seconds', '.2f', 1e3)} | {pair(r, 'ratio_to_step', '.2f')} | "
             f"{pair(r, 'host_seconds', '.3f', 1e3)} | {pair(r, 'host_seconds_per_batch', '.3f', 1e3)} "
             f"| {pair(r, 'host_ratio_to_step', '.2f')} |"
@@ -449,6 +567,26 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
             lambda n: n,
         )
     )
+    lines += [
+        "## Where the reads of one more batch come from",
+        "",
+        "| model | implementation | reads per batch | from |",
+        "|---|---|---:|---|",
+    ]
+    for r in report["rows"]:
+        if r.get("reads_per_batch") is None:
+            continue
+        by = r.get("reads_per_batch_by_source")
+        where = (
+            ", ".join(f"{k} ({v})" for k, v in by.items())
+            if by
+            else "; ".join(f"{k} ({v})" for k, v in (r.get("reads_by_source") or {}).items())
+            + " (a pass of one batch)"
+        )
+        lines.append(
+            f"| {r['model']} | {r['implementation']} | {pair(r, 'reads_per_batch')} | {where} |"
+        )
+    lines.append("")
     if report.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
     with open(path, "w") as f:
@@ -501,6 +639,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--host-only", action="store_true", help="only the host times of the tiny twins (fast)"
     )
+    ap.add_argument("--lm-models", nargs="*", default=list(LM_MODELS), choices=list(LM_MODELS))
+    ap.add_argument("--lm-batch", type=int, default=8, help="sequences per LM batch")
+    ap.add_argument("--lm-seq-len", type=int, default=32, help="tokens per LM sequence")
     ap.add_argument("--before", default=None, help="a JSON this script wrote with earlier code")
     ap.add_argument("--code", default=None, help="what code ran (a revision), for the report")
     ap.add_argument("--out", default="host_work_cpu", help="report name, or a path without suffix")
@@ -518,6 +659,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for m in args.models:
         rows += run_model(m, args)
+    if not args.host_only:
+        for m in args.lm_models:
+            rows += run_lm(m, args)
     skipped = sorted({r["implementation"] for r in rows if r.get("aten_ops") is None})
     if skipped:
         notes.append(
