@@ -17,6 +17,10 @@ with the model: the steady state of a later pass), then on the third run counts
   ``kernel_ops``: those that are not views or metadata (``detach``, ``view``, ``permute``,
   ``_unsafe_view``, ``promote_types``, ...), about the ops that launch a kernel on a GPU;
 * ``python_calls``: every Python and builtin function call of the run (cProfile's total);
+* ``reads``: the device-to-host reads of the run (``ReadCounter``: ``item``/``bool``/``int``,
+  ``nonzero``, ``unique``, ``equal``, boolean-mask indexing, ``tolist``/``cpu``/``numpy``), each
+  a wait for the device on a GPU, by where they come from; ``reads_per_batch``: what one more
+  batch of a pass adds;
 * ``seconds``: the median wall time of ``--repeats`` runs (fewer once ``--time-budget`` seconds
   are spent; CPU, ``--threads`` torch threads).
 
@@ -24,6 +28,10 @@ with the model: the steady state of a later pass), then on the third run counts
   8 inputs), where the arithmetic is negligible but for the (N, C, C-1) columns of a large C:
   the host's own time, what a launch-bound GPU run pays; for ours also
   ``host_seconds_per_batch``, what one more batch of a pass adds.
+
+GPT-2-small-shaped rows (``LM_MODELS``: 12 blocks, tiny widths) count the same for a training
+step and ours ``sample`` (token level, one backward per sequence), ``empirical`` and ``sample``
+at ``granularity="sequence"``, as ``benchmarks.lm_fisher_scale`` runs them.
 
 Ours run a pass of one batch, as the exact-diagonal benchmark times them, which includes the
 pass's own work (the accumulators, the final NaN/Inf checks); ``aten_ops_per_batch`` is the
@@ -106,6 +114,99 @@ def _source(frame: Any) -> str:
                 return f"{package[:-1]}.{module}.{frame.f_code.co_name}"
         frame = frame.f_back
     return "torch"
+
+
+#: aten ops that read a value from the device to the host (on a GPU each one waits for every
+#: kernel queued before it): ``item``/``bool``/``int``/``float`` (``_local_scalar_dense``),
+#: ``torch.equal``, and ops whose output size depends on the values (``nonzero``, ``unique``,
+#: ``masked_select``); boolean-mask indexing is counted apart (``_bool_index``)
+READ_OPS = frozenset(
+    {
+        "aten._local_scalar_dense",
+        "aten.equal",
+        "aten.nonzero",
+        "aten._unique",
+        "aten._unique2",
+        "aten.unique_dim",
+        "aten.unique_consecutive",
+        "aten.masked_select",
+    }
+)
+#: Tensor methods that copy to the host: no aten op on a CPU tensor, a read on a GPU
+READ_METHODS = ("tolist", "cpu", "numpy")
+
+
+class ReadCounter(TorchDispatchMode):
+    """Counts the device-to-host reads of a run on CPU that would stop a GPU run: the
+    ``READ_OPS`` dispatched, indexing by a boolean mask (its output size is read), and calls of
+    ``Tensor.tolist``/``.cpu``/``.numpy`` (patched while active). Also by where each came from
+    (``sources``: the innermost frame of lightning_fisher, transformers or the caller, with its
+    line) and by kind (``kinds``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()
+        self._saved: dict[str, Any] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.kinds.values())
+
+    def _hit(self, kind: str, frame: Any) -> None:
+        self.kinds[kind] += 1
+        self.sources[_read_source(frame)] += 1
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        name = str(func.overloadpacket)
+        if name in READ_OPS:
+            self._hit(name.removeprefix("aten."), sys._getframe(1))
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ())
+        ):
+            self._hit("_bool_index", sys._getframe(1))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self) -> ReadCounter:
+        for method in READ_METHODS:
+            original = getattr(torch.Tensor, method)
+            self._saved[method] = original
+
+            def counted(t: Any, *a: Any, _f: Any = original, _m: str = method, **k: Any) -> Any:
+                self._hit(_m, sys._getframe(1))
+                return _f(t, *a, **k)
+
+            setattr(torch.Tensor, method, counted)
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        for method, original in self._saved.items():
+            setattr(torch.Tensor, method, original)
+
+
+def _read_source(frame: Any) -> str:
+    """``package.module.function:line`` of the innermost frame of lightning_fisher or
+    transformers (else the first frame outside torch) on the stack."""
+    first = None
+    while frame is not None:
+        path = frame.f_code.co_filename.replace(os.sep, "/")
+        for package in ("lightning_fisher/", "transformers/"):
+            if package in path:
+                module = path.rsplit(package, 1)[1].removesuffix(".py").replace("/", ".")
+                return f"{package[:-1]}.{module}.{frame.f_code.co_name}:{frame.f_lineno}"
+        if first is None and "/torch/" not in path:
+            first = f"{os.path.basename(path)}:{frame.f_code.co_name}:{frame.f_lineno}"
+        frame = frame.f_back
+    return first or "torch"
+
+
+def count_reads(fn: Callable[[], Any]) -> ReadCounter:
+    with ReadCounter() as counter:
+        fn()
+    return counter
 
 
 def count_ops(fn: Callable[[], Any]) -> OpCounter:
@@ -192,8 +293,9 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             run()
         host = host_time(tiny[impl], args) if isinstance(tiny.get(impl), tuple) else (None, None)
         counter = count_ops(run)
+        reads = count_reads(run)
         calls = python_calls(run)
-        per_batch = kernel_per_batch = calls_per_batch = None
+        per_batch = kernel_per_batch = calls_per_batch = reads_per_batch = None
         if run_two is not None:
             pass_of_two = functools.partial(run_two, 2)
             pass_of_two()
@@ -201,6 +303,7 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             per_batch = two.total - counter.total
             kernel_per_batch = (two.total - two.metadata) - (counter.total - counter.metadata)
             calls_per_batch = python_calls(pass_of_two) - calls
+            reads_per_batch = count_reads(pass_of_two).total - reads.total
         times: list[float] = []
         while len(times) < args.repeats and (not times or sum(times) < args.time_budget):
             gc.collect()
@@ -217,6 +320,9 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             "kernel_ops_per_batch": kernel_per_batch,
             "python_calls": calls,
             "python_calls_per_batch": calls_per_batch,
+            "reads": reads.total,
+            "reads_per_batch": reads_per_batch,
+            "reads_by_source": dict(reads.sources.most_common()),
             "seconds": statistics.median(times),
             "repeats": len(times),
             "host_seconds": host[0],
@@ -238,6 +344,106 @@ def run_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         r["host_ratio_to_step"] = (
             r["host_seconds"] / host_step if host_step and r.get("host_seconds") else None
         )
+    return rows
+
+
+#: GPT-2-small-shaped language models (12 blocks as GPT-2 small, tiny widths: the counts
+#: depend on the depth, not on the widths): name -> (layers, width, heads, vocabulary)
+LM_MODELS = {"gpt2-small-shaped (12 x 32)": (12, 32, 4, 500)}
+#: the passes of the LM rows: implementation -> estimate_fisher options
+LM_PASSES = {
+    "ours-sample-token": {"method": "sample", "token_route": "sequence"},
+    "ours-empirical-sequence": {"method": "empirical", "granularity": "sequence"},
+    "ours-sample-sequence": {"method": "sample", "granularity": "sequence"},
+}
+
+
+def run_lm(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The LM rows: a training step and the passes of ``LM_PASSES`` on a random-weight GPT-2 of
+    ``LM_MODELS`` (``transformers``' default attention), ``--lm-batch`` sequences of
+    ``--lm-seq-len`` tokens, next-token labels, the options ``lm_fisher_scale`` times them with
+    (``verify=False``, ``max_memory_mib``); counts of the third run as for the MLPs."""
+    from benchmarks.lm_fisher_scale import ModelSpec, batch_of, build
+    from lightning_fisher import hf
+
+    layers, width, heads, vocab = LM_MODELS[name]
+    spec = ModelSpec(name, layers, width, heads, vocab, args.max_memory_mib, ())
+    cpu = torch.device("cpu")
+    model = build(spec, args.lm_seq_len, cpu, torch.float32)
+    batch = batch_of(spec, args.lm_batch, args.lm_seq_len, cpu)
+    print(f"\n== {name}: B={args.lm_batch}, T={args.lm_seq_len}", flush=True)
+    step_model = copy.deepcopy(model)
+
+    def step(_n: int = 1) -> None:
+        step_model.train()
+        step_model(**batch).loss.backward()
+        for p in step_model.parameters():
+            p.grad = None
+
+    runs: dict[str, Callable[[int], None]] = {"train-step": step}
+    for impl, kw in LM_PASSES.items():
+
+        def ours(n: int, kw: dict[str, Any] = kw) -> None:
+            lf.estimate_fisher(
+                model,
+                [batch] * n,
+                progress=False,
+                verify=False,
+                max_memory_mib=args.max_memory_mib,
+                **hf.lm_fisher_kwargs(model),
+                **kw,
+            )
+
+        runs[impl] = ours
+    rows = []
+    for impl, fn in runs.items():
+        one = functools.partial(fn, 1)
+        for _ in range(2):
+            one()
+        counter, reads, calls = count_ops(one), count_reads(one), python_calls(one)
+        row: dict[str, Any] = {"model": name, "implementation": impl, "n_inputs": args.lm_batch}
+        if impl != "train-step":
+            two = functools.partial(fn, 2)
+            two()
+            ops_two, reads_two = count_ops(two), count_reads(two)
+            row.update(
+                aten_ops_per_batch=ops_two.total - counter.total,
+                kernel_ops_per_batch=(ops_two.total - ops_two.metadata)
+                - (counter.total - counter.metadata),
+                python_calls_per_batch=python_calls(two) - calls,
+                reads_per_batch=reads_two.total - reads.total,
+                reads_per_batch_by_source=dict((reads_two.sources - reads.sources).most_common()),
+            )
+        times: list[float] = []
+        while len(times) < args.repeats and (not times or sum(times) < args.time_budget):
+            gc.collect()
+            t0 = time.perf_counter()
+            one()
+            times.append(time.perf_counter() - t0)
+        row.update(
+            aten_ops=counter.total,
+            kernel_ops=counter.total - counter.metadata,
+            python_calls=calls,
+            reads=reads.total,
+            reads_by_source=dict(reads.sources.most_common()),
+            seconds=statistics.median(times),
+            repeats=len(times),
+            ops_by_name=dict(counter.ops.most_common()),
+            ops_by_source=dict(counter.sources.most_common()),
+            note=None,
+        )
+        rows.append(row)
+        print(
+            f"  {impl:26s} {row['aten_ops']:6d} aten ops ({row['kernel_ops']} non-view), "
+            f"{row['reads']} reads ({row.get('reads_per_batch')} per batch), "
+            f"{row['seconds'] * 1e3:8.2f} ms",
+            flush=True,
+        )
+    step_s = rows[0]["seconds"]
+    for r in rows:
+        r["ratio_to_step"] = r["seconds"] / step_s
+        r.setdefault("host_seconds", None)
+        r.setdefault("host_ratio_to_step", None)
     return rows
 
 
@@ -280,7 +486,11 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
         "checks), as the exact-diagonal benchmark times them. `host ms`: the fastest run on the "
         f"model's tiny twin (same depth and classes, widths {TINY_WIDTH}, {TINY_N} inputs), "
         "where the host's work is all there is (but for the (N, C, C-1) columns of exact at "
-        "C = 1000); `host ms per batch`: what one more batch of our pass adds there.",
+        "C = 1000); `host ms per batch`: what one more batch of our pass adds there. `reads`: "
+        "device-to-host reads (`ReadCounter`: `item`/`bool`, `nonzero`, `unique`, boolean-mask "
+        "indexing, `tolist`/`cpu`), each of which makes a GPU run wait for the device; `reads "
+        "per batch`: what one more batch adds. The GPT-2 rows run a pass of one batch of "
+        "`lm_batch` x `lm_seq_len` tokens (no host twin).",
     ]
     if before:
         b = report["before"]
@@ -292,9 +502,9 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     lines += [
         "",
         "| model | implementation | aten ops | non-view | aten ops per batch | non-view per batch "
-        "| Python calls | Python calls per batch | ms | ratio to step | host ms | host ms per batch "
-        "| host ratio to step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| Python calls | Python calls per batch | reads | reads per batch | ms | ratio to step "
+        "| host ms | host ms per batch | host ratio to step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def pair(r: dict[str, Any], key: str, spec: str = "", scale: float = 1.0) -> str:
@@ -309,7 +519,7 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
     for r in report["rows"]:
         if r.get("aten_ops") is None and r.get("host_seconds") is None:
             lines.append(
-                f"| {r['model']} | {r['implementation']} |" + " - |" * 11 + f" {r.get('note')} |"
+                f"| {r['model']} | {r['implementation']} |" + " - |" * 13 + f" {r.get('note')} |"
             )
             continue
         lines.append(
@@ -317,6 +527,7 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
             f"{pair(r, 'kernel_ops')} | {pair(r, 'aten_ops_per_batch')} | "
             f"{pair(r, 'kernel_ops_per_batch')} | "
             f"{pair(r, 'python_calls')} | {pair(r, 'python_calls_per_batch')} | "
+            f"{pair(r, 'reads')} | {pair(r, 'reads_per_batch')} | "
             f"{pair(r, 'seconds', '.2f', 1e3)} | {pair(r, 'ratio_to_step', '.2f')} | "
             f"{pair(r, 'host_seconds', '.3f', 1e3)} | {pair(r, 'host_seconds_per_batch', '.3f', 1e3)} "
             f"| {pair(r, 'host_ratio_to_step', '.2f')} |"
@@ -356,6 +567,26 @@ def write_markdown(path: str, report: dict[str, Any]) -> None:
             lambda n: n,
         )
     )
+    lines += [
+        "## Where the reads of one more batch come from",
+        "",
+        "| model | implementation | reads per batch | from |",
+        "|---|---|---:|---|",
+    ]
+    for r in report["rows"]:
+        if r.get("reads_per_batch") is None:
+            continue
+        by = r.get("reads_per_batch_by_source")
+        where = (
+            ", ".join(f"{k} ({v})" for k, v in by.items())
+            if by
+            else "; ".join(f"{k} ({v})" for k, v in (r.get("reads_by_source") or {}).items())
+            + " (a pass of one batch)"
+        )
+        lines.append(
+            f"| {r['model']} | {r['implementation']} | {pair(r, 'reads_per_batch')} | {where} |"
+        )
+    lines.append("")
     if report.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in report["notes"]], ""]
     with open(path, "w") as f:
@@ -408,6 +639,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--host-only", action="store_true", help="only the host times of the tiny twins (fast)"
     )
+    ap.add_argument("--lm-models", nargs="*", default=list(LM_MODELS), choices=list(LM_MODELS))
+    ap.add_argument("--lm-batch", type=int, default=8, help="sequences per LM batch")
+    ap.add_argument("--lm-seq-len", type=int, default=32, help="tokens per LM sequence")
     ap.add_argument("--before", default=None, help="a JSON this script wrote with earlier code")
     ap.add_argument("--code", default=None, help="what code ran (a revision), for the report")
     ap.add_argument("--out", default="host_work_cpu", help="report name, or a path without suffix")
@@ -425,6 +659,9 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for m in args.models:
         rows += run_model(m, args)
+    if not args.host_only:
+        for m in args.lm_models:
+            rows += run_lm(m, args)
     skipped = sorted({r["implementation"] for r in rows if r.get("aten_ops") is None})
     if skipped:
         notes.append(

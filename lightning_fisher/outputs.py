@@ -49,6 +49,9 @@ class ModelOutputs:
     labels: Tensor | None
     #: why the batch's labels cannot be used as class indices (raised by estimators that need them)
     label_error: str | None = None
+    #: how many counted inputs have a label >= C (read with the batch's other facts); None: not
+    #: read yet (estimators that need labels then read it themselves)
+    n_labels_too_big: int | None = None
 
     @property
     def n_classes(self) -> int:
@@ -165,6 +168,14 @@ def _resolve_classes(
 
 def check_logits(logits: Tensor) -> None:
     """Raise a clear error for outputs that cannot be logits or that hold NaN/Inf."""
+    _check_logits_shape(logits)
+    facts = _logit_range(logits)
+    low, high = facts.tolist() if facts is not None else (0.0, 0.0)
+    _check_logit_range(logits, low, high, stacklevel=4)
+
+
+def _check_logits_shape(logits: Tensor) -> None:
+    """The dtype and shape checks of :func:`check_logits` (no device read)."""
     if not logits.is_floating_point():
         raise FisherInputError(
             f"The model output has dtype {logits.dtype}; logits must be floating point. Pass "
@@ -174,10 +185,21 @@ def check_logits(logits: Tensor) -> None:
         raise FisherInputError(
             f"Logits must have shape (B, C) or (B, T, C); got shape {tuple(logits.shape)}."
         )
+
+
+def _logit_range(logits: Tensor) -> Tensor | None:
+    """The smallest and largest logit, (2,) float64 on the logits' device (both NaN when any is
+    NaN; a widening cast, so exact), None for empty logits: the three common facts of
+    :func:`_check_logit_range` from two ops, read with whatever else the caller reads."""
     z = logits.detach()
-    # The three common facts from the smallest and largest logit (both NaN when any is NaN), two
-    # ops and one synchronisation; the rare probability check after it.
-    low, high = torch.stack(torch.aminmax(z)).tolist() if z.numel() else (0.0, 0.0)
+    return torch.stack(torch.aminmax(z)).double() if z.numel() else None
+
+
+def _check_logit_range(logits: Tensor, low: float, high: float, stacklevel: int = 3) -> None:
+    """The value checks of :func:`check_logits` from the smallest and largest logit (0, 0 for
+    empty logits): NaN/Inf, probabilities instead of logits; the rare probability check reads
+    the device itself."""
+    z = logits.detach()
     finite = math.isfinite(low) and math.isfinite(high)
     nonneg, at_most_one = low >= 0, high <= 1
     if not finite:
@@ -205,7 +227,7 @@ def check_logits(logits: Tensor) -> None:
                 "Every model output of this batch lies in [0, 1]: if these are probabilities "
                 "(sigmoid or softmax outputs), the Fisher treats them as logits and is wrong. "
                 "Return the pre-softmax logits.",
-                stacklevel=3,
+                stacklevel=stacklevel,
             )
 
 
@@ -232,7 +254,23 @@ def model_outputs(
     """
     raw = output_fn(model, batch) if output_fn is not None else call_model(model, batch)
     logits = extract_logits(raw)
-    check_logits(logits)
+    # Every fact of the batch that the host needs (the logits' range, the label and input counts)
+    # is read from the device at once, at the end: each read waits for the device's queue, so a
+    # GPU pass would otherwise stop once per fact. Where a check raises before that read, the
+    # logits' own check is read first, so the errors come in the order of the checks.
+    _check_logits_shape(logits)
+    logit_range = _logit_range(logits)
+    checked = False
+
+    def check_range(values: list[float] | None = None) -> None:
+        nonlocal checked
+        if checked:
+            return
+        checked = True
+        if values is None:
+            values = logit_range.tolist() if logit_range is not None else [0.0, 0.0]
+        _check_logit_range(logits, values[0], values[1], stacklevel=4)
+
     labels = batch_labels(batch)
     label_error = None
     if labels is not None and tuple(labels.shape) != tuple(logits.shape[:-1]):
@@ -252,30 +290,28 @@ def model_outputs(
                 f"indices in [0, C) (or {ignore_index} for inputs that do not count)."
             )
             labels = None
-    mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
-    if logits.ndim >= 3 and isinstance(batch, Mapping):
-        attn = batch.get("attention_mask")
-        if isinstance(attn, Tensor) and attn.shape == logits.shape[:-1]:
-            mask &= attn.to(torch.bool)
+    attn = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if logits.ndim >= 3 and isinstance(attn, Tensor) and attn.shape == logits.shape[:-1]:
+        mask = attn.to(torch.bool)
+        if mask is attn:  # a bool mask of the caller's: not to be changed in place below
+            mask = mask.clone()
+    else:
+        mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
     if shift_labels:
         if logits.ndim < 3:
+            check_range()
             raise FisherInputError("`shift_labels=True` needs logits of shape (B, T, C).")
         logits = logits[:, :-1]
         mask = mask[:, 1:]
         labels = labels[:, 1:] if labels is not None else None
+    negative: tuple[Tensor, Tensor] | None = None
     if labels is not None:
         labels = labels.to(logits.device).long()
         mask &= labels != ignore_index
-        negative = labels[mask & (labels < 0)]
-        if negative.numel():
-            label_error = (
-                f"Found negative labels {sorted(set(negative[:5].tolist()))} other than the "
-                f"ignore index {ignore_index}; expected class indices in [0, C) or "
-                f"{ignore_index} (pass `ignore_index=` if the data marks ignored inputs differently)."
-            )
+        negative = (labels, mask & (labels < 0))
     active = _resolve_classes(classes, batch, logits.device)
     if active is not None:
-        logits = logits.index_select(-1, active)
+        check_range()
         if labels is not None:
             top = max(int(active.max()), int(labels.max())) if labels.numel() else int(active.max())
             remap = torch.full((top + 1,), IGNORE_INDEX, dtype=torch.long, device=labels.device)
@@ -290,7 +326,9 @@ def model_outputs(
                     "the Fisher of a task must use that task's data only."
                 )
             labels = new
+        logits = logits.index_select(-1, active)
     if logits.shape[-1] < 2:
+        check_range()
         # softmax of one logit is p = 1 whatever the weights: every Fisher would be exactly zero.
         raise FisherInputError(
             "The logits have a single class, so p = softmax(z) = 1 and the Fisher is exactly "
@@ -298,4 +336,25 @@ def model_outputs(
             "pass `output_fn=lambda m, b: (lambda z: torch.cat([torch.zeros_like(z), z], -1))"
             "(m(b[0]))`, whose softmax is the sigmoid; a task head needs at least 2 classes."
         )
-    return ModelOutputs(logits=logits, mask=mask, labels=labels, label_error=label_error)
+    rows = mask.reshape(mask.shape[0], -1)
+    facts = [rows.sum(), rows.any(1).sum()]
+    if negative is not None and labels is not None:
+        facts += [negative[1].sum(), ((labels >= logits.shape[-1]) & mask).sum()]
+    read = torch.stack(facts).double()
+    if not checked and logit_range is not None:
+        read = torch.cat([logit_range, read])
+    values = read.tolist()
+    if not checked:
+        check_range(values[:2] if logit_range is not None else None)
+        values = values[2:] if logit_range is not None else values
+    if negative is not None and values[2]:
+        found = negative[0][negative[1]]
+        label_error = (
+            f"Found negative labels {sorted(set(found[:5].tolist()))} other than the "
+            f"ignore index {ignore_index}; expected class indices in [0, C) or "
+            f"{ignore_index} (pass `ignore_index=` if the data marks ignored inputs differently)."
+        )
+    too_big = int(values[3]) if negative is not None and labels is not None else None
+    out = ModelOutputs(logits, mask, labels, label_error, too_big)
+    out.__dict__["_counts"] = (int(values[0]), int(values[1]))  # the cached counts, read above
+    return out

@@ -121,7 +121,7 @@ def test_gpt2_tied_embeddings_match_the_dense_reference(
 ) -> None:
     model, batches, kw = _gpt2(position_ids)
     tied = _Spy(monkeypatch, "_tied_sum_squares")
-    one = _Spy(monkeypatch, "_one_position")
+    one = _Spy(monkeypatch, "_route_one_position")
     _check(model, batches, kw, "empirical")
     assert tied.hits > 0 and tied.hits == tied.calls
     assert one.hits > 0  # the vocabulary head's columns touch one position each
@@ -131,7 +131,7 @@ def test_untied_head_takes_the_one_position_product(monkeypatch: pytest.MonkeyPa
     torch.manual_seed(0)
     model = TiedLM(tied=False).double().eval()
     tied = _Spy(monkeypatch, "_tied_sum_squares")
-    one = _Spy(monkeypatch, "_one_position")
+    one = _Spy(monkeypatch, "_route_one_position")
     _check(model, _batches(), {}, "empirical")
     assert tied.calls == 0 and one.hits > 0
     # `mix` sees every earlier position: its columns are not one-position

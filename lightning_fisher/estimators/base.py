@@ -229,7 +229,8 @@ def _check_finite(tensors: list[Tensor]) -> list[int]:
     if not tensors:
         return []
     norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
-    return torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
+    # one read of the flags (``nonzero`` would read its output size, then the indices)
+    return [i for i, bad in enumerate((~torch.isfinite(norms)).tolist()) if bad]
 
 
 class _SquaredGradients:

@@ -30,9 +30,11 @@ def true_label_cotangent(out: ModelOutputs, p: Tensor) -> Tensor:
             "`labels` entry shaped like the logits without their class dimension)."
         )
     C = p.shape[-1]
-    too_big = (out.labels >= C) & out.mask
-    if bool(too_big.any()):  # the batch's one synchronisation here
-        found = out.labels[too_big]
+    too_big = out.n_labels_too_big
+    if too_big is None:
+        too_big = int(((out.labels >= C) & out.mask).sum())
+    if too_big:
+        found = out.labels[(out.labels >= C) & out.mask]
         raise FisherInputError(
             f"Found labels {sorted(set(found[:5].tolist()))} >= the number of classes "
             f"C = {C} of the logits; expected class indices in [0, {C}). "

@@ -362,6 +362,10 @@ class _Ctx:
     dtype: torch.dtype
     #: dtype of the squares and of every sum over inputs or columns (default: ``dtype``)
     acc: torch.dtype | None = None
+    #: per input, whether its output gradients are nonzero at one position at most in every
+    #: column (``_one_position`` of that input), read for many calls at once
+    #: (``_read_one_position``); None: decided per chunk of inputs
+    one_position: list[bool] | None = None
 
     @property
     def acc_dtype(self) -> torch.dtype:
@@ -525,6 +529,10 @@ class _MatmulRule(_Rule):
         """Output gradients ``gl`` (K, b, O, L) and inputs ``cols`` (b, I, L)."""
         raise NotImplementedError
 
+    def output_grads(self, ctx: _Ctx) -> Tensor:
+        """The output gradients ``gl`` (K, B, O, L) of :meth:`unfolded` for the whole batch."""
+        return self.unfolded(ctx, 0, ctx.B)[0]
+
     def sizes(self, ctx: _Ctx) -> tuple[int, int, int]:
         """(O, L, I) of :meth:`unfolded`, from the shapes alone."""
         gl, cols = self.unfolded(ctx, 0, 1)
@@ -643,7 +651,7 @@ class _MatmulRule(_Rule):
                     ggt = torch.einsum("kbol,kbom->oblm", glf, glf).reshape(n_out, -1)
                     uut = torch.einsum("bil,bim->blmi", colsf, colsf).reshape(-1, n_in)
                     w = ggt @ uut
-                elif _one_position(gl):
+                elif _route_one_position(ctx, gl, lo):
                     g2l = _squared(gl, acc_dtype).sum(0)  # (b, O, L)
                     flat_g = g2l.permute(1, 0, 2).reshape(n_out, -1)
                     w = flat_g @ _squared(cols, acc_dtype).permute(0, 2, 1).reshape(-1, n_in)
@@ -738,6 +746,42 @@ def _one_position(gl: Tensor) -> bool:
     return bool(((gl != 0).any(2).sum(-1) <= 1).all())
 
 
+def _one_position_inputs(gl: Tensor) -> Tensor:
+    """Per input, (b,) bool: whether each of its columns of output gradients ``gl`` (K, b, O, L)
+    is nonzero at one position at most (``_one_position`` of that input alone; ``any`` reads a
+    nonzero entry, NaN included, as ``!= 0`` does, without a bool copy of ``gl``)."""
+    return (gl.any(2).sum(-1) <= 1).all(0)
+
+
+def _route_one_position(ctx: _Ctx, gl: Tensor, lo: int) -> bool:
+    """Whether the inputs lo:lo + b of ``gl`` (K, b, O, L) take the one-position product: from
+    the flags read for the whole batch when there are some, else read now."""
+    if ctx.one_position is None:
+        return _one_position(gl)
+    return all(ctx.one_position[lo : lo + gl.shape[1]])
+
+
+def _read_one_position(ctxs: Sequence[_Ctx]) -> None:
+    """Set ``one_position`` on every call whose matrix rule will ask for it (a weight, L > 1
+    positions, not the Gram route), for all of them with one device-to-host read: each read
+    waits for the device, and one per layer made a GPU pass of a deep model wait once per
+    layer."""
+    need = []
+    for ctx in ctxs:
+        rule = _RULES[ctx.handler.rule]
+        if isinstance(rule, _MatmulRule) and "weight" in ctx.names:
+            _, L, _ = rule.sizes(ctx)
+            if L > 1 and L >= ctx.K:
+                need.append((ctx, rule))
+    if not need:
+        return
+    flags = torch.stack(
+        [_one_position_inputs(rule.output_grads(ctx)) for ctx, rule in need]
+    ).tolist()
+    for (ctx, _), row in zip(need, flags):
+        ctx.one_position = row
+
+
 class _LinearRule(_MatmulRule):
     """``nn.Linear`` on (B, ..., I): L = the product of the middle dimensions (1 without them)."""
 
@@ -764,6 +808,10 @@ class _LinearRule(_MatmulRule):
         K, b = g.shape[0], g.shape[1]
         cols = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
         return g.reshape(K, b, -1, g.shape[-1]).transpose(2, 3), cols
+
+    def output_grads(self, ctx: _Ctx) -> Tensor:
+        g = ctx.g(0, ctx.B)  # the inputs are not needed (nor their cast copy)
+        return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1]).transpose(2, 3)
 
     def sizes(self, ctx: _Ctx) -> tuple[int, int, int]:
         x = cast(Tensor, ctx.call.leaves[cast(int, ctx.call.input_index())])
@@ -821,6 +869,10 @@ class _ConvRule(_MatmulRule):
             ks, st, pd, dl = m.kernel_size, m.stride, m.padding, m.dilation
         cols = F.unfold(a, ks, dilation=dl, padding=pd, stride=st)  # (b, Cin*k, L)
         return g.reshape(K, b, g.shape[2], -1), cols
+
+    def output_grads(self, ctx: _Ctx) -> Tensor:
+        g = ctx.g(0, ctx.B)  # no unfolded inputs: only the gradients' positions are read
+        return g.reshape(g.shape[0], g.shape[1], g.shape[2], -1)
 
     def sizes(self, ctx: _Ctx) -> tuple[int, int, int]:
         m, g = ctx.module, ctx.grads[0]  # g: (K, B, O, *output positions)
@@ -893,19 +945,42 @@ class _EmbeddingRule(_Rule):
         tok = idx.reshape(B, -1)
         gk = ctx.grads[0].movedim(1 + cast(int, ctx.call.out_dims[0]), 1)
         gk = gk.reshape(K, B, -1, D).to(acc[name].dtype)
-        keep = (
-            torch.ones_like(tok, dtype=torch.bool)
-            if m.padding_idx is None
-            else tok != m.padding_idx
-        )
+        if m.padding_idx is not None:  # padding rows add nothing (their segments sum to 0)
+            gk = torch.where((tok != m.padding_idx)[None, :, :, None], gk, 0)
         unit = torch.arange(K * B, device=tok.device).reshape(K, B, 1)
-        key = (unit * V + tok.unsqueeze(0)).expand(K, B, tok.shape[1])[keep.expand(K, -1, -1)]
-        rows = gk[keep.expand(K, -1, -1)]
-        uniq, inv = torch.unique(key, return_inverse=True)
-        sums = torch.zeros(uniq.numel(), D, dtype=rows.dtype, device=rows.device).index_add_(
-            0, inv, rows
-        )
-        acc[name].index_add_(0, uniq % V, weight * sums.pow(2))
+        key = (unit * V + tok.unsqueeze(0)).expand(K, B, tok.shape[1]).reshape(-1)
+        inv, seg_key, _ = _segments(key)
+        rows = gk.reshape(-1, D)
+        sums = torch.zeros_like(rows).index_add_(0, inv, rows)
+        acc[name].index_add_(0, seg_key % V, weight * sums.pow(2))
+
+
+def _segments(key: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.unique(key, return_inverse=True)`` without reading the number of distinct values
+    from the device (one wait for the device per call): for n keys, n segments, the first R
+    (the distinct keys, ascending) as unique gives them, the rest empty. Returns each key's
+    segment (n,), each segment's key (n,; 0 for the empty ones) and which segments are used (n,
+    bool). Sums into the segments by ``index_add_`` add the same entries in the same order as
+    into unique's; the empty segments get nothing, so they add zeros wherever they go."""
+    n = key.shape[0]
+    sorted_key, order = torch.sort(key, stable=True)
+    start = torch.ones(n, dtype=torch.bool, device=key.device)
+    torch.ne(sorted_key[1:], sorted_key[:-1], out=start[1:])
+    seg = start.cumsum(0) - 1
+    inv = torch.empty_like(seg).scatter_(0, order, seg)
+    seg_key = torch.zeros_like(sorted_key).scatter_(0, seg, sorted_key)
+    used = torch.arange(n, device=key.device) <= seg[-1:]
+    return inv, seg_key, used
+
+
+def _tied_pair(ctxs: list[_Ctx]) -> bool:
+    """Whether the uses ``ctxs`` of one parameter are the pair :func:`_tied_sum_squares` takes:
+    one ``nn.Embedding`` call and one ``nn.Linear`` call, a 2-d weight, the same columns."""
+    if sorted(c.handler.rule for c in ctxs) != ["embedding", "linear"]:
+        return False
+    lin = next(c for c in ctxs if c.handler.rule == "linear")
+    emb = next(c for c in ctxs if c.handler.rule == "embedding")
+    return lin.param(next(iter(lin.names))).ndim == 2 and lin.K == emb.K
 
 
 def _tied_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -> bool:
@@ -920,14 +995,11 @@ def _tied_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -
     touched rows only, where A's row v is G_v U^T (K R L D per input, R distinct tokens).
     Returns False, doing nothing, when the uses are not exactly one such pair.
     """
-    if sorted(c.handler.rule for c in ctxs) != ["embedding", "linear"]:
+    if not _tied_pair(ctxs):
         return False
     lin = next(c for c in ctxs if c.handler.rule == "linear")
     emb = next(c for c in ctxs if c.handler.rule == "embedding")
-    name = next(iter(lin.names.values()))
-    target = acc[name]
-    if target.ndim != 2 or lin.K != emb.K:
-        return False
+    target = acc[next(iter(lin.names.values()))]
     _RULES["linear"].sum_squares(lin, acc, weight)
     _RULES["embedding"].sum_squares(emb, acc, weight)
     tok, gk = cast(_EmbeddingRule, _RULES["embedding"])._rows(emb)  # (B, S), (K, B, S, D)
@@ -936,11 +1008,12 @@ def _tied_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -
     # One input at a time: the Linear's rule above already held a larger chunk of its buffers.
     for x in range(B):
         gl, cols = rule.unfolded(lin, x, x + 1)  # (K, 1, V, L), (1, D, L)
-        uniq, inv = torch.unique(tok[x], return_inverse=True)
-        s_rows = gk.new_zeros(K, uniq.numel(), D).index_add_(1, inv, gk[:, x])
-        a_rows = gl[:, 0, uniq] @ cols[0].T  # (K, R, D)
+        # the S positions' tokens in S segments, the first R the distinct tokens
+        inv, uniq, used = _segments(tok[x])
+        s_rows = gk.new_zeros(K, inv.numel(), D).index_add_(1, inv, gk[:, x])
+        a_rows = gl[:, 0, uniq] @ cols[0].T  # (K, S, D)
         cross = (a_rows.to(target.dtype) * s_rows.to(target.dtype)).sum(0)
-        target.index_add_(0, uniq, cross, alpha=2 * weight)
+        target.index_add_(0, uniq, torch.where(used[:, None], cross, 0), alpha=2 * weight)
     return True
 
 
@@ -2177,13 +2250,13 @@ class PerInputEngine:
         dt = target.dtype
         h = split.x.detach()[:, tj + split.offset].to(dt)  # (B, m, D)
         for b in range(tok.shape[0]):
-            uniq, inv = torch.unique(tok[b], return_inverse=True)
-            s_rows = gk.new_zeros(gk.shape[0], uniq.numel(), gk.shape[-1]).index_add_(
+            inv, uniq, used = _segments(tok[b])  # S segments, the first R the distinct tokens
+            s_rows = gk.new_zeros(gk.shape[0], inv.numel(), gk.shape[-1]).index_add_(
                 1, inv, gk[:, b]
             )
-            a = u[:, b][:, uniq].to(dt)  # (m, R)
+            a = u[:, b][:, uniq].to(dt)  # (m, S)
             cross = torch.einsum("mr,md,mrd->rd", a, h[b], s_rows.to(dt))
-            target.index_add_(0, uniq, cross, alpha=2 * weight)
+            target.index_add_(0, uniq, torch.where(used[:, None], cross, 0), alpha=2 * weight)
 
     def _split_check_grads(
         self, split: _HeadSplit, u: Tensor, calls: list[tuple[_Handler, _Call]]
@@ -2227,11 +2300,26 @@ class PerInputEngine:
         are left to the caller."""
         folded: list[_Ctx] = []
         folded_bytes = 0
+        singles = []
         for h, c, gs in grad_map:
             single = {loc: g for loc, g in h.names.items() if g not in self.shared}
-            if not single:
-                continue
-            ctx = self._ctx(h, c, gs, single)
+            if single:
+                singles.append(self._ctx(h, c, gs, single))
+        B = self._batch_size
+        shared: dict[str, list[_Ctx]] = {}
+        for name in self.shared - skip:
+            shared[name] = [
+                self._ctx(h, c, gs, {loc: name})
+                for h, c, gs in grad_map
+                for loc, g in h.names.items()
+                if g == name
+            ]
+        # the route of every layer decided from one read (the tied pair's Linear included)
+        _read_one_position(
+            singles + [c for ctxs in shared.values() if _tied_pair(ctxs) for c in ctxs]
+        )
+        for ctx in singles:
+            h = ctx.handler
             size = _folded_bytes(ctx)
             if size is not None and folded_bytes + size <= self.rule_bytes:
                 folded.append(ctx)
@@ -2240,19 +2328,13 @@ class PerInputEngine:
                 _RULES[h.rule].sum_squares(ctx, acc, weight)
         if folded:
             _folded_sum_squares(folded, acc, weight)
-        if not self.shared:
-            return
         # Shared parameters: per-input gradients summed over every use, then squared.
-        B = self._batch_size
-        for name in self.shared - skip:
-            uses = [
-                (h, c, gs, loc) for h, c, gs in grad_map for loc, g in h.names.items() if g == name
-            ]
-            if not uses:
+        for name, ctxs in shared.items():
+            if not ctxs:
                 continue
-            ctxs = [self._ctx(h, c, gs, {loc: name}) for h, c, gs, loc in uses]
             if _tied_sum_squares(ctxs, acc, weight):
                 continue
+            uses = [(c.handler, c.call, c.grads, next(iter(c.names))) for c in ctxs]
             K = uses[0][2][0].shape[0]
             numel = self.params[name].numel()
             # (input, column) pairs per step; the squares add up over columns, so K is split too
