@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 import lightning_fisher as lf
 from lightning_fisher import hf
-from lightning_fisher.estimators import per_input
+from lightning_fisher.estimators import layer_rules, per_input
 
 #: bf16 model against the float32 model on the same weights: the bf16 forward and backward
 #: (activations, logits, output gradients rounded to 8 bits) dominate
@@ -141,14 +141,14 @@ def test_per_input_gradients_are_bf16_and_squared_in_float32(
     model = model.to(torch.bfloat16)
     seen: list[tuple[torch.dtype, torch.dtype]] = []
     for fn in ("_square_in_place", "_squared"):
-        original = getattr(per_input, fn)
+        original = getattr(layer_rules, fn)
 
         def spy(t: Tensor, dtype: torch.dtype, _o: Any = original) -> Tensor:
             out = _o(t, dtype)
             seen.append((t.dtype, out.dtype))
             return out
 
-        monkeypatch.setattr(per_input, fn, spy)
+        monkeypatch.setattr(layer_rules, fn, spy)
     lf.estimate_fisher(model, bf16(data), method="empirical", **kw)
     assert seen
     assert {o for _, o in seen} == {torch.float32}
@@ -170,9 +170,9 @@ def test_product_dtype_defaults_and_element_sizes() -> None:
     forced = per_input.PerInputEngine(m, dict(m.named_parameters()), product_dtype=torch.float32)
     assert forced.product_dtype == torch.float32
     # bytes per entry while squaring: the product, and its square in the accumulation dtype
-    assert per_input._square_bytes(torch.bfloat16, torch.float32) == 2 + 4
-    assert per_input._square_bytes(torch.float32, torch.float32) == 4 + 4
-    assert per_input._square_bytes(torch.float64, torch.float64) == 8 + 8
+    assert layer_rules._square_bytes(torch.bfloat16, torch.float32) == 2 + 4
+    assert layer_rules._square_bytes(torch.float32, torch.float32) == 4 + 4
+    assert layer_rules._square_bytes(torch.float64, torch.float64) == 8 + 8
 
 
 def test_bf16_engine_buffers_stay_under_the_cap() -> None:
@@ -191,7 +191,7 @@ def test_bf16_engine_buffers_stay_under_the_cap() -> None:
     peaks: list[int] = []
     rule_peaks: list[tuple[int, float]] = []
     original = per_input.PerInputEngine.accumulate
-    rule = per_input._RULES["linear"]
+    rule = layer_rules._RULES["linear"]
     rule_sum_squares = rule.sum_squares
 
     def measured(

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import lightning_fisher as lf
-from lightning_fisher.estimators import per_input
+from lightning_fisher.estimators import layer_rules, per_input
 
 
 def loop_fisher(model: nn.Module, x: Tensor, y: Tensor, batch_dim: int = 0) -> tuple[dict, dict]:
@@ -236,13 +236,13 @@ def test_recording_never_changes_what_a_module_returns() -> None:
 def _shift_inputs(monkeypatch: pytest.MonkeyPatch) -> None:
     """Break the Linear closed form: input x gets input x+1's gradient (the unsigned sum over
     inputs is still right, so only a signed check can see it)."""
-    original = per_input._LinearRule.unfolded
+    original = layer_rules._LinearRule.unfolded
 
     def rolled(self, ctx, lo, hi):  # type: ignore[no-untyped-def]
         gl, cols = original(self, ctx, lo, hi)
         return gl.roll(1, dims=1), cols
 
-    monkeypatch.setattr(per_input._LinearRule, "unfolded", rolled)
+    monkeypatch.setattr(layer_rules._LinearRule, "unfolded", rolled)
 
 
 def test_a_broken_rule_is_caught_and_replaced(
@@ -296,10 +296,10 @@ def test_no_correct_route_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     model = seeded(Pooled(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)))
     x, y = data()
     _shift_inputs(monkeypatch)
-    loop = per_input._LoopRule.per_input
+    loop = layer_rules._LoopRule.per_input
     whole = per_input.PerInputEngine._model_route_per_input
     monkeypatch.setattr(
-        per_input._LoopRule, "per_input", lambda *a: {k: 2 * v for k, v in loop(*a).items()}
+        layer_rules._LoopRule, "per_input", lambda *a: {k: 2 * v for k, v in loop(*a).items()}
     )
     monkeypatch.setattr(
         per_input.PerInputEngine,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 import lightning_fisher as lf
 from lightning_fisher import hf
-from lightning_fisher.estimators import per_input
+from lightning_fisher.estimators import layer_rules
 from lightning_fisher.estimators.base import trainable_parameters
 from lightning_fisher.estimators.per_input import PerInputEngine
 
@@ -75,7 +75,7 @@ def conv1d_names(model: nn.Module) -> set[str]:
 def rule_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[tuple[str, str]]:
     """(rule name, module class name) of every call of a rule's per-input code in the test."""
     calls: Counter[tuple[str, str]] = Counter()
-    for rule in per_input._RULES.values():
+    for rule in layer_rules._RULES.values():
         for method in ("per_input", "signed_sum", "sum_squares"):
             original = getattr(rule, method)
 
@@ -98,7 +98,7 @@ def test_every_conv1d_of_gpt2_gets_the_closed_form() -> None:
     assert len(convs) == 4  # c_attn, c_proj of the attention; c_fc, c_proj of the MLP
     assert {rules[path] for path in convs} == {"hf_conv1d"}
     # a plain nn.Linear keeps its own rule, and the Conv1D rule takes nothing else
-    assert per_input._closed_form_rule(nn.Linear(3, 2), {"weight", "bias"}) == "linear"
+    assert layer_rules._closed_form_rule(nn.Linear(3, 2), {"weight", "bias"}) == "linear"
     assert [p for p, r in rules.items() if r == "hf_conv1d"] == convs
 
 
@@ -107,8 +107,8 @@ def test_a_conv1d_subclass_with_its_own_forward_goes_to_the_vjp_rule() -> None:
         def forward(self, x: Tensor) -> Tensor:
             return 2 * super().forward(x)
 
-    assert per_input._closed_form_rule(Conv1D(3, 2), {"weight", "bias"}) == "hf_conv1d"
-    assert per_input._closed_form_rule(Scaled(3, 2), {"weight", "bias"}) == "vjp"
+    assert layer_rules._closed_form_rule(Conv1D(3, 2), {"weight", "bias"}) == "hf_conv1d"
+    assert layer_rules._closed_form_rule(Scaled(3, 2), {"weight", "bias"}) == "vjp"
 
 
 def sequence_sample(ref: DenseReference, k: int, seed: int) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 import lightning_fisher as lf
 from lightning_fisher import hf
-from lightning_fisher.estimators import per_input
+from lightning_fisher.estimators import layer_rules, per_input
 
 VOCAB, T = 11, 16  # T >= 16: the direct route's column blocks are used
 RTOL = 1e-6  # the diagonal is stored in float32
@@ -78,12 +78,12 @@ def _gpt2(position_ids: bool = False) -> tuple[nn.Module, list[Any], dict[str, A
 
 
 class _Spy:
-    """Counts the calls of a module-level function of the engine and how often it answered
-    truthily."""
+    """Counts the calls of a module-level function of the engine (``per_input``) or of its layer
+    rules (``layer_rules``), where its callers look it up, and how often it answered truthily."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, module: Any = per_input) -> None:
         self.calls = self.hits = 0
-        fn = getattr(per_input, name)
+        fn = getattr(module, name)
 
         def spy(*args: Any, **kwargs: Any) -> Any:
             out = fn(*args, **kwargs)
@@ -91,7 +91,7 @@ class _Spy:
             self.hits += bool(out)
             return out
 
-        monkeypatch.setattr(per_input, name, spy)
+        monkeypatch.setattr(module, name, spy)
 
 
 def _check(model: nn.Module, batches: list[Any], kw: dict[str, Any], method: str) -> None:
@@ -121,7 +121,7 @@ def test_gpt2_tied_embeddings_match_the_dense_reference(
 ) -> None:
     model, batches, kw = _gpt2(position_ids)
     tied = _Spy(monkeypatch, "_tied_sum_squares")
-    one = _Spy(monkeypatch, "_route_one_position")
+    one = _Spy(monkeypatch, "_route_one_position", layer_rules)
     _check(model, batches, kw, "empirical")
     assert tied.hits > 0 and tied.hits == tied.calls
     assert one.hits > 0  # the vocabulary head's columns touch one position each
@@ -131,7 +131,7 @@ def test_untied_head_takes_the_one_position_product(monkeypatch: pytest.MonkeyPa
     torch.manual_seed(0)
     model = TiedLM(tied=False).double().eval()
     tied = _Spy(monkeypatch, "_tied_sum_squares")
-    one = _Spy(monkeypatch, "_route_one_position")
+    one = _Spy(monkeypatch, "_route_one_position", layer_rules)
     _check(model, _batches(), {}, "empirical")
     assert tied.calls == 0 and one.hits > 0
     # `mix` sees every earlier position: its columns are not one-position
@@ -150,15 +150,15 @@ def test_one_position_product_equals_the_direct_one() -> None:
     lin = nn.Linear(n_in, n_out).double()
     out = lin(x)
     engine = per_input.PerInputEngine(lin, dict(lin.named_parameters()))
-    handler = per_input._Handler(lin, "", {"weight": "weight", "bias": "bias"}, "linear")
-    call = per_input._Call([x], None, [0], [out], [0], [], [0], [0])
+    handler = layer_rules._Handler(lin, "", {"weight": "weight", "bias": "bias"}, "linear")
+    call = layer_rules._Call([x], None, [0], [out], [0], [], [0], [0])
     engine._batch_size = B
-    ctx = per_input._Ctx(engine, handler, call, [g], handler.names, torch.float64)
+    ctx = layer_rules._Ctx(engine, handler, call, [g], handler.names, torch.float64)
     acc = {n: torch.zeros_like(p) for n, p in lin.named_parameters()}
-    per_input._RULES["linear"].sum_squares(ctx, acc, 0.5)
+    layer_rules._RULES["linear"].sum_squares(ctx, acc, 0.5)
     want_w = 0.5 * torch.einsum("kblo,bli->kboi", g, x).pow(2).sum((0, 1))
     want_b = 0.5 * g.sum(2).pow(2).sum((0, 1))
-    assert per_input._one_position(g.movedim(2, 3))
+    assert layer_rules._one_position(g.movedim(2, 3))
     torch.testing.assert_close(acc["weight"], want_w, rtol=1e-12, atol=0)
     torch.testing.assert_close(acc["bias"], want_b, rtol=1e-12, atol=0)
 
@@ -174,4 +174,4 @@ def test_direct_route_cut_at_each_columns_last_position() -> None:
     g[3, :, :, : ends[3] - 1] = 0  # zeros before the end do not matter
     u = torch.randn(B, n_in, L, generator=gen, dtype=torch.float64)
     want = torch.einsum("kbol,bil->bkoi", g, u).pow(2).sum((0, 1))
-    torch.testing.assert_close(per_input._direct_squares(g, u), want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer_rules._direct_squares(g, u), want, rtol=1e-12, atol=0)
