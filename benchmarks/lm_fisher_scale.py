@@ -6,7 +6,8 @@ one batch of ``--batch`` sequences of ``--seq-len`` tokens, labels = input ids
 
 * ``gpt2-small`` (12 layers x 768, 124M): a training step (forward, cross-entropy backward,
   AdamW step), ``hutchinson`` (one probe), token-level ``sample`` (one backward per sequence),
-  sequence-level ``empirical``, and per-position token-level ``empirical`` (causal cut; T backward columns
+  sequence-level ``empirical``, and per-position token-level ``empirical`` (with the causal cut
+  of ``hf.lm_fisher_kwargs``, and uncut: ``causal=False``; T backward columns
   per batch: measured on ``--position-seqs`` sequences and scaled to the batch, marked
   ``scaled_from``);
 * ``gpt2-1.3b`` (24 layers x 2048): a step, ``hutchinson``, token-level ``sample``, and the EWC
@@ -77,7 +78,15 @@ FULL = (
         12,
         50257,
         8192,
-        ("step", "hutchinson", "sample-token", "empirical-sequence", "backward", "empirical-token"),
+        (
+            "step",
+            "hutchinson",
+            "sample-token",
+            "empirical-sequence",
+            "backward",
+            "empirical-token",
+            "empirical-token-uncut",
+        ),
     ),
     ModelSpec(
         "gpt2-1.3b", 24, 2048, 16, 50257, 24576, ("step", "hutchinson", "sample-token", "ewc")
@@ -93,6 +102,7 @@ FISHER_ROWS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "sample-token": ("sample", "token", {"token_route": "sequence"}),
     "empirical-sequence": ("empirical", "sequence", {"granularity": "sequence"}),
     "empirical-token": ("empirical", "token", {}),
+    "empirical-token-uncut": ("empirical", "token", {"causal": False}),
 }
 
 
@@ -206,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         default="",
         help="comma-separated '<model>:<row>' substrings (e.g. '1.3b:ewc,small:sample'; rows: "
-        "step, hutchinson, sample-token, empirical-sequence, backward, empirical-token, ewc); the "
+        "step, hutchinson, sample-token, empirical-sequence, backward, empirical-token, "
+        "empirical-token-uncut, ewc); the "
         "step of a model always runs when one of its rows does",
     )
     ap.add_argument("--batch", type=int, default=None, help="sequences per batch (default 8)")
@@ -325,8 +336,7 @@ def run_model(
             progress=False,
             verify=args.verify,
             max_memory_mib=spec.max_memory_mib,
-            **kw,
-            **extra,
+            **{**kw, **extra},
         )
 
     for row in ("step", *[r for r in rows if r != "step"]):
@@ -367,7 +377,7 @@ def run_model(
                 emit({**r, "ratio_to_step": None if step_s is None else backward_s / step_s})
                 continue
             data, scale, note = [batch], 1.0, ""
-            if row == "empirical-token":  # T columns per batch: fewer sequences, one run
+            if row.startswith("empirical-token"):  # T columns per batch: fewer sequences, one run
                 m = min(args.position_seqs, batch_n)
                 data = [{k: v[:m] for k, v in batch.items()}]
                 scale = batch_n / m
@@ -378,11 +388,13 @@ def run_model(
             else:
                 s, peak, n = meter(functools.partial(fisher, data, method, extra))
             s *= scale
-            if row == "empirical-token" and backward_s is not None:
+            if row.startswith("empirical-token") and backward_s is not None:
                 floor = seq_len * backward_s
                 note += f"; floor {seq_len} x backward = {floor:.1f} s, {s / floor:.2f}x of it"
-                if kw.get("causal"):
+                if {**kw, **extra}.get("causal"):
                     note += " (the floor of the uncut columns; this row runs the causal cut)"
+                else:
+                    note += " (causal=False: the uncut route)"
             emit(
                 {
                     "method": method,

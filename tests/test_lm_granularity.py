@@ -456,9 +456,14 @@ def test_scale_benchmark_sets_the_position_route_against_its_floor(tmp_path: Pat
     """The per-position row against T backwards of the batch (its arithmetic)."""
     rows = _scale_benchmark(tmp_path, "small:backward,small:empirical-token", 6)
     assert set(rows) == {"train-step", "backward", "empirical"}
-    b, e = rows["backward"]["seconds"], rows["empirical"]
+    b = rows["backward"]["seconds"]
     assert b > 0 and rows["backward"]["ratio_to_step"] == b / rows["train-step"]["seconds"]
-    assert f"floor 6 x backward = {6 * b:.1f} s, {e['seconds'] / (6 * b):.2f}x of it" in e["note"]
+    report = json.loads((tmp_path / "lm_fisher_scale_quick.json").read_text())
+    cut, uncut = [r for r in report["rows"] if r["method"] == "empirical"]  # the row order
+    for e in (cut, uncut):
+        floor = f"floor 6 x backward = {6 * b:.1f} s, {e['seconds'] / (6 * b):.2f}x of it"
+        assert floor in e["note"]
+    assert "runs the causal cut" in cut["note"] and "causal=False" in uncut["note"]
 
 
 def test_host_profile_benchmark_writes_its_rows(tmp_path: Path) -> None:
