@@ -77,6 +77,29 @@ def test_the_cut_gives_the_uncut_fisher(method: str, extra: dict[str, Any]) -> N
         assert err < 1e-10, f"{name}: {err:.1e}"
 
 
+def test_the_cut_gives_the_uncut_fisher_through_dense_columns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without the head split the blocks' columns are dense over (B, T, C) slices of the
+    positions: still the uncut Fisher."""
+    from lightning_fisher.estimators import per_input
+
+    monkeypatch.setattr(per_input.PerInputEngine, "head_split", False)
+    model = random_gpt2(VOCAB, width=16, layers=2, positions=32)
+    batches = lm_batches()
+    kw = {"shift_labels": True, "method": "empirical"}
+    full = lf.estimate_fisher(model, batches, causal=False, **kw)
+    seen, handle = lengths_seen(model)
+    try:
+        cut = lf.estimate_fisher(model, batches, causal=True, **kw)
+    finally:
+        handle.remove()
+    assert sorted(set(seen)) == [7, 14, T], seen
+    for name in full:
+        err = (cut[name] - full[name]).abs().max() / full[name].abs().max()
+        assert err < 1e-10, f"{name}: {err:.1e}"
+
+
 def test_the_cut_matches_the_dense_reference() -> None:
     """Token-level exact and empirical through the cut (``hf.lm_fisher_kwargs``) against one
     autograd gradient per (sequence, position, logit)."""
