@@ -229,3 +229,12 @@ def test_prefix_batch_cuts_the_sequence_tensors_only() -> None:
 def test_causal_must_be_a_flag() -> None:
     with pytest.raises(FisherInputError, match="causal must be True or False"):
         lf.FisherOptions(causal=1)  # type: ignore[arg-type]
+
+
+def test_position_lse_in_chunks_equals_one_logsumexp(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_fisher.estimators import causal_cut
+
+    z = torch.randn(3, 11, 7, dtype=torch.bfloat16)
+    want = torch.logsumexp(z.float(), -1)
+    monkeypatch.setattr(causal_cut, "LSE_CHUNK_BYTES", 3 * 7 * 4 * 2)  # two positions a chunk
+    assert torch.equal(causal_cut.position_lse(z), want)

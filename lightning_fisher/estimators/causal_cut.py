@@ -72,10 +72,22 @@ def prefix_batch(batch: Any, length: int, full: int) -> Any:
     return out
 
 
+#: bytes of float32 logits converted at once by ``position_lse`` (a (B, T, C) float32 copy of a
+#: vocabulary-sized output would be as large as the logits twice over)
+LSE_CHUNK_BYTES = 64 * 2**20
+
+
 def position_lse(logits: Tensor) -> Tensor:
     """log-sum-exp over the classes at every position, (B, T), in float32 or wider: the
-    fingerprint of the logits that ``check_prefix`` compares."""
-    return torch.logsumexp(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), -1)
+    fingerprint of the logits that ``check_prefix`` compares. Converted a chunk of positions at
+    a time."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    B, T, C = logits.shape
+    step = max(1, LSE_CHUNK_BYTES // max(1, B * C * dtype.itemsize))
+    z = logits.detach()
+    return torch.cat(
+        [torch.logsumexp(z[:, t : t + step].to(dtype), -1) for t in range(0, T, step)], 1
+    )
 
 
 def check_prefix(prefix_logits: Tensor, full_lse: Tensor, b: int) -> None:
