@@ -1,11 +1,13 @@
-"""The exact-diagonal benchmark's costs as a figure: time per batch against a training step.
+"""The GPU benchmarks' costs as figures: time against a training step, on a log axis.
 
-One panel per model of ``benchmarks/results/exact_diagonal_gpu.json`` (or ``--json``): a bar per
-implementation that ran (ours per batch of a pass, BackPACK, curvlinops, nngeometry, the
-``vmap`` route and the per-input reference loop), its ``ratio_to_step`` on a log axis, ours in
-one colour and the other libraries in another. Skipped implementations have no bar.
+* ``exact_diagonal_gpu_cost.png``: one panel per model of ``exact_diagonal_gpu.json``, a bar per
+  implementation that ran (ours per batch of a pass, BackPACK, curvlinops, nngeometry, the
+  ``vmap`` route and the per-input reference loop), ours in one colour and the other libraries
+  in another; skipped implementations have no bar;
+* ``lm_fisher_scale_cost.png``: one panel per model of ``lm_fisher_scale.json``, a bar per Fisher
+  row (method and granularity) and the EWC step.
 
-    python -m benchmarks.cost_figure            # -> docs/assets/exact_diagonal_gpu_cost.png
+    python -m benchmarks.cost_figure            # -> benchmarks/results/*_cost.png
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ import os
 from typing import Any
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from lightning_fisher.diagnostics.figures import save_png
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-JSON = os.path.join(ROOT, "benchmarks", "results", "exact_diagonal_gpu.json")
-PNG = os.path.join(ROOT, "docs", "assets", "exact_diagonal_gpu_cost.png")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
 #: (implementation, label) in the order drawn; ours per batch of a pass (plan and proof reused)
 BARS = (
     ("ours-exact-later", "ours exact"),
@@ -36,42 +38,102 @@ BARS = (
 )
 
 
-def cost_figure(report: dict[str, Any]) -> Figure:
-    """One horizontal bar chart per model: each implementation's time over a training step's."""
-    models = list(dict.fromkeys(r["model"] for r in report["rows"]))
-    ratios = {(r["model"], r["implementation"]): r["ratio_to_step"] for r in report["rows"]}
-    fig = Figure(figsize=(10, 1.2 + 1.9 * len(models)))
-    axes = fig.subplots(len(models), 1, squeeze=False)[:, 0]
-    for ax, model in zip(axes, models):
-        shown = [
-            (lab, ratios[model, impl], impl) for impl, lab in BARS if ratios.get((model, impl))
-        ]
-        ys = list(range(len(shown)))[::-1]
-        colours = ["tab:blue" if impl.startswith("ours") else "tab:grey" for *_, impl in shown]
-        ax.barh(ys, [v for _, v, _ in shown], color=colours)
-        for y, (_, v, _) in zip(ys, shown):
+def _panels(
+    panels: list[tuple[str, list[tuple[str, float, str]]]], title: str, height: float
+) -> Figure:
+    """One horizontal bar chart per (title, bars) panel, bars (label, ratio, colour), on one
+    shared log axis of ratios to a training step."""
+    fig = Figure(figsize=(10, 1.2 + height * len(panels)))
+    axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+    top = max([v for _, bars in panels for _, v, _ in bars] or [1.0]) * 4
+    for ax, (name, bars) in zip(axes, panels):
+        ys = list(range(len(bars)))[::-1]
+        ax.barh(ys, [v for _, v, _ in bars], color=[c for *_, c in bars])
+        for y, (_, v, _) in zip(ys, bars):
             ax.text(v * 1.08, y, f"{v:.3g}x", va="center", fontsize=7)
-        ax.set_yticks(ys, [lab for lab, _, _ in shown], fontsize=7)
+        ax.set_yticks(ys, [lab for lab, _, _ in bars], fontsize=7)
         ax.set_xscale("log")
+        ax.set_xlim(0.3, top)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_title(model, fontsize=9, loc="left")
-        ax.set_xlim(0.5, max(v for _, v, _ in shown) * 4)
+        ax.set_title(name, fontsize=9, loc="left")
     axes[-1].set_xlabel(
         "time per batch / a training step on the same batch (log scale; 1 = a step)"
     )
-    fig.suptitle(f"Fisher diagonal, cost per batch on {report['device']}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 
 
+def cost_figure(report: dict[str, Any]) -> Figure:
+    """One horizontal bar chart per model: each implementation's time over a training step."""
+    ratios = {(r["model"], r["implementation"]): r["ratio_to_step"] for r in report["rows"]}
+    panels = [
+        (
+            model,
+            [
+                (label, ratios[model, impl], "tab:blue" if impl.startswith("ours") else "tab:grey")
+                for impl, label in BARS
+                if ratios.get((model, impl))
+            ],
+        )
+        for model in dict.fromkeys(r["model"] for r in report["rows"])
+    ]
+    return _panels(panels, f"Fisher diagonal, cost per batch on {report['device']}", 1.9)
+
+
+def lm_cost_figure(report: dict[str, Any]) -> Figure:
+    """One horizontal bar chart per model: each row's time over the model's training step."""
+    panels = [
+        (
+            model,
+            [
+                (_lm_label(r), r["ratio_to_step"], "tab:blue")
+                for r in report["rows"]
+                if r["model"] == model and r["ratio_to_step"] and r["method"] != "train-step"
+            ],
+        )
+        for model in dict.fromkeys(r["model"] for r in report["rows"])
+    ]
+    s = report.get("settings", {})
+    title = (
+        f"Language-model Fisher, {s.get('batch')} x {s.get('seq_len')} tokens, {s.get('dtype')}, "
+        f"{report['device']}"
+    )
+    return _panels(panels, title, 1.6)
+
+
+def _lm_label(row: dict[str, Any]) -> str:
+    if row["method"] == "backward":
+        return "one backward of the batch"
+    label = row["method"] + (f" ({row['granularity']})" if row.get("granularity") else "")
+    note = row.get("note") or ""
+    if "causal=False" in note:
+        label += ", uncut"
+    elif "causal cut" in note:
+        label += ", causal cut"
+    return label
+
+
+FIGURES = {
+    "exact_diagonal_gpu": ("exact_diagonal_gpu_cost", cost_figure),
+    "lm_fisher_scale": ("lm_fisher_scale_cost", lm_cost_figure),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=JSON, help="an exact_diagonal report")
-    ap.add_argument("--out", default=PNG, help="the PNG to write")
+    ap.add_argument("--results", default=RESULTS, help="folder of the reports and figures")
     args = ap.parse_args(argv)
-    with open(args.json) as f:
-        report = json.load(f)
-    print("wrote", save_png(cost_figure(report), args.out, dpi=100))
+    for report_name, (figure_name, draw) in FIGURES.items():
+        path = os.path.join(args.results, report_name + ".json")
+        if not os.path.exists(path):
+            print("no", path)
+            continue
+        with open(path) as f:
+            report = json.load(f)
+        out = os.path.join(args.results, figure_name + ".png")
+        print("wrote", save_png(draw(report), out, dpi=100))
     return 0
 
 
