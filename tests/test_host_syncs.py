@@ -65,6 +65,21 @@ def test_lm_pass_reads_do_not_grow_with_depth(name: str) -> None:
     assert _ours(deep_sources) <= 2, deep_sources
 
 
+def test_per_position_reads_do_not_grow_with_depth() -> None:
+    """Token-level ``empirical`` by the per-position route with many columns per backward (19
+    positions, uncut): every layer's direct-route column blocks read their ends with the routes'
+    one read per chunk."""
+    batch = lm_batch(31, T=20)
+    counts = {}
+    for layers in (1, 3):
+        model = random_gpt2(31, layers=layers, width=8, positions=32, dtype=torch.float32)
+        kw = {**hf.lm_fisher_kwargs(model), "method": "empirical", "causal": False}
+        counts[layers] = reads_per_batch(model, batch, **kw)
+    (shallow, _), (deep, deep_sources) = counts[1], counts[3]
+    assert deep == shallow, f"{shallow} reads per batch at 1 layer, {deep} at 3: {deep_sources}"
+    assert _ours(deep_sources) <= 4, deep_sources
+
+
 def deep_mlp(hidden_layers: int) -> nn.Module:
     torch.manual_seed(0)
     layers: list[nn.Module] = [nn.Linear(5, 8), nn.ReLU()]

@@ -94,6 +94,10 @@ class _Ctx:
     #: column (``_one_position`` of that input), read for many calls at once
     #: (``_read_one_position``); None: decided per chunk of inputs
     one_position: list[bool] | None = None
+    #: per column, one past the last position where its output gradients are nonzero for any
+    #: input (``_column_ends``), on the device and as read with ``one_position``; None: the
+    #: direct route reads them itself
+    ends: tuple[Tensor, list[int]] | None = None
 
     @property
     def acc_dtype(self) -> torch.dtype:
@@ -384,7 +388,7 @@ class _MatmulRule(_Rule):
                     flat_g = g2l.permute(1, 0, 2).reshape(n_out, -1)
                     w = flat_g @ _squared(cols, acc_dtype).permute(0, 2, 1).reshape(-1, n_in)
                 else:
-                    w = _direct_squares(gl, cols, acc_dtype)
+                    w = _direct_squares(gl, cols, acc_dtype, ctx.ends)
                 target = acc[ctx.names["weight"]]
                 target.add_(self._weight_shaped(w, target.shape), alpha=weight)
             if "bias" in ctx.names:
@@ -436,21 +440,37 @@ def _folded_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float)
 _DIRECT_BLOCKS = 8
 
 
-def _direct_squares(gl: Tensor, cols: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+def _column_ends(gl: Tensor) -> Tensor:
+    """(K,): for each column of output gradients ``gl`` (K, b, O, L), one past the last position
+    where it is nonzero for some input (0 for a zero column)."""
+    L = gl.shape[-1]
+    nz = gl.any(2).any(1)  # (K, L); ``any`` reads NaN as nonzero, as ``!= 0`` does
+    return torch.where(nz.any(1), L - nz.flip(1).int().argmax(1), 0)
+
+
+def _direct_squares(
+    gl: Tensor,
+    cols: Tensor,
+    dtype: torch.dtype | None = None,
+    ends: tuple[Tensor, list[int]] | None = None,
+) -> Tensor:
     """sum over columns k and inputs x of (G_kx U_x^T)^2, (O, I), from output gradients ``gl``
     (K, b, O, L) and inputs ``cols`` (b, I, L): the products in their dtype, squared and summed
     in ``dtype`` (default: that of ``gl``). A column whose output gradients vanish beyond
     position e needs only the first e positions (under per-position columns of a causal model,
     column t reaches positions <= t): the columns go in blocks sorted by e, each block's product
-    cut at its largest e, about half the work of the full product there."""
+    cut at its largest e, about half the work of the full product there. ``ends``: the columns'
+    e (``_column_ends``, over these inputs or more) on the device and as already read; else
+    they are computed and read here."""
     K, L = gl.shape[0], gl.shape[-1]
     dtype = dtype or gl.dtype
-    nz = (gl != 0).any(2).any(1)  # (K, L)
-    ends = torch.where(nz.any(1), L - nz.flip(1).int().argmax(1), 0)
-    if K < 2 * _DIRECT_BLOCKS or bool((ends == L).all()):
+    if K < 2 * _DIRECT_BLOCKS:
         return _square_in_place(torch.einsum("kbol,bil->bkoi", gl, cols), dtype).sum((0, 1))
-    order = torch.argsort(ends)
-    ends_sorted = ends[order].tolist()
+    ends_t, ends_read = ends if ends is not None else (e := _column_ends(gl), e.tolist())
+    if all(e == L for e in ends_read):
+        return _square_in_place(torch.einsum("kbol,bil->bkoi", gl, cols), dtype).sum((0, 1))
+    order = torch.argsort(ends_t)
+    ends_sorted = sorted(ends_read)  # the values in ``order``'s order, whatever it does with ties
     step = -(-K // _DIRECT_BLOCKS)
     w = gl.new_zeros(gl.shape[2], cols.shape[1], dtype=dtype)
     for k0 in range(0, K, step):
@@ -491,9 +511,9 @@ def _route_one_position(ctx: _Ctx, gl: Tensor, lo: int) -> bool:
 
 def _read_one_position(ctxs: Sequence[_Ctx]) -> None:
     """Set ``one_position`` on every call whose matrix rule will ask for it (a weight, L > 1
-    positions, not the Gram route), for all of them with one device-to-host read: each read
-    waits for the device, and one per layer made a GPU pass of a deep model wait once per
-    layer."""
+    positions, not the Gram route), and with many columns the direct route's column ends
+    (``ends``), for all of them with one device-to-host read: each read waits for the device,
+    and reads per layer made a GPU pass of a deep model wait once or twice per layer."""
     need = []
     for ctx in ctxs:
         rule = _RULES[ctx.handler.rule]
@@ -503,11 +523,21 @@ def _read_one_position(ctxs: Sequence[_Ctx]) -> None:
                 need.append((ctx, rule))
     if not need:
         return
-    flags = torch.stack(
-        [_one_position_inputs(rule.output_grads(ctx)) for ctx, rule in need]
-    ).tolist()
-    for (ctx, _), row in zip(need, flags):
-        ctx.one_position = row
+    flags, ends = [], []
+    for ctx, rule in need:
+        gl = rule.output_grads(ctx)
+        flags.append(_one_position_inputs(gl).long())
+        # the direct route's column blocks (many columns) take their ends from the same read
+        many = ctx.K >= 2 * _DIRECT_BLOCKS
+        ends.append(_column_ends(gl) if many else gl.new_zeros(0, dtype=torch.long))
+    read = torch.cat([t for pair in zip(flags, ends) for t in pair]).tolist()
+    at = 0
+    for (ctx, _), f, e in zip(need, flags, ends):
+        ctx.one_position = [bool(v) for v in read[at : at + f.numel()]]
+        at += f.numel()
+        if e.numel():
+            ctx.ends = (e, read[at : at + e.numel()])
+        at += e.numel()
 
 
 class _LinearRule(_MatmulRule):
