@@ -46,6 +46,20 @@ def lengths_seen(model: nn.Module) -> tuple[list[int], Any]:
     return seen, model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
+def uncut_and_cut(
+    model: nn.Module, batches: list[Any], **kw: Any
+) -> tuple[lf.FisherDiagonal, lf.FisherDiagonal, list[int]]:
+    """The Fisher with ``causal=False`` and with ``causal=True``, and the sequence lengths of
+    the second pass's forwards."""
+    full = lf.estimate_fisher(model, batches, causal=False, **kw)
+    seen, handle = lengths_seen(model)
+    try:
+        cut = lf.estimate_fisher(model, batches, causal=True, **kw)
+    finally:
+        handle.remove()
+    return full, cut, seen
+
+
 def test_blocks_cover_the_positions_once() -> None:
     for n in (1, 5, 7, 8, 19, 100, 511, 512):
         blocks = causal_blocks(n)
@@ -62,13 +76,9 @@ def test_blocks_cover_the_positions_once() -> None:
 def test_the_cut_gives_the_uncut_fisher(method: str, extra: dict[str, Any]) -> None:
     model = random_gpt2(VOCAB, width=16, layers=2, positions=32)
     batches = lm_batches()
-    kw = {"shift_labels": True, "method": method, "seed": 3, **extra}
-    full = lf.estimate_fisher(model, batches, causal=False, **kw)
-    seen, handle = lengths_seen(model)
-    try:
-        cut = lf.estimate_fisher(model, batches, causal=True, **kw)
-    finally:
-        handle.remove()
+    full, cut, seen = uncut_and_cut(
+        model, batches, shift_labels=True, method=method, seed=3, **extra
+    )
     # Blocks [0, 6), [6, 13), [13, 19) of the 19 predicted positions: prefixes of 7 and 14 inputs
     assert sorted(set(seen)) == [7, 14, T], seen
     assert cut.n_samples == full.n_samples
@@ -87,13 +97,7 @@ def test_the_cut_gives_the_uncut_fisher_through_dense_columns(
     monkeypatch.setattr(per_input.PerInputEngine, "head_split", False)
     model = random_gpt2(VOCAB, width=16, layers=2, positions=32)
     batches = lm_batches()
-    kw = {"shift_labels": True, "method": "empirical"}
-    full = lf.estimate_fisher(model, batches, causal=False, **kw)
-    seen, handle = lengths_seen(model)
-    try:
-        cut = lf.estimate_fisher(model, batches, causal=True, **kw)
-    finally:
-        handle.remove()
+    full, cut, seen = uncut_and_cut(model, batches, shift_labels=True, method="empirical")
     assert sorted(set(seen)) == [7, 14, T], seen
     for name in full:
         err = (cut[name] - full[name]).abs().max() / full[name].abs().max()

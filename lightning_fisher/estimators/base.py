@@ -449,9 +449,7 @@ def run_passes(
             # Per-position columns before the last causal block run on prefixes, after this
             # forward's graph is freed.
             blocks = (
-                causal_blocks(out.logits.shape[1])
-                if opts.causal and out.logits.ndim == 3
-                else [(0, 0)]
+                causal_blocks(out.logits.shape[1]) if opts.causal and out.logits.ndim == 3 else []
             )
             deferred: list[tuple[Tensor, dict[str, Tensor], float]] = []
             for e, acc, gen in zip(estimators, accs, generators):
@@ -462,7 +460,7 @@ def run_passes(
                     if e.per_sequence:
                         engine.accumulate(out.logits, cot, acc, weight)
                         continue
-                    a = blocks[-1][0]
+                    a = blocks[-1][0] if blocks else 0
                     if a:  # the last block here, on the positions' slices; the rest later
                         deferred.append((cot, acc, weight))
                         _accumulate_positions(engine, out.logits[:, a:], cot[:, :, a:], acc, weight)

@@ -466,7 +466,11 @@ def _direct_squares(
     dtype = dtype or gl.dtype
     if K < 2 * _DIRECT_BLOCKS:
         return _square_in_place(torch.einsum("kbol,bil->bkoi", gl, cols), dtype).sum((0, 1))
-    ends_t, ends_read = ends if ends is not None else (e := _column_ends(gl), e.tolist())
+    if ends is None:
+        ends_t = _column_ends(gl)
+        ends_read = ends_t.tolist()
+    else:
+        ends_t, ends_read = ends
     if all(e == L for e in ends_read):
         return _square_in_place(torch.einsum("kbol,bil->bkoi", gl, cols), dtype).sum((0, 1))
     order = torch.argsort(ends_t)
