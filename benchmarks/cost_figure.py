@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from typing import Any
 
 from matplotlib.figure import Figure
@@ -112,6 +113,9 @@ def _lm_label(row: dict[str, Any]) -> str:
         label += ", uncut"
     elif "causal cut" in note:
         label += ", causal cut"
+    rounds = re.search(r"\((\d+) interleaved rounds\)", note)
+    if rounds:
+        label += f", {rounds.group(1)} rounds"
     return label
 
 
