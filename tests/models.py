@@ -105,3 +105,44 @@ def random_gpt2(
     )
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+#: ``transformers`` decoder families of ``random_decoder``: (config class, model class)
+DECODERS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+}
+
+
+def random_decoder(
+    family: str,
+    vocab: int,
+    *,
+    width: int = 16,
+    layers: int = 1,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+    **config: Any,
+) -> nn.Module:
+    """A random-weight ``transformers`` decoder LM of a family in ``DECODERS`` (rotary positions,
+    RMSNorm, gated MLP, grouped-query attention: 4 heads sharing 2 key/value heads; eager
+    attention unless ``attn_implementation`` is in ``config``), in ``dtype`` and eval mode. Their
+    RMSNorms compute in float32 whatever the model's dtype (Gemma's also scales by
+    ``1 + weight.float()``, and ties its head to the embedding). The caller skips the test when
+    ``transformers`` is missing."""
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in DECODERS[family])
+    cfg = config_cls(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=width // 4,
+        max_position_embeddings=64,
+        **{"attn_implementation": "eager", **config},
+    )
+    torch.manual_seed(seed)
+    return model_cls(cfg).to(dtype).eval()

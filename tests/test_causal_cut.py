@@ -9,13 +9,18 @@ from typing import Any
 
 import pytest
 import torch
-from models import random_gpt2
+from models import random_decoder, random_gpt2
 from reference import dense_fisher, per_input_jacobians, per_label_grads, unflatten
 from torch import Tensor, nn
 
 import lightning_fisher as lf
 from lightning_fisher import hf
-from lightning_fisher.estimators.causal_cut import causal_blocks, prefix_batch
+from lightning_fisher.estimators.causal_cut import (
+    causal_blocks,
+    check_prefix,
+    position_lse,
+    prefix_batch,
+)
 from lightning_fisher.outputs import FisherInputError
 
 pytest.importorskip("transformers")
@@ -184,6 +189,34 @@ class SequenceFirst(nn.Module):
     def forward(self, ids: Tensor) -> Tensor:
         h = self.emb(ids).cumsum(0) / torch.arange(1, ids.shape[0] + 1).view(-1, 1, 1)
         return self.head(h)  # (T, B, C)
+
+
+def test_float64_prefix_check_allows_float32_rounding_not_reading_ahead() -> None:
+    """A float64 model that computes parts in float32 (Llama's RMSNorm) gives a prefix whose
+    logits differ from the whole sequence's by float32 rounding: accepted. A change at the scale
+    of reading ahead is still refused."""
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(2, 12, 9, generator=gen, dtype=torch.float64)
+    lse = position_lse(full)
+    rounding = full[:, :6] * (1 + 1e-7 * torch.randn(2, 6, 9, generator=gen, dtype=torch.float64))
+    check_prefix(rounding, lse, 6)
+    with pytest.raises(FisherInputError, match="reads ahead"):
+        check_prefix(full[:, :6] + 1e-3 * torch.randn(2, 6, 9, generator=gen), lse, 6)
+
+
+@pytest.mark.parametrize("hidden", [16, 128])
+def test_the_cut_runs_on_a_float64_llama(hidden: int) -> None:
+    """Llama-family models (rotary positions, RMSNorm in float32 even in a float64 model): the
+    prefix check passes and the cut gives the uncut Fisher to float32 rounding."""
+    model = random_decoder("llama", 300, width=hidden, layers=2, seed=4)
+    ids = torch.randint(0, 300, (2, 40))
+    batch = hf.with_lm_labels({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    kw = hf.lm_fisher_kwargs(model)
+    assert kw.pop("causal") is True
+    full, cut, seen = uncut_and_cut(model, [batch], method="empirical", **kw)
+    assert min(seen) < 40  # prefixes ran
+    for name, f in full.items():
+        assert torch.allclose(cut[name], f, rtol=1e-5, atol=1e-5 * float(f.abs().max())), name
 
 
 def test_sequence_first_inputs_are_refused_not_cut_wrongly() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from models import random_gpt2
+from models import random_decoder, random_gpt2
 from reference import dense_fisher, per_input_jacobians, per_label_grads, unflatten
 from torch import Tensor, nn
 
@@ -112,14 +112,26 @@ def gpt2_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
     return lm_case()
 
 
+@pytest.fixture(scope="module")
+def llama_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
+    return lm_case(random_decoder("llama", VOCAB, layers=2))
+
+
+@pytest.fixture(scope="module")
+def gemma_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
+    """Gemma's RMSNorm weight gradient is summed in float32 even in a float64 model."""
+    return lm_case(random_decoder("gemma", VOCAB, layers=2))
+
+
 def _case(request: pytest.FixtureRequest, name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     model, batches, jac = request.getfixturevalue(name)
     kwargs = hf.lm_fisher_kwargs(model)
-    assert kwargs == ({"shift_labels": True, "causal": True} if name.startswith("gpt2") else {})
+    causal_lm = name != "bert_case"
+    assert kwargs == ({"shift_labels": True, "causal": True} if causal_lm else {})
     return model, batches, jac, kwargs
 
 
-@pytest.mark.parametrize("name", ["bert_case", "gpt2_case"])
+@pytest.mark.parametrize("name", ["bert_case", "gpt2_case", "llama_case", "gemma_case"])
 def test_exact_and_empirical_match_the_dense_reference(
     request: pytest.FixtureRequest, name: str
 ) -> None:

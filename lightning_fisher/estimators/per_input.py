@@ -134,7 +134,10 @@ logger = logging.getLogger("lightning_fisher")
 #: Use site of a parameter used outside the model's forward (in ``output_fn``, say).
 OUTSIDE = "\0outside"
 #: Relative tolerance of the self-verification, by dtype (of the norm of the per-input gradients).
-VERIFY_RTOL = {torch.float64: 1e-8, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+#: float64 allows float32 rounding: a float64 model may compute parts in float32 (Gemma's RMSNorm
+#: scales by ``1 + weight.float()``, so its weight's gradient is summed in float32: 1.5e-8 off);
+#: a wrong rule is off at O(1).
+VERIFY_RTOL = {torch.float64: 1e-5, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 _VERIFY_SEED = 0x5EED
 #: The check looks at the first inputs of the batch only (the cotangent is zero beyond them),
 #: half of them with sign +1 and half with -1 (a random order), so a rule that mixes inputs
