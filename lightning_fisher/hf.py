@@ -3,7 +3,10 @@
 Every estimator and callback already takes Hugging Face models as they are: a ``ModelOutput``'s
 ``.logits`` are the logits, dict batches are passed as keyword arguments (without ``labels``), and
 token-level logits ``(B, T, C)`` count each position whose attention mask is 1 and whose label is
-not -100 as one input. This module adds what is specific to language models and to ``transformers``:
+not -100 as one input. An encoder-decoder model (T5, BART) runs as it trains: its decoder inputs
+come from the batch's ``labels`` and its ``decoder_attention_mask`` masks its (decoder) logits
+(``lightning_fisher.outputs``). This module adds what is specific to language models and to
+``transformers``:
 
 * a causal LM predicts token t + 1 from position t, so its Fisher over next-token predictions is
   F = (1/N) sum_{b, t < T-1, mask[b, t+1]} J_{b,t}^T I(p_{b,t}) J_{b,t} with C = vocabulary size;

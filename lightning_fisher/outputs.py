@@ -6,6 +6,12 @@ A model may return a tensor of logits, a tuple whose first item is the logits, a
 
 Logits of shape ``(B, C)`` give one input per row. Logits of shape ``(B, T, C)`` give one input per
 position ``t`` whose attention mask is 1 and whose label is not ``-100``.
+
+A Hugging Face encoder-decoder model (T5, BART, ...; ``config.is_encoder_decoder``) is run as it
+trains: without ``decoder_input_ids`` in the batch, they are derived from its ``labels``
+(``prepare_decoder_input_ids_from_labels``: the labels shifted right, -100 replaced by the pad
+token), and its logits are the decoder's, so their positions count by ``decoder_attention_mask``,
+not by the encoder's ``attention_mask``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from torch import Tensor, nn
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
 #: Label value that marks an ignored position (PyTorch's and Hugging Face's convention).
 IGNORE_INDEX = -100
+#: Batch keys that give an encoder-decoder model its decoder inputs.
+DECODER_INPUT_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
 
 OutputFn = Callable[[nn.Module, Any], Any]
 ClassSelector = Sequence[int] | Tensor | Callable[[Any], Sequence[int] | Tensor]
@@ -75,14 +83,41 @@ class ModelOutputs:
         return self._counts[1]
 
 
+def encoder_decoder(model: nn.Module) -> nn.Module | None:
+    """The Hugging Face encoder-decoder model behind ``model`` (also behind a PEFT wrapper), or
+    ``None`` when it is not one."""
+    get_base: Any = getattr(model, "get_base_model", None)
+    base = get_base() if callable(get_base) else model
+    config = getattr(base, "config", None)
+    return base if getattr(config, "is_encoder_decoder", False) else None
+
+
 def call_model(model: nn.Module, batch: Any) -> Any:
     """Run ``model`` on ``batch`` the way most training loops do.
 
     A mapping is passed as keyword arguments (without its label keys), a tuple or list passes its
-    first item, anything else is passed as it is.
+    first item, anything else is passed as it is. An encoder-decoder model's decoder inputs come
+    from the batch's ``labels`` when the batch has none, as its own forward derives them in
+    training.
     """
     if isinstance(batch, Mapping):
-        return model(**{k: v for k, v in batch.items() if k not in LABEL_KEYS})
+        kwargs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        seq2seq = encoder_decoder(model)
+        if seq2seq is not None and not any(k in batch for k in DECODER_INPUT_KEYS):
+            labels = batch.get("labels")
+            if labels is None:
+                raise FisherInputError(
+                    f"{type(seq2seq).__name__} is an encoder-decoder model and the batch gives "
+                    "it no decoder inputs: add `labels` (the target token ids, -100 where "
+                    "ignored; the decoder inputs are derived from them as in training) or "
+                    "`decoder_input_ids`."
+                )
+            prepare = getattr(seq2seq, "prepare_decoder_input_ids_from_labels", None)
+            if callable(prepare):
+                kwargs["decoder_input_ids"] = prepare(labels=labels)
+            else:  # the model derives them itself, at the cost of computing its loss
+                kwargs["labels"] = labels
+        return model(**kwargs)
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
     return model(batch)
@@ -290,7 +325,9 @@ def model_outputs(
                 f"indices in [0, C) (or {ignore_index} for inputs that do not count)."
             )
             labels = None
-    attn = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    # an encoder-decoder model's logits are its decoder's: the encoder's mask is not theirs
+    mask_key = "attention_mask" if encoder_decoder(model) is None else "decoder_attention_mask"
+    attn = batch.get(mask_key) if isinstance(batch, Mapping) else None
     if logits.ndim >= 3 and isinstance(attn, Tensor) and attn.shape == logits.shape[:-1]:
         mask = attn.to(torch.bool)
         if mask is attn:  # a bool mask of the caller's: not to be changed in place below

@@ -92,6 +92,16 @@ def dense_fisher(
     return total / len(js)
 
 
+def fisher_diagonal(js: list[Tensor], zs: list[Tensor]) -> Tensor:
+    """The diagonal of ``dense_fisher(js, zs)`` without the P x P matrix:
+    (1/N) sum_x [sum_c p_c J_c^2 - (sum_c p_c J_c)^2], the diagonal of J^T (diag(p) - p p^T) J."""
+    total = torch.zeros(js[0].shape[1], dtype=js[0].dtype)
+    for j, z in zip(js, zs):
+        p = torch.softmax(z, -1)[:, None]
+        total += (p * j**2).sum(0) - (p * j).sum(0) ** 2
+    return total / len(js)
+
+
 def per_label_grads(js: list[Tensor], zs: list[Tensor], labels: list[int]) -> Tensor:
     """g_y = J^T (e_y - p) for the given labels, stacked (N, P)."""
     rows = []

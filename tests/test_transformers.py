@@ -15,7 +15,13 @@ from typing import Any
 import pytest
 import torch
 from models import random_decoder, random_gpt2
-from reference import dense_fisher, per_input_jacobians, per_label_grads, unflatten
+from reference import (
+    dense_fisher,
+    fisher_diagonal,
+    per_input_jacobians,
+    per_label_grads,
+    unflatten,
+)
 from torch import Tensor, nn
 
 import lightning_fisher as lf
@@ -142,6 +148,81 @@ def test_exact_and_empirical_match_the_dense_reference(
     assert_close_to(fd, model, dense_fisher(js, zs).diagonal(), 1e-6)
     emp = lf.estimate_fisher(model, batches, method="empirical", **kw)
     assert_close_to(emp, model, per_label_grads(js, zs, ys).pow(2).mean(0), 1e-6)  # type: ignore[arg-type]
+
+
+def seq2seq_model(family: str) -> nn.Module:
+    """A random-weight T5 or BART in float64 (T5's relative position bias lives in its first
+    layer and is used by every layer; BART ties its embeddings to the head)."""
+    torch.manual_seed(0)
+    if family == "t5":
+        cfg = transformers.T5Config(
+            vocab_size=VOCAB,
+            d_model=16,
+            d_kv=4,
+            d_ff=32,
+            num_layers=2,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+        return transformers.T5ForConditionalGeneration(cfg).double().eval()
+    cfg = transformers.BartConfig(
+        vocab_size=VOCAB,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+        pad_token_id=1,
+        decoder_start_token_id=2,
+    )
+    return transformers.BartForConditionalGeneration(cfg).double().eval()
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_models_match_the_dense_reference(family: str) -> None:
+    """T5 and BART as they train: the decoder inputs from the labels (encoder inputs of 7 tokens,
+    targets of 6), each target token with a label one input, counted by the labels and the
+    decoder's mask, not by the encoder's ``attention_mask``."""
+    model = seq2seq_model(family)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (4, T + 1), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    labels = torch.randint(2, VOCAB, (4, T), generator=gen)
+    labels[2, 4:] = -100
+    ref = {"x": ids, "am": mask, "lab": labels, "mask": labels != -100, "y": labels}
+    js, zs, ys = per_input_jacobians(  # the model derives its decoder inputs from the labels
+        model,
+        lambda f, r: f(input_ids=r["x"], attention_mask=r["am"], labels=r["lab"]).logits,
+        [ref],
+        token_level=True,
+    )
+    batches = [
+        {
+            "input_ids": ids[i : i + 2],
+            "attention_mask": mask[i : i + 2],
+            "labels": labels[i : i + 2],
+        }
+        for i in (0, 2)
+    ]
+    assert hf.lm_fisher_kwargs(model) == {}
+    fd = lf.estimate_fisher(model, batches, method="exact")
+    assert fd.n_samples == len(js) == 22
+    assert_close_to(fd, model, fisher_diagonal(js, zs), 1e-6)
+    emp = lf.estimate_fisher(model, batches, method="empirical")
+    assert_close_to(emp, model, per_label_grads(js, zs, ys).pow(2).mean(0), 1e-6)  # type: ignore[arg-type]
+    # The decoder's own mask counts: masking the last target position of every row drops 4 inputs.
+    dec_mask = torch.ones_like(labels)
+    dec_mask[:, -1] = 0
+    masked = [dict(b, decoder_attention_mask=dec_mask[i : i + 2]) for b, i in zip(batches, (0, 2))]
+    assert lf.estimate_fisher(model, masked, method="exact").n_samples == 22 - 4 + 1
+    with pytest.raises(lf.FisherInputError, match="no decoder inputs: add `labels`"):
+        lf.estimate_fisher(model, [{"input_ids": ids, "attention_mask": mask}], method="exact")
 
 
 @pytest.fixture(scope="module")
