@@ -17,6 +17,7 @@ not by the encoder's ``attention_mask``.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -83,13 +84,62 @@ class ModelOutputs:
         return self._counts[1]
 
 
-def encoder_decoder(model: nn.Module) -> nn.Module | None:
-    """The Hugging Face encoder-decoder model behind ``model`` (also behind a PEFT wrapper), or
-    ``None`` when it is not one."""
+def hf_model_of(model: nn.Module) -> tuple[nn.Module, bool] | None:
+    """The Hugging Face model whose config describes ``model``'s outputs, and whether it is
+    ``model`` itself (or the base behind a PEFT wrapper) rather than a submodule of a wrapper such
+    as a ``LightningModule``; ``None`` when no module has a ``transformers`` config."""
+    if model in _HF_MODEL_OF:
+        return _HF_MODEL_OF[model]
     get_base: Any = getattr(model, "get_base_model", None)
     base = get_base() if callable(get_base) else model
-    config = getattr(base, "config", None)
-    return base if getattr(config, "is_encoder_decoder", False) else None
+    found: tuple[nn.Module, bool] | None = None
+    if _hf_config(base) is not None:
+        found = (base, True)
+    else:
+        found = next(((m, False) for m in model.modules() if _hf_config(m) is not None), None)
+    _HF_MODEL_OF[model] = found  # asked at every batch: one walk of the modules per model
+    return found
+
+
+_HF_MODEL_OF: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, bool] | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _hf_config(module: nn.Module) -> Any:
+    config = getattr(module, "config", None)
+    return config if hasattr(config, "is_encoder_decoder") else None
+
+
+def encoder_decoder(model: nn.Module) -> tuple[nn.Module, bool] | None:
+    """``hf_model_of(model)`` when that model is an encoder-decoder (T5, BART, ...), else None."""
+    found = hf_model_of(model)
+    return found if found is not None and _hf_config(found[0]).is_encoder_decoder else None
+
+
+#: ``config.problem_type`` values whose likelihood is not a softmax over the logits
+NOT_SOFTMAX = {
+    "multi_label_classification": "independent sigmoids (binary cross-entropy per label)",
+    "regression": "a Gaussian (mean squared error)",
+}
+
+
+def check_likelihood(model: nn.Module, output_fn: OutputFn | None = None) -> None:
+    """Refuse a Hugging Face model whose ``config.problem_type`` says its outputs are not the
+    logits of one softmax: every estimator here is the Fisher of a categorical distribution, and
+    such a model trains another likelihood. An ``output_fn`` is the caller's mapping and passes."""
+    found = hf_model_of(model) if output_fn is None else None
+    problem = getattr(_hf_config(found[0]), "problem_type", None) if found else None
+    if problem in NOT_SOFTMAX:
+        raise FisherInputError(
+            f"{type(found[0]).__name__} has problem_type={problem!r}: its outputs are "  # type: ignore[index]
+            f"{NOT_SOFTMAX[problem]}, not the logits of one softmax, so a categorical Fisher "
+            "would be the Fisher of a model it is not. For independent binary labels, pass "
+            "output_fn=lambda m, b: (lambda z: torch.stack([torch.zeros_like(z), z], -1))"
+            "(m(**{k: v for k, v in b.items() if k != 'labels'}).logits): logits (B, C, 2), each "
+            "(example, label) pair one two-class input (the sum of the labels' Bernoulli "
+            "Fishers, divided by B x C instead of B)."
+        )
 
 
 def call_model(model: nn.Module, batch: Any) -> Any:
@@ -102,8 +152,9 @@ def call_model(model: nn.Module, batch: Any) -> Any:
     """
     if isinstance(batch, Mapping):
         kwargs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
-        seq2seq = encoder_decoder(model)
-        if seq2seq is not None and not any(k in batch for k in DECODER_INPUT_KEYS):
+        found = encoder_decoder(model)
+        if found is not None and not any(k in batch for k in DECODER_INPUT_KEYS):
+            seq2seq, direct = found
             labels = batch.get("labels")
             if labels is None:
                 raise FisherInputError(
@@ -113,9 +164,9 @@ def call_model(model: nn.Module, batch: Any) -> Any:
                     "`decoder_input_ids`."
                 )
             prepare = getattr(seq2seq, "prepare_decoder_input_ids_from_labels", None)
-            if callable(prepare):
+            if direct and callable(prepare):
                 kwargs["decoder_input_ids"] = prepare(labels=labels)
-            else:  # the model derives them itself, at the cost of computing its loss
+            else:  # a wrapper's forward hands them on; the model derives its decoder inputs
                 kwargs["labels"] = labels
         return model(**kwargs)
     if isinstance(batch, (tuple, list)):
@@ -287,6 +338,7 @@ def model_outputs(
             ``t + 1`` (Hugging Face's convention with ``labels = input_ids``).
         ignore_index: the label value of inputs that do not count.
     """
+    check_likelihood(model, output_fn)
     raw = output_fn(model, batch) if output_fn is not None else call_model(model, batch)
     logits = extract_logits(raw)
     # Every fact of the batch that the host needs (the logits' range, the label and input counts)

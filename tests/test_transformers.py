@@ -580,3 +580,84 @@ def test_diagnostics_on_a_causal_lm_pair_each_token_with_the_next(gpt2_case: Any
     want = lf.estimate_fisher(model, batches, method="empirical", **kw)
     assert result.fishers["empirical"].n_samples == want.n_samples
     assert result.values["empirical/trace"] == pytest.approx(want.trace(), rel=1e-6)
+
+
+def multi_label_case() -> tuple[nn.Module, list[dict[str, Tensor]]]:
+    """A BERT trained for independent labels (``problem_type="multi_label_classification"``)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=3,
+        problem_type="multi_label_classification",
+    )
+    model = transformers.BertForSequenceClassification(cfg).double().eval()
+    ids, mask = padded_ids(4)
+    labels = torch.randint(0, 2, (4, 3), generator=torch.Generator().manual_seed(3)).double()
+    return model, [{"input_ids": ids, "attention_mask": mask, "labels": labels}]
+
+
+def test_multi_label_models_are_refused_before_training(tmp_path: Any) -> None:
+    """Their outputs are independent sigmoids: a softmax Fisher would be another model's. Refused
+    by the estimators and, before the first step, by the callbacks."""
+    model, batches = multi_label_case()
+    for method in ("exact", "empirical", "hutchinson"):
+        with pytest.raises(lf.FisherInputError, match="multi_label_classification"):
+            lf.estimate_fisher(model, batches, method=method)
+    module = HFModule(model.float())
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    for callback in (lf.EWC(lam=1.0), lf.FisherTraceRegularizer(alpha=1e-2)):
+        with pytest.raises(lf.FisherInputError, match="multi_label_classification"):
+            _fit(
+                module, [dict(b, labels=b["labels"].float()) for b in batches], [callback], tmp_path
+            )
+        assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+def test_the_binary_view_of_a_multi_label_model_is_its_bernoulli_fisher() -> None:
+    """The ``output_fn`` the refusal suggests: logits (B, C, 2) = (0, z_c), each (example, label)
+    one input, gives sum_x sum_c s_c (1 - s_c) (dz_c/dtheta)^2 / (B C), s = sigmoid(z)."""
+    model, batches = multi_label_case()
+
+    def binary(m: nn.Module, b: dict[str, Tensor]) -> Tensor:
+        z = m(**{k: v for k, v in b.items() if k != "labels"}).logits
+        return torch.stack([torch.zeros_like(z), z], -1)
+
+    fd = lf.estimate_fisher(model, batches, method="exact", output_fn=binary)
+    assert fd.n_samples == 4 * 3
+    params = dict(model.named_parameters())
+    want = {n: torch.zeros_like(p) for n, p in params.items()}
+    b = batches[0]
+    for i in range(4):
+        z = model(
+            input_ids=b["input_ids"][i : i + 1], attention_mask=b["attention_mask"][i : i + 1]
+        )
+        for c in range(3):
+            zc = z.logits[0, c]
+            grads = torch.autograd.grad(zc, list(params.values()), retain_graph=True)
+            s = torch.sigmoid(zc.detach())
+            for n, g in zip(params, grads):
+                want[n] += s * (1 - s) * g**2 / 12
+    for n, w in want.items():
+        err = (fd[n].double() - w).abs().max() / w.abs().max().clamp_min(1e-30)
+        assert err < 1e-6, f"{n}: {err:.1e}"
+
+
+def test_an_encoder_decoder_model_in_a_wrapper_gives_its_own_fisher() -> None:
+    """A LightningModule whose forward hands the batch to BART: the labels reach the model, which
+    derives its decoder inputs from them, and the decoder's positions count, as unwrapped."""
+    model = seq2seq_model("bart")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (4, T), generator=gen)  # encoder and decoder of one length
+    labels = torch.randint(2, VOCAB, (4, T), generator=gen)
+    labels[1, 3:] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    direct = lf.estimate_fisher(model, [batch], method="exact")
+    wrapped = lf.estimate_fisher(HFModule(model), [batch], method="exact")
+    assert direct.n_samples == wrapped.n_samples == 4 * T - 3
+    for name, f in direct.items():
+        torch.testing.assert_close(wrapped[f"model.{name}"], f, rtol=1e-10, atol=0)

@@ -37,7 +37,7 @@ from ..diagnostics.statistics import (
     check_methods,
 )
 from ..options import FisherOptions
-from ..outputs import ClassSelector, FisherInputError, OutputFn
+from ..outputs import ClassSelector, FisherInputError, OutputFn, check_likelihood
 from ._utils import (
     check_dataloader,
     check_name,
@@ -278,6 +278,7 @@ class FisherDiagnostics(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "FisherDiagnostics", fsdp2=True, fsdp1=True)
+        check_likelihood(pl_module, self.output_fn)
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         if isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)) and (

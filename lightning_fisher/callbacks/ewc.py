@@ -29,7 +29,7 @@ from ..estimators import estimate_fisher, lookup
 from ..ewc import ElasticWeightConsolidation, StateBytes
 from ..fisher_diagonal import FisherDiagonal
 from ..options import FisherOptions
-from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of
+from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of, check_likelihood
 from ._utils import (
     adopt_old_state_key,
     build_fisher_options,
@@ -428,6 +428,7 @@ class EWC(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.EWC", fsdp2=True, fsdp1=True)
+        check_likelihood(pl_module, self.fisher_options.output_fn)  # before training, not after
         self._module = pl_module  # lets load_state_dict check names before touching state
 
     @override

@@ -16,7 +16,7 @@ from .. import sharded
 from ..estimators import estimate_fisher
 from ..fisher_diagonal import FisherDiagonal
 from ..options import FisherOptions
-from ..outputs import ClassSelector, FisherInputError, OutputFn
+from ..outputs import ClassSelector, FisherInputError, OutputFn, check_likelihood
 from ..sharded_fsdp1 import clean_name, mark_pieces
 from ._utils import (
     adopt_old_state_key,
@@ -219,6 +219,7 @@ class FisherMonitor(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.FisherMonitor", fsdp2=True, fsdp1=True)
+        check_likelihood(pl_module, self.fisher_options.output_fn)
         self._module = pl_module
 
     @override

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from .. import sharded, sharded_fsdp1
-from ..outputs import ClassSelector, FisherInputError, OutputFn
+from ..outputs import ClassSelector, FisherInputError, OutputFn, check_likelihood
 from ..regularizers import fisher_trace_penalty_grads
 from ._utils import (
     all_reduce_mean_,
@@ -145,6 +145,7 @@ class FisherTraceRegularizer(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.FisherTraceRegularizer", fsdp2=True, fsdp1=True)
+        check_likelihood(pl_module, self.output_fn)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
