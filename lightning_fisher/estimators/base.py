@@ -373,6 +373,17 @@ def _attention_for(estimators: list[Estimator]) -> AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
+def eager_compiled_code() -> contextlib.AbstractContextManager[Any]:
+    """Code compiled by ``torch.compile`` (a compiled model or submodule) runs eagerly, as its
+    Python source, while the block runs: the pass hooks modules, keeps graphs for several
+    backwards and vectorises backwards over cotangents, none of which a compiled graph allows
+    (AOTAutograd's backward refuses ``vmap``, and donates buffers that a second backward needs).
+    The result is the same function of the same parameters; outside the pass the model stays
+    compiled."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def run_passes(
     model: nn.Module,
     loader: Iterable[Any],
@@ -416,7 +427,7 @@ def run_passes(
             model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
         )
 
-    with eval_mode(model), _attention_for(estimators):
+    with eval_mode(model), _attention_for(estimators), eager_compiled_code():
         for batch in _progress(loader, opts.progress, f"Fisher ({label})"):
             if opts.max_batches is not None and n_batches >= opts.max_batches:
                 break
