@@ -428,7 +428,8 @@ class EWC(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.EWC", fsdp2=True, fsdp1=True)
-        check_likelihood(pl_module, self.fisher_options.output_fn)  # before training, not after
+        if lookup(self.method).data_pass:  # a categorical Fisher of the model's outputs
+            check_likelihood(pl_module, self.fisher_options.output_fn)  # before training
         self._module = pl_module  # lets load_state_dict check names before touching state
 
     @override
