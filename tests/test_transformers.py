@@ -132,7 +132,7 @@ def gemma_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
 def _case(request: pytest.FixtureRequest, name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     model, batches, jac = request.getfixturevalue(name)
     kwargs = hf.lm_fisher_kwargs(model)
-    causal_lm = name != "bert_case"
+    causal_lm = name in ("gpt2_case", "llama_case", "gemma_case")
     assert kwargs == ({"shift_labels": True, "causal": True} if causal_lm else {})
     return model, batches, jac, kwargs
 
