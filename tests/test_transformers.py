@@ -124,6 +124,17 @@ def llama_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
 
 
 @pytest.fixture(scope="module")
+def mamba_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
+    """A state-space LM (Mamba: a causal depthwise convolution and a selective scan, no
+    attention; it reads no attention mask, and right padding follows the real tokens)."""
+    cfg = transformers.MambaConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, state_size=4, expand=2, conv_kernel=3
+    )
+    torch.manual_seed(0)
+    return lm_case(transformers.MambaForCausalLM(cfg).double().eval())
+
+
+@pytest.fixture(scope="module")
 def gemma_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
     """Gemma's RMSNorm weight gradient is summed in float32 even in a float64 model."""
     return lm_case(random_decoder("gemma", VOCAB, layers=2))
@@ -132,12 +143,14 @@ def gemma_case() -> tuple[nn.Module, list[dict[str, Tensor]], Any]:
 def _case(request: pytest.FixtureRequest, name: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     model, batches, jac = request.getfixturevalue(name)
     kwargs = hf.lm_fisher_kwargs(model)
-    causal_lm = name in ("gpt2_case", "llama_case", "gemma_case")
+    causal_lm = name in ("gpt2_case", "llama_case", "gemma_case", "mamba_case")
     assert kwargs == ({"shift_labels": True, "causal": True} if causal_lm else {})
     return model, batches, jac, kwargs
 
 
-@pytest.mark.parametrize("name", ["bert_case", "gpt2_case", "llama_case", "gemma_case"])
+@pytest.mark.parametrize(
+    "name", ["bert_case", "gpt2_case", "llama_case", "gemma_case", "mamba_case"]
+)
 def test_exact_and_empirical_match_the_dense_reference(
     request: pytest.FixtureRequest, name: str
 ) -> None:
