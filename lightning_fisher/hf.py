@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .outputs import IGNORE_INDEX
+from .outputs import IGNORE_INDEX, base_model
 
 #: Class-name endings of Hugging Face causal (next-token) language models.
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -51,8 +51,7 @@ def is_causal_lm(model: nn.Module) -> bool:
     through ``get_base_model``), and for models whose config says ``is_decoder`` without being an
     encoder-decoder.
     """
-    get_base: Any = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
+    base = base_model(model)
     if type(base).__name__.endswith(CAUSAL_LM_SUFFIXES):
         return True
     config = getattr(base, "config", None)

@@ -84,24 +84,38 @@ class ModelOutputs:
         return self._counts[1]
 
 
+def base_model(model: nn.Module) -> nn.Module:
+    """The model behind a PEFT wrapper (its ``get_base_model()``), else ``model`` itself."""
+    get_base: Any = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
 def hf_model_of(model: nn.Module) -> tuple[nn.Module, bool] | None:
     """The Hugging Face model whose config describes ``model``'s outputs, and whether it is
     ``model`` itself (or the base behind a PEFT wrapper) rather than a submodule of a wrapper such
     as a ``LightningModule``; ``None`` when no module has a ``transformers`` config."""
-    if model in _HF_MODEL_OF:
-        return _HF_MODEL_OF[model]
-    get_base: Any = getattr(model, "get_base_model", None)
-    base = get_base() if callable(get_base) else model
+    cached = _HF_MODEL_OF.get(model, _UNSEEN)
+    if cached is None:
+        return None
+    if cached is not _UNSEEN:
+        ref, direct = cached
+        found_module = ref()
+        if found_module is not None:
+            return found_module, direct
+    base = base_model(model)
     found: tuple[nn.Module, bool] | None = None
     if _hf_config(base) is not None:
         found = (base, True)
     else:
         found = next(((m, False) for m in model.modules() if _hf_config(m) is not None), None)
-    _HF_MODEL_OF[model] = found  # asked at every batch: one walk of the modules per model
+    # asked at every batch: one walk of the modules per model; a weak reference, as the found
+    # module is often the key itself and would otherwise keep the model alive
+    _HF_MODEL_OF[model] = None if found is None else (weakref.ref(found[0]), found[1])
     return found
 
 
-_HF_MODEL_OF: weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, bool] | None] = (
+_UNSEEN: Any = object()
+_HF_MODEL_OF: weakref.WeakKeyDictionary[nn.Module, tuple[weakref.ref[nn.Module], bool] | None] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -129,10 +143,12 @@ def check_likelihood(model: nn.Module, output_fn: OutputFn | None = None) -> Non
     logits of one softmax: every estimator here is the Fisher of a categorical distribution, and
     such a model trains another likelihood. An ``output_fn`` is the caller's mapping and passes."""
     found = hf_model_of(model) if output_fn is None else None
-    problem = getattr(_hf_config(found[0]), "problem_type", None) if found else None
+    if found is None:
+        return
+    problem = getattr(_hf_config(found[0]), "problem_type", None)
     if problem in NOT_SOFTMAX:
         raise FisherInputError(
-            f"{type(found[0]).__name__} has problem_type={problem!r}: its outputs are "  # type: ignore[index]
+            f"{type(found[0]).__name__} has problem_type={problem!r}: its outputs are "
             f"{NOT_SOFTMAX[problem]}, not the logits of one softmax, so a categorical Fisher "
             "would be the Fisher of a model it is not. For independent binary labels, pass "
             "output_fn=lambda m, b: (lambda z: torch.stack([torch.zeros_like(z), z], -1))"
