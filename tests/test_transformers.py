@@ -674,3 +674,17 @@ def test_an_encoder_decoder_model_in_a_wrapper_gives_its_own_fisher() -> None:
     assert direct.n_samples == wrapped.n_samples == 4 * T - 3
     for name, f in direct.items():
         torch.testing.assert_close(wrapped[f"model.{name}"], f, rtol=1e-10, atol=0)
+
+
+def test_a_fisher_pass_keeps_no_reference_to_the_model() -> None:
+    """The lookup of a model's Hugging Face config is cached per model, weakly: a model and its
+    memory go when the caller drops it."""
+    import gc
+    import weakref
+
+    model, batches, _ = classifier_case()
+    lf.estimate_fisher(model, batches, method="exact")
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
