@@ -24,6 +24,7 @@ from ..regularizers import fisher_trace_penalty_grads
 from ._utils import (
     all_reduce_mean_,
     check_name,
+    evaluation_keeps_state,
     grad_scale,
     prepare_sharded_strategy,
     refuse_sharded_strategy,
@@ -129,6 +130,7 @@ class FisherTraceRegularizer(Callback):
         #: regularised optimizer steps so far, and the latest trace estimate R
         self.applied_steps = 0
         self.last_trace: float | None = None
+        self._keep_state = False  # the checkpoint being loaded is an evaluation's: keep ours
 
     @property
     @override
@@ -235,6 +237,16 @@ class FisherTraceRegularizer(Callback):
         return {"applied_steps": self.applied_steps, "last_trace": self.last_trace}
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # validate/test/predict(ckpt_path=...) restore the weights to evaluate; the counts stay
+        self._keep_state = evaluation_keeps_state(trainer, self, checkpoint, self.applied_steps > 0)
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._keep_state:
+            self._keep_state = False
+            return
         self.applied_steps = int(state_dict["applied_steps"])
         self.last_trace = state_dict.get("last_trace")
