@@ -288,6 +288,91 @@ def test_optimizer_steps_lightning_does_not_see_are_refused() -> None:
     assert t.current_epoch == 0
 
 
+class TwoOptimizers(Classifier):
+    """GAN-style manual optimization: one optimizer per layer, both stepped every batch; with
+    ``penalty`` set, the EWC penalty is in the loss instead."""
+
+    def __init__(self) -> None:
+        super().__init__(manual=True)
+        self.penalty: lf.EWC | None = None
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:  # type: ignore[override]
+        return [
+            torch.optim.SGD(self.net[0].parameters(), lr=0.1),
+            torch.optim.SGD(self.net[2].parameters(), lr=0.1),
+        ]
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        first, second = self.optimizers()  # type: ignore[misc]
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.head_logits(x), self.local_labels(y))
+        if self.penalty is not None:
+            loss = loss + self.penalty.penalty(self)
+        first.zero_grad()
+        second.zero_grad()
+        self.manual_backward(loss)
+        first.step()
+        second.step()
+
+
+def test_two_optimizers_in_manual_optimization_get_the_penalty_once() -> None:
+    model, cb = TwoOptimizers(), ewc(lam=100.0)
+    model.active = task_classes(0)
+    trainer([cb]).fit(model, loader(0))
+    routed, explicit, plain = (copy.deepcopy(model) for _ in range(3))
+    by_loss = ewc(lam=100.0, apply="loss")
+    by_loss.load_state_dict(copy.deepcopy(cb.state_dict()))
+    explicit.penalty = by_loss
+    for m, c in ((routed, [cb]), (explicit, [by_loss]), (plain, [])):
+        m.active = task_classes(1)
+        trainer(c).fit(m, loader(1))
+    assert max_diff(params(routed), params(explicit)) <= 1e-12
+    assert max_diff(params(routed), params(plain)) > 1e-6
+    assert cb.task_count == by_loss.task_count == 2
+
+
+class ClippedByHand(Classifier):
+    """Manual optimization that clips the gradients before ``opt.step()``; with ``after_clip``
+    set, the EWC gradient is added by hand after the clipping, with ``in_loss`` the penalty is in
+    the loss (so clipped with it)."""
+
+    def __init__(self) -> None:
+        super().__init__(manual=True)
+        self.after_clip: lf.EWC | None = None
+        self.in_loss: lf.EWC | None = None
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        x, y = batch
+        opt.zero_grad()  # type: ignore[union-attr]
+        loss = nn.functional.cross_entropy(self.head_logits(x), self.local_labels(y))
+        if self.in_loss is not None:
+            loss = loss + self.in_loss.penalty(self)
+        self.manual_backward(loss)
+        self.clip_gradients(opt, gradient_clip_val=0.05, gradient_clip_algorithm="norm")
+        if self.after_clip is not None:
+            self.after_clip.core.add_penalty_grad(self)
+        opt.step()  # type: ignore[union-attr]
+
+
+def test_manual_clipping_does_not_see_the_penalty_gradient() -> None:
+    """In manual optimization the penalty gradient is added inside ``opt.step()``, after the
+    clipping a ``training_step`` does (automatic optimization clips the sum)."""
+    model, cb = ClippedByHand(), ewc(lam=100.0)
+    model.active = task_classes(0)
+    trainer([cb]).fit(model, loader(0))
+    routed, by_hand, clipped = (copy.deepcopy(model) for _ in range(3))
+    added, in_loss = ewc(lam=100.0, apply="loss"), ewc(lam=100.0, apply="loss")
+    for c in (added, in_loss):
+        c.load_state_dict(copy.deepcopy(cb.state_dict()))
+    by_hand.after_clip, clipped.in_loss = added, in_loss
+    for m, c in ((routed, cb), (by_hand, added), (clipped, in_loss)):
+        m.active = task_classes(1)
+        trainer([c]).fit(m, loader(1))
+    assert max_diff(params(routed), params(by_hand)) <= 1e-12
+    assert max_diff(params(routed), params(clipped)) > 1e-6  # clipping the sum differs
+
+
 # Data modules, dict batches, 64-bit precision -------------------------------------------------------
 class Tasks(pl.LightningDataModule):
     def __init__(self) -> None:

@@ -72,6 +72,11 @@ class EWC(Callback):
     accumulation, the DDP all-reduce and AMP unscaling, and before gradient clipping, so the
     update equals the one from ``loss + ewc.penalty(module)``. With fp16 AMP and an optimizer that
     unscales inside ``step`` (fused Adam), the added gradient is multiplied by the loss scale.
+    Under manual optimization the gradient is added inside each ``opt.step()`` of the optimizers
+    ``self.optimizers()`` returns (restricted to that optimizer's parameters), so after any
+    clipping the ``training_step`` does itself (``apply="loss"`` clips the sum); training batches
+    without a step Lightning sees (a raw optimizer) raise an error at the epoch's end once a
+    penalty is due.
 
     The state, the penalty and its gradient are those of
     :class:`lightning_fisher.ElasticWeightConsolidation` (the attribute :attr:`core`), which a
@@ -99,7 +104,11 @@ class EWC(Callback):
     another ``method`` raises an error (the Fisher's scale depends on it); ``mode="separate"``
     state resumed with ``mode="online"`` is converted (F = sum_t gamma^(T-t) F_t, anchor = the
     last task's), the reverse raises. State written by older versions under
-    ``EWC{'method': ..., 'mode': ...}`` is read the same way.
+    ``EWC{'method': ..., 'mode': ...}`` is read the same way. ``validate``, ``test`` and
+    ``predict`` with a ``ckpt_path`` (``"best"`` after a fit) load the checkpoint's weights but
+    leave a callback that holds state as it is, so no consolidated task is rolled back. A model
+    loaded with ``load_from_checkpoint`` gets its EWC state from :meth:`load_checkpoint`; a
+    weights-only checkpoint holds none.
 
     Under DDP the default Fisher data is each rank's ``DistributedSampler`` shard and the estimate is
     all-reduced, so every rank holds the Fisher of the union (the sampler's padding may repeat a
