@@ -403,3 +403,13 @@ def test_datamodule_dict_batches_and_64_bit_precision_consolidate_the_estimate()
         trainer([cb], precision="64-true").fit(model, loader(0))
     assert next(model.parameters()).dtype == torch.float64
     assert fisher_diff(cb.fishers[0], lf.estimate_fisher(model, loader(0), "exact")) == 0
+
+
+def test_trace_regularizer_refuses_several_optimizers_in_manual_optimization() -> None:
+    """With two optimizers the first step of a batch would take the whole regulariser and the
+    second optimizer's parameters none; which loss carries it is the user's choice."""
+    model = TwoOptimizers()
+    t = trainer([lf.FisherTraceRegularizer(alpha=0.5)])
+    with pytest.raises(FisherInputError, match=r"one optimizer under manual.*got 2"):
+        t.fit(model, loader(0))
+    assert t.global_step == 0

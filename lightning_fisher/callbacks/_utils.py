@@ -298,6 +298,23 @@ def grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
     return float(scaler.get_scale())
 
 
+def accumulation_fraction(trainer: pl.Trainer) -> float:
+    """n / k for the optimizer step being taken (valid in ``on_before_optimizer_step``), where k is
+    ``accumulate_grad_batches`` and n the micro-batches accumulated for this step.
+
+    Lightning divides every micro-batch's loss by k, and an epoch whose batch count k does not
+    divide ends with a step of n < k micro-batches: a term added to every micro-batch's loss then
+    contributes n/k of its gradient to that step. A gradient a callback adds once per step is
+    scaled by this, so that the update stays the one of the explicit loss. 1 under manual
+    optimization (the ``training_step`` scales its own losses).
+    """
+    k = trainer.accumulate_grad_batches
+    if k == 1 or not trainer.lightning_module.automatic_optimization:
+        return 1.0
+    ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    return ((ready - 1) % k + 1) / k
+
+
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     """Send metrics straight to every logger (works in hooks where ``self.log`` is not allowed)."""
     for logger in trainer.loggers:

@@ -32,6 +32,7 @@ from ..fisher_diagonal import FisherDiagonal
 from ..options import FisherOptions
 from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of, check_likelihood
 from ._utils import (
+    accumulation_fraction,
     adopt_old_state_key,
     build_fisher_options,
     check_dataloader,
@@ -70,7 +71,9 @@ class EWC(Callback):
     adds the exact penalty gradient ``lam * sum_t F_t * (theta - theta*_t)`` to the parameters'
     gradients once per optimizer step, in ``on_before_optimizer_step``: after gradient
     accumulation, the DDP all-reduce and AMP unscaling, and before gradient clipping, so the
-    update equals the one from ``loss + ewc.penalty(module)``. With fp16 AMP and an optimizer that
+    update equals the one from ``loss + ewc.penalty(module)`` (also in an epoch's last, shorter
+    accumulation window, where Lightning's division of each micro-batch's loss by
+    ``accumulate_grad_batches`` gives the penalty in the loss a share n/k). With fp16 AMP and an optimizer that
     unscales inside ``step`` (fused Adam), the added gradient is multiplied by the loss scale.
     Under manual optimization the gradient is added inside each ``opt.step()`` of the optimizers
     ``self.optimizers()`` returns (restricted to that optimizer's parameters), so after any
@@ -680,7 +683,8 @@ class EWC(Callback):
             penalty = self.core.add_penalty_grad(
                 pl_module,
                 optimizer=optimizer,
-                scale=grad_scale(trainer, optimizer),
+                # the explicit loss's share in a short accumulation window at an epoch's end
+                scale=grad_scale(trainer, optimizer) * accumulation_fraction(trainer),
                 with_penalty=log,
             )
         if log and penalty is not None:
