@@ -101,8 +101,10 @@ def test_weights_only_checkpoints_are_refused_and_full_ones_load(tmp_path: Path)
     model = Classifier()
     model.active = task_classes(0)
     cb = ewc()
-    t = trainer([cb])
-    t.fit(model, loader(0))
+    weights_only = ModelCheckpoint(dirpath=tmp_path / "w", save_weights_only=True)
+    t = trainer([cb, weights_only], enable_checkpointing=True)
+    with pytest.warns(UserWarning, match=r"save_weights_only=True\) writes no callback state"):
+        t.fit(model, loader(0))
     t.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
     t.save_checkpoint(tmp_path / "full.ckpt")
 

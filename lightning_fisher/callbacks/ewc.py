@@ -484,6 +484,21 @@ class EWC(Callback):
         if self.core.fishers:
             self.core.check_matches(pl_module)
             self.core.to(pl_module.device)
+        self._warn_weights_only_checkpoints(trainer)
+
+    def _warn_weights_only_checkpoints(self, trainer: pl.Trainer) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        if any(
+            isinstance(cb, ModelCheckpoint) and cb.save_weights_only
+            for cb in trainer.checkpoint_callbacks
+        ):
+            rank_zero_warn(
+                "EWC: ModelCheckpoint(save_weights_only=True) writes no callback state, so its "
+                "files hold no EWC Fisher, anchors or task count; a run continued from one "
+                "starts EWC with no consolidated task. Keep a full checkpoint (a second "
+                "ModelCheckpoint with save_weights_only=False) to continue from."
+            )
 
     @override
     def on_train_batch_start(
