@@ -72,9 +72,10 @@ class EWC(Callback):
     gradients once per optimizer step, in ``on_before_optimizer_step``: after gradient
     accumulation, the DDP all-reduce and AMP unscaling, and before gradient clipping, so the
     update equals the one from ``loss + ewc.penalty(module)`` (also in an epoch's last, shorter
-    accumulation window, where Lightning's division of each micro-batch's loss by
-    ``accumulate_grad_batches`` gives the penalty in the loss a share n/k). With fp16 AMP and an optimizer that
-    unscales inside ``step`` (fused Adam), the added gradient is multiplied by the loss scale.
+    accumulation window of n < k micro-batches, where Lightning's division of each micro-batch's
+    loss by k = ``accumulate_grad_batches`` gives the penalty in the loss a share n/k, and the
+    added gradient gets the same share). With fp16 AMP and an optimizer that unscales inside
+    ``step`` (fused Adam), the added gradient is multiplied by the loss scale.
     Under manual optimization the gradient is added inside each ``opt.step()`` of the optimizers
     ``self.optimizers()`` returns (restricted to that optimizer's parameters), so after any
     clipping the ``training_step`` does itself (``apply="loss"`` clips the sum); training batches
@@ -764,6 +765,7 @@ class EWC(Callback):
                 )
         else:
             state = states[self.state_key]
+        self._keep_state = False  # a direct load always loads
         self.load_state_dict(copy.deepcopy(dict(state)))
 
     @override
