@@ -19,6 +19,7 @@ from torch.utils.data import (
     DistributedSampler,
     RandomSampler,
     Sampler,
+    SequentialSampler,
 )
 
 from ..estimators import DATA_METHODS, REGISTRY, lookup
@@ -36,23 +37,37 @@ def fisher_loader(trainer: pl.Trainer, dataloader: Iterable[Any] | None, who: st
     if dataloader is not None:
         return dataloader
     loader = trainer.train_dataloader
+    problem = training_loader_problem(loader, who, trainer.training)
+    if problem is not None:
+        raise FisherInputError(problem)
+    return fixed_order(loader)
+
+
+def training_loader_problem(loader: Any, who: str, training: bool = True) -> str | None:
+    """Why ``who`` cannot run a Fisher pass on the training dataloader ``loader`` (while
+    ``training``), or ``None``. Callbacks check it when training starts, so that a loader they
+    cannot use is refused before the task trains rather than at its end."""
     if loader is None:
-        raise FisherInputError(
-            f"{who} has no data for its Fisher pass: the trainer has no training dataloader loaded. "
-            f"Pass `dataloader=` to {who}."
+        return (
+            f"{who} has no data for its Fisher pass: the trainer has no training dataloader "
+            f"loaded. Pass `dataloader=` to {who}."
         )
     if isinstance(loader, (Mapping, list, tuple)):
-        raise FisherInputError(
+        return (
             f"{who} cannot estimate a Fisher on several training dataloaders "
-            f"({type(loader).__name__}); pass the one to use with `dataloader=`."
+            f"({type(loader).__name__} of {len(loader)}, e.g. a CombinedLoader); pass the one to "
+            f"use with `dataloader=` to {who}."
         )
-    if getattr(loader, "persistent_workers", False) and trainer.training:
-        # A second iter() on a loader with persistent workers resets the training iterator.
-        raise FisherInputError(
+    if training and getattr(loader, "persistent_workers", False) and fixed_order(loader) is loader:
+        # A second iter() on a loader with persistent workers resets the training iterator; a
+        # plain DataLoader is read through a copy without persistent workers instead.
+        return (
             f"{who} would re-iterate the training dataloader while training, which resets a "
-            "loader with `persistent_workers=True`. Pass a separate `dataloader=` for the Fisher."
+            f"loader with `persistent_workers=True` ({type(loader).__name__} with "
+            f"{type(getattr(loader, 'sampler', None)).__name__}). Pass a separate `dataloader=` "
+            f"for the Fisher to {who}."
         )
-    return fixed_order(loader)
+    return None
 
 
 def fixed_order(loader: Any, seed: int = 0) -> Any:
@@ -64,8 +79,11 @@ def fixed_order(loader: Any, seed: int = 0) -> Any:
     does not replay; a fixed (seeded) permutation makes the pass the same in both (bitwise),
     while ``max_batches`` still sees a random part of a data set sorted by class. Handles a plain
     ``DataLoader`` with ``RandomSampler`` (``shuffle=True``) or a shuffling ``DistributedSampler``
-    (each rank keeps a shard: the sampler's own seed at epoch 0); anything else is returned as
-    it is (a custom sampler: pass a ``dataloader=`` to the callback for a resume-exact Fisher).
+    (each rank keeps a shard: the sampler's own seed at epoch 0); a loader with
+    ``persistent_workers=True`` and a sequential sampler is read through a copy without
+    persistent workers (iterating the loader itself would reset the training iterator); anything
+    else is returned as it is (a custom sampler: pass a ``dataloader=`` to the callback for a
+    resume-exact Fisher).
     """
     if type(loader) is not DataLoader or type(loader.batch_sampler) is not BatchSampler:
         return loader
@@ -74,6 +92,13 @@ def fixed_order(loader: Any, seed: int = 0) -> Any:
     if type(sampler) is RandomSampler and not sampler.replacement and sampler._num_samples is None:
         generator = torch.Generator().manual_seed(seed)  # fresh per pass: the same permutation
         fixed = RandomSampler(loader.dataset, generator=generator)  # type: ignore[arg-type]
+    elif loader.persistent_workers and (
+        type(sampler) is SequentialSampler
+        or (type(sampler) is DistributedSampler and not sampler.shuffle)
+    ):
+        # Its order does not depend on state; a separate loader keeps the training iterator's
+        # persistent workers untouched.
+        fixed = sampler
     elif type(sampler) is DistributedSampler and sampler.shuffle:
         fixed = DistributedSampler(  # a new sampler stays at epoch 0
             loader.dataset,
@@ -98,6 +123,7 @@ def fixed_order(loader: Any, seed: int = 0) -> Any:
         multiprocessing_context=loader.multiprocessing_context,
         prefetch_factor=loader.prefetch_factor,
         in_order=loader.in_order,
+        persistent_workers=False,  # never shares the training loader's workers
     )
 
 
@@ -272,6 +298,23 @@ def grad_scale(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> float:
     return float(scaler.get_scale())
 
 
+def accumulation_fraction(trainer: pl.Trainer) -> float:
+    """n / k for the optimizer step being taken (valid in ``on_before_optimizer_step``), where k is
+    ``accumulate_grad_batches`` and n the micro-batches accumulated for this step.
+
+    Lightning divides every micro-batch's loss by k, and an epoch whose batch count k does not
+    divide ends with a step of n < k micro-batches: a term added to every micro-batch's loss then
+    contributes n/k of its gradient to that step. A gradient a callback adds once per step is
+    scaled by this, so that the update stays the one of the explicit loss. 1 under manual
+    optimization (the ``training_step`` scales its own losses).
+    """
+    k = trainer.accumulate_grad_batches
+    if k == 1 or not trainer.lightning_module.automatic_optimization:
+        return 1.0
+    ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    return ((ready - 1) % k + 1) / k
+
+
 def log_metrics(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     """Send metrics straight to every logger (works in hooks where ``self.log`` is not allowed)."""
     for logger in trainer.loggers:
@@ -327,7 +370,7 @@ def adopt_old_state_key(
         and k not in claimed
     ]
     old = {
-        k: _old_key_settings(k, len(base), tuple(settings))
+        k: old_key_settings(k, len(base), tuple(settings))
         for k in unclaimed
         if k.startswith(old_prefix)
     }
@@ -340,7 +383,7 @@ def adopt_old_state_key(
     return unclaimed
 
 
-def _old_key_settings(key: str, start: int, names: tuple[str, ...]) -> dict[str, Any]:
+def old_key_settings(key: str, start: int, names: tuple[str, ...]) -> dict[str, Any]:
     """The ``names`` settings of an old key such as ``EWC{'method': 'exact', 'mode': 'online'}``."""
     try:
         value = ast.literal_eval(key[start:])
@@ -363,3 +406,26 @@ def plain_warnings_on_rank_zero() -> Iterator[None]:
     finally:
         for w in caught or []:
             rank_zero_warn(str(w.message), category=w.category)
+
+
+def evaluation_keeps_state(
+    trainer: pl.Trainer, callback: pl.Callback, checkpoint: Mapping[str, Any], has_state: bool
+) -> bool:
+    """Whether ``callback`` keeps its own state instead of the one in ``checkpoint``: when
+    ``validate``, ``test`` or ``predict`` loads the checkpoint (``ckpt_path="best"`` after a fit,
+    say) and the callback already holds state.
+
+    Lightning restores every callback's state along with the weights there. The callbacks' state
+    is training state that evaluation does not read, and rolling it back to an earlier checkpoint
+    (one written before the fit's end) would drop what the fit consolidated or recorded; a fresh
+    callback (nothing held yet) takes the checkpoint's state as Lightning intends.
+    """
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    states = checkpoint.get("callbacks")
+    return (
+        has_state
+        and trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING, TrainerFn.PREDICTING)
+        and isinstance(states, Mapping)
+        and callback.state_key in states
+    )

@@ -41,10 +41,12 @@ from ..outputs import ClassSelector, FisherInputError, OutputFn, check_likelihoo
 from ._utils import (
     check_dataloader,
     check_name,
+    evaluation_keeps_state,
     fisher_loader,
     log_metrics,
     prepare_sharded_strategy,
     refuse_sharded_strategy,
+    training_loader_problem,
 )
 
 #: Sub-folder of a ``CSVLogger``'s log directory that receives the PNG figures.
@@ -263,6 +265,7 @@ class FisherDiagnostics(Callback):
         self._figures_eval: tuple[int, int] | None = None
         self._step_base = (0, 0)  # (cumulative step, trainer.global_step) at this fit's start
         self._restored = False  # the state came from a checkpoint of the coming fit
+        self._keep_state = False  # the checkpoint being loaded is an evaluation's: keep ours
         self._fit_steps = 0
         self._warned: set[str] = set()
         check_dataloader("FisherDiagnostics", None if isinstance(dataloader, str) else dataloader)
@@ -308,6 +311,22 @@ class FisherDiagnostics(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # After a checkpoint's loops are restored: the cumulative count continues from here.
         self._step_base = (self.cumulative_step, trainer.global_step)
+        if self.dataloader == "train" or (
+            self.dataloader == "val" and not trainer.enable_validation
+        ):  # refuse a training loader the passes cannot read now, before the task trains
+            problem = training_loader_problem(trainer.train_dataloader, "FisherDiagnostics")
+            if problem is not None:
+                raise FisherInputError(problem)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # validate/test/predict(ckpt_path=...) restore the weights to evaluate; the history of
+        # the fits stays
+        self._keep_state = evaluation_keeps_state(
+            trainer, self, checkpoint, bool(self.history) or self.fit_index > 0
+        )
 
     def _sync_step(self, trainer: Trainer) -> int:
         base, start = self._step_base
@@ -364,6 +383,9 @@ class FisherDiagnostics(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._keep_state:
+            self._keep_state = False
+            return
         self.history = [dict(h) for h in state_dict.get("history", [])]
         if "fit_index" in state_dict:
             self.fit_index = int(state_dict["fit_index"])

@@ -11,6 +11,7 @@ callback decides when to consolidate (and on which data), when to add the gradie
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -31,18 +32,22 @@ from ..fisher_diagonal import FisherDiagonal
 from ..options import FisherOptions
 from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of, check_likelihood
 from ._utils import (
+    accumulation_fraction,
     adopt_old_state_key,
     build_fisher_options,
     check_dataloader,
     check_method,
     check_name,
+    evaluation_keeps_state,
     fisher_loader,
     grad_scale,
     log_metrics,
+    old_key_settings,
     plain_warnings_on_rank_zero,
     prepare_sharded_strategy,
     refuse_sharded_strategy,
     training_finished,
+    training_loader_problem,
     world_size,
 )
 
@@ -66,8 +71,16 @@ class EWC(Callback):
     adds the exact penalty gradient ``lam * sum_t F_t * (theta - theta*_t)`` to the parameters'
     gradients once per optimizer step, in ``on_before_optimizer_step``: after gradient
     accumulation, the DDP all-reduce and AMP unscaling, and before gradient clipping, so the
-    update equals the one from ``loss + ewc.penalty(module)``. With fp16 AMP and an optimizer that
-    unscales inside ``step`` (fused Adam), the added gradient is multiplied by the loss scale.
+    update equals the one from ``loss + ewc.penalty(module)`` (also in an epoch's last, shorter
+    accumulation window of n < k micro-batches, where Lightning's division of each micro-batch's
+    loss by k = ``accumulate_grad_batches`` gives the penalty in the loss a share n/k, and the
+    added gradient gets the same share). With fp16 AMP and an optimizer that unscales inside
+    ``step`` (fused Adam), the added gradient is multiplied by the loss scale.
+    Under manual optimization the gradient is added inside each ``opt.step()`` of the optimizers
+    ``self.optimizers()`` returns (restricted to that optimizer's parameters), so after any
+    clipping the ``training_step`` does itself (``apply="loss"`` clips the sum); training batches
+    without a step Lightning sees (a raw optimizer) raise an error at the epoch's end once a
+    penalty is due.
 
     The state, the penalty and its gradient are those of
     :class:`lightning_fisher.ElasticWeightConsolidation` (the attribute :attr:`core`), which a
@@ -95,7 +108,11 @@ class EWC(Callback):
     another ``method`` raises an error (the Fisher's scale depends on it); ``mode="separate"``
     state resumed with ``mode="online"`` is converted (F = sum_t gamma^(T-t) F_t, anchor = the
     last task's), the reverse raises. State written by older versions under
-    ``EWC{'method': ..., 'mode': ...}`` is read the same way.
+    ``EWC{'method': ..., 'mode': ...}`` is read the same way. ``validate``, ``test`` and
+    ``predict`` with a ``ckpt_path`` (``"best"`` after a fit) load the checkpoint's weights but
+    leave a callback that holds state as it is, so no consolidated task is rolled back. A model
+    loaded with ``load_from_checkpoint`` gets its EWC state from :meth:`load_checkpoint`; a
+    weights-only checkpoint holds none.
 
     Under DDP the default Fisher data is each rank's ``DistributedSampler`` shard and the estimate is
     all-reduced, so every rank holds the Fisher of the union (the sampler's padding may repeat a
@@ -239,6 +256,9 @@ class EWC(Callback):
         self._epoch_task: Any = None  # datamodule task id seen at the start of the epoch
         self._micro_batch: int | None = None
         self._module: nn.Module | None = None
+        self._fit_batches = 0  # training batches in the current fit
+        self._warned_outside = False  # warned about optimizer steps Lightning did not see
+        self._keep_state = False  # the checkpoint being loaded is an evaluation's: keep ours
         #: the latest estimate (before online accumulation), in a 16-bit ``state_dtype`` when the
         #: state has one and in CPU memory under ``offload="cpu"``, and how long it took
         self.last_fisher: FisherDiagonal | None = None
@@ -436,6 +456,8 @@ class EWC(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = False
         self._fit_steps = 0
+        self._fit_batches = 0
+        self._warned_outside = False
         prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
         self._pending_save_step = None
         self._logged_penalty = None
@@ -463,6 +485,21 @@ class EWC(Callback):
         if self.core.fishers:
             self.core.check_matches(pl_module)
             self.core.to(pl_module.device)
+        self._warn_weights_only_checkpoints(trainer)
+
+    def _warn_weights_only_checkpoints(self, trainer: pl.Trainer) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        if any(
+            isinstance(cb, ModelCheckpoint) and cb.save_weights_only
+            for cb in trainer.checkpoint_callbacks
+        ):
+            rank_zero_warn(
+                "EWC: ModelCheckpoint(save_weights_only=True) writes no callback state, so its "
+                "files hold no EWC Fisher, anchors or task count; a run continued from one "
+                "starts EWC with no consolidated task. Keep a full checkpoint (a second "
+                "ModelCheckpoint with save_weights_only=False) to continue from."
+            )
 
     @override
     def on_train_batch_start(
@@ -483,6 +520,7 @@ class EWC(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        self._fit_batches += 1
         penalty, self._logged_penalty = self._logged_penalty, None
         if penalty is None:
             return
@@ -512,6 +550,8 @@ class EWC(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._fit_batches and not self._fit_steps:
+            self._refuse_steps_outside_lightning(pl_module)
         task = self._task_id(trainer)
         if task is None or self._epoch_task is None or task == self._epoch_task:
             return
@@ -522,6 +562,16 @@ class EWC(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._trained = True
+        # The consolidation reads the training data after the task's last step: a loader it
+        # cannot read is refused now, before the task trains.
+        if (
+            self.consolidate_on_fit_end
+            and self.dataloader is None
+            and lookup(self.method).data_pass
+        ):
+            problem = training_loader_problem(trainer.train_dataloader, "EWC")
+            if problem is not None:
+                raise FisherInputError(problem)
 
     @override
     def on_save_checkpoint(
@@ -551,7 +601,9 @@ class EWC(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._fit_steps and trainer.ckpt_path is None:
+        if not self._fit_steps and self._fit_batches:
+            self._refuse_steps_outside_lightning(pl_module)
+        elif not self._fit_steps and trainer.ckpt_path is None:
             self._warn_no_step(trainer)
         # A fit resumed from a checkpoint written after its last optimizer step but before the
         # consolidation (one written by an older version, or by hand) is already done: Lightning
@@ -575,6 +627,30 @@ class EWC(Callback):
             "build a new Trainer for each task (the callbacks can be reused), or raise "
             "max_epochs/max_steps before calling fit again."
         )
+
+    def _refuse_steps_outside_lightning(self, pl_module: pl.LightningModule) -> None:
+        """Training batches ran but no optimizer step went through Lightning (whose optimizer
+        wrapper calls ``on_before_optimizer_step``): the penalty gradient was never added and
+        the task cannot be consolidated. An error where a penalty was due, else a warning."""
+        message = (
+            f"EWC: {self._fit_batches} training batches ran but no optimizer step went through "
+            "Lightning"
+            + (
+                " (manual optimization: step the optimizers that `self.optimizers()` returns, "
+                "not `self.optimizers(use_pl_optimizer=False)` or optimizers kept elsewhere)"
+                if not pl_module.automatic_optimization
+                else ""
+            )
+            + ", so EWC never saw a step: "
+        )
+        if self.core.fishers and self.lam > 0 and self.apply == "grad":
+            raise FisherInputError(
+                message + "the penalty gradient lam * F * (theta - theta*) of the consolidated "
+                f"{self.task_count} task(s) was not added to any update."
+            )
+        if not self._warned_outside:
+            self._warned_outside = True
+            rank_zero_warn(message + "this task will not be consolidated at the end of the fit.")
 
     def _consolidate_in_hook(self, pl_module: pl.LightningModule) -> None:
         # Hooks of the validation loop run under inference mode; the estimators need autograd.
@@ -623,7 +699,8 @@ class EWC(Callback):
             penalty = self.core.add_penalty_grad(
                 pl_module,
                 optimizer=optimizer,
-                scale=grad_scale(trainer, optimizer),
+                # the explicit loss's share in a short accumulation window at an epoch's end
+                scale=grad_scale(trainer, optimizer) * accumulation_fraction(trainer),
                 with_penalty=log,
             )
         if log and penalty is not None:
@@ -647,6 +724,50 @@ class EWC(Callback):
             "epoch_task": self._epoch_task if isinstance(self._epoch_task, (int, str)) else None,
         }
 
+    def load_checkpoint(self, checkpoint: str | os.PathLike[str] | Mapping[str, Any]) -> None:
+        """Load this callback's state from a Lightning checkpoint file (or its loaded dict).
+
+        The way to continue from a checkpoint without resuming its fit: a model loaded with
+        ``LightningModule.load_from_checkpoint(path)`` (which restores the weights only) and a
+        new ``EWC`` that calls ``load_checkpoint(path)`` before ``trainer.fit(model, ...)``. A
+        checkpoint that holds no callback state (``ModelCheckpoint(save_weights_only=True)``)
+        or no state under this callback's key raises a ``FisherInputError`` and leaves the
+        state unchanged.
+        """
+        where = "the checkpoint"
+        if not isinstance(checkpoint, Mapping):
+            where = f"the checkpoint {os.fspath(checkpoint)!r}"
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+            raise FisherInputError(
+                f"EWC.load_checkpoint: {where} is not a Lightning checkpoint (a dict with "
+                f"'state_dict'); got {type(checkpoint).__name__}."
+            )
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, Mapping):
+            raise FisherInputError(
+                f"EWC.load_checkpoint: {where} holds no callback state (it was written with "
+                "`save_weights_only=True`), so it has no EWC Fishers and anchors; the weights "
+                "alone cannot restore the consolidated tasks. Use a full checkpoint "
+                "(ModelCheckpoint's default save_weights_only=False)."
+            )
+        if self.state_key not in states:
+            found = [k for k in states if isinstance(k, str) and k.startswith("EWC")]
+            old = [k for k in found if k.startswith("EWC{")]
+            if len(found) == 1 and old:  # written by an older version under a settings key
+                state = {**old_key_settings(old[0], 3, ("method", "mode")), **states[old[0]]}
+            else:
+                raise FisherInputError(
+                    f"EWC.load_checkpoint: {where} holds no state under this callback's key "
+                    f"{self.state_key!r} (name={self.name!r}); EWC state found under "
+                    f"{found or 'no key'}."
+                    + (" Construct EWC with the `name=` it was written with." if found else "")
+                )
+        else:
+            state = states[self.state_key]
+        self._keep_state = False  # a direct load always loads
+        self.load_state_dict(copy.deepcopy(dict(state)))
+
     @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -667,9 +788,17 @@ class EWC(Callback):
                 f"is {self.state_key!r} (name={self.name!r}); construct EWC with the `name=` the "
                 "checkpoint was written with."
             )
+        # validate/test/predict(ckpt_path=...) restore the weights to evaluate; the consolidated
+        # tasks stay (a "best" checkpoint written before the fit's end holds fewer).
+        self._keep_state = evaluation_keeps_state(
+            trainer, self, checkpoint, bool(self.core.fishers) or self._steps_since > 0
+        )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._keep_state:
+            self._keep_state = False
+            return
         steps_since = int(state_dict["steps_since_consolidation"])
         if self._module is not None and (
             sharded.is_fsdp2(self._module) or sharded.is_fsdp1(self._module)

@@ -24,10 +24,12 @@ from ._utils import (
     check_dataloader,
     check_method,
     check_name,
+    evaluation_keeps_state,
     fisher_loader,
     log_metrics,
     prepare_sharded_strategy,
     refuse_sharded_strategy,
+    training_loader_problem,
 )
 
 
@@ -151,6 +153,7 @@ class FisherMonitor(Callback):
         self.epoch: int | None = None
         self.history: list[tuple[int, float]] = []
         self._module: pl.LightningModule | None = None
+        self._keep_state = False  # the checkpoint being loaded is an evaluation's: keep ours
 
     @property
     @override
@@ -176,6 +179,11 @@ class FisherMonitor(Callback):
                 "without the checkpoint's estimate and history; construct it with the `name=` the "
                 "checkpoint was written with to restore them."
             )
+        # validate/test/predict(ckpt_path=...) restore the weights to evaluate; the estimate and
+        # history of the fit stay
+        self._keep_state = evaluation_keeps_state(
+            trainer, self, checkpoint, self.fisher is not None or bool(self.history)
+        )
 
     def estimate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> FisherDiagonal:
         """Run the Fisher pass now, keep the result in :attr:`fisher` and log it."""
@@ -227,6 +235,13 @@ class FisherMonitor(Callback):
         prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
 
     @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.dataloader is None:  # refuse a training loader the passes cannot read now
+            problem = training_loader_problem(trainer.train_dataloader, "FisherMonitor")
+            if problem is not None:
+                raise FisherInputError(problem)
+
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if (
             self.every_n_epochs is not None
@@ -270,6 +285,9 @@ class FisherMonitor(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._keep_state:
+            self._keep_state = False
+            return
         fisher = state_dict.get("fisher")
         fsdp1 = self._module is not None and sharded.is_fsdp1(self._module)
         if (

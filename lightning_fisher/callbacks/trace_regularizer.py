@@ -22,8 +22,10 @@ from .. import sharded, sharded_fsdp1
 from ..outputs import ClassSelector, FisherInputError, OutputFn, check_likelihood
 from ..regularizers import fisher_trace_penalty_grads
 from ._utils import (
+    accumulation_fraction,
     all_reduce_mean_,
     check_name,
+    evaluation_keeps_state,
     grad_scale,
     prepare_sharded_strategy,
     refuse_sharded_strategy,
@@ -52,6 +54,10 @@ class FisherTraceRegularizer(Callback):
     (``lightning_fisher.sharded_fsdp1.whole_parameters``; the same cost as under FSDP2); each
     rank adds its flat piece of the rank-averaged gradient. FSDP1 ``MixedPrecision`` parameter
     dtypes are refused there.
+
+    Under manual optimization the gradient is added in the ``opt.step()`` of the optimizer that
+    ``self.optimizers()`` returns (after clipping the ``training_step`` does itself); several
+    optimizers are refused when the fit starts.
 
     Cost of a regularised step: one more forward, one backward with ``create_graph`` per probe and
     one double-backward, about 3-4x a plain training step (plus one gradient-sized all-reduce under
@@ -129,6 +135,7 @@ class FisherTraceRegularizer(Callback):
         #: regularised optimizer steps so far, and the latest trace estimate R
         self.applied_steps = 0
         self.last_trace: float | None = None
+        self._keep_state = False  # the checkpoint being loaded is an evaluation's: keep ours
 
     @property
     @override
@@ -150,6 +157,15 @@ class FisherTraceRegularizer(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         prepare_sharded_strategy(trainer)  # FSDP1: no Fisher pass here, but one hook per model
+        if not pl_module.automatic_optimization and len(trainer.optimizers) > 1:
+            # The first step of a batch would take the regulariser's gradient for its own
+            # parameters only, and the other optimizers' parameters would get none.
+            raise FisherInputError(
+                "lf.FisherTraceRegularizer supports one optimizer under manual optimization; got "
+                f"{len(trainer.optimizers)}. With several optimizers (a GAN, say) only you know "
+                "which loss carries the penalty: add `alpha * fisher_trace_penalty(self, batch)` "
+                "(from lightning_fisher.regularizers) to it in `training_step` instead."
+            )
 
     def _due(self, trainer: pl.Trainer) -> bool:
         return self.alpha > 0 and trainer.global_step % self.every_n_steps == 0
@@ -208,7 +224,9 @@ class FisherTraceRegularizer(Callback):
                 {names[id(p)]: e for p, e in zip(params, extra)}, pl_module
             )
             extra = [cut[names[id(p)]] for p in params]
-        scale = grad_scale(trainer, optimizer)
+        # The mean over the n micro-batches, as the loss route's sum of alpha R_b / k is n/k of
+        # it (n < k in an epoch's last, shorter accumulation window).
+        scale = grad_scale(trainer, optimizer) * accumulation_fraction(trainer)
         with torch.no_grad():
             for p, e in zip(params, extra):
                 if not e.numel():  # an FSDP1 piece this rank does not hold
@@ -235,6 +253,16 @@ class FisherTraceRegularizer(Callback):
         return {"applied_steps": self.applied_steps, "last_trace": self.last_trace}
 
     @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # validate/test/predict(ckpt_path=...) restore the weights to evaluate; the counts stay
+        self._keep_state = evaluation_keeps_state(trainer, self, checkpoint, self.applied_steps > 0)
+
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._keep_state:
+            self._keep_state = False
+            return
         self.applied_steps = int(state_dict["applied_steps"])
         self.last_trace = state_dict.get("last_trace")
