@@ -410,7 +410,7 @@ def warn_ignored_options(who: str, options: FisherOptions, methods: Sequence[str
     methods ignore, naming the methods that do read them."""
     for name in ignored_options(options, methods):
         value = getattr(options, name)
-        key = (",".join(methods), name, repr(value))
+        key = (who + ":" + ",".join(methods), name, repr(value))
         if key in _warned_ignored:
             continue
         _warned_ignored.add(key)

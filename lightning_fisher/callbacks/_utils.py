@@ -22,7 +22,7 @@ from torch.utils.data import (
 )
 
 from ..estimators import DATA_METHODS, REGISTRY, lookup
-from ..options import FisherOptions
+from ..options import FisherOptions, check, check_param_filter, closest
 from ..outputs import FisherInputError
 
 
@@ -110,6 +110,7 @@ def build_fisher_options(
     """The callback's ``FisherOptions``: ``options``, then the keyword ``conveniences`` that are
     not ``None``, then ``fisher_kwargs``; a name that is not an option or a value it refuses
     raises a ``FisherInputError`` when the callback is built, not after a task trained."""
+    check(who, fisher_kwargs=("mapping_or_none", fisher_kwargs))
     overrides = {k: v for k, v in conveniences.items() if v is not None}
     overrides.update(fisher_kwargs or {})
     try:
@@ -124,9 +125,10 @@ def check_method(who: str, method: str, *, data_pass: bool) -> str:
     try:
         info = lookup(method)
     except FisherInputError:
+        choices = DATA_METHODS if data_pass else tuple(REGISTRY)
         raise FisherInputError(
             f"{who}: unknown Fisher method {method!r}; choose one of "
-            f"{', '.join(DATA_METHODS if data_pass else REGISTRY)}."
+            f"{', '.join(choices)}.{closest(method, choices)}"
         ) from None
     if data_pass and not info.data_pass:
         raise FisherInputError(
@@ -145,7 +147,7 @@ def check_dataloader(who: str, loader: Any) -> None:
     """Raise a ``FisherInputError`` for a Fisher dataloader that is not iterable or is empty."""
     if loader is None:
         return
-    if isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
+    if isinstance(loader, (str, bytes, Tensor, Mapping)) or not isinstance(loader, Iterable):
         raise FisherInputError(
             f"{who}: the Fisher dataloader must be an iterable of batches (a DataLoader); got "
             f"{type(loader).__name__}."
@@ -158,6 +160,57 @@ def check_dataloader(who: str, loader: Any) -> None:
         raise FisherInputError(
             f"{who}: the Fisher dataloader is empty (0 batches); it needs the data of the task "
             "(for a DataLoader with drop_last=True, at least one full batch)."
+        )
+
+
+def check_options_at_setup(who: str, module: torch.nn.Module, options: FisherOptions) -> None:
+    """The checks of a callback's Fisher options that need the model, run in ``setup`` before
+    the first step: a ``param_filter`` must keep at least one trainable parameter."""
+    check_param_filter(who, module, options.param_filter)
+
+
+def warn_if_schedule_never_fires(
+    who: str, trainer: pl.Trainer, every_n_epochs: int | None, every_n_steps: int | None
+) -> None:
+    """Warn in ``setup`` when ``every_n_epochs`` / ``every_n_steps`` exceed the fit's
+    ``max_epochs`` / ``max_steps``: the periodic work would never run in this fit."""
+    max_epochs = trainer.max_epochs
+    max_steps = trainer.max_steps
+    epochs_fire = every_n_epochs is not None and (
+        max_epochs in (None, -1) or every_n_epochs <= max_epochs
+    )
+    steps_fire = every_n_steps is not None and (
+        max_steps in (None, -1) or every_n_steps <= max_steps
+    )
+    if not (epochs_fire or steps_fire):
+        parts = []
+        if every_n_epochs is not None:
+            parts.append(f"every_n_epochs={every_n_epochs} > max_epochs={max_epochs}")
+        if every_n_steps is not None:
+            parts.append(f"every_n_steps={every_n_steps} > max_steps={max_steps}")
+        rank_zero_warn(
+            f"{who}: {' and '.join(parts)}: its schedule never fires in this fit, so it estimates "
+            "nothing; lower every_n_epochs / every_n_steps."
+        )
+
+
+def check_unique_log_keys(
+    who: str, trainer: pl.Trainer, callback: pl.Callback, prefix: str
+) -> None:
+    """Refuse, in ``setup``, another callback of the same type that logs under the same
+    ``prefix``: their metrics would overwrite each other in the logger."""
+    others = [
+        cb
+        for cb in trainer.callbacks  # type: ignore[attr-defined]
+        if cb is not callback
+        and type(cb) is type(callback)
+        and getattr(cb, "prefix", None) == prefix
+    ]
+    if others:
+        raise FisherInputError(
+            f"{who}: {len(others) + 1} {type(callback).__name__} callbacks log under the same "
+            f"prefix {prefix!r}, so their metrics would overwrite each other; give each its own "
+            "`prefix=`."
         )
 
 

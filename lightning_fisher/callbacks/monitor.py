@@ -15,7 +15,7 @@ from typing_extensions import override
 from .. import sharded
 from ..estimators import estimate_fisher
 from ..fisher_diagonal import FisherDiagonal
-from ..options import FisherOptions
+from ..options import FisherOptions, check, warn_ignored_options
 from ..outputs import ClassSelector, FisherInputError, OutputFn, check_likelihood
 from ..sharded_fsdp1 import clean_name, mark_pieces
 from ._utils import (
@@ -24,10 +24,12 @@ from ._utils import (
     check_dataloader,
     check_method,
     check_name,
+    check_options_at_setup,
     fisher_loader,
     log_metrics,
     prepare_sharded_strategy,
     refuse_sharded_strategy,
+    warn_if_schedule_never_fires,
 )
 
 
@@ -109,18 +111,30 @@ class FisherMonitor(Callback):
         name: str | None = None,
     ) -> None:
         method = check_method("FisherMonitor", method, data_pass=True)
-        for option, value in (
-            ("every_n_epochs", every_n_epochs),
-            ("every_n_steps", every_n_steps),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise FisherInputError(
-                    f"FisherMonitor: {option} must be a positive integer or None; got {value!r}."
-                )
+        who = "FisherMonitor"
+        check(
+            who,
+            every_n_epochs=("positive_int_or_none", every_n_epochs),
+            every_n_steps=("positive_int_or_none", every_n_steps),
+            log_layer_traces=("flag", log_layer_traces),
+            on_estimate=("callable_or_none", on_estimate),
+        )
         if every_n_epochs is None and every_n_steps is None:
             raise FisherInputError("FisherMonitor: set `every_n_epochs` or `every_n_steps`.")
+        if every_n_steps is not None and every_n_epochs not in (None, 1):
+            raise FisherInputError(
+                f"FisherMonitor: every_n_epochs={every_n_epochs} and every_n_steps={every_n_steps} "
+                "are both set, but with every_n_steps the epoch schedule is not used; pass "
+                "every_n_epochs=None with every_n_steps, or only every_n_epochs."
+            )
+        if save_dir is not None and (
+            not isinstance(save_dir, (str, os.PathLike)) or os.path.isfile(save_dir)
+        ):
+            raise FisherInputError(
+                f"FisherMonitor: save_dir must be the path of a folder (created when missing) or "
+                f"None; got {save_dir!r}"
+                + (", an existing file." if isinstance(save_dir, (str, os.PathLike)) else ".")
+            )
         check_name("FisherMonitor", name)
         check_dataloader("FisherMonitor", dataloader)
         self.method = method
@@ -145,6 +159,7 @@ class FisherMonitor(Callback):
             },
             fisher_kwargs,
         )
+        warn_ignored_options("FisherMonitor", self.fisher_options, [method])
         #: the latest estimate, the optimizer step and epoch it was taken at, and (step, trace) of all
         self.fisher: FisherDiagonal | None = None
         self.step: int | None = None
@@ -220,6 +235,20 @@ class FisherMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.FisherMonitor", fsdp2=True, fsdp1=True)
         check_likelihood(pl_module, self.fisher_options.output_fn)
+        check_options_at_setup("FisherMonitor", pl_module, self.fisher_options)
+        warn_if_schedule_never_fires(
+            "FisherMonitor", trainer, self.every_n_epochs, self.every_n_steps
+        )
+        if any(
+            cb is not self and isinstance(cb, FisherMonitor)
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+        ):
+            rank_zero_warn(
+                "FisherMonitor: the Trainer has several FisherMonitor callbacks, and each logs "
+                "`fisher/trace`, `fisher/seconds`, `fisher/n_samples`: their values overwrite "
+                "each other in the logger (each keeps its own estimate in `.fisher` and "
+                "`.history`, and `on_estimate=` receives it)."
+            )
         self._module = pl_module
 
     @override
