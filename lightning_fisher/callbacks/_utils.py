@@ -174,8 +174,8 @@ def warn_if_schedule_never_fires(
 ) -> None:
     """Warn in ``setup`` when ``every_n_epochs`` / ``every_n_steps`` exceed the fit's
     ``max_epochs`` / ``max_steps``: the periodic work would never run in this fit."""
-    max_epochs = trainer.max_epochs
-    max_steps = trainer.max_steps
+    max_epochs = getattr(trainer, "max_epochs", None)
+    max_steps = getattr(trainer, "max_steps", None)
     epochs_fire = every_n_epochs is not None and (
         max_epochs in (None, -1) or every_n_epochs <= max_epochs
     )
@@ -201,7 +201,7 @@ def check_unique_log_keys(
     ``prefix``: their metrics would overwrite each other in the logger."""
     others = [
         cb
-        for cb in trainer.callbacks  # type: ignore[attr-defined]
+        for cb in getattr(trainer, "callbacks", [])
         if cb is not callback
         and type(cb) is type(callback)
         and getattr(cb, "prefix", None) == prefix

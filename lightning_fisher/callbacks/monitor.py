@@ -241,7 +241,7 @@ class FisherMonitor(Callback):
         )
         if any(
             cb is not self and isinstance(cb, FisherMonitor)
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            for cb in getattr(trainer, "callbacks", [])
         ):
             rank_zero_warn(
                 "FisherMonitor: the Trainer has several FisherMonitor callbacks, and each logs "
