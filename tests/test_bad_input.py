@@ -325,3 +325,48 @@ def test_diagnostics_with_one_prefix_are_refused_before_training() -> None:
 def test_a_schedule_that_never_fires_warns_at_setup(make: Any, match: str) -> None:
     with pytest.warns(UserWarning, match=match):
         _fit([make()], max_epochs=2, max_steps=2)
+
+
+_WRONG_WIDTH = [(torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, dtype=torch.long))]
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (
+            lambda: lf.EWC(lam=1, dataloader=_WRONG_WIDTH),
+            r"EWC: the model cannot take the first batch .*RuntimeError: mat1 and mat2",
+        ),
+        (
+            lambda: lf.FisherMonitor(dataloader=_WRONG_WIDTH),
+            r"FisherMonitor: the model cannot take the first batch",
+        ),
+        (
+            lambda: lf.FisherDiagnostics(dataloader=_WRONG_WIDTH),
+            r"FisherDiagnostics: the model cannot take the first batch",
+        ),
+        (
+            lambda: lf.EWC(lam=1, dataloader=H.loader(0), classes=[2, 3]),
+            r"EWC: on the first batch .*labels lie outside the active classes \[2, 3\]",
+        ),
+        (
+            lambda: lf.FisherDiagnostics(dataloader=H.loader(1), classes=[0, 1]),
+            r"FisherDiagnostics: on the first batch .*outside the active classes \[0, 1\]",
+        ),
+        (
+            lambda: lf.FisherMonitor(dataloader=H.loader(0), output_fn=lambda m, b: m(b[1])),
+            r"FisherMonitor: the model cannot take the first batch",
+        ),
+    ],
+)
+def test_a_fisher_dataloader_the_model_cannot_take_is_refused_before_training(
+    make: Any, match: str
+) -> None:
+    with pytest.raises(lf.FisherInputError, match=match):
+        _fit([make()])  # asserts no optimizer step ran
+
+
+def test_a_fisher_dataloader_the_model_takes_passes_the_first_batch_check() -> None:
+    ewc = lf.EWC(lam=1, dataloader=H.loader(0), classes=[0, 1])
+    _fit([ewc], max_steps=1, max_epochs=None)
+    assert ewc.core.task_count == 1

@@ -169,6 +169,65 @@ def check_options_at_setup(who: str, module: torch.nn.Module, options: FisherOpt
     check_param_filter(who, module, options.param_filter)
 
 
+def check_first_batch(
+    who: str,
+    trainer: pl.Trainer,
+    module: torch.nn.Module,
+    loader: Iterable[Any] | str | None,
+    options: FisherOptions | None,
+) -> None:
+    """Run the model once (eval mode, no gradients) on the first batch of a Fisher dataloader
+    the user passed, when the fit starts (the module on its device): batches the model cannot
+    take, labels outside ``classes`` or an ``output_fn`` that fails are refused before the first
+    training step instead of at the Fisher pass after training.
+
+    Skipped for the trainer's own loaders, for one-shot iterators (reading would consume a batch)
+    and under sharded strategies (their forward is a collective).
+    """
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from ..estimators.base import eval_mode
+    from ..outputs import model_outputs, move_batch
+
+    if loader is None or isinstance(loader, str):
+        return
+    if not isinstance(getattr(trainer, "strategy", None), (SingleDeviceStrategy, DDPStrategy)):
+        return
+    params = list(module.parameters())
+    if not params or params[0].is_meta:
+        return
+    batches = iter(loader)
+    if batches is loader:
+        return
+    batch = next(batches, None)
+    del batches  # a DataLoader's workers stop here
+    if batch is None:
+        raise FisherInputError(
+            f"{who}: the Fisher dataloader yielded no batches; it needs the data of the task."
+        )
+    opts = options if options is not None else FisherOptions()
+    try:
+        with torch.no_grad(), eval_mode(module):
+            model_outputs(
+                module,
+                move_batch(batch, params[0].device),
+                opts.output_fn,
+                opts.classes,
+                opts.shift_labels,
+                opts.ignore_index,
+            )
+    except FisherInputError as err:
+        raise FisherInputError(
+            f"{who}: on the first batch of the Fisher dataloader: {err}"
+        ) from None
+    except Exception as err:
+        raise FisherInputError(
+            f"{who}: the model cannot take the first batch of the Fisher dataloader "
+            f"({type(err).__name__}: {err}); expected batches like the training ones (or an "
+            "`output_fn(module, batch)` that returns the logits)."
+        ) from err
+
+
 def warn_if_schedule_never_fires(
     who: str, trainer: pl.Trainer, every_n_epochs: int | None, every_n_steps: int | None
 ) -> None:

@@ -43,6 +43,7 @@ from ..options import FisherOptions, check, closest
 from ..outputs import ClassSelector, FisherInputError, OutputFn, check_likelihood
 from ._utils import (
     check_dataloader,
+    check_first_batch,
     check_name,
     check_options_at_setup,
     check_unique_log_keys,
@@ -326,6 +327,9 @@ class FisherDiagnostics(Callback):
         self._restored = False
         self._fit_steps = 0
         prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
+        check_first_batch(
+            "FisherDiagnostics", trainer, pl_module, self.dataloader, _pass_options(self)
+        )
         if self.dataloader == "val" and not trainer.enable_validation:
             self._warn_once(
                 "no_val",
@@ -586,6 +590,17 @@ class FisherDiagnostics(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _pass_options(cb: FisherDiagnostics) -> FisherOptions:
+    """The options of the callback's passes: its ``fisher_options`` with ``output_fn``,
+    ``classes`` and ``shift_labels`` set on the callback overriding them (as
+    ``compute_diagnostics`` does)."""
+    overrides: dict[str, Any] = {"output_fn": cb.output_fn, "classes": cb.classes}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if cb.shift_labels:
+        overrides["shift_labels"] = True
+    return FisherOptions.build(cb.fisher_options, **overrides)
 
 
 def _first(loaders: Any) -> Any:

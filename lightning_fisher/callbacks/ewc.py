@@ -35,6 +35,7 @@ from ._utils import (
     adopt_old_state_key,
     build_fisher_options,
     check_dataloader,
+    check_first_batch,
     check_method,
     check_name,
     check_options_at_setup,
@@ -479,6 +480,7 @@ class EWC(Callback):
         self._trained = False
         self._fit_steps = 0
         prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
+        check_first_batch("EWC", trainer, pl_module, self.dataloader, self.fisher_options)
         self._pending_save_step = None
         self._logged_penalty = None
         self.core.invalidate_caches()

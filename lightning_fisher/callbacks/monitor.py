@@ -22,6 +22,7 @@ from ._utils import (
     adopt_old_state_key,
     build_fisher_options,
     check_dataloader,
+    check_first_batch,
     check_method,
     check_name,
     check_options_at_setup,
@@ -254,6 +255,7 @@ class FisherMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
+        check_first_batch("FisherMonitor", trainer, pl_module, self.dataloader, self.fisher_options)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
