@@ -289,6 +289,16 @@ def _name_or_none(name: str, value: Any) -> None:
         raise FisherInputError(f"{name} must be a non-empty string or None; got {value!r}.")
 
 
+def _names_or_none(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise FisherInputError(
+            f"{name} must be an iterable of parameter names (a list) or None; got {value!r}"
+            + (" (a single name: wrap it in a list)." if isinstance(value, str) else ".")
+        )
+
+
 def _module(name: str, value: Any) -> None:
     if not isinstance(value, nn.Module):
         raise FisherInputError(f"{name} must be a torch.nn.Module; got {type(value).__name__}.")
@@ -321,6 +331,8 @@ CHECKS_BY_KIND: Mapping[str, Check] = {
     "name_or_none": _name_or_none,
     "module": _module,
     "batches": _batches,
+    "names_or_none": _names_or_none,
+    "positive_number_or_none": number(0.0, low_open=True, allow_none=True),
 }
 
 

@@ -370,3 +370,31 @@ def test_a_fisher_dataloader_the_model_takes_passes_the_first_batch_check() -> N
     ewc = lf.EWC(lam=1, dataloader=H.loader(0), classes=[0, 1])
     _fit([ewc], max_steps=1, max_epochs=None)
     assert ewc.core.task_count == 1
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda m, ld, fd: lf.fish_mask(fd, "0.1"),
+            r"keep must be a fraction in \[0, 1\]; got '0.1'",
+        ),
+        (lambda m, ld, fd: lf.fish_mask(fd, 0.1, per_layer="y"), r"per_layer must be True or"),
+        (lambda m, ld, fd: lf.fish_mask(fd, 0.1, names="0.weight"), r"wrap it in a list"),
+        (lambda m, ld, fd: lf.fisher_prune(m, fd, "x"), r"amount must be a fraction .*got 'x'"),
+        (lambda m, ld, fd: lf.fisher_merge([m, m], [fd, fd], names="0.weight"), r"names must"),
+        (lambda m, ld, fd: lf.task_embedding(fd, names="0.weight"), r"task_embedding: names"),
+        (lambda m, ld, fd: lf.top_eigenvalues(m, ld, k=2.0), r"k must be a positive integer"),
+        (lambda m, ld, fd: lf.top_eigenvalues(m, ld, k=1, rtol=-1), r"rtol must be .*got -1"),
+        (lambda m, ld, fd: lf.top_eigenvalues("m", ld, k=1), r"model must be a torch.nn.Module"),
+        (lambda m, ld, fd: lf.spectral_density(m, ld, sigma=0), r"sigma must be .*> 0; got 0"),
+        (lambda m, ld, fd: lf.spectral_density(m, ld, points=0), r"points must be a positive"),
+        (lambda m, ld, fd: lf.spectral_density(m, ld, max_batches=0), r"max_batches .*got 0"),
+        (lambda m, ld, fd: fd.save("/no/such/folder/f.safetensors"), r"folder .* does not exist"),
+    ],
+)
+def test_bad_arguments_of_the_applications_and_the_spectrum(call: Any, match: str) -> None:
+    case = make_case("mlp")
+    fd = lf.estimate_fisher(case.model, case.loader, "empirical")
+    with pytest.raises(lf.FisherInputError, match=match):
+        call(case.model, case.loader, fd)
