@@ -317,6 +317,10 @@ def test_diagnostics_with_one_prefix_are_refused_before_training() -> None:
     [
         (lambda: lf.FisherMonitor(every_n_epochs=3), r"every_n_epochs=3 > max_epochs=2"),
         (
+            lambda: lf.EWC(lam=1, task_attr="task"),
+            r"EWC\(task_attr='task'\): the fit has no datamodule, so no task switch is seen",
+        ),
+        (
             lambda: lf.FisherDiagnostics(every_n_epochs=None, every_n_steps=5),
             r"every_n_steps=5 > max_steps=2",
         ),

@@ -473,6 +473,7 @@ class EWC(Callback):
         if lookup(self.method).data_pass:  # a categorical Fisher of the model's outputs
             check_likelihood(pl_module, self.fisher_options.output_fn)  # before training
             check_options_at_setup("EWC", pl_module, self.fisher_options)
+        _warn_unseen_task_attr(trainer, self.task_attr, self.consolidate_on_fit_end)
         self._module = pl_module  # lets load_state_dict check names before touching state
 
     @override
@@ -734,3 +735,25 @@ def _written_at(path: str, step: int) -> bool:
     except Exception:  # not a file torch reads with mmap (an older format): leave it as it is
         return False
     return isinstance(checkpoint, dict) and checkpoint.get("global_step") == step
+
+
+def _warn_unseen_task_attr(trainer: pl.Trainer, task_attr: str | None, on_fit_end: bool) -> None:
+    """Warn in ``setup`` when ``task_attr`` names an attribute the fit's datamodule lacks (or
+    there is no datamodule) while it matters: it was set away from its default, or it is the
+    only consolidation trigger (``consolidate_on_fit_end=False``)."""
+    if task_attr is None or (task_attr == "task_id" and on_fit_end):
+        return
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, task_attr):
+        return
+    where = (
+        f"the datamodule ({type(datamodule).__name__}) has no attribute {task_attr!r}"
+        if datamodule is not None
+        else "the fit has no datamodule"
+    )
+    then = (
+        "it consolidates only at the end of each fit"
+        if on_fit_end
+        else "it never consolidates by itself (consolidate_on_fit_end=False)"
+    )
+    rank_zero_warn(f"EWC(task_attr={task_attr!r}): {where}, so no task switch is seen; {then}.")
