@@ -326,7 +326,6 @@ CHECKS_BY_KIND: Mapping[str, Check] = {
     "positive_number": _positive_number,
     "non_negative_number": number(0.0),
     "fraction": number(0.0, 1.0),
-    "decay": number(0.0, 1.0, low_open=True),
     "mapping_or_none": _mapping_or_none,
     "name_or_none": _name_or_none,
     "module": _module,
@@ -337,7 +336,7 @@ CHECKS_BY_KIND: Mapping[str, Check] = {
 
 
 def check(who: str, **arguments: tuple[str, Any]) -> None:
-    """Check arguments by kind: ``check("EWC", gamma=("decay", gamma), seed=("integer", seed))``.
+    """Check arguments by kind: ``check("EWC", gamma=("non_negative_number", gamma), seed=("integer", seed))``.
 
     Raises a ``FisherInputError`` naming ``who``, the argument, the value and what is expected.
     """
@@ -348,16 +347,17 @@ def check(who: str, **arguments: tuple[str, Any]) -> None:
 def check_param_filter(
     who: str, model: nn.Module, param_filter: Callable[[str], bool] | None
 ) -> None:
-    """Raise a ``FisherInputError`` when ``param_filter`` keeps none of the model's trainable
-    parameters (a model with no parameters yet, built later, is not checked)."""
+    """Raise a ``FisherInputError`` when ``param_filter`` excludes every trainable parameter of
+    ``model`` (a model with no parameters yet, built later, is not checked)."""
     if param_filter is None:
         return
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if names and not any(param_filter(n) for n in names):
         shown = ", ".join(map(repr, names[:5])) + (", ..." if len(names) > 5 else "")
         raise FisherInputError(
-            f"{label(who, 'param_filter')} keeps none of the model's {len(names)} trainable "
-            f"parameters ({shown}); expected a predicate that is True for the names to keep."
+            f"{label(who, 'param_filter')} excludes every one of the model's {len(names)} "
+            f"trainable parameters ({shown}), which leaves no trainable parameters to estimate a "
+            "Fisher for; expected a predicate that is True for the names to keep."
         )
 
 

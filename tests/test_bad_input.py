@@ -119,9 +119,10 @@ _MASK = {"net.0.weight": torch.ones(8, 5, dtype=torch.bool)}
     ("make", "match"),
     [
         (lambda: lf.EWC(lam=float("nan")), r"lam must be a finite number >= 0; got nan"),
+        (lambda: lf.EWC(lam=1, gamma=-0.5), r"EWC: gamma must be a finite number >= 0; got -0.5"),
+        (lambda: lf.EWC(lam=1, gamma=float("inf")), r"gamma must be a finite number >= 0; got inf"),
+        (lambda: lf.EWC(lam=1, gamma="1"), r"gamma must be a finite number >= 0; got '1'"),
         (lambda: lf.EWC(lam="1e5"), r"lam must be .*got '1e5'"),
-        (lambda: lf.EWC(lam=1, gamma=1.5), r"EWC: gamma must be a number in \(0, 1\]; got 1.5"),
-        (lambda: lf.EWC(lam=1, gamma=0), r"gamma must be a number in \(0, 1\]; got 0"),
         (lambda: lf.EWC(lam=1, batch_size="8"), r"EWC: batch_size must be a positive integer"),
         (lambda: lf.EWC(lam=1, batch_size=2.5), r"batch_size .* got 2.5"),
         (lambda: lf.EWC(lam=1, task_attr=3), r"EWC: task_attr must be a non-empty string"),
@@ -131,7 +132,6 @@ _MASK = {"net.0.weight": torch.ones(8, 5, dtype=torch.bool)}
         (lambda: lf.EWC(lam=1, fisher_kwargs={"prob": 2}), r"'prob'.*Did you mean 'probes'"),
         (lambda: lf.EWC(lam=1, method="emprical"), r"'emprical'.*Did you mean 'empirical'"),
         (lambda: lf.EWC(lam=1, dataloader=torch.zeros(3)), r"iterable of batches.*Tensor"),
-        (lambda: lf.ElasticWeightConsolidation(lam=1, gamma=2), r"gamma .*\(0, 1\]; got 2"),
         (lambda: lf.FisherTraceRegularizer(alpha="1e-3"), r"alpha must be .*got '1e-3'"),
         (lambda: lf.FisherTraceRegularizer(alpha=True), r"alpha must be .*got True"),
         (lambda: lf.FisherTraceRegularizer(alpha=1, seed=1.5), r"seed must be an integer"),
@@ -200,7 +200,7 @@ def _stepped_adam(model: nn.Module) -> torch.optim.Optimizer:
         (lambda m, ld: lf.estimate_fisher(m, ld, max_memory_mib=float("inf")), r"got inf"),
         (
             lambda m, ld: lf.estimate_fisher(m, ld, param_filter=lambda n: False),
-            r"param_filter keeps none of the model's 6 trainable parameters \('0.weight'",
+            r"param_filter excludes every one of the model's 6 trainable parameters \('0.weight'",
         ),
         (lambda m, ld: lf.estimate_fishers(m, ld, [{"metod": "exact"}]), r"a 'method' key"),
         (lambda m, ld: lf.estimate_fishers(m, ld, [3]), r"a 'method' key.*got 3"),
@@ -243,6 +243,8 @@ def test_bad_arguments_of_public_functions(call: Any, match: str) -> None:
         ),
         (lambda m, ld: compute_diagnostics(m, ld, lanczos_iters=5), r"lanczos_iters=5 .*ignored"),
         (lambda m, ld: lf.EWC(lam=1, mode="separate", gamma=0.5), r"ignores gamma=0.5"),
+        (lambda m, ld: lf.EWC(lam=1, gamma=1.5), r"gamma=1.5 is outside \(0, 1\].*grows"),
+        (lambda m, ld: lf.ElasticWeightConsolidation(lam=1, gamma=0), r"gamma=0 .*forgets"),
         (lambda m, ld: lf.EWC(lam=1, bias_correction=False), r"ignores bias_correction=False"),
         (lambda m, ld: lf.EWC(lam=1, method="hutchinson", mc_samples=3), r"mc_samples=3 is"),
         (lambda m, ld: lf.EWC(lam=1, method="squisher", dataloader=ld), r"ignores dataloader"),
@@ -297,7 +299,10 @@ _KEEP_NONE = lf.FisherOptions(param_filter=lambda name: False)
     ],
 )
 def test_a_param_filter_that_keeps_nothing_is_refused_before_training(make: Any, who: str) -> None:
-    with pytest.raises(lf.FisherInputError, match=rf"{who}: param_filter keeps none .*'net.0"):
+    with pytest.raises(
+        lf.FisherInputError,
+        match=rf"{who}: param_filter excludes every one .*'net.0.*no trainable parameters",
+    ):
         _fit([make()])  # asserts no optimizer step ran
 
 

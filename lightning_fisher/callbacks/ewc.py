@@ -121,7 +121,8 @@ class EWC(Callback):
             ``exp_avg_sq`` from the trainer's optimizer (no data pass).
         mode: ``"online"`` (one Fisher, F <- gamma F + F_new, anchor <- theta_new) or
             ``"separate"`` (one Fisher and anchor per task).
-        gamma: decay of the old Fisher in online mode, in (0, 1] (ignored by ``"separate"``).
+        gamma: decay of the old Fisher in online mode, >= 0, usually in (0, 1] (0 and values
+            above 1 warn; ignored by ``"separate"``).
         max_samples: EXACT(n): estimate on ``n`` random inputs. This and the next four are
             shortcuts for the ``FisherOptions`` of the same names (``None``: keep
             ``fisher_options``' value).
