@@ -64,8 +64,9 @@ class FisherMonitor(Callback):
         method: any ``lf.estimate_fisher`` method; ``hutchinson`` (the default) costs one
             backward per batch, ``exact`` one per class and input.
         every_n_epochs: estimate at the end of every n-th training epoch.
-        every_n_steps: estimate after every n-th optimizer step instead (then ``every_n_epochs``
-            is ignored). Needs a separate ``dataloader`` if the training loader uses persistent
+        every_n_steps: estimate after every n-th optimizer step instead (then leave
+            ``every_n_epochs`` at its default or ``None``: another value is refused, as it would
+            not be used). Needs a separate ``dataloader`` if the training loader uses persistent
             workers.
         dataloader: data for the pass; default: the trainer's training dataloader (each rank's
             shard under DDP, all-reduced to the Fisher of the union).
