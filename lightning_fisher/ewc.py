@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from . import _ewc_fused_cpu
 from .fisher_diagonal import FisherDiagonal
+from .options import check
 from .outputs import FisherInputError
 from .sharded import is_dtensor, local_tensor, refuse_fsdp1
 from .sharded_fsdp1 import sum_over_ranks
@@ -150,7 +151,7 @@ class ElasticWeightConsolidation:
         lam: penalty strength lambda (>= 0). Its best value depends on the model, the data and
             the Fisher estimator's scale: search a grid of powers of 10.
         mode: ``"online"`` or ``"separate"``.
-        gamma: decay of the old Fisher in online mode (>= 0).
+        gamma: decay of the old Fisher in online mode, in (0, 1] (0 and values above 1 warn).
         method: the estimator the Fishers come from, kept in :meth:`state_dict` so that state is
             never mixed across scales; ``None``: the first consolidated Fisher's ``method``.
         cpu_kernel: on CPU, add the gradient with a one-pass C loop (reads each of grad, F, theta
@@ -194,10 +195,19 @@ class ElasticWeightConsolidation:
             raise FisherInputError(f"EWC: lam must be a finite number >= 0; got {lam!r}.")
         if mode not in MODES:
             raise FisherInputError(f"EWC: mode must be 'online' or 'separate'; got {mode!r}.")
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-            raise FisherInputError(f"EWC: gamma must be a finite number >= 0; got {gamma!r}.")
-        if not (math.isfinite(gamma) and gamma >= 0):
-            raise FisherInputError(f"EWC: gamma must be a finite number >= 0; got {gamma!r}.")
+        check("EWC", gamma=("non_negative_number", gamma))
+        if not 0 < gamma <= 1:
+            warnings.warn(
+                f"EWC: gamma={gamma!r} is outside (0, 1]: "
+                + (
+                    "online EWC forgets every earlier task's Fisher at each consolidation."
+                    if gamma == 0
+                    else "online EWC multiplies the earlier tasks' Fisher by gamma at each "
+                    "consolidation, so it grows without bound."
+                ),
+                UserWarning,
+                stacklevel=2,
+            )
         if method is not None and (not isinstance(method, str) or not method):
             raise FisherInputError(f"EWC: method must be a method name or None; got {method!r}.")
         if model is not None and not isinstance(model, nn.Module):

@@ -237,6 +237,13 @@ class FisherDiagonal(Mapping[str, Tensor]):
                 "`lightning_fisher.sharded.full_state(dict(fd), model)` and save that on one rank."
             )
 
+        folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+        if not os.path.isdir(folder):
+            raise FisherInputError(
+                f"FisherDiagonal.save: the folder of {os.fspath(path)!r} does not exist; expected "
+                "a path in an existing folder (create it first)."
+            )
+
         meta = {
             "format": "lightning-fisher/1",
             "method": self.method,

@@ -17,23 +17,30 @@ mask and the ranking depend on the order of the entries only, so its scale does 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from .options import check
 from .outputs import FisherInputError
 
 
 def _check_fraction(value: float, what: str) -> float:
-    value = float(value)
-    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(float(value))
+        or not 0.0 <= float(value) <= 1.0
+    ):
         raise FisherInputError(f"{what} must be a fraction in [0, 1]; got {value!r}.")
-    return value
+    return float(value)
 
 
 def _select(values: Mapping[str, Tensor], names: Iterable[str] | None) -> dict[str, Tensor]:
+    check("", names=("names_or_none", names))
     keys = list(values) if names is None else list(dict.fromkeys(names))
     missing = [k for k in keys if k not in values]
     if missing:
@@ -105,6 +112,7 @@ def fish_mask(
         name -> bool tensor shaped like the parameter (True = trainable).
     """
     keep = _check_fraction(keep, "keep")
+    check("fish_mask", per_layer=("flag", per_layer))
     values = _select(fisher, names)
     if per_layer:
         return {k: top_k_mask(v, round(keep * v.numel())) for k, v in values.items()}
@@ -123,6 +131,7 @@ def random_mask(
     that sparse fine-tuning and pruning compare against). ``shapes`` maps names to tensors or
     sizes; the mask lives on the CPU."""
     keep = _check_fraction(keep, "keep")
+    check("fish_mask", per_layer=("flag", per_layer))
     sizes = {k: (v.shape if isinstance(v, Tensor) else torch.Size(v)) for k, v in shapes.items()}
     like = {k: torch.empty(s) for k, s in sizes.items()}
     scores = {k: torch.rand(s, generator=generator) for k, s in sizes.items()}

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from .options import check
 from .outputs import FisherInputError
 
 Normalize = Literal["l2", "mean", "trace"] | None
@@ -119,6 +120,7 @@ def fisher_merge(
     m = len(models)
     if m == 0:
         raise FisherInputError("fisher_merge needs at least one model; got none.")
+    check("fisher_merge", names=("names_or_none", names), average_buffers=("flag", average_buffers))
     if len(fishers) != m:
         raise FisherInputError(
             f"fisher_merge needs one Fisher per model: got {m} models and {len(fishers)} Fishers."

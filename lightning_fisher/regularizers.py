@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .estimators.base import trainable_parameters
 from .estimators.hutchinson import draw_probes
+from .options import PROBE_DISTRIBUTIONS, check, check_choice, check_param_filter
 from .outputs import ClassSelector, OutputFn, model_outputs
 
 
@@ -60,8 +61,19 @@ def fisher_trace_penalty(
         A scalar tensor (float32 or float64) with a graph back to the parameters; zero if the
         batch has no counted inputs.
     """
-    if probes < 1:
-        raise ValueError(f"probes must be at least 1; got {probes}.")
+    check(
+        "fisher_trace_penalty",
+        model=("module", model),
+        probes=("positive_int", probes),
+        output_fn=("callable_or_none", output_fn),
+        classes=("classes", classes),
+        shift_labels=("flag", shift_labels),
+        param_filter=("callable_or_none", param_filter),
+    )
+    check_choice(
+        "fisher_trace_penalty", "probe_distribution", probe_distribution, PROBE_DISTRIBUTIONS
+    )
+    check_param_filter("fisher_trace_penalty", model, param_filter)
     params = list(trainable_parameters(model, param_filter).values())
     out = model_outputs(model, batch, output_fn, classes, shift_labels)
     logits = out.logits

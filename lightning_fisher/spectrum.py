@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .estimators.base import eval_mode, trainable_parameters
 from .kernel import probabilities, softmax_fisher_matvec
+from .options import check
 from .outputs import ClassSelector, FisherInputError, OutputFn, model_outputs, move_batch
 
 Matvec = Callable[[Tensor], Tensor]
@@ -293,6 +294,16 @@ def top_eigenvalues(
     one pass over the loader; fewer once the top-k residuals are below ``rtol`` times the
     largest value). ``dtype`` of the Krylov basis: float64 unless the model has more than
     10 million trainable parameters (then float32)."""
+    check(
+        "top_eigenvalues",
+        model=("module", model),
+        dataloader=("batches", dataloader),
+        k=("positive_int", k),
+        iters=("positive_int_or_none", iters),
+        seed=("integer", seed),
+        rtol=("positive_number_or_none", rtol),
+        max_batches=("positive_int_or_none", max_batches),
+    )
     op = FisherOperator(
         model, dataloader, output_fn, classes, shift_labels, param_filter, max_batches
     )
@@ -434,6 +445,18 @@ def spectral_density(
     """The spectral density of F by stochastic Lanczos quadrature: ``starts`` Rademacher start
     vectors, ``iters`` Fisher-vector products each, smoothed on a log grid (see
     ``density_from_nodes``)."""
+    check(
+        "spectral_density",
+        model=("module", model),
+        dataloader=("batches", dataloader),
+        starts=("positive_int", starts),
+        iters=("positive_int", iters),
+        points=("positive_int", points),
+        decades=("positive_number", decades),
+        sigma=("positive_number", sigma),
+        seed=("integer", seed),
+        max_batches=("positive_int_or_none", max_batches),
+    )
     op = FisherOperator(
         model, dataloader, output_fn, classes, shift_labels, param_filter, max_batches
     )

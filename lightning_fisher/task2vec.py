@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .options import check
 from .outputs import FisherInputError
 
 Normalize = Literal["sum", "l2"] | None
@@ -48,6 +49,7 @@ def task_embedding(
     Returns:
         A float64 vector on the CPU.
     """
+    check("task_embedding", names=("names_or_none", names), per_filter=("flag", per_filter))
     keys = list(fisher) if names is None else list(dict.fromkeys(names))
     missing = [k for k in keys if k not in fisher]
     if missing:

@@ -175,3 +175,28 @@ def test_old_names_of_the_bounds_warn_once_and_give_the_same_result(
     torch.testing.assert_close(by_old.flatten(), by_new.flatten(), rtol=0, atol=0)
     torch.testing.assert_close(again.flatten(), by_new.flatten(), rtol=0, atol=0)
     assert by_old.method == new
+
+
+def test_method_options_name_the_methods_that_read_them() -> None:
+    """The options that warn when the chosen method ignores them are read by exactly the
+    methods listed: the estimators record the options they read (``option_names``)."""
+    from lightning_fisher.estimators import ESTIMATORS
+    from lightning_fisher.estimators.exact import ColumnPerClassEstimator
+    from lightning_fisher.options import METHOD_OPTIONS
+
+    for option, readers in METHOD_OPTIONS.items():
+        assert option in lf.FisherOptions.names()
+        if option == "exact_max_classes":  # the refusal above C classes of the C-column methods
+            reading = {n for n, c in ESTIMATORS.items() if issubclass(c, ColumnPerClassEstimator)}
+        else:
+            reading = {n for n, c in ESTIMATORS.items() if option in c.option_names}
+        assert set(readers) == reading, option
+
+
+def test_bad_values_suggest_the_closest_name() -> None:
+    with pytest.raises(lf.FisherInputError, match="Did you mean 'rademacher'"):
+        lf.FisherOptions(probe_distribution="rademaker")
+    with pytest.raises(lf.FisherInputError, match="Did you mean 'max_batches'"):
+        lf.FisherOptions.build(max_batch=2)
+    with pytest.raises(lf.FisherInputError, match="Did you mean 'hutchinson_lower'"):
+        lf.estimate_fisher(make_case("mlp").model, [], "hutchinson_lowr")

@@ -23,7 +23,7 @@ from torch.utils.data import (
 )
 
 from ..estimators import DATA_METHODS, REGISTRY, lookup
-from ..options import FisherOptions
+from ..options import FisherOptions, check, check_param_filter, closest
 from ..outputs import FisherInputError
 
 
@@ -136,6 +136,7 @@ def build_fisher_options(
     """The callback's ``FisherOptions``: ``options``, then the keyword ``conveniences`` that are
     not ``None``, then ``fisher_kwargs``; a name that is not an option or a value it refuses
     raises a ``FisherInputError`` when the callback is built, not after a task trained."""
+    check(who, fisher_kwargs=("mapping_or_none", fisher_kwargs))
     overrides = {k: v for k, v in conveniences.items() if v is not None}
     overrides.update(fisher_kwargs or {})
     try:
@@ -150,9 +151,10 @@ def check_method(who: str, method: str, *, data_pass: bool) -> str:
     try:
         info = lookup(method)
     except FisherInputError:
+        choices = DATA_METHODS if data_pass else tuple(REGISTRY)
         raise FisherInputError(
             f"{who}: unknown Fisher method {method!r}; choose one of "
-            f"{', '.join(DATA_METHODS if data_pass else REGISTRY)}."
+            f"{', '.join(choices)}.{closest(method, choices)}"
         ) from None
     if data_pass and not info.data_pass:
         raise FisherInputError(
@@ -171,7 +173,7 @@ def check_dataloader(who: str, loader: Any) -> None:
     """Raise a ``FisherInputError`` for a Fisher dataloader that is not iterable or is empty."""
     if loader is None:
         return
-    if isinstance(loader, (str, bytes)) or not isinstance(loader, Iterable):
+    if isinstance(loader, (str, bytes, Tensor, Mapping)) or not isinstance(loader, Iterable):
         raise FisherInputError(
             f"{who}: the Fisher dataloader must be an iterable of batches (a DataLoader); got "
             f"{type(loader).__name__}."
@@ -184,6 +186,116 @@ def check_dataloader(who: str, loader: Any) -> None:
         raise FisherInputError(
             f"{who}: the Fisher dataloader is empty (0 batches); it needs the data of the task "
             "(for a DataLoader with drop_last=True, at least one full batch)."
+        )
+
+
+def check_options_at_setup(who: str, module: torch.nn.Module, options: FisherOptions) -> None:
+    """The checks of a callback's Fisher options that need the model, run in ``setup`` before
+    the first step: a ``param_filter`` must keep at least one trainable parameter."""
+    check_param_filter(who, module, options.param_filter)
+
+
+def check_first_batch(
+    who: str,
+    trainer: pl.Trainer,
+    module: torch.nn.Module,
+    loader: Iterable[Any] | str | None,
+    options: FisherOptions | None,
+) -> None:
+    """Run the model once (eval mode, no gradients) on the first batch of a Fisher dataloader
+    the user passed, when the fit starts (the module on its device): batches the model cannot
+    take, labels outside ``classes`` or an ``output_fn`` that fails are refused before the first
+    training step instead of at the Fisher pass after training.
+
+    Skipped for the trainer's own loaders, for one-shot iterators (reading would consume a batch)
+    and under sharded strategies (their forward is a collective).
+    """
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    from ..estimators.base import eval_mode
+    from ..outputs import model_outputs, move_batch
+
+    if loader is None or isinstance(loader, str):
+        return
+    if not isinstance(getattr(trainer, "strategy", None), (SingleDeviceStrategy, DDPStrategy)):
+        return
+    params = list(module.parameters())
+    if not params or params[0].is_meta:
+        return
+    batches = iter(loader)
+    if batches is loader:
+        return
+    batch = next(batches, None)
+    del batches  # a DataLoader's workers stop here
+    if batch is None:
+        raise FisherInputError(
+            f"{who}: the Fisher dataloader yielded no batches; it needs the data of the task."
+        )
+    opts = options if options is not None else FisherOptions()
+    try:
+        with torch.no_grad(), eval_mode(module):
+            model_outputs(
+                module,
+                move_batch(batch, params[0].device),
+                opts.output_fn,
+                opts.classes,
+                opts.shift_labels,
+                opts.ignore_index,
+            )
+    except FisherInputError as err:
+        raise FisherInputError(
+            f"{who}: on the first batch of the Fisher dataloader: {err}"
+        ) from None
+    except Exception as err:
+        raise FisherInputError(
+            f"{who}: the model cannot take the first batch of the Fisher dataloader "
+            f"({type(err).__name__}: {err}); expected batches like the training ones (or an "
+            "`output_fn(module, batch)` that returns the logits)."
+        ) from err
+
+
+def warn_if_schedule_never_fires(
+    who: str, trainer: pl.Trainer, every_n_epochs: int | None, every_n_steps: int | None
+) -> None:
+    """Warn in ``setup`` when ``every_n_epochs`` / ``every_n_steps`` exceed the fit's
+    ``max_epochs`` / ``max_steps``: the periodic work would never run in this fit."""
+    max_epochs = getattr(trainer, "max_epochs", None)
+    max_steps = getattr(trainer, "max_steps", None)
+    epochs_fire = every_n_epochs is not None and (
+        max_epochs in (None, -1) or every_n_epochs <= max_epochs
+    )
+    steps_fire = every_n_steps is not None and (
+        max_steps in (None, -1) or every_n_steps <= max_steps
+    )
+    if not (epochs_fire or steps_fire):
+        parts = []
+        if every_n_epochs is not None:
+            parts.append(f"every_n_epochs={every_n_epochs} > max_epochs={max_epochs}")
+        if every_n_steps is not None:
+            parts.append(f"every_n_steps={every_n_steps} > max_steps={max_steps}")
+        rank_zero_warn(
+            f"{who}: {' and '.join(parts)}: its schedule never fires in this fit, so it estimates "
+            "nothing; lower every_n_epochs / every_n_steps."
+        )
+
+
+def check_unique_log_keys(
+    who: str, trainer: pl.Trainer, callback: pl.Callback, prefix: str
+) -> None:
+    """Refuse, in ``setup``, another callback of the same type that logs under the same
+    ``prefix``: their metrics would overwrite each other in the logger."""
+    others = [
+        cb
+        for cb in getattr(trainer, "callbacks", [])
+        if cb is not callback
+        and type(cb) is type(callback)
+        and getattr(cb, "prefix", None) == prefix
+    ]
+    if others:
+        raise FisherInputError(
+            f"{who}: {len(others) + 1} {type(callback).__name__} callbacks log under the same "
+            f"prefix {prefix!r}, so their metrics would overwrite each other; give each its own "
+            "`prefix=`."
         )
 
 

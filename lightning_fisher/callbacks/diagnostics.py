@@ -34,19 +34,26 @@ from ..diagnostics.statistics import (
     DETERMINISTIC_BOUNDS_MAX_CLASSES,
     HISTOGRAM_ENTRIES,
     SHARDED_SPECTRUM_REFUSAL,
+    SLQ_ITERS,
+    SLQ_STARTS,
     check_methods,
+    warn_unused_spectrum_options,
 )
-from ..options import FisherOptions
+from ..options import FisherOptions, check, closest
 from ..outputs import ClassSelector, FisherInputError, OutputFn, check_likelihood
 from ._utils import (
     check_dataloader,
+    check_first_batch,
     check_name,
+    check_options_at_setup,
+    check_unique_log_keys,
     evaluation_keeps_state,
     fisher_loader,
     log_metrics,
     prepare_sharded_strategy,
     refuse_sharded_strategy,
     training_loader_problem,
+    warn_if_schedule_never_fires,
 )
 
 #: Sub-folder of a ``CSVLogger``'s log directory that receives the PNG figures.
@@ -185,44 +192,61 @@ class FisherDiagnostics(Callback):
         eigenvalues: int = 0,
         lanczos_iters: int | None = None,
         spectral_density: bool = False,
-        slq_starts: int = 4,
-        slq_iters: int = 30,
+        slq_starts: int = SLQ_STARTS,
+        slq_iters: int = SLQ_ITERS,
         fisher_options: FisherOptions | None = None,
         histogram_entries: int | None = HISTOGRAM_ENTRIES,
     ) -> None:
-        for option, value in (
-            ("every_n_epochs", every_n_epochs),
-            ("every_n_steps", every_n_steps),
-            ("max_batches", max_batches),
-            ("figure_every_n", figure_every_n),
-            ("rank", rank),
-            ("lanczos_iters", lanczos_iters),
-            ("slq_starts", slq_starts),
-            ("slq_iters", slq_iters),
-            ("histogram_entries", histogram_entries),
-        ):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise FisherInputError(
-                    f"{option} must be a positive integer or None; got {value!r}."
-                )
+        who = "FisherDiagnostics"
+        check(
+            who,
+            every_n_epochs=("positive_int_or_none", every_n_epochs),
+            every_n_steps=("positive_int_or_none", every_n_steps),
+            max_batches=("positive_int_or_none", max_batches),
+            figure_every_n=("positive_int_or_none", figure_every_n),
+            rank=("positive_int", rank),
+            lanczos_iters=("positive_int_or_none", lanczos_iters),
+            slq_starts=("positive_int", slq_starts),
+            slq_iters=("positive_int", slq_iters),
+            histogram_entries=("positive_int_or_none", histogram_entries),
+            probes=("positive_int", probes),
+            threshold=("positive_number", threshold),
+            seed=("integer", seed),
+            output_fn=("callable_or_none", output_fn),
+            classes=("classes", classes),
+            shift_labels=("flag", shift_labels),
+            histograms=("flag", histograms),
+            spectral_density=("flag", spectral_density),
+            eigenvalues=("non_negative_int", eigenvalues),
+            deterministic_bounds_max_classes=(
+                "non_negative_int",
+                deterministic_bounds_max_classes or 0,
+            ),
+        )
         if every_n_epochs is None and every_n_steps is None:
             raise FisherInputError(
-                "Set every_n_epochs or every_n_steps; with neither nothing is ever logged."
+                "FisherDiagnostics: set every_n_epochs or every_n_steps; with neither nothing is "
+                "ever logged."
             )
         if isinstance(dataloader, str) and dataloader not in ("val", "train"):
             raise FisherInputError(
-                f"dataloader must be 'val', 'train' or an iterable of batches; got {dataloader!r}."
+                f"FisherDiagnostics: dataloader must be 'val', 'train' or an iterable of batches; "
+                f"got {dataloader!r}.{closest(dataloader, ('val', 'train'))}"
             )
-        if not isinstance(probes, int) or probes < 1:
-            raise FisherInputError(f"probes must be a positive integer; got {probes!r}.")
-        if not threshold > 0:
-            raise FisherInputError(f"threshold must be positive; got {threshold!r}.")
-        for option, count in (
-            ("eigenvalues", eigenvalues),
-            ("deterministic_bounds_max_classes", deterministic_bounds_max_classes or 0),
-        ):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-                raise FisherInputError(f"{option} must be a non-negative integer; got {count!r}.")
+        if not isinstance(prefix, str) or not prefix.strip("/") or prefix != prefix.strip("/"):
+            raise FisherInputError(
+                "FisherDiagnostics: prefix must be a non-empty string without a leading or "
+                f"trailing '/' (the first component of every logged name); got {prefix!r}."
+            )
+        warn_unused_spectrum_options(
+            who,
+            eigenvalues,
+            lanczos_iters,
+            spectral_density,
+            slq_starts,
+            slq_iters,
+            density_name="spectral_density",
+        )
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.dataloader = dataloader
@@ -282,6 +306,12 @@ class FisherDiagnostics(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "FisherDiagnostics", fsdp2=True, fsdp1=True)
         check_likelihood(pl_module, self.output_fn)
+        if self.fisher_options is not None:
+            check_options_at_setup("FisherDiagnostics", pl_module, self.fisher_options)
+        check_unique_log_keys("FisherDiagnostics", trainer, self, self.prefix)
+        warn_if_schedule_never_fires(
+            "FisherDiagnostics", trainer, self.every_n_epochs, self.every_n_steps
+        )
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
         if isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)) and (
@@ -300,6 +330,9 @@ class FisherDiagnostics(Callback):
         self._restored = False
         self._fit_steps = 0
         prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
+        check_first_batch(
+            "FisherDiagnostics", trainer, pl_module, self.dataloader, _pass_options(self)
+        )
         if self.dataloader == "val" and not trainer.enable_validation:
             self._warn_once(
                 "no_val",
@@ -579,6 +612,17 @@ class FisherDiagnostics(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
+
+
+def _pass_options(cb: FisherDiagnostics) -> FisherOptions:
+    """The options of the callback's passes: its ``fisher_options`` with ``output_fn``,
+    ``classes`` and ``shift_labels`` set on the callback overriding them (as
+    ``compute_diagnostics`` does)."""
+    overrides: dict[str, Any] = {"output_fn": cb.output_fn, "classes": cb.classes}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if cb.shift_labels:
+        overrides["shift_labels"] = True
+    return FisherOptions.build(cb.fisher_options, **overrides)
 
 
 def _first(loaders: Any) -> Any:

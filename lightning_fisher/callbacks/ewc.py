@@ -15,6 +15,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -29,15 +30,17 @@ from .. import sharded
 from ..estimators import estimate_fisher, lookup
 from ..ewc import ElasticWeightConsolidation, StateBytes
 from ..fisher_diagonal import FisherDiagonal
-from ..options import FisherOptions
+from ..options import FisherOptions, check, warn_ignored_options
 from ..outputs import ClassSelector, FisherInputError, OutputFn, batch_size_of, check_likelihood
 from ._utils import (
     accumulation_fraction,
     adopt_old_state_key,
     build_fisher_options,
     check_dataloader,
+    check_first_batch,
     check_method,
     check_name,
+    check_options_at_setup,
     evaluation_keeps_state,
     fisher_loader,
     grad_scale,
@@ -135,7 +138,8 @@ class EWC(Callback):
             ``exp_avg_sq`` from the trainer's optimizer (no data pass).
         mode: ``"online"`` (one Fisher, F <- gamma F + F_new, anchor <- theta_new) or
             ``"separate"`` (one Fisher and anchor per task).
-        gamma: decay of the old Fisher in online mode.
+        gamma: decay of the old Fisher in online mode, >= 0, usually in (0, 1] (0 and values
+            above 1 warn; ignored by ``"separate"``).
         max_samples: EXACT(n): estimate on ``n`` random inputs. This and the next four are
             shortcuts for the ``FisherOptions`` of the same names (``None``: keep
             ``fisher_options``' value).
@@ -222,10 +226,47 @@ class EWC(Callback):
                 f"EWC: apply must be 'grad' (the callback adds the penalty gradient) or 'loss' (you "
                 f"add `ewc.penalty(module)` to your loss); got {apply!r}."
             )
-        if batch_size is not None and batch_size < 1:
-            raise FisherInputError(f"EWC: batch_size must be positive; got {batch_size}.")
+        check(
+            "EWC",
+            batch_size=("positive_int_or_none", batch_size),
+            bias_correction=("flag", bias_correction),
+            consolidate_on_fit_end=("flag", consolidate_on_fit_end),
+            task_attr=("name_or_none", task_attr),
+            log_penalty=("flag", log_penalty),
+            cpu_kernel=("flag", cpu_kernel),
+            compile_update=("flag", compile_update),
+        )
         check_name("EWC", name)
         check_dataloader("EWC", dataloader)
+        squisher = not lookup(method).data_pass
+        # (option, value, default, who reads it) for options that this method or mode ignores
+        unread: list[tuple[str, Any, Any, str]] = []
+        if mode == "separate":
+            unread.append(("gamma", gamma, 1.0, "mode='online'"))
+        if squisher:
+            unread.append(("dataloader", dataloader, None, "the data-pass methods"))
+        else:
+            unread.append(("batch_size", batch_size, None, "method='squisher'"))
+            unread.append(("bias_correction", bias_correction, True, "method='squisher'"))
+        ignored = [
+            f"{option}={type(value).__name__ if option == 'dataloader' else repr(value)} "
+            f"(read only by {reader})"
+            for option, value, default, reader in unread
+            if value is not default and value != default
+        ]
+        if ignored:
+            warnings.warn(
+                f"EWC(method={method!r}, mode={mode!r}) ignores {', '.join(ignored)}.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if not consolidate_on_fit_end and task_attr is None:
+            warnings.warn(
+                "EWC(consolidate_on_fit_end=False, task_attr=None) never consolidates by itself: "
+                "call `ewc.consolidate(module)` at each task boundary, or set one of them.",
+                UserWarning,
+                stacklevel=2,
+            )
         self.apply = apply
         self.dataloader = dataloader
         self.consolidate_on_fit_end = consolidate_on_fit_end
@@ -247,6 +288,8 @@ class EWC(Callback):
             },
             fisher_kwargs,
         )
+        if not squisher:
+            warn_ignored_options("EWC", self.fisher_options, [method])
         self._steps_since = 0  # optimizer steps since the last consolidation
         self._trained = False  # on_train_start ran in the current fit
         self._fit_steps = 0  # optimizer steps in the current fit
@@ -450,6 +493,8 @@ class EWC(Callback):
         refuse_sharded_strategy(trainer, "lf.EWC", fsdp2=True, fsdp1=True)
         if lookup(self.method).data_pass:  # a categorical Fisher of the model's outputs
             check_likelihood(pl_module, self.fisher_options.output_fn)  # before training
+            check_options_at_setup("EWC", pl_module, self.fisher_options)
+        _warn_unseen_task_attr(trainer, self.task_attr, self.consolidate_on_fit_end)
         self._module = pl_module  # lets load_state_dict check names before touching state
 
     @override
@@ -459,6 +504,7 @@ class EWC(Callback):
         self._fit_batches = 0
         self._warned_outside = False
         prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
+        check_first_batch("EWC", trainer, pl_module, self.dataloader, self.fisher_options)
         self._pending_save_step = None
         self._logged_penalty = None
         self.core.invalidate_caches()
@@ -819,3 +865,25 @@ def _written_at(path: str, step: int) -> bool:
     except Exception:  # not a file torch reads with mmap (an older format): leave it as it is
         return False
     return isinstance(checkpoint, dict) and checkpoint.get("global_step") == step
+
+
+def _warn_unseen_task_attr(trainer: pl.Trainer, task_attr: str | None, on_fit_end: bool) -> None:
+    """Warn in ``setup`` when ``task_attr`` names an attribute the fit's datamodule lacks (or
+    there is no datamodule) while it matters: it was set away from its default, or it is the
+    only consolidation trigger (``consolidate_on_fit_end=False``)."""
+    if task_attr is None or (task_attr == "task_id" and on_fit_end):
+        return
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, task_attr):
+        return
+    where = (
+        f"the datamodule ({type(datamodule).__name__}) has no attribute {task_attr!r}"
+        if datamodule is not None
+        else "the fit has no datamodule"
+    )
+    then = (
+        "it consolidates only at the end of each fit"
+        if on_fit_end
+        else "it never consolidates by itself (consolidate_on_fit_end=False)"
+    )
+    rank_zero_warn(f"EWC(task_attr={task_attr!r}): {where}, so no task switch is seen; {then}.")

@@ -20,6 +20,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from ..masks import MaskedUpdate, fish_mask
+from ..options import check
 from ..outputs import FisherInputError
 
 
@@ -55,9 +56,37 @@ class FishMask(Callback):
                 f"`keep=`); got mask={'given' if mask is not None else None}, "
                 f"fisher={'given' if fisher is not None else None}."
             )
+        for given, value in (("mask", mask), ("fisher", fisher)):
+            if value is not None and not isinstance(value, Mapping):
+                raise FisherInputError(
+                    f"FishMask: {given} must be a mapping of parameter names to tensors; got "
+                    f"{type(value).__name__}."
+                )
+        check("FishMask", per_layer=("flag", per_layer))
+        if mask is not None:
+            unused = [
+                f"{option}={value!r}"
+                for option, value, default in (
+                    ("keep", keep, None),
+                    ("per_layer", per_layer, False),
+                    ("names", names, None),
+                )
+                if value is not default
+            ]
+            if unused:
+                raise FisherInputError(
+                    f"FishMask: {', '.join(unused)} are used only to build a mask from `fisher=`; a "
+                    "`mask=` is used as given. Pass `fisher=` with them, or drop them."
+                )
+        if isinstance(names, (str, bytes)):
+            raise FisherInputError(
+                f"FishMask: names must be an iterable of parameter names; got the string "
+                f"{names!r} (wrap it in a list)."
+            )
         if fisher is not None:
             if keep is None:
                 raise FisherInputError("FishMask(fisher=...) needs `keep=`, a fraction in [0, 1].")
+            check("FishMask", keep=("fraction", keep))
             mask = fish_mask(fisher, keep, per_layer=per_layer, names=names)
         assert mask is not None
         self.core = MaskedUpdate(mask)

@@ -15,21 +15,24 @@ from typing_extensions import override
 from .. import sharded
 from ..estimators import estimate_fisher
 from ..fisher_diagonal import FisherDiagonal
-from ..options import FisherOptions
+from ..options import FisherOptions, check, warn_ignored_options
 from ..outputs import ClassSelector, FisherInputError, OutputFn, check_likelihood
 from ..sharded_fsdp1 import clean_name, mark_pieces
 from ._utils import (
     adopt_old_state_key,
     build_fisher_options,
     check_dataloader,
+    check_first_batch,
     check_method,
     check_name,
+    check_options_at_setup,
     evaluation_keeps_state,
     fisher_loader,
     log_metrics,
     prepare_sharded_strategy,
     refuse_sharded_strategy,
     training_loader_problem,
+    warn_if_schedule_never_fires,
 )
 
 
@@ -63,8 +66,9 @@ class FisherMonitor(Callback):
         method: any ``lf.estimate_fisher`` method; ``hutchinson`` (the default) costs one
             backward per batch, ``exact`` one per class and input.
         every_n_epochs: estimate at the end of every n-th training epoch.
-        every_n_steps: estimate after every n-th optimizer step instead (then ``every_n_epochs``
-            is ignored). Needs a separate ``dataloader`` if the training loader uses persistent
+        every_n_steps: estimate after every n-th optimizer step instead (then leave
+            ``every_n_epochs`` at its default or ``None``: another value is refused, as it would
+            not be used). Needs a separate ``dataloader`` if the training loader uses persistent
             workers.
         dataloader: data for the pass; default: the trainer's training dataloader (each rank's
             shard under DDP, all-reduced to the Fisher of the union).
@@ -111,18 +115,30 @@ class FisherMonitor(Callback):
         name: str | None = None,
     ) -> None:
         method = check_method("FisherMonitor", method, data_pass=True)
-        for option, value in (
-            ("every_n_epochs", every_n_epochs),
-            ("every_n_steps", every_n_steps),
-        ):
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise FisherInputError(
-                    f"FisherMonitor: {option} must be a positive integer or None; got {value!r}."
-                )
+        who = "FisherMonitor"
+        check(
+            who,
+            every_n_epochs=("positive_int_or_none", every_n_epochs),
+            every_n_steps=("positive_int_or_none", every_n_steps),
+            log_layer_traces=("flag", log_layer_traces),
+            on_estimate=("callable_or_none", on_estimate),
+        )
         if every_n_epochs is None and every_n_steps is None:
             raise FisherInputError("FisherMonitor: set `every_n_epochs` or `every_n_steps`.")
+        if every_n_steps is not None and every_n_epochs not in (None, 1):
+            raise FisherInputError(
+                f"FisherMonitor: every_n_epochs={every_n_epochs} and every_n_steps={every_n_steps} "
+                "are both set, but with every_n_steps the epoch schedule is not used; pass "
+                "every_n_epochs=None with every_n_steps, or only every_n_epochs."
+            )
+        if save_dir is not None and (
+            not isinstance(save_dir, (str, os.PathLike)) or os.path.isfile(save_dir)
+        ):
+            raise FisherInputError(
+                f"FisherMonitor: save_dir must be the path of a folder (created when missing) or "
+                f"None; got {save_dir!r}"
+                + (", an existing file." if isinstance(save_dir, (str, os.PathLike)) else ".")
+            )
         check_name("FisherMonitor", name)
         check_dataloader("FisherMonitor", dataloader)
         self.method = method
@@ -147,6 +163,7 @@ class FisherMonitor(Callback):
             },
             fisher_kwargs,
         )
+        warn_ignored_options("FisherMonitor", self.fisher_options, [method])
         #: the latest estimate, the optimizer step and epoch it was taken at, and (step, trace) of all
         self.fisher: FisherDiagonal | None = None
         self.step: int | None = None
@@ -228,11 +245,26 @@ class FisherMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.FisherMonitor", fsdp2=True, fsdp1=True)
         check_likelihood(pl_module, self.fisher_options.output_fn)
+        check_options_at_setup("FisherMonitor", pl_module, self.fisher_options)
+        warn_if_schedule_never_fires(
+            "FisherMonitor", trainer, self.every_n_epochs, self.every_n_steps
+        )
+        if any(
+            cb is not self and isinstance(cb, FisherMonitor)
+            for cb in getattr(trainer, "callbacks", [])
+        ):
+            rank_zero_warn(
+                "FisherMonitor: the Trainer has several FisherMonitor callbacks, and each logs "
+                "`fisher/trace`, `fisher/seconds`, `fisher/n_samples`: their values overwrite "
+                "each other in the logger (each keeps its own estimate in `.fisher` and "
+                "`.history`, and `on_estimate=` receives it)."
+            )
         self._module = pl_module
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         prepare_sharded_strategy(trainer)  # FSDP1: the Fisher hook, before the first forward
+        check_first_batch("FisherMonitor", trainer, pl_module, self.dataloader, self.fisher_options)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

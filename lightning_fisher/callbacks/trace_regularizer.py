@@ -8,7 +8,6 @@ Hutchinson trace estimate of ``lightning_fisher.regularizers.fisher_trace_penalt
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -19,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from .. import sharded, sharded_fsdp1
+from ..options import PROBE_DISTRIBUTIONS, check, check_choice, check_param_filter
 from ..outputs import ClassSelector, FisherInputError, OutputFn, check_likelihood
 from ..regularizers import fisher_trace_penalty_grads
 from ._utils import (
@@ -94,32 +94,19 @@ class FisherTraceRegularizer(Callback):
         log: bool = True,
         name: str | None = None,
     ) -> None:
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise FisherInputError(
-                f"FisherTraceRegularizer: alpha must be a finite number >= 0; got {alpha!r}."
-            )
-        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-            raise FisherInputError(
-                f"FisherTraceRegularizer: probes must be at least 1; got {probes!r}."
-            )
-        if (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise FisherInputError(
-                f"FisherTraceRegularizer: every_n_steps must be at least 1; got {every_n_steps!r}."
-            )
-        if probe_distribution not in ("rademacher", "gaussian"):
-            raise FisherInputError(
-                f"FisherTraceRegularizer: probe_distribution must be 'rademacher' or 'gaussian'; "
-                f"got {probe_distribution!r}."
-            )
-        if param_filter is not None and not callable(param_filter):
-            raise FisherInputError(
-                "FisherTraceRegularizer: param_filter must be a callable name -> bool or None; "
-                f"got {type(param_filter).__name__}."
-            )
+        who = "FisherTraceRegularizer"
+        check(
+            who,
+            alpha=("non_negative_number", alpha),
+            probes=("positive_int", probes),
+            every_n_steps=("positive_int", every_n_steps),
+            output_fn=("callable_or_none", output_fn),
+            classes=("classes", classes),
+            seed=("integer", seed),
+            param_filter=("callable_or_none", param_filter),
+            log=("flag", log),
+        )
+        check_choice(who, "probe_distribution", probe_distribution, PROBE_DISTRIBUTIONS)
         check_name("FisherTraceRegularizer", name)
         self.alpha = float(alpha)
         self.probes = probes
@@ -153,6 +140,7 @@ class FisherTraceRegularizer(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         refuse_sharded_strategy(trainer, "lf.FisherTraceRegularizer", fsdp2=True, fsdp1=True)
         check_likelihood(pl_module, self.output_fn)
+        check_param_filter("FisherTraceRegularizer", pl_module, self.param_filter)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

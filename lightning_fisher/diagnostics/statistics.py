@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,7 @@ from ..estimators import DATA_METHODS, build_estimators, lookup
 from ..estimators.base import _all_reduce, eval_mode, run_passes
 from ..fisher_diagonal import FisherDiagonal
 from ..kernel import kernel_statistics
-from ..options import FisherOptions
+from ..options import FisherOptions, check, closest
 from ..outputs import (
     ClassSelector,
     FisherInputError,
@@ -80,6 +81,9 @@ DETERMINISTIC_BOUNDS_MAX_CLASSES = 32
 #: Histograms and layer densities read at most this many entries of each parameter's diagonal
 #: (a fixed random sample above it; ``lightning_fisher.sharded.sample_entries``).
 HISTOGRAM_ENTRIES = 1 << 16
+#: Defaults of the spectral density: Rademacher starts, Lanczos steps per start.
+SLQ_STARTS = 4
+SLQ_ITERS = 30
 #: Why the parameter-space spectrum is refused on sharded models.
 SHARDED_SPECTRUM_REFUSAL = (
     "the parameter-space spectrum (top eigenvalues, spectral density) is not available on an "
@@ -379,6 +383,10 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     """Validate a list of estimator names; return it as a tuple without repeats."""
     if isinstance(methods, str):
         methods = (methods,)
+    if not isinstance(methods, Sequence):
+        raise FisherInputError(
+            f"methods must be a list of Fisher method names; got {type(methods).__name__}."
+        )
     if not methods:
         raise FisherInputError("methods is empty; name at least one Fisher estimator.")
     unknown = []
@@ -395,7 +403,7 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     if unknown:
         raise FisherInputError(
             f"Unknown Fisher method(s) {unknown} for the diagnostics; choose from "
-            f"{', '.join(DATA_METHODS)}."
+            f"{', '.join(DATA_METHODS)}.{''.join(closest(m, DATA_METHODS) for m in unknown)}"
         )
     return tuple(dict.fromkeys(names))
 
@@ -441,11 +449,32 @@ def count_classes(
     return int(out.logits.shape[-1])
 
 
-def _check_positive(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+def warn_unused_spectrum_options(
+    who: str,
+    eigenvalues: int,
+    lanczos_iters: int | None,
+    density: bool,
+    slq_starts: int,
+    slq_iters: int,
+    density_name: str = "density",
+) -> None:
+    """Warn about settings of the spectrum that are ignored because it is off: ``lanczos_iters``
+    without ``eigenvalues``, ``slq_starts`` / ``slq_iters`` away from their defaults without
+    ``density``."""
+    ignored = []
+    if lanczos_iters is not None and not eigenvalues:
+        ignored.append(f"lanczos_iters={lanczos_iters} (used only with eigenvalues >= 1)")
+    if not density:
+        ignored += [
+            f"{name}={value} (used only with {density_name}=True)"
+            for name, value, default in (
+                ("slq_starts", slq_starts, SLQ_STARTS),
+                ("slq_iters", slq_iters, SLQ_ITERS),
+            )
+            if value != default
+        ]
+    if ignored:
+        warnings.warn(f"{who}: {'; '.join(ignored)} is ignored.", UserWarning, stacklevel=3)
 
 
 def compute_diagnostics(
@@ -467,8 +496,8 @@ def compute_diagnostics(
     eigenvalues: int = 0,
     lanczos_iters: int | None = None,
     density: bool = False,
-    slq_starts: int = 4,
-    slq_iters: int = 30,
+    slq_starts: int = SLQ_STARTS,
+    slq_iters: int = SLQ_ITERS,
     options: FisherOptions | None = None,
     histogram_entries: int | None = HISTOGRAM_ENTRIES,
     causal: bool = False,
@@ -528,17 +557,32 @@ def compute_diagnostics(
     fsdp1 = is_fsdp1(model)
     if (eigenvalues or density) and (is_fsdp2(model) or fsdp1):
         raise FisherInputError(f"compute_diagnostics: {SHARDED_SPECTRUM_REFUSAL}.")
-    _check_positive("histogram_entries", histogram_entries, allow_none=True)
-    if probes < 1:
-        raise ValueError(f"probes must be at least 1; got {probes}.")
-    if max_batches is not None and max_batches < 1:
-        raise ValueError(f"max_batches must be positive or None; got {max_batches}.")
-    _check_positive("rank", rank)
-    if not isinstance(eigenvalues, int) or isinstance(eigenvalues, bool) or eigenvalues < 0:
-        raise ValueError(f"eigenvalues must be a non-negative integer; got {eigenvalues!r}.")
-    _check_positive("lanczos_iters", lanczos_iters, allow_none=True)
-    _check_positive("slq_starts", slq_starts)
-    _check_positive("slq_iters", slq_iters)
+    who = "compute_diagnostics"
+    check(
+        who,
+        model=("module", model),
+        dataloader=("batches", dataloader),
+        histogram_entries=("positive_int_or_none", histogram_entries),
+        probes=("positive_int", probes),
+        max_batches=("positive_int_or_none", max_batches),
+        threshold=("positive_number", threshold),
+        seed=("integer", seed),
+        rank=("positive_int", rank),
+        n_classes=("positive_int_or_none", n_classes),
+        eigenvalues=("non_negative_int", eigenvalues),
+        lanczos_iters=("positive_int_or_none", lanczos_iters),
+        slq_starts=("positive_int", slq_starts),
+        slq_iters=("positive_int", slq_iters),
+        deterministic_bounds_max_classes=(
+            "non_negative_int",
+            deterministic_bounds_max_classes or 0,
+        ),
+        kernel=("flag", kernel),
+        shift_labels=("flag", shift_labels),
+        density=("flag", density),
+        causal=("flag", causal),
+    )
+    warn_unused_spectrum_options(who, eigenvalues, lanczos_iters, density, slq_starts, slq_iters)
     if max_batches is not None:
         # Every pass sees the same batches (a shuffling loader would give each method its own, and
         # the ratios would compare different data), and the loader is iterated once, not per pass.

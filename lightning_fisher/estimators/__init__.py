@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -9,7 +10,13 @@ import torch
 from torch import nn
 
 from ..fisher_diagonal import FisherDiagonal
-from ..options import FisherOptions
+from ..options import (
+    DEFAULT_OPTIONS,
+    FisherOptions,
+    check,
+    check_param_filter,
+    warn_ignored_options,
+)
 from ..outputs import FisherInputError
 from .base import Estimator, run_passes
 from .registry import ALIASES, REGISTRY, EstimatorInfo, lookup
@@ -67,11 +74,39 @@ def estimate_fisher(
         A ``FisherDiagonal`` with one float32 tensor per trainable parameter.
     """
     info = lookup(method)
+    check("estimate_fisher", model=("module", model))
     if not info.data_pass:
-        if overrides:
-            FisherOptions.build(options, **overrides)  # a typo is still an error
+        given = FisherOptions.build(options, **overrides)  # a typo is still an error
+        unused = [
+            n for n in FisherOptions.names() if getattr(given, n) != getattr(DEFAULT_OPTIONS, n)
+        ]
+        if dataloader is not None:
+            unused.insert(0, "dataloader")
+        if unused:
+            warnings.warn(
+                f"estimate_fisher(method={info.name!r}) reads Adam's exp_avg_sq and no data; it "
+                f"ignores {', '.join(unused)}.",
+                UserWarning,
+                stacklevel=2,
+            )
         return SquisherEstimator.from_context(
             model, optimizer=optimizer, batch_size=batch_size, bias_correction=bias_correction
+        )
+    squisher_only = [
+        name
+        for name, value, default in (
+            ("optimizer", optimizer, None),
+            ("batch_size", batch_size, None),
+            ("bias_correction", bias_correction, True),
+        )
+        if value is not default
+    ]
+    if squisher_only:
+        warnings.warn(
+            f"estimate_fisher(method={info.name!r}) ignores {', '.join(squisher_only)}; only "
+            "method='squisher' reads them.",
+            UserWarning,
+            stacklevel=2,
         )
     return estimate_fishers(model, dataloader, [info.name], options=options, **overrides)[0]
 
@@ -93,12 +128,15 @@ def estimate_fishers(
     are those of :func:`estimate_fisher` and apply to all. Each result equals what
     ``estimate_fisher`` returns for that method and options alone; only the forwards are shared.
     """
+    check("estimate_fisher", model=("module", model))
     estimators = build_estimators(methods, options=options, **overrides)
     if dataloader is None:
         raise FisherInputError(
             "estimate_fisher needs a dataloader (an iterable of batches); only "
             "method='squisher' takes None."
         )
+    check("estimate_fisher", dataloader=("batches", dataloader))
+    check_param_filter("estimate_fisher", model, estimators[0].options.param_filter)
     return run_passes(model, dataloader, estimators)
 
 
@@ -123,11 +161,23 @@ def build_estimators(
 ) -> list[Estimator]:
     """The estimators ``estimate_fishers(model, loader, methods, ...)`` runs (for callers that
     run the pass themselves with ``run_passes``). Every option is checked here, before data."""
-    if not methods:
-        raise FisherInputError("estimate_fishers needs at least one method.")
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, Sequence) or not methods:
+        raise FisherInputError(
+            "estimate_fishers needs a non-empty list of methods (names, or mappings with a "
+            f"'method' key); got {methods!r}."
+        )
     common = FisherOptions.build(options, **overrides)
     estimators = []
     for spec in methods:
+        if not isinstance(spec, (str, Mapping)) or (
+            isinstance(spec, Mapping) and "method" not in spec
+        ):
+            raise FisherInputError(
+                "estimate_fishers: each method must be a name or a mapping with a 'method' key "
+                f"(and per-method options {', '.join(PER_ESTIMATE)}); got {spec!r}."
+            )
         spec = {"method": spec} if isinstance(spec, str) else dict(spec)
         info = lookup(spec.pop("method"))
         if not info.data_pass:
@@ -141,6 +191,9 @@ def build_estimators(
                 f"Per-method options may only be {sorted(PER_ESTIMATE)}; got {sorted(unknown)}."
             )
         estimators.append(ESTIMATORS[info.name](FisherOptions.build(common, **spec)))
+        if spec:  # a per-method option the method ignores
+            warn_ignored_options("estimate_fishers", estimators[-1].options, [info.name])
+    warn_ignored_options("estimate_fisher", common, [e.name for e in estimators])
     return estimators
 
 

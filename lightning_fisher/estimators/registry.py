@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+from ..options import closest
 from ..outputs import FisherInputError
 from .base import Estimator
 from .batched import BatchedEstimator
@@ -158,7 +159,7 @@ def lookup(method: str) -> EstimatorInfo:
     if info is None:
         raise FisherInputError(
             f"Unknown Fisher method {method!r}. Choose one of {', '.join(REGISTRY)} "
-            f"(deprecated aliases: {', '.join(ALIASES)})."
+            f"(deprecated aliases: {', '.join(ALIASES)}).{closest(method, REGISTRY)}"
         )
     return info
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..fisher_diagonal import FisherDiagonal
+from ..options import check
 from ..outputs import FisherInputError
 
 
@@ -25,8 +26,17 @@ def fisher_from_optimizer(
     Parameters that the optimizer has not stepped yet get zeros. Raises a clear error for an
     optimizer without ``exp_avg_sq`` state.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive; got {batch_size}.")
+    check(
+        "fisher_from_optimizer",
+        model=("module", model),
+        batch_size=("positive_int", batch_size),
+        bias_correction=("flag", bias_correction),
+    )
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise FisherInputError(
+            "fisher_from_optimizer: optimizer must be a torch.optim.Optimizer (Adam or AdamW); "
+            f"got {type(optimizer).__name__}."
+        )
     betas = {
         id(p): g.get("betas", (0.9, 0.999))[1] for g in optimizer.param_groups for p in g["params"]
     }
@@ -42,7 +52,7 @@ def fisher_from_optimizer(
         state = optimizer.state.get(p, {})
         if "exp_avg_sq" not in state:
             if state:
-                raise ValueError(
+                raise FisherInputError(
                     f"The optimizer ({type(optimizer).__name__}) keeps no `exp_avg_sq`; the Squisher "
                     "needs Adam or AdamW."
                 )
@@ -56,7 +66,7 @@ def fisher_from_optimizer(
             v = v / (1.0 - betas[id(p)] ** t)
         tensors[name] = batch_size * v
     if seen == 0:
-        raise ValueError(
+        raise FisherInputError(
             "The optimizer has no Adam state for any of the model's trainable parameters: step it "
             "at least once (and check it is Adam/AdamW and was built on this model's parameters)."
         )
