@@ -366,6 +366,14 @@ _WRONG_WIDTH = [(torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, dtype=to
             lambda: lf.FisherMonitor(dataloader=H.loader(0), output_fn=lambda m, b: m(b[1])),
             r"FisherMonitor: the model cannot take the first batch",
         ),
+        (
+            lambda: lf.EWC(lam=1, classes=[2, 3]),
+            r"EWC: on the first training batch: .*outside the active classes \[2, 3\]",
+        ),
+        (
+            lambda: lf.EWC(lam=1, method="empirical", output_fn=lambda m, b: m(b[1])),
+            r"EWC: the model cannot take the first training batch",
+        ),
     ],
 )
 def test_a_fisher_dataloader_the_model_cannot_take_is_refused_before_training(

@@ -60,7 +60,8 @@ class Interrupt(Exception):
 
 def _output_fn(state: dict[str, bool]) -> Any:
     def output_fn(module: torch.nn.Module, batch: Any) -> torch.Tensor:
-        if state["raise"]:
+        # The Fisher pass differentiates; EWC's no-grad check of the first training batch passes.
+        if state["raise"] and torch.is_grad_enabled():
             raise Interrupt
         return module(batch[0])
 

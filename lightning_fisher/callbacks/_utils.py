@@ -210,14 +210,7 @@ def check_first_batch(
     Skipped for the trainer's own loaders, for one-shot iterators (reading would consume a batch)
     and under sharded strategies (their forward is a collective).
     """
-    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-
-    from ..estimators.base import eval_mode
-    from ..outputs import model_outputs, move_batch
-
-    if loader is None or isinstance(loader, str):
-        return
-    if not isinstance(getattr(trainer, "strategy", None), (SingleDeviceStrategy, DDPStrategy)):
+    if loader is None or isinstance(loader, str) or not checks_training_batches(trainer):
         return
     params = list(module.parameters())
     if not params or params[0].is_meta:
@@ -231,6 +224,25 @@ def check_first_batch(
         raise FisherInputError(
             f"{who}: the Fisher dataloader yielded no batches; it needs the data of the task."
         )
+    check_fisher_batch(who, module, batch, options, "the first batch of the Fisher dataloader")
+
+
+def check_fisher_batch(
+    who: str,
+    module: torch.nn.Module,
+    batch: Any,
+    options: FisherOptions | None,
+    source: str,
+) -> None:
+    """Run the model once (eval mode, no gradients) on ``batch`` as the Fisher pass will: a batch
+    the model cannot take, labels outside ``classes`` or an ``output_fn`` that fails raise a
+    ``FisherInputError`` naming ``source``."""
+    from ..estimators.base import eval_mode
+    from ..outputs import model_outputs, move_batch
+
+    params = list(module.parameters())
+    if not params or params[0].is_meta:
+        return
     opts = options if options is not None else FisherOptions()
     try:
         with torch.no_grad(), eval_mode(module):
@@ -243,15 +255,21 @@ def check_first_batch(
                 opts.ignore_index,
             )
     except FisherInputError as err:
-        raise FisherInputError(
-            f"{who}: on the first batch of the Fisher dataloader: {err}"
-        ) from None
+        raise FisherInputError(f"{who}: on {source}: {err}") from None
     except Exception as err:
         raise FisherInputError(
-            f"{who}: the model cannot take the first batch of the Fisher dataloader "
-            f"({type(err).__name__}: {err}); expected batches like the training ones (or an "
-            "`output_fn(module, batch)` that returns the logits)."
+            f"{who}: the model cannot take {source} ({type(err).__name__}: {err}); expected "
+            "batches like the training ones (or an `output_fn(module, batch)` that returns the "
+            "logits)."
         ) from err
+
+
+def checks_training_batches(trainer: pl.Trainer) -> bool:
+    """Whether a callback may run the model on a training batch outside the training step: not
+    under sharded strategies, whose forward is a collective."""
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    return isinstance(getattr(trainer, "strategy", None), (SingleDeviceStrategy, DDPStrategy))
 
 
 def warn_if_schedule_never_fires(

@@ -38,9 +38,11 @@ from ._utils import (
     build_fisher_options,
     check_dataloader,
     check_first_batch,
+    check_fisher_batch,
     check_method,
     check_name,
     check_options_at_setup,
+    checks_training_batches,
     evaluation_keeps_state,
     fisher_loader,
     grad_scale,
@@ -152,7 +154,11 @@ class EWC(Callback):
         apply: ``"grad"`` adds the penalty gradient to ``.grad`` (the default); ``"loss"`` adds
             nothing, for users who add :meth:`penalty` to their loss themselves.
         dataloader: data for the Fisher pass; default: the trainer's training dataloader (the
-            finished task's data; under DDP each rank's shard).
+            finished task's data; under DDP each rank's shard). When a fit starts, the model is
+            run once (eval mode, no gradients; so ``output_fn`` is called once more) on the
+            first batch of ``dataloader``, or on the first training batch when there is none:
+            a batch the Fisher pass cannot take, or labels outside ``classes``, is refused before
+            the task trains rather than after it.
         consolidate_on_fit_end: consolidate after the last optimizer step of every ``fit`` that
             made optimizer steps (before the checkpoints of that step).
         task_attr: name of the datamodule attribute whose change marks a task boundary (checked in
@@ -551,6 +557,17 @@ class EWC(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if (
+            not self._fit_batches
+            and self.dataloader is None
+            and lookup(self.method).data_pass
+            and checks_training_batches(trainer)
+        ):
+            # The consolidation reads batches like this one after the task's last step: refuse
+            # labels outside `classes` or a failing `output_fn` now, for one no-grad forward.
+            check_fisher_batch(
+                "EWC", pl_module, batch, self.fisher_options, "the first training batch"
+            )
         if self.batch_size is None and not lookup(self.method).data_pass:
             try:
                 self._micro_batch = batch_size_of(batch)
