@@ -1,0 +1,647 @@
+"""Model features users really have, against the brute-force dense Fisher (``dense_reference``).
+
+Train-mode models (BatchNorm, Dropout), frozen parameters and adapters, tied weights, activation
+checkpointing, packed sequences, bags with offsets, ``channels_last``, attention with padding
+masks, structured outputs, per-pixel logits, batches whose first dimension is not the batch, and
+16-bit models. Each either matches the reference (one input at a time, float64) or is refused with
+a ``FisherInputError`` that says why.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import namedtuple
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dense_reference import dense_reference, max_relative_error
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
+from torch.utils.checkpoint import checkpoint
+
+import lightning_fisher as lf
+
+RTOL = 1e-6
+SEED, MC = 3, 2
+
+
+def _double(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` in float64 with weights moved off their initial values."""
+    torch.manual_seed(seed)
+    model = model.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def _rows(shape: Sequence[int], n_classes: int = 3, sizes: Sequence[int] = (3, 2)) -> list[Any]:
+    gen = torch.Generator().manual_seed(11)
+    return [
+        (
+            torch.randn(b, *shape, generator=gen, dtype=torch.float64),
+            torch.randint(0, n_classes, (b,), generator=gen),
+        )
+        for b in sizes
+    ]
+
+
+def _estimate(model: nn.Module, batches: Any, method: str, **kw: Any) -> lf.FisherDiagonal:
+    if method == "sample":
+        kw = {"seed": SEED, "mc_samples": MC, "token_route": "position", **kw}
+    return lf.estimate_fisher(model, batches, method, progress=False, **kw)
+
+
+def _want(ref: Any, method: str) -> dict[str, Tensor]:
+    return ref.sample(MC, SEED) if method == "sample" else getattr(ref, method)()
+
+
+def assert_matches_reference(
+    model: nn.Module,
+    batches: list[Any],
+    methods: Sequence[str] = ("exact", "empirical", "batched"),
+    *,
+    ref_model: nn.Module | None = None,
+    ref_batches: list[Any] | None = None,
+    batch_dim: int = 0,
+    rtol: float = RTOL,
+    **kw: Any,
+) -> None:
+    ref = dense_reference(
+        ref_model if ref_model is not None else model,
+        ref_batches if ref_batches is not None else batches,
+        batch_dim,
+        kw.get("shift_labels", False),
+    )
+    for method in methods:
+        fd = _estimate(model, batches, method, **kw)
+        assert fd.n_samples == ref.n_inputs, f"{method}: {fd.n_samples} != {ref.n_inputs}"
+        err, where = max_relative_error(dict(fd.items()), _want(ref, method))
+        assert err <= rtol, f"{method}: relative error {err:.2e} on {where}"
+
+
+# ------------------------------------------------------------------ train mode
+
+
+def test_train_mode_batchnorm_and_dropout_give_the_eval_fisher_and_keep_the_model() -> None:
+    model = _double(
+        nn.Sequential(
+            nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Dropout(0.5), nn.Linear(5, 3)
+        )
+    )
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model.train()
+    model[1].num_batches_tracked.fill_(7)
+    buffers = [b.clone() for b in model.buffers()]
+    batches = _rows((4,))
+    # the reference runs the model in eval mode: running statistics, no dropout
+    assert_matches_reference(model, batches, ("exact", "empirical", "batched", "sample"))
+    assert all(m.training for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical", "hutchinson"])
+def test_batch_statistics_in_eval_mode_are_refused(method: str) -> None:
+    """BatchNorm without running statistics normalises by the batch's own statistics even in eval
+    mode: an input's logits depend on the other inputs, so no per-input Fisher exists."""
+    model = _double(
+        nn.Sequential(
+            nn.Linear(4, 5),
+            nn.BatchNorm1d(5, track_running_stats=False),
+            nn.Tanh(),
+            nn.Linear(5, 3),
+        )
+    )
+    with pytest.raises(lf.FisherInputError, match=r"batch statistics.*'1'.*track_running_stats"):
+        _estimate(model, _rows((4,)), method)
+    assert all(m.training for m in model.modules())
+
+
+def test_batch_statistics_are_fine_for_the_batch_gradient() -> None:
+    """``batched`` squares the gradient of each batch's mean log-likelihood: defined whatever
+    couples the batch's inputs, and equal to that gradient computed by hand."""
+    model = _double(
+        nn.Sequential(
+            nn.Linear(4, 5),
+            nn.BatchNorm1d(5, track_running_stats=False),
+            nn.Tanh(),
+            nn.Linear(5, 3),
+        )
+    )
+    batches = _rows((4,))
+    fd = _estimate(model, batches, "batched")
+    params = dict(model.named_parameters())
+    want = {k: torch.zeros_like(p) for k, p in params.items()}
+    for x, y in batches:
+        loglik = torch.log_softmax(model(x), -1).gather(1, y[:, None]).mean()
+        for (k, _), g in zip(params.items(), torch.autograd.grad(loglik, list(params.values()))):
+            want[k] += g.pow(2) / len(batches)
+    err, where = max_relative_error(dict(fd.items()), want)
+    assert err <= RTOL, f"relative error {err:.2e} on {where}"
+
+
+class _FunctionalDropout(nn.Module):
+    """``F.dropout(h, 0.5)``: the functional form defaults to training=True, eval mode or not."""
+
+    def __init__(self, sdpa: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.sdpa = nn.Linear(4, 4), nn.Linear(4, 3), sdpa
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.a(x))
+        if self.sdpa:
+            q = h.view(h.shape[0], 1, 2, 2)
+            h = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5).flatten(1)
+        else:
+            h = F.dropout(h, 0.5)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+@pytest.mark.parametrize("method", ["exact", "batched"])
+def test_dropout_that_eval_mode_cannot_switch_off_warns(sdpa: bool, method: str) -> None:
+    model = _double(_FunctionalDropout(sdpa))
+    with pytest.warns(UserWarning, match="dropout.*eval mode"):
+        _estimate(model, _rows((4,)), method)
+
+
+# ------------------------------------------------------------------ which parameters
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update: W x + b + s B A dropout(x)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2, scale: float = 2.0) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        self.drop, self.scale = nn.Dropout(0.1), scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.scale * self.lora_B(self.lora_A(self.drop(x)))
+
+
+def test_frozen_backbone_and_lora_adapters() -> None:
+    backbone = nn.Sequential(nn.Linear(4, 5), nn.Tanh()).requires_grad_(False)
+    model = _double(
+        nn.Sequential(backbone, LoRALinear(nn.Linear(5, 5)), nn.Tanh(), nn.Linear(5, 3))
+    ).train()
+    model[3].bias.requires_grad_(False)
+    fd = _estimate(model, _rows((4,)), "exact")
+    assert set(fd) == {"1.lora_A.weight", "1.lora_B.weight", "3.weight"}
+    assert_matches_reference(model, _rows((4,)), ("exact", "empirical", "batched", "sample"))
+
+
+class TiedLM(nn.Module):
+    """A token-level LM whose output head shares the input embedding's tensor."""
+
+    def __init__(self, vocab: int = 7, dim: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.emb(ids)
+        h = h + torch.tanh(self.mix(h)).cumsum(1) / 2  # each position sees its prefix
+        return self.head(h)
+
+
+def _token_batches(vocab: int = 7, length: int = 4) -> list[Any]:
+    gen = torch.Generator().manual_seed(5)
+    out = []
+    for b in (3, 2):
+        ids = torch.randint(0, vocab, (b, length), generator=gen)
+        labels = torch.randint(0, vocab, (b, length), generator=gen)
+        labels[0, 1] = -100
+        out.append((ids, labels))
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tied_embedding_and_head_count_the_shared_tensor_once(causal: bool) -> None:
+    model = _double(TiedLM())
+    batches = _token_batches()
+    fd = _estimate(model, batches, "exact", causal=causal)
+    assert set(fd) == {"emb.weight", "mix.weight", "mix.bias"}
+    assert_matches_reference(model, batches, ("exact", "empirical", "sample"), causal=causal)
+
+
+# ------------------------------------------------------------------ activation checkpointing
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.block = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh())
+        self.out = nn.Linear(5, 3)
+        self.reentrant = reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        return self.out(checkpoint(self.block, h, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_torch_checkpoint_in_a_custom_forward(reentrant: bool) -> None:
+    model = _double(_Checkpointed(reentrant)).train()
+    reference = copy.deepcopy(model)
+    reference.forward = lambda x: reference.out(reference.block(torch.tanh(reference.inp(x))))  # type: ignore[method-assign]
+    assert_matches_reference(model, _rows((4,)), ref_model=reference)
+
+
+def test_hugging_face_gradient_checkpointing() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        vocab_size=16,
+        n_embd=8,
+        n_layer=2,
+        n_head=2,
+        n_positions=8,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    reference = copy.deepcopy(model)
+    model.gradient_checkpointing_enable()
+    model.train()
+    gen = torch.Generator().manual_seed(2)
+    batches = []
+    for b in (2, 1):
+        ids = torch.randint(1, 16, (b, 4), generator=gen)
+        mask = torch.ones(b, 4, dtype=torch.long)
+        mask[0, 3] = 0
+        batches.append(
+            {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        )
+    assert_matches_reference(
+        model, batches, ("exact", "batched"), ref_model=reference, shift_labels=True
+    )
+    assert model.is_gradient_checkpointing and model.training
+
+
+# ------------------------------------------------------------------ sequences, bags, layouts
+
+
+class _Indexed(nn.Module):
+    """The reference's view of inputs that are not rows of a tensor: ``forward(i)`` runs the model
+    on input ``i`` alone."""
+
+    def __init__(self, model: nn.Module, inputs: list[Any]) -> None:
+        super().__init__()
+        self.m, self.inputs = model, inputs
+
+    def forward(self, i: Tensor) -> Tensor:
+        return self.m(self.inputs[int(i[0])])
+
+
+def _indexed_reference(
+    model: nn.Module, inputs: list[Any], labels: Tensor
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Exact and empirical diagonals of ``model`` on single inputs (names without the wrapper)."""
+    batches = [(torch.tensor([i]), labels[i : i + 1]) for i in range(len(inputs))]
+    ref = dense_reference(_Indexed(model, inputs), batches)
+    strip: Callable[[dict[str, Tensor]], dict[str, Tensor]] = lambda d: {  # noqa: E731
+        k.removeprefix("m."): v for k, v in d.items()
+    }
+    return strip(ref.exact()), strip(ref.empirical())
+
+
+class _PackedRNN(nn.Module):
+    def __init__(self, kind: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn = kind(4, 3, batch_first=True)
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, packed: PackedSequence) -> Tensor:
+        _, h = self.rnn(packed)
+        return self.out((h[0] if isinstance(h, tuple) else h)[-1])
+
+
+@pytest.mark.parametrize("kind", [nn.GRU, nn.LSTM])
+def test_packed_sequence_batches(kind: type[nn.Module]) -> None:
+    model = _double(_PackedRNN(kind))
+    gen = torch.Generator().manual_seed(4)
+    batches, singles, labels = [], [], []
+    for b, lengths in ((3, (2, 4, 1)), (2, (3, 3))):
+        seqs = [torch.randn(n, 4, generator=gen, dtype=torch.float64) for n in lengths]
+        y = torch.randint(0, 3, (b,), generator=gen)
+        batches.append((pack_sequence(seqs, enforce_sorted=False), y))
+        singles += [pack_sequence([s]) for s in seqs]
+        labels.append(y)
+    exact, empirical = _indexed_reference(model, singles, torch.cat(labels))
+    for method, want in (("exact", exact), ("empirical", empirical)):
+        fd = _estimate(model, batches, method)
+        assert fd.n_samples == 5
+        err, where = max_relative_error(dict(fd.items()), want)
+        assert err <= RTOL, f"{method}: relative error {err:.2e} on {where}"
+    # EXACT(n) over a list of batches cuts the last one at a whole sequence
+    fd = _estimate(model, batches, "exact", max_samples=4)
+    want, _ = _indexed_reference(model, singles[:4], torch.cat(labels)[:4])
+    assert fd.n_samples == 4
+    assert max_relative_error(dict(fd.items()), want)[0] <= RTOL
+
+
+class _Bag(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(9, 4, mode="mean")
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> Tensor:
+        ids, offsets = inputs
+        return self.out(torch.tanh(self.bag(ids, offsets)))
+
+
+def test_embedding_bag_with_offsets() -> None:
+    model = _double(_Bag())
+    gen = torch.Generator().manual_seed(6)
+    batches, singles, labels = [], [], []
+    for lengths in ((2, 3, 1), (3, 2)):
+        ids = torch.randint(0, 9, (sum(lengths),), generator=gen)
+        offsets = torch.tensor((0, *lengths[:-1])).cumsum(0)
+        y = torch.randint(0, 3, (len(lengths),), generator=gen)
+        batches.append(((ids, offsets), y))
+        singles += [(part, torch.tensor([0])) for part in ids.split(list(lengths))]
+        labels.append(y)
+    exact, empirical = _indexed_reference(model, singles, torch.cat(labels))
+    for method, want in (("exact", exact), ("empirical", empirical)):
+        fd = _estimate(model, batches, method)
+        assert fd.n_samples == 5
+        err, where = max_relative_error(dict(fd.items()), want)
+        assert err <= RTOL, f"{method}: relative error {err:.2e} on {where}"
+    # the first n inputs of flat ids with offsets are not ids[:n]: refused, not cut wrongly
+    with pytest.raises(
+        lf.FisherInputError, match=r"batch of 3.*shape \(6,\).*no dimension of size 3"
+    ):
+        _estimate(model, batches[::-1], "exact", max_samples=4)
+
+
+class _SeqFirstLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 3)
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.lstm(x)[0].mean(0))
+
+
+def test_sequence_first_batches_count_and_cut_inputs_not_steps() -> None:
+    """x of shape (T, B, D), the default layout of nn.LSTM: the labels say which dimension is the
+    batch, so EXACT(n) takes n sequences (not n time steps)."""
+    model = _double(_SeqFirstLSTM())
+    gen = torch.Generator().manual_seed(8)
+    batches = [
+        (
+            torch.randn(5, b, 4, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (b,), generator=gen),
+        )
+        for b in (3, 2)
+    ]
+    assert_matches_reference(model, batches, batch_dim=1)
+    first4 = [batches[0], (batches[1][0][:, :1], batches[1][1][:1])]
+    assert_matches_reference(
+        model, batches, ("exact",), ref_batches=first4, batch_dim=1, max_samples=4
+    )
+
+
+def test_channels_last_convolutions() -> None:
+    model = (
+        _double(
+            nn.Sequential(
+                nn.Conv2d(2, 3, 3, padding=1),
+                nn.BatchNorm2d(3),
+                nn.ReLU(),
+                nn.Conv2d(3, 3, 2, stride=2),
+                nn.Flatten(),
+                nn.Linear(12, 3),
+            )
+        )
+        .eval()
+        .to(memory_format=torch.channels_last)
+    )
+    batches = [(x.to(memory_format=torch.channels_last), y) for x, y in _rows((2, 4, 4))]
+    assert_matches_reference(model, batches)
+
+
+class _Attention(nn.Module):
+    """Token ids and a padding mask in a keyword batch; either nn.MultiheadAttention (weights not
+    returned) or a TransformerEncoder that may take its nested-tensor fast path."""
+
+    def __init__(self, kind: str, tokens: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 4)
+        self.kind, self.tokens = kind, tokens
+        if kind == "mha":
+            self.body: nn.Module = nn.MultiheadAttention(4, 2, batch_first=True)
+        else:
+            layer = nn.TransformerEncoderLayer(4, 2, 6, dropout=0.1, batch_first=True)
+            self.body = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        h, pad = self.emb(input_ids), attention_mask == 0
+        if self.kind == "mha":
+            h = self.body(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        else:
+            h = self.body(h, src_key_padding_mask=pad)
+        if self.tokens:
+            return self.out(h)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return self.out((h * m).sum(1) / m.sum(1))
+
+
+def _masked_batches(tokens: bool) -> list[dict[str, Tensor]]:
+    gen = torch.Generator().manual_seed(9)
+    out = []
+    for b in (3, 2):
+        ids = torch.randint(0, 9, (b, 4), generator=gen)
+        mask = torch.ones(b, 4, dtype=torch.long)
+        mask[0, 2:] = 0
+        y = torch.randint(0, 3, (b, 4) if tokens else (b,), generator=gen)
+        if tokens:
+            y[mask == 0] = -100
+        out.append({"input_ids": ids, "attention_mask": mask, "labels": y})
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "tokens"), [("mha", False), ("encoder", False), ("encoder", True)]
+)
+def test_attention_with_padding_masks(kind: str, tokens: bool) -> None:
+    model = _double(_Attention(kind, tokens)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nested tensors: a fast-path advice
+        assert_matches_reference(model, _masked_batches(tokens))
+
+
+class _CausalSDPA(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.qkv, self.out = nn.Embedding(9, 4), nn.Linear(4, 12), nn.Linear(4, 9)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.emb(ids)
+        B, T, _ = h.shape
+        q, k, v = self.qkv(h).view(B, T, 3, 2, 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(h + a.transpose(1, 2).reshape(B, T, 4))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_scaled_dot_product_attention_is_causal(causal: bool) -> None:
+    batches = [(ids, torch.roll(ids, -1, 1)) for ids, _ in _token_batches(9)]
+    assert_matches_reference(
+        _double(_CausalSDPA()), batches, ("exact", "empirical", "sample"), causal=causal
+    )
+
+
+# ------------------------------------------------------------------ outputs
+
+
+class _Returns(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.lin = kind, nn.Linear(4, 3)
+
+    def forward(self, x: Tensor, scale: Tensor | None = None) -> Any:
+        z = self.lin(x) * (1.0 if scale is None else scale)
+        if self.kind == "dict":
+            return {"logits": z, "hidden": x}
+        if self.kind == "tuple":
+            return z, x
+        if self.kind == "model_output":
+            from transformers.modeling_outputs import SequenceClassifierOutput
+
+            return SequenceClassifierOutput(logits=z)
+        return z
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple", "model_output", "keywords"])
+def test_structured_outputs_and_keyword_batches(kind: str) -> None:
+    if kind == "model_output":
+        pytest.importorskip("transformers")
+    model = _double(_Returns(kind))
+    batches: list[Any] = _rows((4,))
+    if kind == "keywords":
+        batches = [{"x": x, "scale": 2.0, "labels": y} for x, y in batches]
+    reference = _double(_Returns("tensor"))
+    reference.load_state_dict(model.state_dict())
+    ref_batches = batches if kind == "keywords" else None
+    assert_matches_reference(model, batches, ref_model=reference, ref_batches=ref_batches)
+
+
+class _LossFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.lin(x)
+        return z.pow(2).mean(), z
+
+
+def test_a_tuple_whose_first_item_is_not_the_logits_is_refused_naming_output_fn() -> None:
+    with pytest.raises(lf.FisherInputError, match=r"first item.*shape \(\).*output_fn"):
+        _estimate(_double(_LossFirst()), _rows((4,)), "exact")
+
+
+class _Segmenter(nn.Module):
+    """Per-pixel classes laid out as PyTorch's losses take them: logits (B, C, *S)."""
+
+    def __init__(self, dims: int) -> None:
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv1d
+        self.a, self.b = conv(2, 4, 3, padding=1), conv(4, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _classes_last(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose logits have the classes moved last (the reference's layout)."""
+    ref = copy.deepcopy(model)
+    forward = type(model).forward
+    ref.forward = lambda x: forward(ref, x).movedim(1, -1)  # type: ignore[method-assign]
+    return ref
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_per_pixel_logits_with_classes_on_dimension_1(dims: int) -> None:
+    """Logits (B, C, H, W) with labels (B, H, W): every labelled pixel is one C-class input."""
+    model = _double(_Segmenter(dims))
+    spatial = (4, 5) if dims == 2 else (6,)
+    gen = torch.Generator().manual_seed(10)
+    batches = []
+    for b in (2, 1):
+        y = torch.randint(0, 3, (b, *spatial), generator=gen)
+        y[0, 1] = -100
+        batches.append((torch.randn(b, 2, *spatial, generator=gen, dtype=torch.float64), y))
+    assert_matches_reference(
+        model,
+        batches,
+        ("exact", "empirical", "batched", "sample"),
+        ref_model=_classes_last(model),
+    )
+
+
+def test_per_pixel_logits_without_labels_are_refused() -> None:
+    model = _double(_Segmenter(2))
+    x = torch.randn(2, 2, 4, 5, dtype=torch.float64)
+    with pytest.raises(lf.FisherInputError, match=r"\(2, 3, 4, 5\).*movedim\(1, -1\)"):
+        _estimate(model, [x], "exact")
+    # with output_fn the caller states the layout: classes last
+    fd = _estimate(model, [x], "exact", output_fn=lambda m, b: m(b).movedim(1, -1))
+    assert fd.n_samples == 2 * 4 * 5
+
+
+# ------------------------------------------------------------------ batches
+
+
+def test_named_tuple_batches() -> None:
+    Batch = namedtuple("Batch", ["x", "y"])
+    batches = _rows((4,))
+    model = _double(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    named = [Batch(x, y) for x, y in batches]
+    assert_matches_reference(model, named, ref_batches=batches)
+    # EXACT(n) cuts the last batch and keeps its type
+    assert_matches_reference(
+        model,
+        named,
+        ("exact",),
+        ref_batches=[batches[0], Batch(*(t[:1] for t in batches[1]))],
+        max_samples=4,
+    )
+
+
+# ------------------------------------------------------------------ 16-bit models
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision_models_match_the_float64_reference(dtype: torch.dtype, rtol: float) -> None:
+    """The float64 reference of the same (rounded) weights; the gap is the 16-bit forward's
+    rounding (2^-11, 2^-8 per operation), the sums are float32."""
+    model = _double(
+        nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 5))
+    ).to(dtype)
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(16, 6, generator=gen).to(dtype)
+    batches = [(x, torch.randint(0, 5, (16,), generator=gen))]
+    ref = dense_reference(copy.deepcopy(model).double(), [(x.double(), y) for x, y in batches])
+    for method in ("exact", "empirical", "batched"):
+        fd = _estimate(model, batches, method)
+        assert all(v.dtype == torch.float32 for v in fd.values())
+        err, where = max_relative_error(dict(fd.items()), getattr(ref, method)())
+        assert err <= rtol, f"{dtype} {method}: relative error {err:.2e} on {where}"
