@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -302,8 +302,11 @@ def _slice(batch: Any, n: int, size: int) -> Any:
 
 def move_batch(batch: Any, device: torch.device) -> Any:
     """Move every tensor of a batch to ``device``."""
-    if isinstance(batch, (Tensor, PackedSequence)):
+    if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
+    if isinstance(batch, PackedSequence):
+        # its ``to`` takes Tensor.to's arguments, which its annotation does not say
+        return cast(Any, batch).to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return type(batch)({k: move_batch(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (tuple, list)):

@@ -10,6 +10,7 @@ a ``FisherInputError`` that says why.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections import namedtuple
 from collections.abc import Callable, Sequence
@@ -239,24 +240,46 @@ def test_tied_embedding_and_head_count_the_shared_tensor_once(causal: bool) -> N
 
 
 class _Checkpointed(nn.Module):
-    def __init__(self, reentrant: bool) -> None:
+    """A checkpointed segment after a first layer, or (``first``) on the raw inputs, which do not
+    require grad (a reentrant segment then gives its parameters no gradient in training)."""
+
+    def __init__(self, reentrant: bool, first: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(4, 5)
         self.block = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh())
         self.out = nn.Linear(5, 3)
-        self.reentrant = reentrant
+        self.reentrant, self.first = reentrant, first
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = torch.tanh(self.inp(x))
-        return self.out(checkpoint(self.block, h, use_reentrant=self.reentrant))
+    def forward(self, x: Tensor, plain: bool = False) -> Tensor:
+        def segment(v: Tensor) -> Tensor:
+            return self.block(torch.tanh(self.inp(v)) if self.first else v)
+
+        h = x if self.first else torch.tanh(self.inp(x))
+        h = segment(h) if plain else checkpoint(segment, h, use_reentrant=self.reentrant)
+        return self.out(h)
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_torch_checkpoint_in_a_custom_forward(reentrant: bool) -> None:
-    model = _double(_Checkpointed(reentrant)).train()
+def _graph_names(t: Tensor) -> set[str]:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    return {type(fn).__name__ for fn in seen}
+
+
+@pytest.mark.parametrize(("reentrant", "first"), [(False, False), (True, False), (True, True)])
+def test_torch_checkpoint_in_a_custom_forward(reentrant: bool, first: bool) -> None:
+    """The Fisher of the function the segment computes (the reference runs it without
+    checkpointing); outside the pass the model checkpoints as before."""
+    model = _double(_Checkpointed(reentrant, first)).train()
     reference = copy.deepcopy(model)
-    reference.forward = lambda x: reference.out(reference.block(torch.tanh(reference.inp(x))))  # type: ignore[method-assign]
+    reference.forward = functools.partial(type(model).forward, reference, plain=True)  # type: ignore[method-assign]
     assert_matches_reference(model, _rows((4,)), ref_model=reference)
+    if reentrant:
+        x = _rows((4,))[0][0].requires_grad_()
+        assert "CheckpointFunctionBackward" in _graph_names(model(x))
 
 
 def test_hugging_face_gradient_checkpointing() -> None:
@@ -274,7 +297,9 @@ def test_hugging_face_gradient_checkpointing() -> None:
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).double()
     reference = copy.deepcopy(model)
-    model.gradient_checkpointing_enable()
+    # transformers 5 names it activation checkpointing (the old name is deprecated)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    (enable or model.gradient_checkpointing_enable)()
     model.train()
     gen = torch.Generator().manual_seed(2)
     batches = []
@@ -288,7 +313,8 @@ def test_hugging_face_gradient_checkpointing() -> None:
     assert_matches_reference(
         model, batches, ("exact", "batched"), ref_model=reference, shift_labels=True
     )
-    assert model.is_gradient_checkpointing and model.training
+    on = getattr(model, "is_activation_checkpointing", None)
+    assert (on if on is not None else model.is_gradient_checkpointing) and model.training
 
 
 # ------------------------------------------------------------------ sequences, bags, layouts

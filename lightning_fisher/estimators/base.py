@@ -39,6 +39,7 @@ from ..outputs import (
 )
 from .batched_backward import batched_attention, batched_grad
 from .causal_cut import causal_blocks, check_prefix, position_lse, prefix_batch
+from .forward_checks import plain_reentrant_checkpoints, watch_forward
 from .per_input import PerInputEngine
 
 logger = logging.getLogger("lightning_fisher")
@@ -51,6 +52,10 @@ class Estimator:
     per_input: ClassVar[bool]
     #: options recorded on the returned ``FisherDiagonal``
     option_names: ClassVar[tuple[str, ...]] = ("max_samples",)
+
+    #: whether the estimate is built on a likelihood per input (everything but ``batched``): the
+    #: pass then refuses a model whose inputs are coupled by batch statistics
+    per_input_likelihood: ClassVar[bool] = True
 
     #: the ``granularity`` values the estimator accepts
     granularities: ClassVar[tuple[str, ...]] = ("token",)
@@ -427,7 +432,13 @@ def run_passes(
             model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
         )
 
-    with eval_mode(model), _attention_for(estimators), eager_compiled_code():
+    coupled_refused = any(e.per_input_likelihood for e in estimators)
+    with (
+        eval_mode(model),
+        _attention_for(estimators),
+        eager_compiled_code(),
+        plain_reentrant_checkpoints(),
+    ):
         for batch in _progress(loader, opts.progress, f"Fisher ({label})"):
             if opts.max_batches is not None and n_batches >= opts.max_batches:
                 break
@@ -439,10 +450,17 @@ def run_passes(
                     batch = slice_batch(batch, limit - rows)
             batch = move_batch(batch, device)
             rows += batch_size_of(batch)
-            if engine is not None:
-                out = _record(engine, functools.partial(forward, batch), batch_size_of(batch))
-            else:
-                out = forward(batch)
+            # the first batch's forwards are watched for what eval mode leaves batch-dependent
+            watch = (
+                watch_forward(model, coupled_refused)
+                if n_batches == 0
+                else contextlib.nullcontext()
+            )
+            with watch:
+                if engine is not None:
+                    out = _record(engine, functools.partial(forward, batch), batch_size_of(batch))
+                else:
+                    out = forward(batch)
             for e in estimators:
                 e.validate(out.n_classes)
             n = out.n_inputs
