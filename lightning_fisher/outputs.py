@@ -301,8 +301,11 @@ def _slice(batch: Any, n: int, size: int) -> Any:
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a batch to ``device``."""
+    """Move every tensor of a batch to ``device``. Outside inference mode, a tensor created in it
+    (a batch of a validation loop) is copied to a normal one: autograd cannot save it."""
     if isinstance(batch, Tensor):
+        if batch.is_inference() and not torch.is_inference_mode_enabled():
+            batch = batch.clone()
         return batch.to(device, non_blocking=True)
     if isinstance(batch, PackedSequence):
         # its ``to`` takes Tensor.to's arguments, which its annotation does not say

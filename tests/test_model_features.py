@@ -107,6 +107,22 @@ def test_train_mode_batchnorm_and_dropout_give_the_eval_fisher_and_keep_the_mode
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_called_under_no_grad_or_inference_mode(context: Callable[[], Any]) -> None:
+    """A validation hook runs under inference mode, its batches are inference tensors: the pass
+    turns autograd back on for itself."""
+    model = _double(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)))
+    batches = _rows((4,))
+    ref = dense_reference(model, batches)
+    with context():
+        ours = [(x.clone(), y.clone()) for x, y in batches]
+        fds = lf.estimate_fishers(model, ours, ["exact", "empirical", "batched"], progress=False)
+        assert not torch.is_grad_enabled()
+    for fd in fds:
+        err, where = max_relative_error(dict(fd.items()), getattr(ref, fd.method)())
+        assert err <= RTOL, f"{fd.method}: relative error {err:.2e} on {where}"
+
+
 @pytest.mark.parametrize("method", ["exact", "empirical", "hutchinson"])
 def test_batch_statistics_in_eval_mode_are_refused(method: str) -> None:
     """BatchNorm without running statistics normalises by the batch's own statistics even in eval

@@ -403,6 +403,17 @@ def run_passes(
     fused attention kernel, see ``_attention_for``). ``observe(out)``, if given, sees the outputs of
     every batch with at least one input (statistics of p that need no extra forward).
     """
+    # autograd on, also when called under no_grad or in inference mode (a validation hook)
+    with torch.inference_mode(False), torch.enable_grad():
+        return _run_passes(model, loader, estimators, observe)
+
+
+def _run_passes(
+    model: nn.Module,
+    loader: Iterable[Any],
+    estimators: list[Estimator],
+    observe: Callable[[ModelOutputs], None] | None,
+) -> list[FisherDiagonal]:
     # Sharded (FSDP) models: the pass keeps the Fisher sharded like the parameters.
     if sharded.is_fsdp2(model) or sharded.is_fsdp1(model):
         return sharded.run_passes_sharded(model, loader, estimators, observe)

@@ -134,7 +134,7 @@ def watch_forward(model: nn.Module, per_input_fisher: bool) -> Iterator[None]:
             "between passes. Pass `training=self.training` (or `dropout_p=p if self.training "
             "else 0.0`) unless the dropout is meant to stay on.",
             UserWarning,
-            stacklevel=5,
+            stacklevel=6,
         )
 
 
