@@ -5,7 +5,9 @@ A model may return a tensor of logits, a tuple whose first item is the logits, a
 ``output_fn(module, batch) -> logits`` covers everything else.
 
 Logits of shape ``(B, C)`` give one input per row. Logits of shape ``(B, T, C)`` give one input per
-position ``t`` whose attention mask is 1 and whose label is not ``-100``.
+position ``t`` whose attention mask is 1 and whose label is not ``-100``. Dense predictions with the
+classes on dimension 1, ``(B, C, H, W)`` with labels ``(B, H, W)`` as PyTorch's losses take them,
+have their classes moved last: one input per labelled pixel.
 
 A Hugging Face encoder-decoder model (T5, BART, ...; ``config.is_encoder_decoder``) is run as it
 trains: without ``decoder_input_ids`` in the batch, they are derived from its ``labels``
