@@ -260,7 +260,7 @@ def batch_size_of(batch: Any) -> int:
     raise FisherInputError("The batch holds no tensor with a batch dimension.")
 
 
-def _rebuilt(batch: tuple[Any, ...] | list[Any], items: list[Any]) -> Any:
+def rebuilt(batch: tuple[Any, ...] | list[Any], items: list[Any]) -> Any:
     """A tuple or list of the type of ``batch`` holding ``items`` (named tuples take fields)."""
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*items)
@@ -298,7 +298,7 @@ def _slice(batch: Any, n: int, size: int) -> Any:
     if isinstance(batch, Mapping):
         return type(batch)({k: _slice(v, n, size) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (tuple, list)):
-        return _rebuilt(batch, [_slice(v, n, size) for v in batch])
+        return rebuilt(batch, [_slice(v, n, size) for v in batch])
     return batch
 
 
@@ -315,7 +315,7 @@ def move_batch(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Mapping):
         return type(batch)({k: move_batch(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (tuple, list)):
-        return _rebuilt(batch, [move_batch(v, device) for v in batch])
+        return rebuilt(batch, [move_batch(v, device) for v in batch])
     return batch
 
 
