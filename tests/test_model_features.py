@@ -191,6 +191,16 @@ def test_dropout_that_eval_mode_cannot_switch_off_warns(sdpa: bool, method: str)
 # ------------------------------------------------------------------ which parameters
 
 
+def test_lazy_modules_not_initialised_yet_are_refused() -> None:
+    model = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, 3))
+    batches = [(torch.randn(3, 4), torch.randint(0, 3, (3,)))]
+    with pytest.raises(lf.FisherInputError, match=r"0\.weight, 0\.bias are not initialised"):
+        _estimate(model, batches, "exact")
+    with torch.no_grad():
+        model(batches[0][0])
+    assert _estimate(model, batches, "exact")["0.weight"].shape == (5, 4)
+
+
 class LoRALinear(nn.Module):
     """A frozen Linear plus a trainable low-rank update: W x + b + s B A dropout(x)."""
 

@@ -134,6 +134,13 @@ def trainable_parameters(
             "The model has no trainable parameters to estimate a Fisher for (all have "
             "requires_grad=False, or `param_filter` excluded them all)."
         )
+    lazy = [n for n, p in params.items() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise FisherInputError(
+            f"The parameters {', '.join(lazy[:5])} are not initialised yet (lazy modules such as "
+            "nn.LazyLinear get their shapes at their first forward). Run the model once, e.g. "
+            "on one batch under torch.no_grad(), or train it, before estimating its Fisher."
+        )
     return params
 
 
