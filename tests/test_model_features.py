@@ -718,3 +718,33 @@ def test_half_precision_models_match_the_float64_reference(dtype: torch.dtype, r
         assert all(v.dtype == torch.float32 for v in fd.values())
         err, where = max_relative_error(dict(fd.items()), getattr(ref, method)())
         assert err <= rtol, f"{dtype} {method}: relative error {err:.2e} on {where}"
+
+
+class _Autocast(nn.Module):
+    """A float32 model whose forward runs its layers under bfloat16 autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 16), nn.Linear(16, 3)
+
+    def forward(self, x: Tensor, autocast: bool = True) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z = self.b(torch.tanh(self.a(x)))
+        return z.float() if autocast else z
+
+
+def test_autocast_inside_the_forward_is_checked_at_its_own_precision() -> None:
+    """The per-input check allows the rounding of the lowest precision the layers ran in (it
+    refused bfloat16 layers at float32's tolerance); the float64 reference runs without
+    autocast."""
+    model = _double(_Autocast())
+    reference = copy.deepcopy(model)
+    reference.forward = functools.partial(_Autocast.forward, reference, autocast=False)  # type: ignore[method-assign]
+    model.float()
+    gen = torch.Generator().manual_seed(13)
+    x, y = torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+    ref = dense_reference(reference, [(x.double(), y)])
+    for method in ("exact", "empirical", "batched"):
+        fd = _estimate(model, [(x, y)], method)
+        err, where = max_relative_error(dict(fd.items()), getattr(ref, method)())
+        assert err <= 3e-2, f"{method}: relative error {err:.2e} on {where}"
