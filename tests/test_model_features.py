@@ -455,6 +455,30 @@ def test_embedding_bag_with_offsets() -> None:
         _estimate(model, batches[::-1], "exact", max_samples=4)
 
 
+class _SparseEmbedding(nn.Module):
+    def __init__(self, bag: bool) -> None:
+        super().__init__()
+        self.emb = nn.EmbeddingBag(9, 4, sparse=True) if bag else nn.Embedding(9, 4, sparse=True)
+        self.out, self.bag = nn.Linear(4, 3), bag
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = self.emb(ids) if self.bag else self.emb(ids).mean(1)
+        return self.out(torch.tanh(h))
+
+
+@pytest.mark.parametrize("bag", [False, True])
+def test_sparse_embedding_gradients(bag: bool) -> None:
+    """``sparse=True`` tables (recommenders): dense gradients during the pass, sparse after."""
+    model = _double(_SparseEmbedding(bag))
+    gen = torch.Generator().manual_seed(7)
+    batches = [
+        (torch.randint(0, 9, (b, 3), generator=gen), torch.randint(0, 3, (b,), generator=gen))
+        for b in (3, 2)
+    ]
+    assert_matches_reference(model, batches)
+    assert model.emb.sparse
+
+
 class _SeqFirstLSTM(nn.Module):
     def __init__(self) -> None:
         super().__init__()

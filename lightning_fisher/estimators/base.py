@@ -39,7 +39,11 @@ from ..outputs import (
 )
 from .batched_backward import batched_attention, batched_grad
 from .causal_cut import causal_blocks, check_prefix, position_lse, prefix_batch
-from .forward_checks import plain_reentrant_checkpoints, watch_forward
+from .forward_checks import (
+    dense_embedding_gradients,
+    plain_reentrant_checkpoints,
+    watch_forward,
+)
 from .per_input import PerInputEngine
 
 logger = logging.getLogger("lightning_fisher")
@@ -456,6 +460,7 @@ def _run_passes(
         _attention_for(estimators),
         eager_compiled_code(),
         plain_reentrant_checkpoints(),
+        dense_embedding_gradients(model),
     ):
         for batch in _progress(loader, opts.progress, f"Fisher ({label})"):
             if opts.max_batches is not None and n_batches >= opts.max_batches:

@@ -17,6 +17,10 @@ Dropout modules pass their inputs through. Two things survive eval mode:
 Both are seen as torch functions called with their arguments (a ``TorchFunctionMode``), so they
 are found wherever the model calls them, and named by the innermost module running.
 
+``nn.Embedding``/``nn.EmbeddingBag`` with ``sparse=True`` give sparse gradients, which the
+per-input rules and the squared sums cannot take; during the pass they give dense ones (the same
+values: the Fisher of a table is a dense table anyway).
+
 ``torch.utils.checkpoint`` with ``use_reentrant=True`` runs its segment without autograd and
 replays it inside ``backward()``, which ``torch.autograd.grad`` (every estimator's backward)
 refuses. In eval mode nothing is to be saved by recomputation that the pass does not keep
@@ -172,3 +176,19 @@ def plain_reentrant_checkpoints() -> Iterator[None]:
             del fn.apply
         else:
             fn.apply = saved  # type: ignore[method-assign]
+
+
+@contextmanager
+def dense_embedding_gradients(model: nn.Module) -> Iterator[None]:
+    """``nn.Embedding``/``nn.EmbeddingBag`` modules built with ``sparse=True`` give dense
+    gradients while the block runs (restored afterwards, also on error)."""
+    sparse = [
+        m for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse
+    ]
+    for m in sparse:
+        m.sparse = False
+    try:
+        yield
+    finally:
+        for m in sparse:
+            m.sparse = True
