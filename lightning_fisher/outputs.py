@@ -18,6 +18,8 @@ not by the encoder's ``attention_mask``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -189,8 +191,35 @@ def call_model(model: nn.Module, batch: Any) -> Any:
                 kwargs["labels"] = labels
         return model(**kwargs)
     if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence):
+        needed = _positional_arguments(model.forward)
+        if needed > 1:
+            raise FisherInputError(
+                f"{type(model).__name__}.forward takes {needed} positional arguments, but a "
+                f"{type(batch).__name__} batch passes its first item alone (the convention of "
+                "(inputs, labels) batches). Yield mappings of keyword arguments (with a `labels` "
+                "entry), or batches ((x1, x2, ...), labels) with "
+                "`output_fn=lambda m, b: m(*b[0])`."
+            )
         return model(batch[0])
     return model(batch)
+
+
+def _positional_arguments(forward: Callable[..., Any]) -> int:
+    """How many positional arguments without a default ``forward`` requires (0 when it takes
+    ``*args`` or its signature cannot be read)."""
+    return _required_positional(getattr(forward, "__func__", forward), hasattr(forward, "__self__"))
+
+
+@functools.cache
+def _required_positional(fn: Callable[..., Any], bound: bool) -> int:
+    try:
+        params = list(inspect.signature(fn).parameters.values())[int(bound) :]
+    except (TypeError, ValueError):
+        return 0
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return 0
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is inspect.Parameter.empty for p in params)
 
 
 def extract_logits(output: Any) -> Tensor:

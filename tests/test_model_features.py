@@ -649,6 +649,30 @@ def test_a_tuple_whose_first_item_is_not_the_logits_is_refused_naming_output_fn(
         _estimate(_double(_LossFirst()), _rows((4,)), "exact")
 
 
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(2, 3)
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        return self.a(x1) + self.b(x2)
+
+
+def test_a_model_of_several_arguments_fed_tuple_batches_is_told_how() -> None:
+    model = _double(_TwoInputs())
+    gen = torch.Generator().manual_seed(14)
+    x1 = torch.randn(3, 4, generator=gen, dtype=torch.float64)
+    x2 = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (3,), generator=gen)
+    with pytest.raises(lf.FisherInputError, match=r"takes 2 positional arguments.*output_fn"):
+        _estimate(model, [(x1, x2, y)], "exact")
+    with pytest.raises(lf.FisherInputError, match=r"takes 2 positional arguments.*m\(\*b\[0\]\)"):
+        _estimate(model, [((x1, x2), y)], "exact")
+    fd = _estimate(model, [((x1, x2), y)], "empirical", output_fn=lambda m, b: m(*b[0]))
+    ours = _estimate(model, [{"x1": x1, "x2": x2, "labels": y}], "empirical")
+    assert all(torch.equal(fd[k], ours[k]) for k in fd)
+
+
 class _Segmenter(nn.Module):
     """Per-pixel classes laid out as PyTorch's losses take them: logits (B, C, *S)."""
 
