@@ -299,10 +299,10 @@ def rebuilt(batch: tuple[Any, ...] | list[Any], items: list[Any]) -> Any:
 def slice_batch(batch: Any, n: int) -> Any:
     """The first ``n`` inputs of a batch (tensor, ``PackedSequence``, tuple/list or mapping).
 
-    Each tensor is cut at its first dimension of the batch's size (``batch_size_of``); one
-    without such a dimension is kept whole when shared by the batch (a leading dimension of 1, or
-    none), and refused otherwise: its first ``n`` entries need not be the first ``n`` inputs'
-    (flat ids with offsets, as ``nn.EmbeddingBag`` takes them)."""
+    Each tensor is cut at its first dimension of the batch's size (``batch_size_of``) unless its
+    leading dimension is 1 (shared by the batch: kept whole, as 0-dimensional tensors are); one
+    without such a dimension is refused: its first ``n`` entries need not be the first ``n``
+    inputs' (flat ids with offsets, as ``nn.EmbeddingBag`` takes them)."""
     return _slice(batch, n, batch_size_of(batch))
 
 
@@ -313,10 +313,12 @@ def _slice(batch: Any, n: int, size: int) -> Any:
     if isinstance(batch, Tensor):
         if batch.ndim == 0:
             return batch
-        if size in batch.shape:
-            return batch.narrow(list(batch.shape).index(size), 0, min(n, size))
-        if batch.shape[0] == 1:
+        if batch.shape[0] == size:
+            return batch[:n]
+        if batch.shape[0] == 1:  # shared by the batch (position ids of shape (1, T))
             return batch
+        if size in batch.shape:  # sequence-first (T, B, ...)
+            return batch.narrow(list(batch.shape).index(size), 0, min(n, size))
         raise FisherInputError(
             f"Cannot take the first {n} inputs of a batch of {size} (the batch size, from its "
             f"labels or first tensor): it holds a tensor of shape {tuple(batch.shape)} with no "
