@@ -105,6 +105,7 @@ def test_train_mode_batchnorm_and_dropout_give_the_eval_fisher_and_keep_the_mode
     assert_matches_reference(model, batches, ("exact", "empirical", "batched", "sample"))
     assert all(m.training for m in model.modules())
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
 @pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
