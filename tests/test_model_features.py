@@ -582,13 +582,37 @@ def _masked_batches(tokens: bool) -> list[dict[str, Tensor]]:
 
 
 @pytest.mark.parametrize(
-    ("kind", "tokens"), [("mha", False), ("encoder", False), ("encoder", True)]
+    ("kind", "tokens", "frozen"),
+    [
+        ("mha", False, False),
+        ("encoder", False, False),
+        ("encoder", True, False),
+        ("encoder", True, True),
+    ],
 )
-def test_attention_with_padding_masks(kind: str, tokens: bool) -> None:
+def test_attention_with_padding_masks(
+    kind: str, tokens: bool, frozen: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen encoder takes the nested-tensor fast path even with autograd on (none of its
+    tensors requires grad): padded positions come out as zeros, and only the head is estimated."""
     model = _double(_Attention(kind, tokens)).train()
+    if frozen:
+        model.emb.requires_grad_(False)
+        model.body.requires_grad_(False)
+    fast_path = []
+    layer_fwd = torch._transformer_encoder_layer_fwd
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        fast_path.append(True)
+        return layer_fwd(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # nested tensors: a fast-path advice
-        assert_matches_reference(model, _masked_batches(tokens))
+        assert_matches_reference(model, _masked_batches(tokens) * 2)
+        fast_path.clear()
+        _estimate(model, _masked_batches(tokens) * 2, "exact")
+    assert bool(fast_path) == frozen  # taken by the pass itself
 
 
 class _CausalSDPA(nn.Module):
