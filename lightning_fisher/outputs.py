@@ -5,7 +5,9 @@ A model may return a tensor of logits, a tuple whose first item is the logits, a
 ``output_fn(module, batch) -> logits`` covers everything else.
 
 Logits of shape ``(B, C)`` give one input per row. Logits of shape ``(B, T, C)`` give one input per
-position ``t`` whose attention mask is 1 and whose label is not ``-100``.
+position ``t`` whose attention mask is 1 and whose label is not ``-100``. Dense predictions with the
+classes on dimension 1, ``(B, C, H, W)`` with labels ``(B, H, W)`` as PyTorch's losses take them,
+have their classes moved last: one input per labelled pixel.
 
 A Hugging Face encoder-decoder model (T5, BART, ...; ``config.is_encoder_decoder``) is run as it
 trains: without ``decoder_input_ids`` in the batch, they are derived from its ``labels``
@@ -16,15 +18,18 @@ not by the encoder's ``attention_mask``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 #: Batch keys that hold targets and must not be passed to the model's forward.
 LABEL_KEYS = ("labels", "label", "targets", "target", "y")
@@ -185,9 +190,36 @@ def call_model(model: nn.Module, batch: Any) -> Any:
             else:  # a wrapper's forward hands them on; the model derives its decoder inputs
                 kwargs["labels"] = labels
         return model(**kwargs)
-    if isinstance(batch, (tuple, list)):
+    if isinstance(batch, (tuple, list)) and not isinstance(batch, PackedSequence):
+        needed = _positional_arguments(model.forward)
+        if needed > 1:
+            raise FisherInputError(
+                f"{type(model).__name__}.forward takes {needed} positional arguments, but a "
+                f"{type(batch).__name__} batch passes its first item alone (the convention of "
+                "(inputs, labels) batches). Yield mappings of keyword arguments (with a `labels` "
+                "entry), or batches ((x1, x2, ...), labels) with "
+                "`output_fn=lambda m, b: m(*b[0])`."
+            )
         return model(batch[0])
     return model(batch)
+
+
+def _positional_arguments(forward: Callable[..., Any]) -> int:
+    """How many positional arguments without a default ``forward`` requires (0 when it takes
+    ``*args`` or its signature cannot be read)."""
+    return _required_positional(getattr(forward, "__func__", forward), hasattr(forward, "__self__"))
+
+
+@functools.cache
+def _required_positional(fn: Callable[..., Any], bound: bool) -> int:
+    try:
+        params = list(inspect.signature(fn).parameters.values())[int(bound) :]
+    except (TypeError, ValueError):
+        return 0
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
+        return 0
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional and p.default is inspect.Parameter.empty for p in params)
 
 
 def extract_logits(output: Any) -> Tensor:
@@ -199,6 +231,13 @@ def extract_logits(output: Any) -> Tensor:
         logits = output.get("logits")
     if logits is None and isinstance(output, (tuple, list)) and output:
         logits = output[0]
+        if isinstance(logits, Tensor) and logits.ndim < 2:
+            raise FisherInputError(
+                f"The model returned a {type(output).__name__} whose first item, taken as the "
+                f"logits, has shape {tuple(logits.shape)} (a loss or a score, not logits of shape "
+                "(B, C)). Return the logits first, or pass `output_fn=lambda module, batch: ...` "
+                "returning them (e.g. `lambda m, b: m(b[0])[1]`)."
+            )
     if not isinstance(logits, Tensor):
         raise FisherInputError(
             f"Could not find logits in a model output of type {type(output).__name__}. The model "
@@ -216,14 +255,24 @@ def batch_labels(batch: Any) -> Tensor | None:
             if key in batch and isinstance(batch[key], Tensor):
                 return batch[key]
         return None
+    if isinstance(batch, PackedSequence):
+        return None
     if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
         return batch[1]
     return None
 
 
 def batch_size_of(batch: Any) -> int:
-    """Number of rows of a batch (the first dimension of its first tensor)."""
+    """Number of inputs of a batch: the first dimension of its labels when it has any (they index
+    inputs whatever the layout of the inputs: sequence-first tensors, flat ids with offsets),
+    else of its first tensor (the number of sequences of a ``PackedSequence``)."""
+    if isinstance(batch, PackedSequence):
+        return int(batch.batch_sizes[0]) if batch.batch_sizes.numel() else 0
     if isinstance(batch, Tensor):
+        if batch.ndim == 0:
+            raise FisherInputError(
+                "The batch is a 0-dimensional tensor; it has no batch dimension."
+            )
         return batch.shape[0]
     if isinstance(batch, Mapping):
         items: Sequence[Any] = list(batch.values())
@@ -231,31 +280,73 @@ def batch_size_of(batch: Any) -> int:
         items = batch
     else:
         raise FisherInputError(f"Cannot find the batch size of a batch of type {type(batch)}.")
+    labels = batch_labels(batch)
+    if labels is not None and labels.ndim > 0:
+        return labels.shape[0]
     for item in items:
-        if isinstance(item, Tensor) and item.ndim > 0:
-            return item.shape[0]
+        if isinstance(item, PackedSequence) or (isinstance(item, Tensor) and item.ndim > 0):
+            return batch_size_of(item)
     raise FisherInputError("The batch holds no tensor with a batch dimension.")
 
 
+def rebuilt(batch: tuple[Any, ...] | list[Any], items: list[Any]) -> Any:
+    """A tuple or list of the type of ``batch`` holding ``items`` (named tuples take fields)."""
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*items)
+    return type(batch)(items)
+
+
 def slice_batch(batch: Any, n: int) -> Any:
-    """The first ``n`` rows of a batch (tensor, tuple/list or mapping of tensors)."""
+    """The first ``n`` inputs of a batch (tensor, ``PackedSequence``, tuple/list or mapping).
+
+    Each tensor is cut at its first dimension of the batch's size (``batch_size_of``) unless its
+    leading dimension is 1 (shared by the batch: kept whole, as 0-dimensional tensors are); one
+    without such a dimension is refused: its first ``n`` entries need not be the first ``n``
+    inputs' (flat ids with offsets, as ``nn.EmbeddingBag`` takes them)."""
+    return _slice(batch, n, batch_size_of(batch))
+
+
+def _slice(batch: Any, n: int, size: int) -> Any:
+    if isinstance(batch, PackedSequence):
+        padded, lengths = pad_packed_sequence(batch, batch_first=True)  # in the given order
+        return pack_padded_sequence(padded[:n], lengths[:n], batch_first=True, enforce_sorted=False)
     if isinstance(batch, Tensor):
-        return batch[:n]
+        if batch.ndim == 0:
+            return batch
+        if batch.shape[0] == size:
+            return batch[:n]
+        if batch.shape[0] == 1:  # shared by the batch (position ids of shape (1, T))
+            return batch
+        if size in batch.shape:  # sequence-first (T, B, ...)
+            return batch.narrow(list(batch.shape).index(size), 0, min(n, size))
+        raise FisherInputError(
+            f"Cannot take the first {n} inputs of a batch of {size} (the batch size, from its "
+            f"labels or first tensor): it holds a tensor of shape {tuple(batch.shape)} with no "
+            f"dimension of size {size}, so its first dimension does not index inputs (flat ids "
+            "with offsets, say). Give max_samples a DataLoader over a map-style data set (it "
+            "then draws whole inputs), a multiple of the batch size, or use max_batches."
+        )
     if isinstance(batch, Mapping):
-        return type(batch)({k: slice_batch(v, n) for k, v in batch.items()})  # type: ignore[call-arg]
+        return type(batch)({k: _slice(v, n, size) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (tuple, list)):
-        return type(batch)(slice_batch(v, n) for v in batch)
+        return rebuilt(batch, [_slice(v, n, size) for v in batch])
     return batch
 
 
 def move_batch(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a batch to ``device``."""
+    """Move every tensor of a batch to ``device``. Outside inference mode, a tensor created in it
+    (a batch of a validation loop) is copied to a normal one: autograd cannot save it."""
     if isinstance(batch, Tensor):
+        if batch.is_inference() and not torch.is_inference_mode_enabled():
+            batch = batch.clone()
         return batch.to(device, non_blocking=True)
+    if isinstance(batch, PackedSequence):
+        # its ``to`` takes Tensor.to's arguments, which its annotation does not say
+        return cast(Any, batch).to(device, non_blocking=True)
     if isinstance(batch, Mapping):
         return type(batch)({k: move_batch(v, device) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (tuple, list)):
-        return type(batch)(move_batch(v, device) for v in batch)
+        return rebuilt(batch, [move_batch(v, device) for v in batch])
     return batch
 
 
@@ -333,6 +424,35 @@ def _check_logit_range(logits: Tensor, low: float, high: float, stacklevel: int 
             )
 
 
+def _classes_last(logits: Tensor, labels: Tensor | None, output_fn: OutputFn | None) -> Tensor:
+    """Logits with the classes on their last dimension.
+
+    Dense predictions (segmentation: logits (B, C, H, W), labels (B, H, W)) put the classes on
+    dimension 1, as PyTorch's losses take them; they are moved last when the labels have the shape
+    of the logits without dimension 1 and not that without the last one (both: classes last).
+    Logits of 4 or more dimensions whose labels do not tell are refused, unless an ``output_fn``
+    gave them (it returns classes last)."""
+    if logits.ndim < 3:
+        return logits
+    shape = tuple(logits.shape)
+    if labels is not None:
+        got = tuple(labels.shape)
+        if got != shape[:-1] and got == shape[:1] + shape[2:]:
+            return logits.movedim(1, -1)
+        if got == shape[:-1]:
+            return logits
+    if logits.ndim >= 4 and output_fn is None:
+        raise FisherInputError(
+            f"The model returned logits of shape {shape} and the batch has no labels that say "
+            "which dimension holds the classes: per-pixel logits put them on dimension 1 "
+            "((B, C, H, W), as PyTorch's losses take them), this library on the last one. Add "
+            f"labels of shape {shape[:1] + shape[2:]} (classes on dimension 1) or "
+            f"{shape[:-1]} (classes last), or pass `output_fn=lambda m, b: m(b).movedim(1, -1)` "
+            "(an output_fn returns the classes last)."
+        )
+    return logits
+
+
 def model_outputs(
     model: nn.Module,
     batch: Any,
@@ -375,6 +495,7 @@ def model_outputs(
         _check_logit_range(logits, values[0], values[1], stacklevel=4)
 
     labels = batch_labels(batch)
+    logits = _classes_last(logits, labels, output_fn)
     label_error = None
     if labels is not None and tuple(labels.shape) != tuple(logits.shape[:-1]):
         if tuple(labels.shape) == tuple(logits.shape):

@@ -354,9 +354,12 @@ def test_a_broken_rule_is_caught_on_the_first_rows(
     assert sum("failed the per-input check" in r.getMessage() for r in caplog.records) == 2
 
 
-def test_sequence_first_batches_are_checked_on_the_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """x of shape (T, B, ...): the batch's first rows are time steps, not inputs, so the small
-    forward cannot stand for the batch and the check runs on the batch itself."""
+def test_sequence_first_batches_are_checked_on_their_first_inputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """x of shape (T, B, ...): the labels give the batch size, so the small forward takes the
+    batch's first inputs at their batch dimension (not its first time steps) and the check runs
+    on them."""
 
     class SeqFirstGRU(nn.Module):
         def __init__(self) -> None:
@@ -373,7 +376,7 @@ def test_sequence_first_batches_are_checked_on_the_batch(monkeypatch: pytest.Mon
     _shift_inputs(monkeypatch)
     sizes = _checked_sizes(monkeypatch)
     assert_close(lf.estimate_fisher(model, [(x.transpose(0, 1), y)], method="exact"), exact)
-    assert sizes and set(sizes) == {LARGE}
+    assert set(sizes) == {per_input.VERIFY_ROWS}
 
 
 def test_a_small_forward_that_fails_falls_back_to_the_batch(

@@ -51,7 +51,9 @@ def estimate_fisher(
 
     Args:
         model: a classifier (any ``nn.Module``); the pass runs in eval mode and restores each
-            submodule's mode; BatchNorm statistics are left untouched.
+            submodule's mode; BatchNorm statistics are left untouched. Normalisation by batch
+            statistics that eval mode leaves on is refused (except by ``batched``), dropout that it
+            leaves on warns.
         dataloader: any iterable of batches: ``(x, y)`` tuples, dicts (Hugging Face style) or
             tensors (``None`` for ``squisher``).
         method: a registered method (``lf.METHODS``; the table in the docs): ``exact``,

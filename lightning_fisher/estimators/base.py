@@ -39,6 +39,11 @@ from ..outputs import (
 )
 from .batched_backward import batched_attention, batched_grad
 from .causal_cut import causal_blocks, check_prefix, position_lse, prefix_batch
+from .forward_checks import (
+    dense_embedding_gradients,
+    plain_reentrant_checkpoints,
+    watch_forward,
+)
 from .per_input import PerInputEngine
 
 logger = logging.getLogger("lightning_fisher")
@@ -51,6 +56,10 @@ class Estimator:
     per_input: ClassVar[bool]
     #: options recorded on the returned ``FisherDiagonal``
     option_names: ClassVar[tuple[str, ...]] = ("max_samples",)
+
+    #: whether the estimate is built on a likelihood per input (everything but ``batched``): the
+    #: pass then refuses a model whose inputs are coupled by batch statistics
+    per_input_likelihood: ClassVar[bool] = True
 
     #: the ``granularity`` values the estimator accepts
     granularities: ClassVar[tuple[str, ...]] = ("token",)
@@ -128,6 +137,13 @@ def trainable_parameters(
         raise FisherInputError(
             "The model has no trainable parameters to estimate a Fisher for (all have "
             "requires_grad=False, or `param_filter` excluded them all)."
+        )
+    lazy = [n for n, p in params.items() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise FisherInputError(
+            f"The parameters {', '.join(lazy[:5])} are not initialised yet (lazy modules such as "
+            "nn.LazyLinear get their shapes at their first forward). Run the model once, e.g. "
+            "on one batch under torch.no_grad(), or train it, before estimating its Fisher."
         )
     return params
 
@@ -398,6 +414,17 @@ def run_passes(
     fused attention kernel, see ``_attention_for``). ``observe(out)``, if given, sees the outputs of
     every batch with at least one input (statistics of p that need no extra forward).
     """
+    # autograd on, also when called under no_grad or in inference mode (a validation hook)
+    with torch.inference_mode(False), torch.enable_grad():
+        return _run_passes(model, loader, estimators, observe)
+
+
+def _run_passes(
+    model: nn.Module,
+    loader: Iterable[Any],
+    estimators: list[Estimator],
+    observe: Callable[[ModelOutputs], None] | None,
+) -> list[FisherDiagonal]:
     # Sharded (FSDP) models: the pass keeps the Fisher sharded like the parameters.
     if sharded.is_fsdp2(model) or sharded.is_fsdp1(model):
         return sharded.run_passes_sharded(model, loader, estimators, observe)
@@ -427,7 +454,14 @@ def run_passes(
             model, batch, opts.output_fn, opts.classes, opts.shift_labels, opts.ignore_index
         )
 
-    with eval_mode(model), _attention_for(estimators), eager_compiled_code():
+    coupled_refused = any(e.per_input_likelihood for e in estimators)
+    with (
+        eval_mode(model),
+        _attention_for(estimators),
+        eager_compiled_code(),
+        plain_reentrant_checkpoints(),
+        dense_embedding_gradients(model),
+    ):
         for batch in _progress(loader, opts.progress, f"Fisher ({label})"):
             if opts.max_batches is not None and n_batches >= opts.max_batches:
                 break
@@ -439,10 +473,17 @@ def run_passes(
                     batch = slice_batch(batch, limit - rows)
             batch = move_batch(batch, device)
             rows += batch_size_of(batch)
-            if engine is not None:
-                out = _record(engine, functools.partial(forward, batch), batch_size_of(batch))
-            else:
-                out = forward(batch)
+            # the first batch's forwards are watched for what eval mode leaves batch-dependent
+            watch = (
+                watch_forward(model, coupled_refused)
+                if n_batches == 0
+                else contextlib.nullcontext()
+            )
+            with watch:
+                if engine is not None:
+                    out = _record(engine, functools.partial(forward, batch), batch_size_of(batch))
+                else:
+                    out = forward(batch)
             for e in estimators:
                 e.validate(out.n_classes)
             n = out.n_inputs

@@ -20,6 +20,7 @@ from .empirical import true_label_cotangent
 class BatchedEstimator(Estimator):
     name = "batched"
     per_input = False
+    per_input_likelihood = False  # a batch gradient: defined whatever couples the batch
     option_names = ("max_samples",)
 
     def batch_cotangents(

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..outputs import FisherInputError
+from ..outputs import FisherInputError, rebuilt
 
 #: relative tolerance of the prefix check per logits dtype. Two forwards of different lengths
 #: round differently (float32 matmuls possibly in TF32), and a float64 model may compute parts in
@@ -61,7 +61,7 @@ def prefix_batch(batch: Any, length: int, full: int) -> Any:
         if isinstance(x, Mapping):
             return type(x)({k: cut(v) for k, v in x.items()})  # type: ignore[call-arg]
         if isinstance(x, (tuple, list)):
-            return type(x)(cut(v) for v in x)
+            return rebuilt(x, [cut(v) for v in x])
         return x
 
     out = cut(batch)
