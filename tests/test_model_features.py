@@ -174,6 +174,17 @@ def _batched_by_hand(model: nn.Module, batches: list[Any]) -> dict[str, Tensor]:
     return want
 
 
+def _check_methods(
+    model: nn.Module, batches: list[Any], wants: dict[str, dict[str, Tensor]], n: int
+) -> None:
+    """Each method's Fisher over ``batches`` counts ``n`` inputs and matches its reference."""
+    for method, want in wants.items():
+        fd = _estimate(model, batches, method)
+        assert fd.n_samples == n
+        err, where = max_relative_error(dict(fd.items()), want)
+        assert err <= RTOL, f"{method}: relative error {err:.2e} on {where}"
+
+
 class _FunctionalDropout(nn.Module):
     """``F.dropout(h, 0.5)``: the functional form defaults to training=True, eval mode or not."""
 
@@ -420,11 +431,7 @@ def test_packed_sequence_batches(kind: type[nn.Module]) -> None:
         labels.append(y)
     exact, empirical = _indexed_reference(model, singles, torch.cat(labels))
     batched = _batched_by_hand(model, batches)
-    for method, want in (("exact", exact), ("empirical", empirical), ("batched", batched)):
-        fd = _estimate(model, batches, method)
-        assert fd.n_samples == 5
-        err, where = max_relative_error(dict(fd.items()), want)
-        assert err <= RTOL, f"{method}: relative error {err:.2e} on {where}"
+    _check_methods(model, batches, {"exact": exact, "empirical": empirical, "batched": batched}, 5)
     # EXACT(n) over a list of batches cuts the last one at a whole sequence
     fd = _estimate(model, batches, "exact", max_samples=4)
     want, _ = _indexed_reference(model, singles[:4], torch.cat(labels)[:4])
@@ -456,11 +463,7 @@ def test_embedding_bag_with_offsets() -> None:
         labels.append(y)
     exact, empirical = _indexed_reference(model, singles, torch.cat(labels))
     batched = _batched_by_hand(model, batches)
-    for method, want in (("exact", exact), ("empirical", empirical), ("batched", batched)):
-        fd = _estimate(model, batches, method)
-        assert fd.n_samples == 5
-        err, where = max_relative_error(dict(fd.items()), want)
-        assert err <= RTOL, f"{method}: relative error {err:.2e} on {where}"
+    _check_methods(model, batches, {"exact": exact, "empirical": empirical, "batched": batched}, 5)
     # the first n inputs of flat ids with offsets are not ids[:n]: refused, not cut wrongly
     with pytest.raises(
         lf.FisherInputError, match=r"batch of 3.*shape \(6,\).*no dimension of size 3"
