@@ -124,11 +124,9 @@ def test_called_under_no_grad_or_inference_mode(context: Callable[[], Any]) -> N
         assert err <= RTOL, f"{fd.method}: relative error {err:.2e} on {where}"
 
 
-@pytest.mark.parametrize("method", ["exact", "empirical", "hutchinson"])
-def test_batch_statistics_in_eval_mode_are_refused(method: str) -> None:
-    """BatchNorm without running statistics normalises by the batch's own statistics even in eval
-    mode: an input's logits depend on the other inputs, so no per-input Fisher exists."""
-    model = _double(
+def _batch_statistics_model() -> nn.Module:
+    """A float64 MLP whose BatchNorm keeps no running statistics (batch statistics in eval mode)."""
+    return _double(
         nn.Sequential(
             nn.Linear(4, 5),
             nn.BatchNorm1d(5, track_running_stats=False),
@@ -136,6 +134,13 @@ def test_batch_statistics_in_eval_mode_are_refused(method: str) -> None:
             nn.Linear(5, 3),
         )
     )
+
+
+@pytest.mark.parametrize("method", ["exact", "empirical", "hutchinson"])
+def test_batch_statistics_in_eval_mode_are_refused(method: str) -> None:
+    """BatchNorm without running statistics normalises by the batch's own statistics even in eval
+    mode: an input's logits depend on the other inputs, so no per-input Fisher exists."""
+    model = _batch_statistics_model()
     with pytest.raises(lf.FisherInputError, match=r"batch statistics.*'1'.*track_running_stats"):
         _estimate(model, _rows((4,)), method)
     assert all(m.training for m in model.modules())
@@ -144,14 +149,7 @@ def test_batch_statistics_in_eval_mode_are_refused(method: str) -> None:
 def test_batch_statistics_are_fine_for_the_batch_gradient() -> None:
     """``batched`` squares the gradient of each batch's mean log-likelihood: defined whatever
     couples the batch's inputs, and equal to that gradient computed by hand."""
-    model = _double(
-        nn.Sequential(
-            nn.Linear(4, 5),
-            nn.BatchNorm1d(5, track_running_stats=False),
-            nn.Tanh(),
-            nn.Linear(5, 3),
-        )
-    )
+    model = _batch_statistics_model()
     batches = _rows((4,))
     err, where = max_relative_error(
         dict(_estimate(model, batches, "batched").items()), _batched_by_hand(model, batches)
