@@ -711,7 +711,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             row = run_row(world, strategy, row_cfg)
         except Exception as err:  # a failed row must not lose the others
-            report["skipped"].append(f"{name}: failed: {type(err).__name__}: {err}"[:2000])
+            msg = f"{name}: failed: {type(err).__name__}: {err}"
+            # a worker's traceback: its head names the row, its tail the error
+            report["skipped"].append(msg if len(msg) <= 3000 else f"{msg[:500]} ... {msg[-2500:]}")
             write(report, args.out)
             print(f"{name} failed: {err}", flush=True)
             continue

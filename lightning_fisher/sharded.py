@@ -105,6 +105,16 @@ def refuse_fsdp1(model: nn.Module, who: str) -> None:
         check_supported(model, who)
 
 
+def _param_groups(module: nn.Module) -> list[Any]:
+    """An FSDP2 module's parameter groups: a list in torch >= 2.12, at most one group before."""
+    state = module._get_fsdp_state()  # type: ignore[operator]
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
+
+
 def _squaring_reduce_scatter() -> Any:
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
@@ -142,10 +152,7 @@ def squared_gradient_reduction(model: nn.Module) -> Iterator[Callable[[], None]]
     from torch.distributed.fsdp import FSDPModule
 
     groups = [
-        group
-        for m in model.modules()
-        if isinstance(m, FSDPModule)
-        for group in m._get_fsdp_state()._fsdp_param_groups
+        group for m in model.modules() if isinstance(m, FSDPModule) for group in _param_groups(m)
     ]
     for group in groups:
         if getattr(group, "_is_hsdp", False):
@@ -201,7 +208,7 @@ def unsharded_parameters(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     from torch.distributed.fsdp import FSDPModule
 
     modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    groups = [g for m in modules for g in m._get_fsdp_state()._fsdp_param_groups]
+    groups = [g for m in modules for g in _param_groups(m)]
     saved = [(g.post_forward_mesh_info, g.reshard_after_backward, g.reduce_grads) for g in groups]
     try:
         for g in groups:

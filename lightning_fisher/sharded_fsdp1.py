@@ -355,6 +355,10 @@ def _walk(state: Any, fn: Callable[[str, Any], tuple[str, Any] | None]) -> Any:
     return state
 
 
+def _is_nccl(group: Any) -> bool:
+    return str(dist.get_backend(group)).lower() == "nccl"
+
+
 def full_state(state: Any, model: nn.Module) -> Any:
     """A copy of a (nested) state dict in which every tensor keyed by the name of an FSDP1
     parameter of ``model`` and shaped like its local piece is gathered whole, reshaped like the
@@ -364,8 +368,12 @@ def full_state(state: Any, model: nn.Module) -> Any:
     if not where:
         return state
     names = list(where)
-    ranges = torch.tensor([[where[n].start, where[n].count] for n in names], dtype=torch.int64)
     group = where[names[0]].group
+    # NCCL moves CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if _is_nccl(group) else None
+    ranges = torch.tensor(
+        [[where[n].start, where[n].count] for n in names], dtype=torch.int64, device=device
+    )
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(ranges) for _ in range(world)]
     dist.all_gather(gathered, ranges, group=group)
