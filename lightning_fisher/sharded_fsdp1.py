@@ -355,8 +355,12 @@ def _walk(state: Any, fn: Callable[[str, Any], tuple[str, Any] | None]) -> Any:
     return state
 
 
-def _is_nccl(group: Any) -> bool:
-    return str(dist.get_backend(group)).lower() == "nccl"
+def collective_device(group: Any) -> torch.device:
+    """Where a tensor made for a collective on ``group`` must live: NCCL moves CUDA tensors
+    only (the current device), gloo CPU ones."""
+    if str(dist.get_backend(group)).lower() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def full_state(state: Any, model: nn.Module) -> Any:
@@ -369,10 +373,10 @@ def full_state(state: Any, model: nn.Module) -> Any:
         return state
     names = list(where)
     group = where[names[0]].group
-    # NCCL moves CUDA tensors only
-    device = torch.device("cuda", torch.cuda.current_device()) if _is_nccl(group) else None
     ranges = torch.tensor(
-        [[where[n].start, where[n].count] for n in names], dtype=torch.int64, device=device
+        [[where[n].start, where[n].count] for n in names],
+        dtype=torch.int64,
+        device=collective_device(group),
     )
     world = dist.get_world_size(group)
     gathered = [torch.empty_like(ranges) for _ in range(world)]

@@ -154,3 +154,22 @@ def test_unsupported_sharding_is_refused_with_what_is_missing(one_rank_group: An
         lf.ElasticWeightConsolidation(fsdp1, lam=1.0).consolidate(
             lf.FisherDiagonal(zeros, n_samples=1, method="exact")
         )
+
+
+def test_parameter_groups_of_each_torch_layout() -> None:
+    """torch >= 2.12 keeps a list of FSDP2 parameter groups per module, earlier versions at most
+    one: the squared-gradient reduction finds the groups either way (it raised AttributeError on
+    torch 2.11 before)."""
+    from lightning_fisher.sharded import _param_groups
+
+    a, b = object(), object()
+
+    def module(state: Any) -> Any:
+        return SimpleNamespace(_get_fsdp_state=lambda: state)
+
+    assert _param_groups(module(SimpleNamespace(_fsdp_param_groups=[a, b]))) == [a, b]
+    assert _param_groups(module(SimpleNamespace(_fsdp_param_group=a))) == [a]
+    assert _param_groups(module(SimpleNamespace(_fsdp_param_group=None))) == []
+    # torch >= 2.12 also has the singular name, as a property over the list: the list wins
+    both = SimpleNamespace(_fsdp_param_groups=[a, b], _fsdp_param_group=a)
+    assert _param_groups(module(both)) == [a, b]

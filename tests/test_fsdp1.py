@@ -147,3 +147,17 @@ def test_fsdp_strategy_supports_ewc_and_refuses_what_fsdp1_cannot_serve() -> Non
     ):
         with pytest.raises(lf.FisherInputError, match=match):
             lf.EWC(lam=1.0).setup(SimpleNamespace(strategy=strategy), Classifier(), "fit")  # type: ignore[arg-type]
+
+
+def test_collective_tensors_live_where_the_backend_moves_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``full_state`` all-gathers index ranges it makes itself: on CUDA under NCCL (a CPU tensor
+    there failed on the first GPU run), on the CPU under gloo."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert sharded_fsdp1.collective_device(None) == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert sharded_fsdp1.collective_device(None) == torch.device("cpu")
