@@ -469,7 +469,7 @@ def _work(rank: int, world: int, strategy: str, cfg: Config, out_dir: str) -> No
             accelerator="cpu" if cfg.cpu else "gpu",
             devices=world,
             strategy=make_strategy(),
-            precision="32-true",  # the parameters' own dtype (bf16 on GPU)
+            precision=precision(strategy, cfg),
             max_steps=steps,
             callbacks=callbacks,
             logger=False,
@@ -576,6 +576,15 @@ def estimate(cfg: Config, world: int, done: list[dict[str, Any]], strategy: str)
     steps = cfg.task_a_steps + cfg.ewc_warmup + 2 * cfg.ewc_rounds
     train = steps * cfg.train_batch * seq * (2 if cfg.mixed else 1)
     return 45.0 + params * 2e-9 + fisher + check + train + (1 if cfg.mixed else 0) * 60
+
+
+def precision(strategy: str, cfg: Config) -> str:
+    """Lightning's precision flag that keeps the parameters' own dtype: FSDPStrategy casts the
+    module to its flag's dtype ("32-true" would make a bf16 model float32), ModelParallelStrategy
+    leaves the module alone under "32-true"."""
+    if strategy == "fsdp1" and cfg.dtype == "bfloat16" and not cfg.mixed:
+        return "bf16-true"
+    return "32-true"
 
 
 def write(report: dict[str, Any], out: Path) -> None:

@@ -39,3 +39,24 @@ def test_fsdp_scaling_script_tiny_on_cpu(tmp_path: Path) -> None:
         assert row["ewc_step_ratio"] > 0 and row["fisher_seqs_per_second"] > 0
         assert row["speedup"] == 1.0 if gpus == 1 else row["speedup"] > 0
     assert out.with_suffix(".md").exists()
+
+
+def test_each_strategy_trains_the_parameters_in_their_own_dtype() -> None:
+    """FSDPStrategy casts the module to its precision flag's dtype ("32-true" made the bf16 GPU
+    model float32 in the first GPU run); the script's flag keeps bf16 under both strategies."""
+    import torch
+    from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.fsdp_scaling import Config, precision
+
+    bf16 = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    assert FSDPPrecision("32-true").convert_module(bf16).weight.dtype == torch.float32  # the trap
+    gpu = Config()
+    assert gpu.dtype == "bfloat16"
+    flag = precision("fsdp1", gpu)
+    kept = FSDPPrecision(flag).convert_module(torch.nn.Linear(2, 2).to(torch.bfloat16))  # type: ignore[arg-type]
+    assert kept.weight.dtype == torch.bfloat16
+    assert precision("fsdp2", gpu) == "32-true"  # ModelParallelStrategy leaves the module alone
+    assert precision("fsdp1", Config(dtype="float32")) == "32-true"
