@@ -85,7 +85,7 @@ def fisher_comm_hook(state: FisherHookState, grad: Tensor, output: Tensor | None
             dist.all_reduce(grad, group=group)
             _div_if_needed(grad, state.postdivide)
         else:
-            dist.reduce_scatter_single(output, grad, group=group)
+            dist.reduce_scatter_tensor(output, grad, group=group)
             _div_if_needed(output, state.postdivide)
         return
     low = grad.dtype not in (torch.float32, torch.float64)
@@ -96,10 +96,10 @@ def fisher_comm_hook(state: FisherHookState, grad: Tensor, output: Tensor | None
             grad.copy_(squares)
     elif low:
         out32 = torch.empty(output.shape, dtype=torch.float32, device=output.device)
-        dist.reduce_scatter_single(out32, squares, group=group)
+        dist.reduce_scatter_tensor(out32, squares, group=group)
         output.copy_(out32)
     else:
-        dist.reduce_scatter_single(output, squares, group=group)
+        dist.reduce_scatter_tensor(output, squares, group=group)
 
 
 _REGISTERED: weakref.WeakKeyDictionary[nn.Module, FisherHookState] = weakref.WeakKeyDictionary()
