@@ -27,8 +27,9 @@ On each rank it measures:
    the sharded pass keeps the fused attention kernel, the per-input engine runs the MATH one),
    so a position draws another label where its two largest p_v / E_v lie within that rounding
    (on CPU about one in a thousand), and each such position moves a whole term of the tied
-   embedding / vocabulary head from one row to another. One H200, the 1.3B model: 0.21 (FSDP2)
-   and 0.22 (FSDP1). ``benchmarks/fsdp_bf16_gap.py`` takes it apart on CPU (2 x 64 GPT-2,
+   embedding / vocabulary head from one row to another. One H200, the 1.3B model under FSDP2:
+   0.21 (the first FSDP1 row ran in float32, see ``precision``).
+   ``benchmarks/fsdp_bf16_gap.py`` takes it apart on CPU (2 x 64 GPT-2,
    vocab 5000, 4032 labels, world sizes 1 and 2): 1 to 5 differing labels give 0.33-0.36 (in
    ``wte``); with the same labels the sharded and unsharded bf16 Fishers differ by 0.012-0.023
    per tensor (LayerNorm parameters), 0.002 in L1, and are equally far from the float32 Fisher
