@@ -241,3 +241,17 @@ def test_bf16_norm_rules_match_autograd_per_input_gradients(norm: type[nn.Module
     for n, w in want.items():
         err = float((got[n] - w).norm() / w.norm())
         assert err <= 1e-2, (n, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rms_norm_default_eps_is_the_one_this_torch_adds(dtype: torch.dtype) -> None:
+    """torch 2.6 adds finfo(bf16).eps = 2^-7 under eps=None, later releases float32's: the rule
+    takes whichever this torch adds (with the other, tiny inputs normalise 10-100x apart)."""
+    from lightning_fisher.estimators.layer_rules import rms_norm_default_eps
+
+    x = torch.full((2, 8), 0.003, dtype=dtype)
+    eps = rms_norm_default_eps(dtype)
+    assert eps in (torch.finfo(dtype).eps, torch.finfo(torch.float32).eps)
+    want = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + eps)
+    got = torch.rms_norm(x, [8], None, None).double()
+    assert torch.allclose(got, want, rtol=1e-2), (eps, got[0, 0], want[0, 0])

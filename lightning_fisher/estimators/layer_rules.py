@@ -19,6 +19,7 @@ into their squares summed over inputs and columns:
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Sequence
@@ -121,6 +122,13 @@ class _Ctx:
     @property
     def K(self) -> int:
         return self.grads[0].shape[0]
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The dtype the module's first input had in the model (before any cast of :meth:`x`)."""
+        i = self.call.input_index()
+        assert i is not None
+        return cast(Tensor, self.call.leaves[i]).dtype
 
     def x(self, lo: int, hi: int) -> Tensor:
         """Rows lo:hi of the module's first input, batch first."""
@@ -779,9 +787,20 @@ def _tied_sum_squares(ctxs: list[_Ctx], acc: dict[str, Tensor], weight: float) -
     return True
 
 
-#: autograd nodes that may lie between a vocabulary head's output and the logits without moving
-#: an entry to another position or class: a clone (the recording's own), a dtype cast, a view or
-#: alias of the same shape. A slice along the positions (``shift_labels``) is read separately.
+@functools.cache
+def rms_norm_default_eps(dtype: torch.dtype) -> float:
+    """The eps that ``torch.rms_norm(x, shape, eps=None)`` adds for inputs of ``dtype``.
+
+    torch releases differ: some take ``finfo(dtype).eps`` (2^-7 for bf16), later ones that of the
+    float32 they compute in. Found once per dtype from one probe, x = 2^-10, where the two give
+    1/sqrt(1 + eps 2^20) far apart.
+    """
+    probe = torch.full((1, 4), 2.0**-10, dtype=dtype)
+    got = float(torch.rms_norm(probe, [4], None, None)[0, 0])
+    candidates = {torch.finfo(dtype).eps, torch.finfo(torch.float32).eps}
+    return min(candidates, key=lambda eps: abs(got - 1.0 / math.sqrt(1.0 + eps * 2.0**20)))
+
+
 class _NormRule(_Rule):
     """Affine parameters of LayerNorm, RMSNorm, GroupNorm and BatchNorm (running statistics).
 
@@ -826,7 +845,7 @@ class _NormRule(_Rule):
                 var, mean = torch.var_mean(x, dims_n, unbiased=False, keepdim=True)
                 xh = (x - mean) * torch.rsqrt(var + m.eps)
             else:
-                eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+                eps = m.eps if m.eps is not None else rms_norm_default_eps(ctx.input_dtype)
                 xh = x * torch.rsqrt(x.pow(2).mean(dims_n, keepdim=True) + eps)
             dims = tuple(range(2, g.ndim - len(m.normalized_shape)))
         elif isinstance(m, nn.GroupNorm):

@@ -325,6 +325,9 @@ def _guess_dim(full: Any, B: int) -> int | None:
 # Recorded calls and the context a rule works in -------------------------------------------------
 
 
+#: autograd nodes that may lie between a vocabulary head's output and the logits without moving
+#: an entry to another position or class: a clone (the recording's own), a dtype cast, a view or
+#: alias of the same shape. A slice along the positions (``shift_labels``) is read separately.
 _POSITIONWISE = frozenset(
     {
         "CloneBackward0",
