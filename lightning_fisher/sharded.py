@@ -115,6 +115,22 @@ def _param_groups(module: nn.Module) -> list[Any]:
     return [] if group is None else [group]
 
 
+def check_fsdp2_supported(model: nn.Module, who: str = "The Fisher pass") -> None:
+    """Refuse an FSDP2 model whose torch lets no caller replace FSDP2's reduce-scatter (torch
+    2.6 has no such hook): the sharded pass squares the gradients there."""
+    if not is_fsdp2(model):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [g for m in model.modules() if isinstance(m, FSDPModule) for g in _param_groups(m)]
+    if not all(hasattr(g, "_reduce_scatter_comm") for g in groups):
+        raise FisherInputError(
+            f"{who} on an FSDP2 (fully_shard) model squares the gradients inside FSDP2's "
+            f"reduce-scatter, which this torch ({torch.__version__}) does not let a caller "
+            "replace. Use a newer torch (2.11 and 2.13 are tested), or DDP or FSDP1."
+        )
+
+
 def _squaring_reduce_scatter() -> Any:
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
@@ -154,6 +170,7 @@ def squared_gradient_reduction(model: nn.Module) -> Iterator[Callable[[], None]]
     groups = [
         group for m in model.modules() if isinstance(m, FSDPModule) for group in _param_groups(m)
     ]
+    check_fsdp2_supported(model)
     for group in groups:
         if getattr(group, "_is_hsdp", False):
             raise FisherInputError(

@@ -284,8 +284,10 @@ def forward_through_root(model: nn.Module, forward: Callable[[], Any]) -> Any:
         return box[0].logits  # type: ignore[no-any-return]
 
     inner.__dict__["forward"] = redirected
+    # one placeholder argument, ignored: older FSDP1 (torch 2.6) indexes the root's arguments
+    placeholder = torch.empty(0, device=next(root.parameters()).device)
     try:
-        root()
+        root(placeholder)
     finally:
         restore()
     return box[0]

@@ -173,3 +173,26 @@ def test_parameter_groups_of_each_torch_layout() -> None:
     # torch >= 2.12 also has the singular name, as a property over the list: the list wins
     both = SimpleNamespace(_fsdp_param_groups=[a, b], _fsdp_param_group=a)
     assert _param_groups(module(both)) == [a, b]
+
+
+@pytest.mark.ddp
+def test_an_fsdp2_without_a_replaceable_reduce_scatter_is_refused(one_rank_group: Any) -> None:
+    """torch 2.6's FSDP2 has no `_reduce_scatter_comm` to replace (its pass then raised an
+    AttributeError mid-pass): the Fisher pass and the callbacks' fit start say what to change."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from lightning_fisher.callbacks._utils import prepare_sharded_strategy
+    from lightning_fisher.sharded import _param_groups
+
+    sharded = _mlp()
+    fully_shard(sharded)
+    lf.estimate_fisher(sharded, _data(), method="empirical")  # this torch can
+    for m in sharded.modules():
+        if isinstance(m, FSDPModule):
+            for group in _param_groups(m):
+                del group._reduce_scatter_comm  # as in torch 2.6
+    with pytest.raises(lf.FisherInputError, match="reduce-scatter.*newer torch"):
+        lf.estimate_fisher(sharded, _data(), method="empirical")
+    trainer = SimpleNamespace(lightning_module=sharded, strategy=None)
+    with pytest.raises(lf.FisherInputError, match="A Fisher callback on an FSDP2"):
+        prepare_sharded_strategy(trainer)  # type: ignore[arg-type]

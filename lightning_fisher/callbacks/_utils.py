@@ -406,9 +406,14 @@ def _check_fsdp1_strategy(strategy: Any, who: str) -> None:
 
 def prepare_sharded_strategy(trainer: pl.Trainer) -> None:
     """Under ``FSDPStrategy``, register the Fisher communication hook on the wrapped model (once;
-    call it when the fit starts: after wrapping, before the first forward)."""
+    call it when the fit starts: after wrapping, before the first forward); refuse an FSDP2 model
+    this torch cannot serve, before the first step."""
     from lightning.pytorch.strategies import FSDPStrategy
 
+    from ..sharded import check_fsdp2_supported
+
+    if trainer.lightning_module is not None:
+        check_fsdp2_supported(trainer.lightning_module, "A Fisher callback")
     if isinstance(trainer.strategy, FSDPStrategy) and trainer.strategy.model is not None:
         from ..sharded_fsdp1 import register_fisher_hook
 
