@@ -191,7 +191,7 @@ def test_an_fsdp2_without_a_replaceable_reduce_scatter_is_refused(one_rank_group
         if isinstance(m, FSDPModule):
             for group in _param_groups(m):
                 del group._reduce_scatter_comm  # as in torch 2.6
-    with pytest.raises(lf.FisherInputError, match="reduce-scatter.*newer torch"):
+    with pytest.raises(lf.FisherInputError, match=r"reduce-scatter.*newer torch"):
         lf.estimate_fisher(sharded, _data(), method="empirical")
     trainer = SimpleNamespace(lightning_module=sharded, strategy=None)
     with pytest.raises(lf.FisherInputError, match="A Fisher callback on an FSDP2"):
