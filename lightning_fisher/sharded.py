@@ -115,20 +115,27 @@ def _param_groups(module: nn.Module) -> list[Any]:
     return [] if group is None else [group]
 
 
-def check_fsdp2_supported(model: nn.Module, who: str = "The Fisher pass") -> None:
-    """Refuse an FSDP2 model whose torch lets no caller replace FSDP2's reduce-scatter (torch
-    2.6 has no such hook): the sharded pass squares the gradients there."""
-    if not is_fsdp2(model):
-        return
+def _fsdp2_groups(model: nn.Module) -> list[Any]:
+    """The parameter groups of every FSDP2 module in ``model``."""
     from torch.distributed.fsdp import FSDPModule
 
-    groups = [g for m in model.modules() if isinstance(m, FSDPModule) for g in _param_groups(m)]
+    return [g for m in model.modules() if isinstance(m, FSDPModule) for g in _param_groups(m)]
+
+
+def _refuse_without_reduce_scatter_hook(groups: list[Any], who: str) -> None:
     if not all(hasattr(g, "_reduce_scatter_comm") for g in groups):
         raise FisherInputError(
             f"{who} on an FSDP2 (fully_shard) model squares the gradients inside FSDP2's "
             f"reduce-scatter, which this torch ({torch.__version__}) does not let a caller "
             "replace. Use a newer torch (2.11 and 2.13 are tested), or DDP or FSDP1."
         )
+
+
+def check_fsdp2_supported(model: nn.Module, who: str = "The Fisher pass") -> None:
+    """Refuse an FSDP2 model whose torch lets no caller replace FSDP2's reduce-scatter (torch
+    2.6 has no such hook): the sharded pass squares the gradients there."""
+    if is_fsdp2(model):
+        _refuse_without_reduce_scatter_hook(_fsdp2_groups(model), who)
 
 
 def _squaring_reduce_scatter() -> Any:
@@ -165,12 +172,8 @@ def squared_gradient_reduction(model: nn.Module) -> Iterator[Callable[[], None]]
     Yields a function that applies the settings again (call it before each backward: FSDP2's
     lazy initialisation at the first forward resets the reduce dtype). Restores FSDP2's
     settings on exit."""
-    from torch.distributed.fsdp import FSDPModule
-
-    groups = [
-        group for m in model.modules() if isinstance(m, FSDPModule) for group in _param_groups(m)
-    ]
-    check_fsdp2_supported(model)
+    groups = _fsdp2_groups(model)
+    _refuse_without_reduce_scatter_hook(groups, "The Fisher pass")
     for group in groups:
         if getattr(group, "_is_hsdp", False):
             raise FisherInputError(

@@ -6,7 +6,6 @@ runs, EWC updates equal to DDP's, and checkpoints (``torch.distributed.checkpoin
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -78,22 +77,6 @@ def test_deepspeed_is_refused_with_what_is_missing() -> None:
         fake = SimpleNamespace(strategy=DeepSpeedStrategy.__new__(DeepSpeedStrategy))
         with pytest.raises(lf.FisherInputError, match=missing):
             make().setup(fake, Classifier(), "fit")  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def one_rank_group() -> Any:
-    """A gloo process group of one rank in this process (FSDP2 runs on it), torn down after."""
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _mlp() -> torch.nn.Sequential:

@@ -6,9 +6,7 @@ bitwise (2 CPU processes, gloo, through ``benchmarks/fsdp_check.py``); on one ra
 
 from __future__ import annotations
 
-import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -51,22 +49,6 @@ def test_fsdp1_fisher_ewc_and_checkpoints_equal_unsharded_runs() -> None:
         assert row["hook_grads_bitwise"] is True, row  # training with the hook: FSDP1's grads
         assert row["ewc_penalty_rel_diff_vs_ddp"] <= 1e-6, row
     assert lightning["checkpoint_sharded_bitwise"] is True, lightning
-
-
-@pytest.fixture
-def one_rank_group() -> Iterator[None]:
-    """A gloo process group of one rank in this process (FSDP1 runs on it), torn down after."""
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def _mlp() -> nn.Sequential:

@@ -18,28 +18,12 @@ relative L1 difference stays within 2 u (measured: 1 u).
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import pytest
 import torch
 
 U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
-
-
-@pytest.fixture
-def one_rank_group() -> Any:
-    import torch.distributed as dist
-
-    assert not dist.is_initialized()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.ddp
